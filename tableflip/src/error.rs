@@ -1,0 +1,225 @@
+//! The one error type of the runtime.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything that can go wrong in tableflip, each variant naming what it
+/// concerns (a listener, a child process, a file).
+///
+/// The enum is `#[non_exhaustive]`: match on the variants you handle and keep
+/// a catch-all arm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// [`Upgrader::new`](crate::Upgrader::new) was called a second time in
+    /// this process.
+    #[error("an Upgrader already exists in this process (pid {pid}); create one per process and clone it")]
+    AlreadyCreated {
+        /// This process.
+        pid: u32,
+    },
+
+    /// The handover from the parent generation is malformed or hostile.
+    #[error("invalid handover from the parent process: {reason}")]
+    InvalidHandover {
+        /// What is wrong, naming the fd or entry concerned.
+        reason: String,
+    },
+
+    /// An inherited fd is not what its entry in the handover claims.
+    #[error("cannot inherit {what} {name:?}: {reason}")]
+    InheritMismatch {
+        /// `listener`, `packet socket`, `connection` or `file`.
+        what: &'static str,
+        /// The name under which it was handed over.
+        name: String,
+        /// The mismatch, e.g. `fd 7 is a UDP socket, expected a TCP listener`.
+        reason: String,
+    },
+
+    /// A network name that tableflip does not know.
+    #[error("unknown network {network:?}; expected one of tcp, tcp4, tcp6, udp, udp4, udp6, unix, unixgram, unixpacket")]
+    UnknownNetwork {
+        /// The network as given.
+        network: String,
+    },
+
+    /// An address that cannot be valid for its network.
+    #[error("invalid address {address:?} for network {network}: {reason}")]
+    InvalidAddress {
+        /// The network the address was given for.
+        network: String,
+        /// The address as given.
+        address: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+
+    /// The requested Rust type cannot serve the socket of that network.
+    #[error("{name:?}: a {network} socket cannot be used as {type_name}")]
+    WrongType {
+        /// The listener's name.
+        name: String,
+        /// The network.
+        network: String,
+        /// The requested type.
+        type_name: &'static str,
+    },
+
+    /// Creating, binding or configuring a fresh socket failed.
+    #[error("cannot listen on {network} {address} (listener {name:?}): {source}")]
+    Listen {
+        /// The listener's name.
+        name: String,
+        /// The network.
+        network: String,
+        /// The address.
+        address: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Two different sockets or files were registered under one name.
+    #[error("the name {name:?} is already in use for another {what}")]
+    DuplicateName {
+        /// The name.
+        name: String,
+        /// What already holds it.
+        what: &'static str,
+    },
+
+    /// A tokio socket type was requested outside a tokio runtime.
+    #[error("{name:?}: converting to a tokio type needs a running tokio runtime with I/O enabled")]
+    NoRuntime {
+        /// The listener's name.
+        name: String,
+    },
+
+    /// `upgrade()` called before `ready()`.
+    #[error("cannot upgrade: this process is not ready yet (call ready() after initialisation)")]
+    NotReady,
+
+    /// `upgrade()` called while this process's own parent is still running.
+    #[error("cannot upgrade: the parent process (pid {parent_pid}) has not exited yet")]
+    ParentAlive {
+        /// The parent generation's PID.
+        parent_pid: u32,
+    },
+
+    /// `upgrade()` called while another upgrade runs.
+    #[error("cannot upgrade: an upgrade is already in progress (child pid {child_pid})")]
+    UpgradeInProgress {
+        /// The child being started, or 0 if not spawned yet.
+        child_pid: u32,
+    },
+
+    /// `upgrade()` called after a successful upgrade.
+    #[error("cannot upgrade: this process already handed over to pid {child_pid}")]
+    AlreadyUpgraded {
+        /// The successor.
+        child_pid: u32,
+    },
+
+    /// The upgrader was stopped (before or during the operation).
+    #[error("the upgrader was stopped")]
+    Stopped,
+
+    /// The executable for the next generation could not be found or started.
+    #[error("cannot start {path}: {source}", path = path.display())]
+    Spawn {
+        /// The executable.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The new generation exited before it was ready.
+    #[error("the new process (pid {pid}) exited with status {code} before it was ready")]
+    ChildExited {
+        /// The child's PID.
+        pid: u32,
+        /// Its exit code.
+        code: i32,
+    },
+
+    /// The new generation was killed by a signal before it was ready.
+    #[error("the new process (pid {pid}) was killed by signal {signal} before it was ready")]
+    ChildKilled {
+        /// The child's PID.
+        pid: u32,
+        /// The signal number.
+        signal: i32,
+    },
+
+    /// The new generation was not ready within the upgrade timeout; it was
+    /// killed and reaped.
+    #[error("the new process (pid {pid}) was not ready within {timeout:?}; it was killed")]
+    Timeout {
+        /// The child's PID.
+        pid: u32,
+        /// The configured timeout.
+        timeout: Duration,
+    },
+
+    /// Writing the PID file failed.
+    #[error("cannot write pid file {path}: {source}", path = path.display())]
+    PidFile {
+        /// The PID file's path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The upgrade could not be carried out because `upgrade()` is not
+    /// supported by this upgrader (the [`testing`](crate::testing) stub).
+    #[error("upgrades are not supported by the testing stub upgrader")]
+    NotSupported,
+
+    /// Any other I/O error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: impl Into<io::Error>) -> Self {
+        Error::Io {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    pub(crate) fn handover(reason: impl Into<String>) -> Self {
+        Error::InvalidHandover {
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(err: Error) -> Self {
+        let kind = match &err {
+            Error::Listen { source, .. } | Error::Spawn { source, .. } => source.kind(),
+            Error::Io { source, .. } | Error::PidFile { source, .. } => source.kind(),
+            Error::InvalidAddress { .. } | Error::UnknownNetwork { .. } => {
+                io::ErrorKind::InvalidInput
+            }
+            Error::Timeout { .. } => io::ErrorKind::TimedOut,
+            Error::NotSupported => io::ErrorKind::Unsupported,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, err)
+    }
+}
+
+/// `Result` with tableflip's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,87 @@
+//! Options of the [`Upgrader`](crate::Upgrader).
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::bind::{ListenSpec, SetupHook};
+
+/// How long a new generation may take to become ready before it is killed.
+pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The default `listen(2)` backlog of fresh stream sockets (tokio's too).
+pub const DEFAULT_BACKLOG: u32 = 1024;
+
+/// Controls the behaviour of an [`Upgrader`](crate::Upgrader).
+///
+/// ```
+/// use std::time::Duration;
+/// use tableflip::Options;
+///
+/// let opts = Options {
+///     upgrade_timeout: Duration::from_secs(10),
+///     pid_file: Some("/run/my-service.pid".into()),
+///     ..Options::default()
+/// };
+/// # let _ = opts;
+/// ```
+///
+/// Build it with struct-update syntax from [`Options::default()`]; new
+/// fields are added only with a default, so such code keeps compiling.
+#[derive(Clone)]
+pub struct Options {
+    /// How long the new generation has to become ready before it is killed
+    /// and the upgrade fails. Default: 60 s.
+    pub upgrade_timeout: Duration,
+    /// Where to write this process's PID once it is ready, replacing the
+    /// file atomically. A relative path is relative to the directory the
+    /// service started in. Default: none.
+    pub pid_file: Option<PathBuf>,
+    /// The `listen(2)` backlog of fresh stream sockets. Default: 1024.
+    pub backlog: u32,
+    /// A hook run on every socket this process creates afresh, before it is
+    /// bound (never on inherited sockets). Default: none.
+    pub socket_setup: Option<SetupHook>,
+    /// The executable to run as the next generation. Default: `None`, which
+    /// resolves `argv[0]` at upgrade time (against the initial working
+    /// directory, or `PATH` for a bare name), so a binary replaced on disk
+    /// is what runs next.
+    pub executable: Option<PathBuf>,
+}
+
+impl Options {
+    /// Sets [`socket_setup`](Self::socket_setup) from a closure.
+    #[must_use]
+    pub fn with_socket_setup(
+        mut self,
+        hook: impl Fn(&socket2::Socket, &ListenSpec) -> io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.socket_setup = Some(Arc::new(hook));
+        self
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
+            pid_file: None,
+            backlog: DEFAULT_BACKLOG,
+            socket_setup: None,
+            executable: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("upgrade_timeout", &self.upgrade_timeout)
+            .field("pid_file", &self.pid_file)
+            .field("backlog", &self.backlog)
+            .field("socket_setup", &self.socket_setup.as_ref().map(|_| "Fn"))
+            .field("executable", &self.executable)
+            .finish()
+    }
+}

@@ -1,0 +1,111 @@
+//! The PID file, replaced atomically.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Writes `pid` to `path` atomically: a temporary file in the same
+/// directory (mode 0644), fsync, rename over `path`, fsync of the directory.
+///
+/// A reader sees either the old or the new content, never a partial one.
+/// `rename` replaces a symlink at `path` rather than following it, so a
+/// symlink planted at the PID file's path can never redirect the write.
+pub(crate) fn write(path: &Path, pid: u32) -> Result<()> {
+    let fail = |source: std::io::Error| Error::PidFile {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".{pid}.tmp"));
+    let tmp = dir.join(tmp_name);
+    let result = (|| {
+        // A leftover from a crashed attempt of this PID is replaced.
+        let _ = fs::remove_file(&tmp);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        // The umask may have narrowed the mode: set it exactly.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        writeln!(file, "{pid}")?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(fail)
+}
+
+/// Removes the PID file if it still names `pid`.
+pub(crate) fn remove_if_ours(path: &Path, pid: u32) {
+    if let Ok(content) = fs::read_to_string(path) {
+        if content.trim() == pid.to_string() {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tableflip-pidfile-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        assert!(fs::create_dir_all(&dir).is_ok());
+        dir
+    }
+
+    #[test]
+    fn writes_pid_with_mode_0644() {
+        let dir = scratch("mode");
+        let path = dir.join("svc.pid");
+        assert!(write(&path, 1234).is_ok());
+        assert_eq!(fs::read_to_string(&path).ok().as_deref(), Some("1234\n"));
+        let mode = fs::metadata(&path).map(|m| m.permissions().mode() & 0o777).ok();
+        assert_eq!(mode, Some(0o644));
+        assert!(write(&path, 99).is_ok());
+        assert_eq!(fs::read_to_string(&path).ok().as_deref(), Some("99\n"));
+        let leftovers = fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(leftovers, 1, "no temporary file is left behind");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn never_follows_a_symlink() {
+        let dir = scratch("symlink");
+        let victim = dir.join("victim");
+        assert!(fs::write(&victim, "precious").is_ok());
+        let path = dir.join("svc.pid");
+        assert!(std::os::unix::fs::symlink(&victim, &path).is_ok());
+        assert!(write(&path, 7).is_ok());
+        assert_eq!(fs::read_to_string(&victim).ok().as_deref(), Some("precious"));
+        assert_eq!(fs::read_to_string(&path).ok().as_deref(), Some("7\n"));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn missing_directory_is_an_error_naming_the_path() {
+        let err = write(Path::new("/nonexistent-tableflip-dir/x.pid"), 1)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("/nonexistent-tableflip-dir/x.pid"), "{err}");
+    }
+}

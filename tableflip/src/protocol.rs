@@ -1,0 +1,387 @@
+//! The handover protocol between two generations.
+//!
+//! # Wire format (version 1)
+//!
+//! The parent starts the child with one environment variable,
+//!
+//! ```text
+//! TABLEFLIP_HANDOVER=1:<parent-fd>:<ready-fd>
+//! ```
+//!
+//! and with every fd it hands on left open across `exec`, at the same
+//! numbers it has in the parent:
+//!
+//! * `<parent-fd>` is the read end of a pipe whose write end only the parent
+//!   holds. The parent writes the metadata into it: an ASCII decimal length,
+//!   `\n`, then that many bytes of JSON. It never writes again, and never
+//!   closes the write end: it is closed by the kernel when the parent exits
+//!   (SIGKILL included), and the child reads that as EOF.
+//! * `<ready-fd>` is the write end of a pipe the parent reads. The child
+//!   writes one byte when it is ready, then closes it. EOF without that byte
+//!   means the child died or gave up.
+//!
+//! The metadata:
+//!
+//! ```json
+//! {"version":1,"parent_pid":4242,"generation":3,
+//!  "entries":[{"name":"HTTP","kind":"listener","fd":5,"network":"tcp","address":"127.0.0.1:8080"},
+//!             {"name":"log","kind":"file","fd":6}]}
+//! ```
+//!
+//! Compatibility rules: fields are only ever added, each optional with a
+//! default, and unknown fields are ignored, so any two builds that speak
+//! version 1 can upgrade to each other in both directions (a roll-back
+//! included). `version` is raised only for a change an older build cannot
+//! read; a build accepts every version up to its own and rejects newer ones
+//! with an error that names both.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use nix::sys::stat::{SFlag, fstat};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fds::Inherited;
+use crate::network::Network;
+use crate::socket::{self, Kind};
+use crate::sys;
+
+/// The environment variable that carries the handover to the child.
+pub const ENV_HANDOVER: &str = "TABLEFLIP_HANDOVER";
+
+/// The newest protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// The largest metadata a child accepts (a handover of 100 000 sockets fits).
+const MAX_METADATA: usize = 16 << 20;
+
+/// How long a child waits for its parent to send the metadata.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The metadata sent to the child.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Metadata {
+    pub(crate) version: u32,
+    #[serde(default)]
+    pub(crate) parent_pid: u32,
+    #[serde(default)]
+    pub(crate) generation: u64,
+    #[serde(default)]
+    pub(crate) entries: Vec<EntryMeta>,
+}
+
+/// One fd handed on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct EntryMeta {
+    pub(crate) name: String,
+    pub(crate) kind: Kind,
+    pub(crate) fd: RawFd,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) network: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) address: Option<String>,
+}
+
+/// What the child received from its parent.
+pub(crate) struct Handover {
+    pub(crate) parent_pid: u32,
+    pub(crate) generation: u64,
+    pub(crate) parent_pipe: OwnedFd,
+    pub(crate) ready_pipe: OwnedFd,
+    pub(crate) entries: Vec<Inherited>,
+}
+
+/// The value of [`ENV_HANDOVER`] for the given protocol fds.
+pub(crate) fn env_value(parent_fd: RawFd, ready_fd: RawFd) -> String {
+    format!("{VERSION}:{parent_fd}:{ready_fd}")
+}
+
+/// Encodes the metadata as the parent writes it.
+pub(crate) fn encode(meta: &Metadata) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(meta)
+        .map_err(|e| Error::io("cannot encode the handover metadata", std::io::Error::other(e)))?;
+    let mut out = format!("{}\n", json.len()).into_bytes();
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+fn parse_env(value: &str) -> Result<(RawFd, RawFd)> {
+    let parts: Vec<&str> = value.split(':').collect();
+    let [version, parent, ready] = parts.as_slice() else {
+        return Err(Error::handover(format!(
+            "{ENV_HANDOVER}={value:?} is malformed; expected `<version>:<parent-fd>:<ready-fd>`"
+        )));
+    };
+    let version: u32 = version.parse().map_err(|_| {
+        Error::handover(format!("{ENV_HANDOVER}={value:?}: the version {version:?} is not a number"))
+    })?;
+    check_version(version)?;
+    let fd = |what: &str, s: &str| -> Result<RawFd> {
+        match s.parse::<RawFd>() {
+            Ok(fd) if fd > 2 => Ok(fd),
+            _ => Err(Error::handover(format!(
+                "{ENV_HANDOVER}={value:?}: the {what} fd {s:?} is not a valid fd number (3 or more)"
+            ))),
+        }
+    };
+    let parent = fd("parent", parent)?;
+    let ready = fd("ready", ready)?;
+    if parent == ready {
+        return Err(Error::handover(format!(
+            "{ENV_HANDOVER}={value:?}: the parent and ready fds are both {parent}"
+        )));
+    }
+    Ok((parent, ready))
+}
+
+fn check_version(version: u32) -> Result<()> {
+    if version == 0 || version > VERSION {
+        return Err(Error::handover(format!(
+            "protocol version {version} is not supported by this build (it speaks versions 1 to {VERSION}); \
+             the parent was built with an incompatible tableflip"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that `fd` is open and is a pipe, and borrows it.
+fn borrow_pipe(fd: RawFd, what: &str) -> Result<BorrowedFd<'static>> {
+    let borrowed = sys::borrow_inherited(fd)
+        .map_err(|e| Error::handover(format!("the {what} fd {fd} is not open: {e}")))?;
+    let st = fstat(borrowed).map_err(|e| Error::handover(format!("cannot fstat the {what} fd {fd}: {e}")))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
+        return Err(Error::handover(format!("the {what} fd {fd} is not a pipe")));
+    }
+    Ok(borrowed)
+}
+
+/// Reads the handover, if this process was started by a tableflip parent.
+///
+/// Removes [`ENV_HANDOVER`] from the environment in every case. Every fd is
+/// checked while only borrowed; ownership is taken only once the whole
+/// handover is valid, so a hostile handover never closes an fd that belongs
+/// to someone else.
+pub(crate) fn receive() -> Result<Option<Handover>> {
+    let value = std::env::var_os(ENV_HANDOVER);
+    sys::remove_env(ENV_HANDOVER);
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let value = value
+        .into_string()
+        .map_err(|v: OsString| Error::handover(format!("{ENV_HANDOVER}={v:?} is not UTF-8")))?;
+    let (parent_fd, ready_fd) = parse_env(&value)?;
+    let parent = borrow_pipe(parent_fd, "parent")?;
+    borrow_pipe(ready_fd, "ready")?;
+    let raw = read_metadata(parent)?;
+    let meta: Metadata = serde_json::from_slice(&raw)
+        .map_err(|e| Error::handover(format!("the metadata is not valid: {e}")))?;
+    check_version(meta.version)?;
+    let checked = check_entries(&meta.entries, &[parent_fd, ready_fd])?;
+
+    // Everything is valid: take ownership.
+    let take = |fd: RawFd, what: &str| {
+        sys::take_inherited_fd(fd).map_err(|e| Error::handover(format!("cannot take the {what} fd {fd}: {e}")))
+    };
+    let parent_pipe = take(parent_fd, "parent")?;
+    let ready_pipe = take(ready_fd, "ready")?;
+    let mut entries = Vec::with_capacity(checked.len());
+    for (meta, network) in checked {
+        let fd = take(meta.fd, &format!("{} {:?}", meta.kind.describe(), meta.name))?;
+        if meta.kind != Kind::File {
+            sys::set_nonblocking(fd.as_fd())
+                .map_err(|e| Error::handover(format!("cannot make fd {} non-blocking: {e}", meta.fd)))?;
+        }
+        entries.push(Inherited { meta, network, fd });
+    }
+    Ok(Some(Handover {
+        parent_pid: meta.parent_pid,
+        generation: meta.generation,
+        parent_pipe,
+        ready_pipe,
+        entries,
+    }))
+}
+
+fn read_metadata(pipe: BorrowedFd<'_>) -> Result<Vec<u8>> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
+    let mut reader = PipeReader(pipe);
+    let mut header = Vec::new();
+    let mut body = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    let mut expected: Option<usize> = None;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(pipe, PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) if left.is_zero() => {
+                return Err(Error::handover(format!(
+                    "no metadata from the parent within {METADATA_TIMEOUT:?}"
+                )));
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(Error::handover(format!("cannot poll the parent fd: {e}"))),
+        }
+        if !fds[0].any().unwrap_or(false) {
+            continue;
+        }
+        let n = match reader.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(Error::handover(format!("cannot read the metadata: {e}"))),
+        };
+        if n == 0 {
+            return Err(Error::handover(match expected {
+                None => "the parent closed the pipe before sending the metadata".to_owned(),
+                Some(len) => format!("the metadata is truncated ({} of {len} bytes)", body.len()),
+            }));
+        }
+        let mut chunk = &buf[..n];
+        if expected.is_none() {
+            match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    header.extend_from_slice(&chunk[..i]);
+                    chunk = &chunk[i + 1..];
+                    let len = std::str::from_utf8(&header)
+                        .ok()
+                        .and_then(|s| s.parse::<usize>().ok())
+                        .ok_or_else(|| {
+                            Error::handover(format!(
+                                "the metadata header {:?} is not a length",
+                                String::from_utf8_lossy(&header)
+                            ))
+                        })?;
+                    if len > MAX_METADATA {
+                        return Err(Error::handover(format!(
+                            "the metadata is {len} bytes, more than the limit of {MAX_METADATA}"
+                        )));
+                    }
+                    expected = Some(len);
+                }
+                None => {
+                    header.extend_from_slice(chunk);
+                    if header.len() > 20 {
+                        return Err(Error::handover("the metadata does not start with a length line"));
+                    }
+                    continue;
+                }
+            }
+        }
+        body.extend_from_slice(chunk);
+        if let Some(len) = expected {
+            if body.len() > len {
+                return Err(Error::handover(format!(
+                    "the parent sent more than the announced {len} bytes of metadata"
+                )));
+            }
+            if body.len() == len {
+                return Ok(body);
+            }
+        }
+    }
+}
+
+struct PipeReader<'a>(BorrowedFd<'a>);
+
+impl Read for PipeReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        Ok(nix::unistd::read(self.0, buf)?)
+    }
+}
+
+/// Validates every entry with its fd only borrowed.
+fn check_entries(entries: &[EntryMeta], protocol_fds: &[RawFd]) -> Result<Vec<(EntryMeta, Option<Network>)>> {
+    let mut names = std::collections::HashSet::new();
+    let mut fds = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let what = e.kind.describe();
+        let bad = |reason: String| Error::InheritMismatch {
+            what,
+            name: e.name.clone(),
+            reason,
+        };
+        if e.name.is_empty() {
+            return Err(Error::handover(format!("an entry for fd {} has an empty name", e.fd)));
+        }
+        if !names.insert(e.name.as_str()) {
+            return Err(Error::handover(format!("the name {:?} is handed on twice", e.name)));
+        }
+        if e.fd <= 2 {
+            return Err(bad(format!("fd {} is a standard stream, not a handed-on fd", e.fd)));
+        }
+        if protocol_fds.contains(&e.fd) {
+            return Err(bad(format!("fd {} is one of the protocol's own pipes", e.fd)));
+        }
+        if !fds.insert(e.fd) {
+            return Err(Error::handover(format!("fd {} is named by more than one entry", e.fd)));
+        }
+        let network = match (&e.network, e.kind) {
+            (None, Kind::File) => None,
+            (Some(_), Kind::File) => return Err(bad("a file entry names a network".to_owned())),
+            (None, _) => return Err(bad("the entry names no network".to_owned())),
+            (Some(n), _) => Some(n.parse::<Network>().map_err(|err| bad(err.to_string()))?),
+        };
+        if matches!(e.kind, Kind::Listener | Kind::Packet) && e.address.is_none() {
+            return Err(bad("the entry names no address".to_owned()));
+        }
+        let fd = sys::borrow_inherited(e.fd).map_err(|err| bad(format!("fd {} is not open ({err})", e.fd)))?;
+        socket::check_fd(fd, e.kind, network).map_err(|r| bad(format!("fd {}: {r}", e.fd)))?;
+        out.push((e.clone(), network));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_value_round_trips() {
+        assert_eq!(parse_env(&env_value(7, 8)).ok(), Some((7, 8)));
+    }
+
+    #[test]
+    fn env_value_rejects_garbage() {
+        for bad in ["", "1", "1:2", "1:3:3", "1:x:4", "2:3:4", "0:3:4", "1:3:4:5", "1:-1:4", "1:1:4"] {
+            let err = parse_env(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("invalid handover"), "{bad:?} gave {err:?}");
+        }
+        let err = parse_env("9:3:4").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("version 9"), "{err}");
+    }
+
+    /// The version-1 metadata exactly as the first release writes it, plus
+    /// a field a later release might add: it must parse forever.
+    #[test]
+    fn version_one_metadata_parses() {
+        let v1 = r#"{"version":1,"parent_pid":10,"generation":2,"entries":[
+            {"name":"HTTP","kind":"listener","fd":5,"network":"tcp","address":"127.0.0.1:8080"},
+            {"name":"f","kind":"file","fd":6,"future_field":true}],"also_future":[1,2]}"#;
+        let meta: Option<Metadata> = serde_json::from_str(v1).ok();
+        let meta = meta.map(|m| (m.version, m.parent_pid, m.generation, m.entries.len()));
+        assert_eq!(meta, Some((1, 10, 2, 2)));
+        let minimal: Option<Metadata> = serde_json::from_str(r#"{"version":1}"#).ok();
+        assert!(minimal.is_some_and(|m| m.entries.is_empty()));
+    }
+
+    #[test]
+    fn encode_prefixes_the_length() {
+        let meta = Metadata {
+            version: VERSION,
+            parent_pid: 1,
+            generation: 1,
+            entries: vec![],
+        };
+        let bytes = encode(&meta).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        let (len, json) = text.split_once('\n').unwrap_or_default();
+        assert_eq!(len.parse::<usize>().ok(), Some(json.len()));
+    }
+}

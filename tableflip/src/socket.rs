@@ -1,0 +1,267 @@
+//! The Rust types tableflip hands out, and the checks that an fd really is
+//! what its name says.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::sys::stat::{SFlag, fstat};
+use serde::{Deserialize, Serialize};
+
+use crate::network::Network;
+use crate::sys;
+
+/// What an entry of the handover is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Kind {
+    /// A listening stream socket (`tcp*`, `unix`, `unixpacket`).
+    Listener,
+    /// A packet socket (`udp*`, `unixgram`).
+    Packet,
+    /// A connected socket.
+    Conn,
+    /// Any other file.
+    File,
+}
+
+impl Kind {
+    /// A human name, as used in error messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::Listener => "listener",
+            Kind::Packet => "packet socket",
+            Kind::Conn => "connection",
+            Kind::File => "file",
+        }
+    }
+}
+
+mod private {
+    pub trait Sealed {}
+}
+
+/// A type an inherited or freshly created fd can be turned into.
+///
+/// Implemented for the `std`, `tokio` and `socket2` socket types and for
+/// files; sealed.
+pub trait FromFd: Sized + private::Sealed {
+    /// The type's name, for error messages.
+    #[doc(hidden)]
+    const TYPE_NAME: &'static str;
+    /// Whether the type is a tokio type (converting needs a runtime).
+    #[doc(hidden)]
+    const TOKIO: bool;
+    /// Whether a socket of `network` can be used as this type.
+    #[doc(hidden)]
+    fn serves(network: Network) -> bool;
+    /// Wraps the fd (already non-blocking and close-on-exec).
+    #[doc(hidden)]
+    fn from_fd(fd: OwnedFd) -> io::Result<Self>;
+}
+
+/// A listening socket type: `TcpListener` and `UnixListener` of `std` and
+/// `tokio`, or `socket2::Socket` for any network (the only choice for
+/// `unixpacket`).
+pub trait Listener: FromFd {}
+
+/// A packet socket type: `UdpSocket` and `UnixDatagram` of `std` and `tokio`,
+/// or `socket2::Socket`.
+pub trait PacketConn: FromFd {}
+
+/// A connected socket type: `TcpStream` and `UnixStream` of `std` and
+/// `tokio`, or `socket2::Socket`.
+pub trait Conn: FromFd + AsFd {}
+
+/// A file type: `std::fs::File` or `tokio::fs::File`.
+pub trait File: FromFd + AsFd {}
+
+fn is_inet(n: Network) -> bool {
+    !n.is_unix()
+}
+
+macro_rules! impl_from_fd {
+    ($marker:ident, $ty:ty, tokio: $tokio:expr, serves: $serves:expr, from: $from:expr) => {
+        impl private::Sealed for $ty {}
+        impl FromFd for $ty {
+            const TYPE_NAME: &'static str = stringify!($ty);
+            const TOKIO: bool = $tokio;
+            fn serves(network: Network) -> bool {
+                let f: fn(Network) -> bool = $serves;
+                f(network)
+            }
+            fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+                let f: fn(OwnedFd) -> io::Result<Self> = $from;
+                f(fd)
+            }
+        }
+        impl $marker for $ty {}
+    };
+}
+
+impl_from_fd!(Listener, std::net::TcpListener, tokio: false,
+    serves: |n| is_inet(n) && n.is_stream(), from: |fd| Ok(fd.into()));
+impl_from_fd!(Listener, std::os::unix::net::UnixListener, tokio: false,
+    serves: |n| n == Network::Unix, from: |fd| Ok(fd.into()));
+impl_from_fd!(Listener, tokio::net::TcpListener, tokio: true,
+    serves: |n| is_inet(n) && n.is_stream(),
+    from: |fd| tokio::net::TcpListener::from_std(fd.into()));
+impl_from_fd!(Listener, tokio::net::UnixListener, tokio: true,
+    serves: |n| n == Network::Unix,
+    from: |fd| tokio::net::UnixListener::from_std(fd.into()));
+
+impl_from_fd!(PacketConn, std::net::UdpSocket, tokio: false,
+    serves: |n| is_inet(n) && !n.is_stream(), from: |fd| Ok(fd.into()));
+impl_from_fd!(PacketConn, std::os::unix::net::UnixDatagram, tokio: false,
+    serves: |n| n == Network::Unixgram, from: |fd| Ok(fd.into()));
+impl_from_fd!(PacketConn, tokio::net::UdpSocket, tokio: true,
+    serves: |n| is_inet(n) && !n.is_stream(),
+    from: |fd| tokio::net::UdpSocket::from_std(fd.into()));
+impl_from_fd!(PacketConn, tokio::net::UnixDatagram, tokio: true,
+    serves: |n| n == Network::Unixgram,
+    from: |fd| tokio::net::UnixDatagram::from_std(fd.into()));
+
+impl_from_fd!(Conn, std::net::TcpStream, tokio: false,
+    serves: |n| is_inet(n) && n.is_stream(), from: |fd| Ok(fd.into()));
+impl_from_fd!(Conn, std::os::unix::net::UnixStream, tokio: false,
+    serves: |n| n == Network::Unix, from: |fd| Ok(fd.into()));
+impl_from_fd!(Conn, tokio::net::TcpStream, tokio: true,
+    serves: |n| is_inet(n) && n.is_stream(),
+    from: |fd| tokio::net::TcpStream::from_std(fd.into()));
+impl_from_fd!(Conn, tokio::net::UnixStream, tokio: true,
+    serves: |n| n == Network::Unix,
+    from: |fd| tokio::net::UnixStream::from_std(fd.into()));
+
+impl_from_fd!(File, std::fs::File, tokio: false,
+    serves: |_| false, from: |fd| Ok(fd.into()));
+impl_from_fd!(File, tokio::fs::File, tokio: false,
+    serves: |_| false, from: |fd| Ok(tokio::fs::File::from_std(fd.into())));
+
+// `socket2::Socket` serves every network, in every role.
+impl private::Sealed for socket2::Socket {}
+impl FromFd for socket2::Socket {
+    const TYPE_NAME: &'static str = "socket2::Socket";
+    const TOKIO: bool = false;
+    fn serves(_: Network) -> bool {
+        true
+    }
+    fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        Ok(fd.into())
+    }
+}
+impl Listener for socket2::Socket {}
+impl PacketConn for socket2::Socket {}
+impl Conn for socket2::Socket {}
+
+/// Converts `fd` into `T`, making sure it is non-blocking and close-on-exec
+/// first (tokio requires non-blocking fds).
+pub(crate) fn convert<T: FromFd>(fd: OwnedFd) -> io::Result<T> {
+    sys::set_nonblocking(fd.as_fd())?;
+    sys::set_cloexec(fd.as_fd())?;
+    T::from_fd(fd)
+}
+
+/// Checks that `fd` is what an entry of `kind` on `network` must be.
+/// Returns a description of the mismatch.
+pub(crate) fn check_fd(fd: BorrowedFd<'_>, kind: Kind, network: Option<Network>) -> Result<(), String> {
+    let st = fstat(fd).map_err(|e| format!("fstat failed: {e}"))?;
+    let is_socket = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFSOCK;
+    if kind == Kind::File {
+        return if is_socket {
+            Err("it is a socket, expected a file".to_owned())
+        } else {
+            Ok(())
+        };
+    }
+    if !is_socket {
+        return Err(format!("it is not a socket, expected a {}", kind.describe()));
+    }
+    let Some(network) = network else {
+        return Err("its entry names no network".to_owned());
+    };
+    let sock = socket2::SockRef::from(&fd);
+    let ty = sock.r#type().map_err(|e| format!("cannot read its socket type: {e}"))?;
+    let unix = socket_is_unix(&sock)?;
+    let actual = describe_socket(unix, ty);
+    let expected_ty = network.socket_type();
+    if unix != network.is_unix() || ty != expected_ty {
+        return Err(format!(
+            "it is a {actual}, expected a {network} {}",
+            kind.describe()
+        ));
+    }
+    if let Some(listening) = is_listening(&sock) {
+        match kind {
+            Kind::Listener if !listening => {
+                return Err(format!("it is a {actual} that is not listening"));
+            }
+            Kind::Conn | Kind::Packet if listening => {
+                return Err(format!("it is a listening {actual}, expected a {}", kind.describe()));
+            }
+            _ => {}
+        }
+    }
+    if kind == Kind::Listener && !network.is_stream() {
+        return Err(format!("a {network} socket cannot be a listener"));
+    }
+    if kind == Kind::Packet && network.is_stream() {
+        return Err(format!("a {network} socket cannot be a packet socket"));
+    }
+    if !network.is_unix() {
+        let v6 = match sock.local_addr() {
+            Ok(a) => a.is_ipv6(),
+            Err(e) => return Err(format!("cannot read its address: {e}")),
+        };
+        match network {
+            Network::Tcp4 | Network::Udp4 if v6 => {
+                return Err(format!("it is an IPv6 socket, expected {network}"));
+            }
+            Network::Tcp6 | Network::Udp6 if !v6 => {
+                return Err(format!("it is an IPv4 socket, expected {network}"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn describe_socket(unix: bool, ty: socket2::Type) -> &'static str {
+    match (unix, ty) {
+        (false, socket2::Type::STREAM) => "TCP socket",
+        (false, socket2::Type::DGRAM) => "UDP socket",
+        (true, socket2::Type::STREAM) => "Unix stream socket",
+        (true, socket2::Type::DGRAM) => "Unix datagram socket",
+        (true, socket2::Type::SEQPACKET) => "Unix seqpacket socket",
+        _ => "socket of another type",
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn socket_is_unix(sock: &socket2::SockRef<'_>) -> Result<bool, String> {
+    let domain = sock.domain().map_err(|e| format!("cannot read its domain: {e}"))?;
+    if domain == socket2::Domain::UNIX {
+        Ok(true)
+    } else if domain == socket2::Domain::IPV4 || domain == socket2::Domain::IPV6 {
+        Ok(false)
+    } else {
+        Err("it is a socket of an unsupported address family".to_owned())
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn socket_is_unix(sock: &socket2::SockRef<'_>) -> Result<bool, String> {
+    let addr = sock
+        .local_addr()
+        .map_err(|e| format!("cannot read its address: {e}"))?;
+    Ok(addr.domain() == socket2::Domain::UNIX)
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn is_listening(sock: &socket2::SockRef<'_>) -> Option<bool> {
+    sock.is_listener().ok()
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn is_listening(_: &socket2::SockRef<'_>) -> Option<bool> {
+    None
+}

@@ -1,0 +1,651 @@
+//! The [`Upgrader`]: one per process, it receives the sockets of the
+//! previous generation, and starts and hands over to the next one.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use nix::fcntl::OFlag;
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::bind::ListenSpec;
+use crate::error::{Error, Result};
+use crate::fds::{Fds, Inherited};
+use crate::options::Options;
+use crate::socket::{Listener, PacketConn};
+use crate::{bind, pidfile, protocol, sys};
+
+static CREATED: AtomicBool = AtomicBool::new(false);
+
+/// Handles zero-downtime upgrades: receives the sockets handed on by the
+/// previous generation, and starts the next one and hands them over.
+///
+/// Create one per process with [`Upgrader::new`], at startup; it is a cheap
+/// handle (clone it freely into tasks). The life of a generation:
+///
+/// 1. [`Upgrader::new`] takes what the parent handed on, if anything;
+/// 2. the program opens its sockets with [`listen`](Self::listen) and
+///    friends (inherited when the parent had them, created otherwise);
+/// 3. [`ready`](Self::ready) once initialisation is done: the parent is told
+///    and starts draining;
+/// 4. on `SIGHUP`, [`upgrade`](Self::upgrade) starts the next generation and
+///    waits for it to be ready;
+/// 5. [`exit`](Self::exit) resolves after a successful upgrade (or
+///    [`stop`](Self::stop)): stop accepting, drain, exit.
+///
+/// ```no_run
+/// use tableflip::{Options, Upgrader};
+/// use tokio::signal::unix::{SignalKind, signal};
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let upg = Upgrader::new(Options::default())?;
+///     let listener: tokio::net::TcpListener = upg.listen("tcp", "127.0.0.1:8080")?;
+///     // … start serving on `listener` …
+///     upg.ready()?;
+///
+///     let mut hup = signal(SignalKind::hangup())?;
+///     loop {
+///         tokio::select! {
+///             _ = hup.recv() => {
+///                 if let Err(e) = upg.upgrade().await {
+///                     eprintln!("upgrade failed: {e}");
+///                 }
+///             }
+///             () = upg.exit() => break,
+///         }
+///     }
+///     drop(listener); // stop accepting; then drain what is in flight
+///     Ok(())
+/// }
+/// ```
+///
+/// # Platform support
+///
+/// Unix. Tested on Linux; macOS compiles but is not tested. `unixpacket`
+/// and abstract Unix addresses are Linux-only.
+#[derive(Clone, Debug)]
+pub struct Upgrader {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    opts: Options,
+    fds: Fds,
+    launch: Launch,
+    parent: Option<ParentLink>,
+    generation: u64,
+    stub: bool,
+    state: Mutex<State>,
+    exit: CancellationToken,
+    stop: CancellationToken,
+    parent_exited: CancellationToken,
+}
+
+/// How this process was started; the next generation starts the same way.
+#[derive(Debug)]
+struct Launch {
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    cwd: PathBuf,
+}
+
+#[derive(Debug)]
+struct ParentLink {
+    pid: u32,
+    ready_pipe: Mutex<Option<OwnedFd>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    ready: bool,
+    /// `Some(0)` while the child is being spawned.
+    upgrading: Option<u32>,
+    upgraded: Option<u32>,
+    stopped: bool,
+}
+
+impl Upgrader {
+    /// Creates the process's upgrader, taking over whatever a parent
+    /// generation handed on.
+    ///
+    /// Call it once, early in `main`, before the program starts threads
+    /// that read or write the environment: it removes tableflip's protocol
+    /// variable from the environment, so subprocesses never see it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyCreated`] on a second call in the same process (even
+    /// if the first failed: the handover can only be taken once);
+    /// [`Error::InvalidHandover`] or [`Error::InheritMismatch`] when the
+    /// handover is malformed, names fds that are not open, or names fds that
+    /// are not what they claim to be.
+    pub fn new(opts: Options) -> Result<Upgrader> {
+        if CREATED.swap(true, Ordering::SeqCst) {
+            return Err(Error::AlreadyCreated {
+                pid: std::process::id(),
+            });
+        }
+        let handover = protocol::receive()?;
+        let parent_exited = CancellationToken::new();
+        let (parent, generation, inherited) = match handover {
+            Some(h) => {
+                let count = h.entries.len();
+                tracing::info!(
+                    generation = h.generation,
+                    parent_pid = h.parent_pid,
+                    inherited = count,
+                    "started by parent process {}; inherited {count} fds",
+                    h.parent_pid
+                );
+                watch_parent(h.parent_pipe, h.parent_pid, parent_exited.clone())?;
+                let link = ParentLink {
+                    pid: h.parent_pid,
+                    ready_pipe: Mutex::new(Some(h.ready_pipe)),
+                };
+                (Some(link), h.generation, h.entries)
+            }
+            None => {
+                parent_exited.cancel();
+                (None, 1, Vec::new())
+            }
+        };
+        Self::build(opts, parent, generation, inherited, parent_exited, false)
+    }
+
+    /// The `testing` stub: no handover, never forks.
+    pub(crate) fn stub(opts: Options) -> Result<Upgrader> {
+        let parent_exited = CancellationToken::new();
+        parent_exited.cancel();
+        Self::build(opts, None, 1, Vec::new(), parent_exited, true)
+    }
+
+    fn build(
+        opts: Options,
+        parent: Option<ParentLink>,
+        generation: u64,
+        inherited: Vec<Inherited>,
+        parent_exited: CancellationToken,
+        stub: bool,
+    ) -> Result<Upgrader> {
+        let cwd = std::env::current_dir()
+            .map_err(|e| Error::io("cannot read the current working directory", e))?;
+        let launch = Launch {
+            args: std::env::args_os().collect(),
+            env: std::env::vars_os().collect(),
+            cwd,
+        };
+        let fds = Fds::new(inherited, opts.backlog, opts.socket_setup.clone());
+        Ok(Upgrader {
+            inner: Arc::new(Inner {
+                opts,
+                fds,
+                launch,
+                parent,
+                generation,
+                stub,
+                state: Mutex::new(State::default()),
+                exit: CancellationToken::new(),
+                stop: CancellationToken::new(),
+                parent_exited,
+            }),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The named fds this generation holds and will hand on.
+    pub fn fds(&self) -> &Fds {
+        &self.inner.fds
+    }
+
+    /// The options this upgrader was created with.
+    pub fn options(&self) -> &Options {
+        &self.inner.opts
+    }
+
+    /// Shorthand for [`Fds::listen`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Fds::listen`].
+    pub fn listen<T: Listener>(&self, network: &str, address: &str) -> Result<T> {
+        self.inner.fds.listen(network, address)
+    }
+
+    /// Shorthand for [`Fds::listen_with`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Fds::listen_with`].
+    pub fn listen_with<T: Listener>(&self, spec: &ListenSpec) -> Result<T> {
+        self.inner.fds.listen_with(spec)
+    }
+
+    /// Shorthand for [`Fds::listen_packet`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Fds::listen_packet`].
+    pub fn listen_packet<T: PacketConn>(&self, network: &str, address: &str) -> Result<T> {
+        self.inner.fds.listen_packet(network, address)
+    }
+
+    /// Shorthand for [`Fds::listen_packet_with`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Fds::listen_packet_with`].
+    pub fn listen_packet_with<T: PacketConn>(&self, spec: &ListenSpec) -> Result<T> {
+        self.inner.fds.listen_packet_with(spec)
+    }
+
+    /// Whether this process was started by a tableflip parent.
+    pub fn has_parent(&self) -> bool {
+        self.inner.parent.is_some()
+    }
+
+    /// The parent generation's PID, if this process was started by one.
+    pub fn parent_pid(&self) -> Option<u32> {
+        self.inner.parent.as_ref().map(|p| p.pid)
+    }
+
+    /// The generation number: 1 for a process started without a parent,
+    /// its parent's plus one otherwise.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    /// Whether [`ready`](Self::ready) has succeeded.
+    pub fn is_ready(&self) -> bool {
+        self.state().ready
+    }
+
+    /// Resolves when the parent process has exited (at once when there is
+    /// no parent). Exit by any means counts, `SIGKILL` included: it is
+    /// noticed as EOF on a pipe only the parent holds.
+    pub async fn wait_for_parent(&self) {
+        self.inner.parent_exited.cancelled().await;
+    }
+
+    /// Signals that initialisation is done.
+    ///
+    /// In order: inherited fds nobody claimed are closed (and the files of
+    /// unclaimed Unix sockets removed), the PID file is written atomically,
+    /// and the parent is told, which lets it stop. Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PidFile`] when the PID file cannot be written: the parent is
+    /// then not told, so it keeps serving and the upgrade fails (or times
+    /// out). [`Error::Stopped`] after [`stop`](Self::stop).
+    pub fn ready(&self) -> Result<()> {
+        let mut state = self.state();
+        if state.stopped {
+            return Err(Error::Stopped);
+        }
+        if state.ready {
+            return Ok(());
+        }
+        for path in self.inner.fds.close_unclaimed() {
+            bind::unlink_socket(&path);
+        }
+        if let Some(path) = self.pid_file() {
+            pidfile::write(&path, std::process::id())?;
+        }
+        if let Some(parent) = &self.inner.parent {
+            let pipe = parent
+                .ready_pipe
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(pipe) = pipe {
+                if let Err(e) = nix::unistd::write(&pipe, b"1") {
+                    // The parent is gone; this process carries on alone.
+                    tracing::warn!(parent_pid = parent.pid, error = %e, "cannot tell the parent we are ready; it has probably exited");
+                }
+            }
+        }
+        state.ready = true;
+        tracing::info!(
+            pid = std::process::id(),
+            generation = self.inner.generation,
+            "ready"
+        );
+        Ok(())
+    }
+
+    fn pid_file(&self) -> Option<PathBuf> {
+        let path = self.inner.opts.pid_file.as_ref()?;
+        Some(if path.is_relative() {
+            self.inner.launch.cwd.join(path)
+        } else {
+            path.clone()
+        })
+    }
+
+    /// A future that resolves when this process should exit: after a
+    /// successful [`upgrade`](Self::upgrade), or after [`stop`](Self::stop).
+    /// Independent of `self`: it can be moved into a task.
+    pub fn exit(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.inner.exit.clone().cancelled_owned()
+    }
+
+    /// Whether [`exit`](Self::exit) has resolved.
+    pub fn is_exiting(&self) -> bool {
+        self.inner.exit.is_cancelled()
+    }
+
+    /// Stops the upgrader: an upgrade in flight is cancelled (its child
+    /// killed and reaped), [`exit`](Self::exit) resolves, and, unless an
+    /// upgrade succeeded, the Unix socket files this generation owns and
+    /// its PID file are removed: the service really stops. Idempotent.
+    pub fn stop(&self) {
+        let (ready, upgraded) = {
+            let mut state = self.state();
+            if state.stopped {
+                return;
+            }
+            state.stopped = true;
+            (state.ready, state.upgraded.is_some())
+        };
+        tracing::debug!("upgrader stopped");
+        self.inner.stop.cancel();
+        self.inner.exit.cancel();
+        if !upgraded {
+            self.inner.remove_owned_files(ready);
+        }
+    }
+
+    /// Starts the next generation and hands everything over.
+    ///
+    /// The next generation runs the executable (see
+    /// [`Options::executable`]) with this process's arguments, environment
+    /// and initial working directory, and inherits every socket and file in
+    /// [`fds`](Self::fds). Resolves with the child's PID once it is ready;
+    /// then [`exit`](Self::exit) resolves too.
+    ///
+    /// # Errors
+    ///
+    /// Refused with [`Error::NotReady`], [`Error::ParentAlive`],
+    /// [`Error::UpgradeInProgress`], [`Error::AlreadyUpgraded`] or
+    /// [`Error::Stopped`]. Failed with [`Error::Spawn`] (the executable
+    /// cannot be started), [`Error::ChildExited`], [`Error::ChildKilled`],
+    /// [`Error::Timeout`] (the child was killed) or [`Error::Stopped`] (stop
+    /// during the upgrade; the child was killed). After a failure the child
+    /// has been reaped, this process serves on, and a later upgrade may be
+    /// tried. [`Error::NotSupported`] from the [`testing`](crate::testing)
+    /// stub.
+    pub async fn upgrade(&self) -> Result<u32> {
+        if self.inner.stub {
+            return Err(Error::NotSupported);
+        }
+        {
+            let mut state = self.state();
+            if state.stopped {
+                return Err(Error::Stopped);
+            }
+            if let Some(child_pid) = state.upgraded {
+                return Err(Error::AlreadyUpgraded { child_pid });
+            }
+            if let Some(child_pid) = state.upgrading {
+                return Err(Error::UpgradeInProgress { child_pid });
+            }
+            if !state.ready {
+                return Err(Error::NotReady);
+            }
+            if !self.inner.parent_exited.is_cancelled() {
+                return Err(Error::ParentAlive {
+                    parent_pid: self.parent_pid().unwrap_or(0),
+                });
+            }
+            state.upgrading = Some(0);
+        }
+        let started = Instant::now();
+        tracing::info!(generation = self.inner.generation + 1, "upgrade: starting the next generation");
+        let result = self.run_upgrade().await;
+        let mut state = self.state();
+        state.upgrading = None;
+        match &result {
+            Ok(pid) => {
+                state.upgraded = Some(*pid);
+                drop(state);
+                tracing::info!(
+                    child_pid = pid,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "upgrade: the new generation is ready; this process will exit"
+                );
+                self.inner.exit.cancel();
+            }
+            Err(e) => {
+                drop(state);
+                tracing::warn!(error = %e, "upgrade failed; this process keeps serving");
+            }
+        }
+        result
+    }
+
+    async fn run_upgrade(&self) -> Result<u32> {
+        let exe = self.executable()?;
+        let pipe = || {
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("cannot create a pipe", e))
+        };
+        let (parent_r, parent_w) = pipe()?;
+        let (ready_r, ready_w) = pipe()?;
+        let launch = &self.inner.launch;
+        let mut cmd = std::process::Command::new(&exe);
+        if let Some(arg0) = launch.args.first() {
+            cmd.arg0(arg0);
+        }
+        cmd.args(launch.args.iter().skip(1))
+            .env_clear()
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .env(
+                protocol::ENV_HANDOVER,
+                protocol::env_value(parent_r.as_raw_fd(), ready_w.as_raw_fd()),
+            )
+            .current_dir(&launch.cwd);
+
+        let (mut child, payload) = {
+            // The registry stays locked until the child is spawned, so no fd
+            // named in the snapshot can be closed (and its number reused) in
+            // between.
+            let snapshot = self.inner.fds.snapshot();
+            let mut inherit = snapshot.fds.clone();
+            inherit.push(parent_r.as_raw_fd());
+            inherit.push(ready_w.as_raw_fd());
+            sys::inherit_across_exec(&mut cmd, inherit);
+            let meta = protocol::Metadata {
+                version: protocol::VERSION,
+                parent_pid: std::process::id(),
+                generation: self.inner.generation + 1,
+                entries: snapshot.entries.clone(),
+            };
+            let payload = protocol::encode(&meta)?;
+            let mut cmd = tokio::process::Command::from(cmd);
+            cmd.kill_on_drop(false);
+            let child = cmd.spawn().map_err(|source| Error::Spawn {
+                path: exe.clone(),
+                source,
+            })?;
+            (child, payload)
+        };
+        drop(parent_r);
+        drop(ready_w);
+        let pid = child.id().unwrap_or(0);
+        self.state().upgrading = Some(pid);
+        tracing::info!(child_pid = pid, executable = %exe.display(), "upgrade: spawned");
+
+        let parent_w = Arc::new(parent_w);
+        send_metadata(Arc::clone(&parent_w), payload, pid);
+
+        let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_r)
+            .map_err(|e| Error::io("cannot watch the readiness pipe", e))?;
+        let timeout = self.inner.opts.upgrade_timeout;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut ready_open = true;
+        let mut byte = [0u8; 1];
+        loop {
+            tokio::select! {
+                read = ready.read(&mut byte), if ready_open => match read {
+                    Ok(1) => break,
+                    Ok(_) => ready_open = false,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "readiness pipe failed");
+                        ready_open = false;
+                    }
+                },
+                status = child.wait() => {
+                    return Err(match status {
+                        Ok(s) => match (s.code(), s.signal()) {
+                            (_, Some(signal)) => Error::ChildKilled { pid, signal },
+                            (Some(code), None) => Error::ChildExited { pid, code },
+                            (None, None) => Error::ChildExited { pid, code: -1 },
+                        },
+                        Err(e) => Error::io(format!("cannot wait for the new process (pid {pid})"), e),
+                    });
+                }
+                () = &mut deadline => {
+                    kill_and_reap(&mut child, pid).await;
+                    return Err(Error::Timeout { pid, timeout });
+                }
+                () = self.inner.stop.cancelled() => {
+                    kill_and_reap(&mut child, pid).await;
+                    return Err(Error::Stopped);
+                }
+            }
+        }
+        // The write end of the parent pipe must stay open until this
+        // process exits: its closing is how the child learns that its
+        // parent has gone. Leak this reference; the kernel closes the fd at
+        // exit, however the process ends.
+        std::mem::forget(parent_w);
+        // The child outlives us; tokio reaps it if it exits first.
+        drop(child);
+        Ok(pid)
+    }
+
+    /// The executable for the next generation, resolved now.
+    fn executable(&self) -> Result<PathBuf> {
+        let launch = &self.inner.launch;
+        let not_found = |path: PathBuf, what: &str| Error::Spawn {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, what.to_owned()),
+        };
+        if let Some(exe) = &self.inner.opts.executable {
+            return Ok(launch.cwd.join(exe));
+        }
+        let Some(argv0) = launch.args.first().filter(|a| !a.is_empty()) else {
+            return Err(not_found(PathBuf::new(), "argv[0] is empty; set Options::executable"));
+        };
+        let argv0 = Path::new(argv0);
+        if argv0.as_os_str().as_encoded_bytes().contains(&b'/') {
+            return Ok(launch.cwd.join(argv0));
+        }
+        let path_var = launch
+            .env
+            .iter()
+            .find(|(k, _)| k == OsStr::new("PATH"))
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        for dir in std::env::split_paths(&path_var) {
+            let candidate = launch.cwd.join(dir).join(argv0);
+            if is_executable(&candidate) {
+                return Ok(candidate);
+            }
+        }
+        Err(not_found(argv0.to_owned(), "not found in PATH; set Options::executable"))
+    }
+}
+
+impl Inner {
+    fn remove_owned_files(&self, ready: bool) {
+        for path in self.fds.owned_unix_paths(ready) {
+            bind::unlink_socket(&path);
+        }
+        if ready {
+            if let Some(path) = &self.opts.pid_file {
+                pidfile::remove_if_ours(&self.launch.cwd.join(path), std::process::id());
+            }
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !state.stopped && state.upgraded.is_none() && !self.stub {
+            let ready = state.ready;
+            self.remove_owned_files(ready);
+        }
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+async fn kill_and_reap(child: &mut tokio::process::Child, pid: u32) {
+    if let Err(e) = child.kill().await {
+        tracing::warn!(child_pid = pid, error = %e, "cannot kill the new process");
+    }
+}
+
+/// Writes the metadata from a thread: it may exceed the pipe's buffer, and
+/// the child reads it only once it runs.
+fn send_metadata(pipe: Arc<OwnedFd>, payload: Vec<u8>, pid: u32) {
+    let spawned = std::thread::Builder::new()
+        .name("tableflip-handover".into())
+        .spawn(move || {
+            let mut rest = payload.as_slice();
+            while !rest.is_empty() {
+                match nix::unistd::write(pipe.as_fd(), rest) {
+                    Ok(n) => rest = &rest[n..],
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => {
+                        tracing::debug!(child_pid = pid, error = %e, "cannot send the handover metadata");
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(child_pid = pid, error = %e, "cannot start the thread that sends the handover");
+    }
+}
+
+/// Watches the parent pipe: EOF means the parent has exited.
+fn watch_parent(pipe: OwnedFd, parent_pid: u32, exited: CancellationToken) -> Result<()> {
+    std::thread::Builder::new()
+        .name("tableflip-parent".into())
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            loop {
+                match nix::unistd::read(&pipe, &mut buf) {
+                    Ok(0) => break,
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        // Someone made the pipe non-blocking: wait for it.
+                        let mut fds = [nix::poll::PollFd::new(pipe.as_fd(), nix::poll::PollFlags::POLLIN)];
+                        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
+                    }
+                    Err(_) => break,
+                }
+            }
+            tracing::info!(parent_pid, "the parent process has exited");
+            exited.cancel();
+        })
+        .map(|_| ())
+        .map_err(|e| Error::io("cannot start the thread that watches the parent", e))
+}

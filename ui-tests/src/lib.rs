@@ -1,0 +1,1 @@
+//! Placeholder library: the ui tests live in `tests/`.
