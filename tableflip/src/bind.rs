@@ -54,7 +54,11 @@ pub struct ListenSpec {
 
 impl ListenSpec {
     /// A spec with the given name, network and address and default options.
-    pub fn new(name: impl Into<String>, network: impl Into<String>, address: impl Into<String>) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        network: impl Into<String>,
+        address: impl Into<String>,
+    ) -> Self {
         ListenSpec {
             name: name.into(),
             network: network.into(),

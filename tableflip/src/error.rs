@@ -14,7 +14,9 @@ use std::time::Duration;
 pub enum Error {
     /// [`Upgrader::new`](crate::Upgrader::new) was called a second time in
     /// this process.
-    #[error("an Upgrader already exists in this process (pid {pid}); create one per process and clone it")]
+    #[error(
+        "an Upgrader already exists in this process (pid {pid}); create one per process and clone it"
+    )]
     AlreadyCreated {
         /// This process.
         pid: u32,
@@ -39,7 +41,9 @@ pub enum Error {
     },
 
     /// A network name that tableflip does not know.
-    #[error("unknown network {network:?}; expected one of tcp, tcp4, tcp6, udp, udp4, udp6, unix, unixgram, unixpacket")]
+    #[error(
+        "unknown network {network:?}; expected one of tcp, tcp4, tcp6, udp, udp4, udp6, unix, unixgram, unixpacket"
+    )]
     UnknownNetwork {
         /// The network as given.
         network: String,

@@ -117,7 +117,9 @@ pub(crate) struct Snapshot<'a> {
 fn lock(registry: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
     // The registry's invariants hold between statements, so a panic while
     // it was locked leaves it usable.
-    registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    registry
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn check_runtime<T: FromFd>(name: &str) -> Result<()> {
@@ -130,7 +132,8 @@ fn check_runtime<T: FromFd>(name: &str) -> Result<()> {
 }
 
 fn convert<T: FromFd>(name: &str, fd: OwnedFd) -> Result<T> {
-    socket::convert(fd).map_err(|e| Error::io(format!("cannot use {name:?} as {}", T::TYPE_NAME), e))
+    socket::convert(fd)
+        .map_err(|e| Error::io(format!("cannot use {name:?} as {}", T::TYPE_NAME), e))
 }
 
 fn dup(name: &str, fd: &OwnedFd) -> Result<OwnedFd> {
@@ -170,7 +173,11 @@ impl Fds {
     /// network (e.g. `UnixListener` for `tcp`), a bind failure, or a tokio
     /// type requested outside a runtime.
     pub fn listen<T: Listener>(&self, network: &str, address: &str) -> Result<T> {
-        self.listen_with(&ListenSpec::new(format!("{network}:{address}"), network, address))
+        self.listen_with(&ListenSpec::new(
+            format!("{network}:{address}"),
+            network,
+            address,
+        ))
     }
 
     /// Returns the listener handed on under `spec.name`, or creates it as
@@ -222,7 +229,11 @@ impl Fds {
                 type_name: T::TYPE_NAME,
             });
         }
-        let wanted_kind = if network.is_stream() { Kind::Listener } else { Kind::Packet };
+        let wanted_kind = if network.is_stream() {
+            Kind::Listener
+        } else {
+            Kind::Packet
+        };
         if wanted_kind != kind {
             return Err(Error::WrongType {
                 name: spec.name.clone(),
@@ -267,11 +278,13 @@ impl Fds {
         }
         let backlog = spec.backlog.unwrap_or(self.defaults.backlog);
         let setup = spec.setup.as_ref().or(self.defaults.setup.as_ref());
-        let fd = bind::bind(network, &address, spec, backlog, setup).map_err(|source| Error::Listen {
-            name: spec.name.clone(),
-            network: network.to_string(),
-            address: spec.address.clone(),
-            source,
+        let fd = bind::bind(network, &address, spec, backlog, setup).map_err(|source| {
+            Error::Listen {
+                name: spec.name.clone(),
+                network: network.to_string(),
+                address: spec.address.clone(),
+                source,
+            }
         })?;
         // Record the real address, so that port 0 is handed on as the port
         // the kernel picked.
@@ -366,7 +379,11 @@ impl Fds {
         };
         if kind == Kind::File {
             if entry.kind != Kind::File {
-                return Err(mismatch(name, kind, format!("it was handed on as a {}", entry.kind.describe())));
+                return Err(mismatch(
+                    name,
+                    kind,
+                    format!("it was handed on as a {}", entry.kind.describe()),
+                ));
             }
         } else {
             check_entry::<T>(name, entry, kind)?;
@@ -393,7 +410,10 @@ impl Fds {
             Err(e) => {
                 // The fd was consumed by the failed conversion: forget it.
                 reg.entries.remove(name);
-                Err(Error::io(format!("cannot use {name:?} as {}", T::TYPE_NAME), e))
+                Err(Error::io(
+                    format!("cannot use {name:?} as {}", T::TYPE_NAME),
+                    e,
+                ))
             }
         }
     }
@@ -437,8 +457,18 @@ impl Fds {
     pub fn add_conn<T: Conn>(&self, name: &str, conn: T) -> Result<Handover<T>> {
         let fd = conn.as_fd();
         let raw = fd.as_raw_fd();
-        let (network, address) = describe_socket(name, &fd.try_clone_to_owned().map_err(|e| Error::io("dup", e))?, Kind::Conn)?;
-        let id = self.insert(name, Kind::Conn, Some(network), Some(address), Slot::Lent { raw })?;
+        let (network, address) = describe_socket(
+            name,
+            &fd.try_clone_to_owned().map_err(|e| Error::io("dup", e))?,
+            Kind::Conn,
+        )?;
+        let id = self.insert(
+            name,
+            Kind::Conn,
+            Some(network),
+            Some(address),
+            Slot::Lent { raw },
+        )?;
         Ok(Handover {
             value: Some(conn),
             registry: Arc::clone(&self.registry),
@@ -456,7 +486,8 @@ impl Fds {
     /// socket.
     pub fn add_file<T: File>(&self, name: &str, file: T) -> Result<Handover<T>> {
         let raw = file.as_fd().as_raw_fd();
-        socket::check_fd(file.as_fd(), Kind::File, None).map_err(|r| mismatch(name, Kind::File, r))?;
+        socket::check_fd(file.as_fd(), Kind::File, None)
+            .map_err(|r| mismatch(name, Kind::File, r))?;
         let id = self.insert(name, Kind::File, None, None, Slot::Lent { raw })?;
         Ok(Handover {
             value: Some(file),
@@ -567,7 +598,9 @@ impl Fds {
         let mut names: Vec<&String> = guard.entries.keys().collect();
         names.sort();
         for name in names {
-            let Some(e) = guard.entries.get(name) else { continue };
+            let Some(e) = guard.entries.get(name) else {
+                continue;
+            };
             entries.push(EntryMeta {
                 name: name.clone(),
                 kind: e.kind,
@@ -634,8 +667,12 @@ fn address_matches(entry: &Entry, configured: &str, resolved: &Address) -> bool 
 fn describe_socket(name: &str, fd: &OwnedFd, kind: Kind) -> Result<(Network, String)> {
     let sock = socket2::SockRef::from(fd);
     let bad = |reason: String| mismatch(name, kind, reason);
-    let ty = sock.r#type().map_err(|e| bad(format!("it is not a socket ({e})")))?;
-    let local = sock.local_addr().map_err(|e| bad(format!("cannot read its address: {e}")))?;
+    let ty = sock
+        .r#type()
+        .map_err(|e| bad(format!("it is not a socket ({e})")))?;
+    let local = sock
+        .local_addr()
+        .map_err(|e| bad(format!("cannot read its address: {e}")))?;
     let (network, address) = if let Some(inet) = local.as_socket() {
         let network = match (ty, inet.is_ipv6()) {
             (socket2::Type::STREAM, false) => Network::Tcp4,

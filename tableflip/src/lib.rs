@@ -29,7 +29,12 @@
 //!
 //! Unix. Tested on Linux only; macOS compiles. `unixpacket` and abstract
 //! Unix addresses (`@name`) are Linux-only.
-#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 #![cfg(unix)]
 

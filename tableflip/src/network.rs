@@ -55,7 +55,10 @@ impl Network {
 
     /// Whether this network uses Unix-domain sockets.
     pub fn is_unix(self) -> bool {
-        matches!(self, Network::Unix | Network::Unixgram | Network::Unixpacket)
+        matches!(
+            self,
+            Network::Unix | Network::Unixgram | Network::Unixpacket
+        )
     }
 
     /// Whether sockets of this network are connection-oriented listeners
@@ -102,7 +105,9 @@ impl Network {
             }
             if let Some(name) = address.strip_prefix('@') {
                 if !cfg!(any(target_os = "linux", target_os = "android")) {
-                    return Err(invalid("abstract Unix addresses (@name) exist only on Linux"));
+                    return Err(invalid(
+                        "abstract Unix addresses (@name) exist only on Linux",
+                    ));
                 }
                 if name.len() > 107 {
                     return Err(invalid("an abstract name is at most 107 bytes"));
@@ -139,9 +144,9 @@ impl Network {
                 .map_err(|e| invalid(&format!("cannot resolve host {host:?}: {e}")))?
                 .collect()
         };
-        let pick = candidates.into_iter().find(|a| {
-            (!v4only || a.is_ipv4()) && (!v6only || a.is_ipv6())
-        });
+        let pick = candidates
+            .into_iter()
+            .find(|a| (!v4only || a.is_ipv4()) && (!v6only || a.is_ipv6()));
         match pick {
             Some(addr) => Ok(Address::Inet(addr)),
             None if v4only => Err(invalid("the host has no IPv4 address")),

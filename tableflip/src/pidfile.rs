@@ -22,9 +22,12 @@ pub(crate) fn write(path: &Path, pid: u32) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| fail(std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")))?;
+    let file_name = path.file_name().ok_or_else(|| {
+        fail(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path names no file",
+        ))
+    })?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(file_name);
     tmp_name.push(format!(".{pid}.tmp"));
@@ -66,7 +69,8 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("tableflip-pidfile-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("tableflip-pidfile-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         assert!(fs::create_dir_all(&dir).is_ok());
         dir
@@ -78,7 +82,9 @@ mod tests {
         let path = dir.join("svc.pid");
         assert!(write(&path, 1234).is_ok());
         assert_eq!(fs::read_to_string(&path).ok().as_deref(), Some("1234\n"));
-        let mode = fs::metadata(&path).map(|m| m.permissions().mode() & 0o777).ok();
+        let mode = fs::metadata(&path)
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok();
         assert_eq!(mode, Some(0o644));
         assert!(write(&path, 99).is_ok());
         assert_eq!(fs::read_to_string(&path).ok().as_deref(), Some("99\n"));
@@ -95,7 +101,10 @@ mod tests {
         let path = dir.join("svc.pid");
         assert!(std::os::unix::fs::symlink(&victim, &path).is_ok());
         assert!(write(&path, 7).is_ok());
-        assert_eq!(fs::read_to_string(&victim).ok().as_deref(), Some("precious"));
+        assert_eq!(
+            fs::read_to_string(&victim).ok().as_deref(),
+            Some("precious")
+        );
         assert_eq!(fs::read_to_string(&path).ok().as_deref(), Some("7\n"));
         let _ = fs::remove_dir_all(&dir);
     }

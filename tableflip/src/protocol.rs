@@ -101,8 +101,12 @@ pub(crate) fn env_value(parent_fd: RawFd, ready_fd: RawFd) -> String {
 
 /// Encodes the metadata as the parent writes it.
 pub(crate) fn encode(meta: &Metadata) -> Result<Vec<u8>> {
-    let json = serde_json::to_vec(meta)
-        .map_err(|e| Error::io("cannot encode the handover metadata", std::io::Error::other(e)))?;
+    let json = serde_json::to_vec(meta).map_err(|e| {
+        Error::io(
+            "cannot encode the handover metadata",
+            std::io::Error::other(e),
+        )
+    })?;
     let mut out = format!("{}\n", json.len()).into_bytes();
     out.extend_from_slice(&json);
     Ok(out)
@@ -116,7 +120,9 @@ fn parse_env(value: &str) -> Result<(RawFd, RawFd)> {
         )));
     };
     let version: u32 = version.parse().map_err(|_| {
-        Error::handover(format!("{ENV_HANDOVER}={value:?}: the version {version:?} is not a number"))
+        Error::handover(format!(
+            "{ENV_HANDOVER}={value:?}: the version {version:?} is not a number"
+        ))
     })?;
     check_version(version)?;
     let fd = |what: &str, s: &str| -> Result<RawFd> {
@@ -151,7 +157,8 @@ fn check_version(version: u32) -> Result<()> {
 fn borrow_pipe(fd: RawFd, what: &str) -> Result<BorrowedFd<'static>> {
     let borrowed = sys::borrow_inherited(fd)
         .map_err(|e| Error::handover(format!("the {what} fd {fd} is not open: {e}")))?;
-    let st = fstat(borrowed).map_err(|e| Error::handover(format!("cannot fstat the {what} fd {fd}: {e}")))?;
+    let st = fstat(borrowed)
+        .map_err(|e| Error::handover(format!("cannot fstat the {what} fd {fd}: {e}")))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
         return Err(Error::handover(format!("the {what} fd {fd} is not a pipe")));
     }
@@ -184,16 +191,21 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
 
     // Everything is valid: take ownership.
     let take = |fd: RawFd, what: &str| {
-        sys::take_inherited_fd(fd).map_err(|e| Error::handover(format!("cannot take the {what} fd {fd}: {e}")))
+        sys::take_inherited_fd(fd)
+            .map_err(|e| Error::handover(format!("cannot take the {what} fd {fd}: {e}")))
     };
     let parent_pipe = take(parent_fd, "parent")?;
     let ready_pipe = take(ready_fd, "ready")?;
     let mut entries = Vec::with_capacity(checked.len());
     for (meta, network) in checked {
-        let fd = take(meta.fd, &format!("{} {:?}", meta.kind.describe(), meta.name))?;
+        let fd = take(
+            meta.fd,
+            &format!("{} {:?}", meta.kind.describe(), meta.name),
+        )?;
         if meta.kind != Kind::File {
-            sys::set_nonblocking(fd.as_fd())
-                .map_err(|e| Error::handover(format!("cannot make fd {} non-blocking: {e}", meta.fd)))?;
+            sys::set_nonblocking(fd.as_fd()).map_err(|e| {
+                Error::handover(format!("cannot make fd {} non-blocking: {e}", meta.fd))
+            })?;
         }
         entries.push(Inherited { meta, network, fd });
     }
@@ -267,7 +279,9 @@ fn read_metadata(pipe: BorrowedFd<'_>) -> Result<Vec<u8>> {
                 None => {
                     header.extend_from_slice(chunk);
                     if header.len() > 20 {
-                        return Err(Error::handover("the metadata does not start with a length line"));
+                        return Err(Error::handover(
+                            "the metadata does not start with a length line",
+                        ));
                     }
                     continue;
                 }
@@ -296,7 +310,10 @@ impl Read for PipeReader<'_> {
 }
 
 /// Validates every entry with its fd only borrowed.
-fn check_entries(entries: &[EntryMeta], protocol_fds: &[RawFd]) -> Result<Vec<(EntryMeta, Option<Network>)>> {
+fn check_entries(
+    entries: &[EntryMeta],
+    protocol_fds: &[RawFd],
+) -> Result<Vec<(EntryMeta, Option<Network>)>> {
     let mut names = std::collections::HashSet::new();
     let mut fds = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(entries.len());
@@ -308,19 +325,34 @@ fn check_entries(entries: &[EntryMeta], protocol_fds: &[RawFd]) -> Result<Vec<(E
             reason,
         };
         if e.name.is_empty() {
-            return Err(Error::handover(format!("an entry for fd {} has an empty name", e.fd)));
+            return Err(Error::handover(format!(
+                "an entry for fd {} has an empty name",
+                e.fd
+            )));
         }
         if !names.insert(e.name.as_str()) {
-            return Err(Error::handover(format!("the name {:?} is handed on twice", e.name)));
+            return Err(Error::handover(format!(
+                "the name {:?} is handed on twice",
+                e.name
+            )));
         }
         if e.fd <= 2 {
-            return Err(bad(format!("fd {} is a standard stream, not a handed-on fd", e.fd)));
+            return Err(bad(format!(
+                "fd {} is a standard stream, not a handed-on fd",
+                e.fd
+            )));
         }
         if protocol_fds.contains(&e.fd) {
-            return Err(bad(format!("fd {} is one of the protocol's own pipes", e.fd)));
+            return Err(bad(format!(
+                "fd {} is one of the protocol's own pipes",
+                e.fd
+            )));
         }
         if !fds.insert(e.fd) {
-            return Err(Error::handover(format!("fd {} is named by more than one entry", e.fd)));
+            return Err(Error::handover(format!(
+                "fd {} is named by more than one entry",
+                e.fd
+            )));
         }
         let network = match (&e.network, e.kind) {
             (None, Kind::File) => None,
@@ -331,7 +363,8 @@ fn check_entries(entries: &[EntryMeta], protocol_fds: &[RawFd]) -> Result<Vec<(E
         if matches!(e.kind, Kind::Listener | Kind::Packet) && e.address.is_none() {
             return Err(bad("the entry names no address".to_owned()));
         }
-        let fd = sys::borrow_inherited(e.fd).map_err(|err| bad(format!("fd {} is not open ({err})", e.fd)))?;
+        let fd = sys::borrow_inherited(e.fd)
+            .map_err(|err| bad(format!("fd {} is not open ({err})", e.fd)))?;
         socket::check_fd(fd, e.kind, network).map_err(|r| bad(format!("fd {}: {r}", e.fd)))?;
         out.push((e.clone(), network));
     }
@@ -349,11 +382,19 @@ mod tests {
 
     #[test]
     fn env_value_rejects_garbage() {
-        for bad in ["", "1", "1:2", "1:3:3", "1:x:4", "2:3:4", "0:3:4", "1:3:4:5", "1:-1:4", "1:1:4"] {
-            let err = parse_env(bad).err().map(|e| e.to_string()).unwrap_or_default();
+        for bad in [
+            "", "1", "1:2", "1:3:3", "1:x:4", "2:3:4", "0:3:4", "1:3:4:5", "1:-1:4", "1:1:4",
+        ] {
+            let err = parse_env(bad)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(err.contains("invalid handover"), "{bad:?} gave {err:?}");
         }
-        let err = parse_env("9:3:4").err().map(|e| e.to_string()).unwrap_or_default();
+        let err = parse_env("9:3:4")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("version 9"), "{err}");
     }
 

@@ -163,7 +163,11 @@ pub(crate) fn convert<T: FromFd>(fd: OwnedFd) -> io::Result<T> {
 
 /// Checks that `fd` is what an entry of `kind` on `network` must be.
 /// Returns a description of the mismatch.
-pub(crate) fn check_fd(fd: BorrowedFd<'_>, kind: Kind, network: Option<Network>) -> Result<(), String> {
+pub(crate) fn check_fd(
+    fd: BorrowedFd<'_>,
+    kind: Kind,
+    network: Option<Network>,
+) -> Result<(), String> {
     let st = fstat(fd).map_err(|e| format!("fstat failed: {e}"))?;
     let is_socket = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFSOCK;
     if kind == Kind::File {
@@ -174,13 +178,18 @@ pub(crate) fn check_fd(fd: BorrowedFd<'_>, kind: Kind, network: Option<Network>)
         };
     }
     if !is_socket {
-        return Err(format!("it is not a socket, expected a {}", kind.describe()));
+        return Err(format!(
+            "it is not a socket, expected a {}",
+            kind.describe()
+        ));
     }
     let Some(network) = network else {
         return Err("its entry names no network".to_owned());
     };
     let sock = socket2::SockRef::from(&fd);
-    let ty = sock.r#type().map_err(|e| format!("cannot read its socket type: {e}"))?;
+    let ty = sock
+        .r#type()
+        .map_err(|e| format!("cannot read its socket type: {e}"))?;
     let unix = socket_is_unix(&sock)?;
     let actual = describe_socket(unix, ty);
     let expected_ty = network.socket_type();
@@ -196,7 +205,10 @@ pub(crate) fn check_fd(fd: BorrowedFd<'_>, kind: Kind, network: Option<Network>)
                 return Err(format!("it is a {actual} that is not listening"));
             }
             Kind::Conn | Kind::Packet if listening => {
-                return Err(format!("it is a listening {actual}, expected a {}", kind.describe()));
+                return Err(format!(
+                    "it is a listening {actual}, expected a {}",
+                    kind.describe()
+                ));
             }
             _ => {}
         }
@@ -238,7 +250,9 @@ fn describe_socket(unix: bool, ty: socket2::Type) -> &'static str {
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn socket_is_unix(sock: &socket2::SockRef<'_>) -> Result<bool, String> {
-    let domain = sock.domain().map_err(|e| format!("cannot read its domain: {e}"))?;
+    let domain = sock
+        .domain()
+        .map_err(|e| format!("cannot read its domain: {e}"))?;
     if domain == socket2::Domain::UNIX {
         Ok(true)
     } else if domain == socket2::Domain::IPV4 || domain == socket2::Domain::IPV6 {

@@ -199,7 +199,10 @@ impl Upgrader {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The named fds this generation holds and will hand on.
@@ -410,7 +413,10 @@ impl Upgrader {
             state.upgrading = Some(0);
         }
         let started = Instant::now();
-        tracing::info!(generation = self.inner.generation + 1, "upgrade: starting the next generation");
+        tracing::info!(
+            generation = self.inner.generation + 1,
+            "upgrade: starting the next generation"
+        );
         let result = self.run_upgrade().await;
         let mut state = self.state();
         state.upgrading = None;
@@ -546,7 +552,10 @@ impl Upgrader {
             return Ok(launch.cwd.join(exe));
         }
         let Some(argv0) = launch.args.first().filter(|a| !a.is_empty()) else {
-            return Err(not_found(PathBuf::new(), "argv[0] is empty; set Options::executable"));
+            return Err(not_found(
+                PathBuf::new(),
+                "argv[0] is empty; set Options::executable",
+            ));
         };
         let argv0 = Path::new(argv0);
         if argv0.as_os_str().as_encoded_bytes().contains(&b'/') {
@@ -564,7 +573,10 @@ impl Upgrader {
                 return Ok(candidate);
             }
         }
-        Err(not_found(argv0.to_owned(), "not found in PATH; set Options::executable"))
+        Err(not_found(
+            argv0.to_owned(),
+            "not found in PATH; set Options::executable",
+        ))
     }
 }
 
@@ -583,7 +595,10 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let state = self.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = self
+            .state
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !state.stopped && state.upgraded.is_none() && !self.stub {
             let ready = state.ready;
             self.remove_owned_files(ready);
@@ -637,7 +652,10 @@ fn watch_parent(pipe: OwnedFd, parent_pid: u32, exited: CancellationToken) -> Re
                     Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                     Err(nix::errno::Errno::EAGAIN) => {
                         // Someone made the pipe non-blocking: wait for it.
-                        let mut fds = [nix::poll::PollFd::new(pipe.as_fd(), nix::poll::PollFlags::POLLIN)];
+                        let mut fds = [nix::poll::PollFd::new(
+                            pipe.as_fd(),
+                            nix::poll::PollFlags::POLLIN,
+                        )];
                         let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
                     }
                     Err(_) => break,

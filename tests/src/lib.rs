@@ -1,1 +1,421 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for the integration tests: start the `svc` test service,
+//! read the events every generation prints, send signals, wait for
+//! observable states with deadlines (never fixed sleeps).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The default deadline for anything a test waits for. Generous: the suite
+/// must pass on a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Serialises tests that fork, exec or send signals.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A scratch directory, removed on drop.
+#[derive(Debug)]
+pub struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// Creates a fresh, empty directory.
+    pub fn new(tag: &str) -> Scratch {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Short: Unix socket paths must fit in 108 bytes.
+        let path = PathBuf::from(format!("/tmp/tf-{}-{n}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        Scratch { path }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes a control file (creating or replacing it).
+    pub fn write(&self, name: &str, content: &str) {
+        let p = self.path.join(name);
+        std::fs::write(&p, content).unwrap_or_else(|e| panic!("cannot write {}: {e}", p.display()));
+    }
+
+    /// Removes a control file, if present.
+    pub fn remove(&self, name: &str) {
+        let _ = std::fs::remove_file(self.path.join(name));
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// One `EVENT <pid> <kind> key=value…` line.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The process that printed it.
+    pub pid: u32,
+    /// The event kind (`start`, `ready`, `upgrade-ok`…).
+    pub kind: String,
+    /// The `key=value` fields (quoted values unquoted).
+    pub fields: HashMap<String, String>,
+    /// The whole line.
+    pub line: String,
+}
+
+impl Event {
+    /// A field, or `""`.
+    pub fn get(&self, key: &str) -> &str {
+        self.fields.get(key).map_or("", String::as_str)
+    }
+
+    fn parse(line: &str) -> Option<Event> {
+        let rest = line.strip_prefix("EVENT ")?;
+        let (pid, rest) = rest.split_once(' ')?;
+        let (kind, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+        let mut fields = HashMap::new();
+        let mut chars = rest.trim().chars().peekable();
+        while chars.peek().is_some() {
+            let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+            let mut value = String::new();
+            if chars.peek() == Some(&'"') {
+                chars.next();
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    if escaped {
+                        value.push(c);
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == '"' {
+                        break;
+                    } else {
+                        value.push(c);
+                    }
+                }
+                while chars.peek() == Some(&' ') {
+                    chars.next();
+                }
+            } else {
+                value = chars.by_ref().take_while(|c| *c != ' ').collect();
+            }
+            fields.insert(key.trim().to_owned(), value);
+        }
+        Some(Event {
+            pid: pid.parse().ok()?,
+            kind: kind.to_owned(),
+            fields,
+            line: line.to_owned(),
+        })
+    }
+}
+
+/// A running `svc` (and every generation it upgrades to: they share its
+/// stdout). Every process seen is SIGKILLed on drop.
+#[derive(Debug)]
+pub struct Service {
+    child: Child,
+    events: Receiver<Event>,
+    /// Every event received so far, in order.
+    pub history: Vec<Event>,
+    /// Which events of `history` a `wait_for` has returned already.
+    consumed: Vec<bool>,
+}
+
+impl Service {
+    /// Starts `exe` (the `svc` binary) with `TF_CTL=ctl` and `envs`.
+    pub fn start(exe: &str, ctl: &Scratch, envs: &[(&str, &str)]) -> Service {
+        let mut cmd = Command::new(exe);
+        cmd.env("TF_CTL", ctl.path())
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        Self::spawn(cmd)
+    }
+
+    /// Starts a prepared command whose stdout carries events.
+    pub fn spawn(mut cmd: Command) -> Service {
+        cmd.stdout(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(ev) = Event::parse(&line) {
+                    eprintln!("[svc] {line}");
+                    if tx.send(ev).is_err() {
+                        break;
+                    }
+                } else {
+                    eprintln!("[svc stdout] {line}");
+                }
+            }
+        });
+        Service {
+            child,
+            events: rx,
+            history: Vec::new(),
+            consumed: Vec::new(),
+        }
+    }
+
+    /// The PID of the first generation.
+    pub fn first_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Returns the first event not returned before that matches: one
+    /// already received (events of different processes interleave in any
+    /// order), or the next to arrive within [`DEADLINE`].
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
+        self.wait_for_within(what, DEADLINE, pred)
+    }
+
+    /// As [`wait_for`](Self::wait_for), with an explicit deadline.
+    pub fn wait_for_within(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Event) -> bool,
+    ) -> Event {
+        for (i, ev) in self.history.iter().enumerate() {
+            if !self.consumed[i] && pred(ev) {
+                self.consumed[i] = true;
+                return ev.clone();
+            }
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(ev) => {
+                    let hit = pred(&ev);
+                    self.history.push(ev.clone());
+                    self.consumed.push(hit);
+                    if hit {
+                        return ev;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "timed out after {limit:?} waiting for {what}; events: {:#?}",
+                        self.lines()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "all generations exited while waiting for {what}; events: {:#?}",
+                        self.lines()
+                    )
+                }
+            }
+        }
+    }
+
+    /// Waits for an event of `kind` from `pid` (any pid if `None`).
+    pub fn wait_kind(&mut self, kind: &str, pid: Option<u32>) -> Event {
+        let what = format!("{kind} from {pid:?}");
+        self.wait_for(&what, |e| e.kind == kind && pid.is_none_or(|p| e.pid == p))
+    }
+
+    /// Collects events until every generation has closed stdout (all
+    /// exited), within [`DEADLINE`].
+    pub fn wait_all_exited(&mut self) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(ev) => {
+                    self.history.push(ev);
+                    self.consumed.push(false);
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "processes still running after {DEADLINE:?}; events: {:#?}",
+                        self.lines()
+                    )
+                }
+            }
+        }
+    }
+
+    /// The event lines seen so far.
+    pub fn lines(&self) -> Vec<&str> {
+        self.history.iter().map(|e| e.line.as_str()).collect()
+    }
+
+    /// Waits for the first generation's exit status (it is our child).
+    pub fn wait_first(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => wait_a_little(),
+                other => panic!("first generation did not exit: {other:?}"),
+            }
+        }
+    }
+
+    /// Every PID that printed an event.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.history.iter().map(|e| e.pid).collect();
+        pids.push(self.child.id());
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            if is_alive(pid) {
+                let _ = kill(pid_of(pid), Signal::SIGKILL);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
+}
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: u32, sig: Signal) {
+    kill(pid_of(pid), sig).unwrap_or_else(|e| panic!("cannot send {sig} to {pid}: {e}"));
+}
+
+/// The process state letter from `/proc/<pid>/stat` (`Z` for a zombie), or
+/// `None` once the process is gone (reaped).
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.trim_start().chars().next()
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn is_alive(pid: u32) -> bool {
+    matches!(proc_state(pid), Some(s) if s != 'Z')
+}
+
+/// Waits until `pid` is gone entirely (exited and reaped: no zombie).
+pub fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + DEADLINE;
+    while proc_state(pid).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} still exists (state {:?}) after {DEADLINE:?}",
+            proc_state(pid)
+        );
+        wait_a_little();
+    }
+}
+
+/// Polling interval for conditions with no event to wait on (process
+/// states, files); always bounded by a deadline by the caller.
+pub fn wait_a_little() {
+    std::thread::sleep(Duration::from_millis(5));
+}
+
+/// Polls `cond` until it holds, failing with `what` after [`DEADLINE`].
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        wait_a_little();
+    }
+}
+
+/// Connects to a TCP service, reads its whole reply.
+pub fn tcp_get(addr: &str) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Connects to a Unix stream service, reads its whole reply.
+pub fn unix_get(path: &str) -> std::io::Result<String> {
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Sends a datagram to a UDP service, returns the reply.
+pub fn udp_get(addr: &str) -> std::io::Result<String> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 1500];
+    // UDP may drop: retry a few times within the deadline.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        s.send_to(b"ping", addr)?;
+        match s.recv_from(&mut buf) {
+            Ok((n, _)) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Sends a datagram to a Unix datagram service, returns the reply.
+pub fn unixgram_get(path: &str, scratch: &Scratch) -> std::io::Result<String> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let me = scratch.path().join(format!(
+        "c{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    let s = std::os::unix::net::UnixDatagram::bind(&me)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    s.send_to(b"ping", path)?;
+    let mut buf = [0u8; 1500];
+    let n = s.recv(&mut buf)?;
+    let _ = std::fs::remove_file(&me);
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// The PID in a `pid <N>` reply.
+pub fn reply_pid(reply: &str) -> u32 {
+    reply
+        .trim()
+        .strip_prefix("pid ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("not a `pid <N>` reply: {reply:?}"))
+}
+
+/// Writes `content` to `w` and flushes (helper for control sockets).
+pub fn send_line(w: &mut impl Write, content: &str) -> std::io::Result<()> {
+    w.write_all(content.as_bytes())?;
+    w.flush()
+}

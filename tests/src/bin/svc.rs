@@ -1,0 +1,537 @@
+//! The service the integration tests drive: a small tableflip service on the
+//! runtime API whose behaviour each generation reads from files in a control
+//! directory, and which reports what happens as event lines on stdout.
+//!
+//! Environment (inherited unchanged by every generation):
+//! - `TF_CTL`: the control directory (required);
+//! - `TF_UPGRADE_TIMEOUT_MS`: `Options::upgrade_timeout`;
+//! - `TF_PID_FILE`: `Options::pid_file`.
+//!
+//! Control files, read by each generation when it starts:
+//! - `listen`: lines `NAME NETWORK ADDRESS`: sockets to open;
+//! - `init`: `ok` (default), `exit N`, `panic`, `hang`, `sigkill`, `abort`:
+//!   what happens after the sockets are opened, instead of `ready()`;
+//! - `actions`: lines run in order before `ready()` (see `run_action`).
+//!
+//! Every event is one line: `EVENT <pid> <kind> [key=value…]`.
+//!
+//! With the single argument `--probe`, prints the fds it has open (besides
+//! 0, 1, 2) and the names of `TABLEFLIP_*`/`LISTEN_*` variables, then exits:
+//! used to check what a subprocess inherits.
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tableflip::{Error, Handover, Options, Upgrader};
+use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::task::TaskTracker;
+
+fn event(kind: &str, fields: &str) {
+    let line = format!("EVENT {} {kind} {fields}\n", std::process::id());
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+}
+
+fn error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::AlreadyCreated { .. } => "AlreadyCreated",
+        Error::InvalidHandover { .. } => "InvalidHandover",
+        Error::InheritMismatch { .. } => "InheritMismatch",
+        Error::UnknownNetwork { .. } => "UnknownNetwork",
+        Error::InvalidAddress { .. } => "InvalidAddress",
+        Error::WrongType { .. } => "WrongType",
+        Error::Listen { .. } => "Listen",
+        Error::DuplicateName { .. } => "DuplicateName",
+        Error::NoRuntime { .. } => "NoRuntime",
+        Error::NotReady => "NotReady",
+        Error::ParentAlive { .. } => "ParentAlive",
+        Error::UpgradeInProgress { .. } => "UpgradeInProgress",
+        Error::AlreadyUpgraded { .. } => "AlreadyUpgraded",
+        Error::Stopped => "Stopped",
+        Error::Spawn { .. } => "Spawn",
+        Error::ChildExited { .. } => "ChildExited",
+        Error::ChildKilled { .. } => "ChildKilled",
+        Error::Timeout { .. } => "Timeout",
+        Error::PidFile { .. } => "PidFile",
+        Error::NotSupported => "NotSupported",
+        _ => "Other",
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("{:?}", s)
+}
+
+fn ctl(name: &str) -> Option<String> {
+    let dir = std::env::var_os("TF_CTL")?;
+    std::fs::read_to_string(PathBuf::from(dir).join(name)).ok()
+}
+
+fn open_fds() -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort_unstable();
+    fds
+}
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn probe() {
+    // The directory listing itself opens one fd; report it too, so the
+    // caller can subtract it (it is the highest number).
+    let fds: Vec<String> = open_fds()
+        .into_iter()
+        .filter(|fd| *fd > 2)
+        .map(|fd| {
+            let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            format!("{fd}:{target}")
+        })
+        .collect();
+    let vars: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("TABLEFLIP") || k.starts_with("LISTEN_"))
+        .collect();
+    println!("fds={} vars={}", fds.join(","), vars.join(","));
+}
+
+fn nonblocking(fd: impl AsFd) -> bool {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+        .map(|f| nix::fcntl::OFlag::from_bits_retain(f).contains(nix::fcntl::OFlag::O_NONBLOCK))
+        .unwrap_or(false)
+}
+
+fn cloexec(fd: impl AsFd) -> bool {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)
+        .map(|f| nix::fcntl::FdFlag::from_bits_retain(f).contains(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .unwrap_or(false)
+}
+
+/// Kept alive for the life of the generation.
+#[derive(Default)]
+struct Held {
+    conns: Vec<Handover<std::net::TcpStream>>,
+    files: Vec<Handover<std::fs::File>>,
+}
+
+async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
+    let Some(spec) = ctl("listen") else {
+        return Ok(());
+    };
+    for line in spec.lines().filter(|l| !l.trim().is_empty()) {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [name, network, address] = parts.as_slice() else {
+            event("bad-ctl", &format!("line={}", quote(line)));
+            continue;
+        };
+        let spec = tableflip::ListenSpec::new(*name, *network, *address);
+        match *network {
+            "tcp" | "tcp4" | "tcp6" => {
+                let l: tokio::net::TcpListener = upg.listen_with(&spec)?;
+                let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                event(
+                    "listening",
+                    &format!(
+                        "name={name} network={network} addr={addr} nonblock={} cloexec={}",
+                        nonblocking(&l),
+                        cloexec(&l)
+                    ),
+                );
+                let exit = upg.exit();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = serve_tcp(l) => {}
+                        () = exit => {}
+                    }
+                });
+            }
+            "unix" => {
+                let l: tokio::net::UnixListener = upg.listen_with(&spec)?;
+                event(
+                    "listening",
+                    &format!(
+                        "name={name} network={network} addr={address} nonblock={} cloexec={}",
+                        nonblocking(&l),
+                        cloexec(&l)
+                    ),
+                );
+                let exit = upg.exit();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = serve_unix(l) => {}
+                        () = exit => {}
+                    }
+                });
+            }
+            "udp" | "udp4" | "udp6" => {
+                let s: tokio::net::UdpSocket = upg.listen_packet_with(&spec)?;
+                let addr = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                event(
+                    "listening",
+                    &format!(
+                        "name={name} network={network} addr={addr} nonblock={} cloexec={}",
+                        nonblocking(&s),
+                        cloexec(&s)
+                    ),
+                );
+                let exit = upg.exit();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = serve_udp(s) => {}
+                        () = exit => {}
+                    }
+                });
+            }
+            "unixgram" => {
+                let s: tokio::net::UnixDatagram = upg.listen_packet_with(&spec)?;
+                event(
+                    "listening",
+                    &format!(
+                        "name={name} network={network} addr={address} nonblock={} cloexec={}",
+                        nonblocking(&s),
+                        cloexec(&s)
+                    ),
+                );
+                let exit = upg.exit();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = serve_unixgram(s) => {}
+                        () = exit => {}
+                    }
+                });
+            }
+            "unixpacket" => {
+                let s: tableflip::socket2::Socket = upg.listen_with(&spec)?;
+                event(
+                    "listening",
+                    &format!(
+                        "name={name} network={network} addr={address} nonblock={} cloexec={}",
+                        nonblocking(&s),
+                        cloexec(&s)
+                    ),
+                );
+                std::mem::forget(s);
+            }
+            other => event("bad-ctl", &format!("network={other}")),
+        }
+    }
+    Ok(())
+}
+
+fn reply() -> Vec<u8> {
+    format!("pid {}\n", std::process::id()).into_bytes()
+}
+
+async fn serve_tcp(l: tokio::net::TcpListener) {
+    while let Ok((mut s, _)) = l.accept().await {
+        TRACKER.spawn(async move {
+            let _ = s.write_all(&reply()).await;
+            let _ = s.shutdown().await;
+        });
+    }
+}
+
+async fn serve_unix(l: tokio::net::UnixListener) {
+    while let Ok((mut s, _)) = l.accept().await {
+        TRACKER.spawn(async move {
+            let _ = s.write_all(&reply()).await;
+            let _ = s.shutdown().await;
+        });
+    }
+}
+
+async fn serve_udp(s: tokio::net::UdpSocket) {
+    let mut buf = [0u8; 1500];
+    while let Ok((_, from)) = s.recv_from(&mut buf).await {
+        let _ = s.send_to(&reply(), from).await;
+    }
+}
+
+async fn serve_unixgram(s: tokio::net::UnixDatagram) {
+    let mut buf = [0u8; 1500];
+    while let Ok((_, from)) = s.recv_from(&mut buf).await {
+        if let Some(path) = from.as_pathname() {
+            let _ = s.send_to(&reply(), path).await;
+        }
+    }
+}
+
+async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    match parts.as_slice() {
+        ["add-file", name, path] => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path);
+            match file
+                .map_err(|e| e.to_string())
+                .and_then(|f| upg.fds().add_file(name, f).map_err(|e| e.to_string()))
+            {
+                Ok(h) => {
+                    event("added-file", &format!("name={name}"));
+                    held.files.push(h);
+                }
+                Err(e) => event("action-err", &format!("action=add-file msg={}", quote(&e))),
+            }
+        }
+        ["take-file", name] => match upg.fds().file::<std::fs::File>(name) {
+            Ok(Some(mut f)) => {
+                let _ = writeln!(*f, "written by {}", std::process::id());
+                event(
+                    "took-file",
+                    &format!("name={name} nonblock={}", nonblocking(&*f)),
+                );
+            }
+            Ok(None) => event("took-file", &format!("name={name} missing=true")),
+            Err(e) => event(
+                "action-err",
+                &format!(
+                    "action=take-file kind={} msg={}",
+                    error_kind(&e),
+                    quote(&e.to_string())
+                ),
+            ),
+        },
+        ["add-conn", name, addr] => match std::net::TcpStream::connect(addr) {
+            Ok(c) => match upg.fds().add_conn(name, c) {
+                Ok(h) => {
+                    event("added-conn", &format!("name={name}"));
+                    held.conns.push(h);
+                }
+                Err(e) => event(
+                    "action-err",
+                    &format!("action=add-conn msg={}", quote(&e.to_string())),
+                ),
+            },
+            Err(e) => event(
+                "action-err",
+                &format!("action=add-conn msg={}", quote(&e.to_string())),
+            ),
+        },
+        // Writes a line on the inherited connection, then drops it: the
+        // peer must see EOF (it really closes).
+        ["take-conn-close", name] => match upg.fds().conn::<std::net::TcpStream>(name) {
+            Ok(Some(mut c)) => {
+                let nb = nonblocking(&*c);
+                let _ = c.set_nonblocking(false);
+                let _ = writeln!(*c, "hello from {}", std::process::id());
+                drop(c);
+                event("closed-conn", &format!("name={name} nonblock={nb}"));
+            }
+            Ok(None) => event("closed-conn", &format!("name={name} missing=true")),
+            Err(e) => event(
+                "action-err",
+                &format!(
+                    "action=take-conn kind={} msg={}",
+                    error_kind(&e),
+                    quote(&e.to_string())
+                ),
+            ),
+        },
+        // Takes the inherited connection and keeps it (handed on again).
+        ["take-conn-keep", name] => match upg.fds().conn::<std::net::TcpStream>(name) {
+            Ok(Some(mut c)) => {
+                let _ = c.set_nonblocking(false);
+                let _ = writeln!(*c, "kept by {}", std::process::id());
+                event("kept-conn", &format!("name={name}"));
+                held.conns.push(c);
+            }
+            Ok(None) => event("kept-conn", &format!("name={name} missing=true")),
+            Err(e) => event(
+                "action-err",
+                &format!(
+                    "action=take-conn kind={} msg={}",
+                    error_kind(&e),
+                    quote(&e.to_string())
+                ),
+            ),
+        },
+        ["probe-child"] => {
+            let exe = std::env::current_exe().unwrap_or_default();
+            match tokio::process::Command::new(exe)
+                .arg("--probe")
+                .output()
+                .await
+            {
+                Ok(out) => {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    event("probe", text.trim());
+                }
+                Err(e) => event(
+                    "action-err",
+                    &format!("action=probe msg={}", quote(&e.to_string())),
+                ),
+            }
+        }
+        ["upgrade-now"] => match upg.upgrade().await {
+            Ok(pid) => event("upgrade-ok", &format!("child={pid}")),
+            Err(e) => event(
+                "upgrade-err",
+                &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string())),
+            ),
+        },
+        ["wait-parent"] => {
+            let u = upg.clone();
+            tokio::spawn(async move {
+                u.wait_for_parent().await;
+                event("parent-exited", "");
+            });
+        }
+        _ => event("bad-ctl", &format!("action={}", quote(line))),
+    }
+}
+
+fn exe_size() -> u64 {
+    std::fs::metadata("/proc/self/exe")
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--probe") {
+        probe();
+        return;
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let mut opts = Options::default();
+    if let Some(ms) = std::env::var("TF_UPGRADE_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        opts.upgrade_timeout = Duration::from_millis(ms);
+    }
+    opts.pid_file = std::env::var_os("TF_PID_FILE").map(PathBuf::from);
+    let upg = match Upgrader::new(opts) {
+        Ok(u) => u,
+        Err(e) => {
+            event(
+                "error",
+                &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string())),
+            );
+            std::process::exit(2);
+        }
+    };
+    event(
+        "start",
+        &format!(
+            "gen={} has_parent={} parent={}",
+            upg.generation(),
+            upg.has_parent(),
+            upg.parent_pid().unwrap_or(0)
+        ),
+    );
+    if let Err(e) = open_listeners(&upg).await {
+        event(
+            "error",
+            &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string())),
+        );
+        std::process::exit(2);
+    }
+    let mut held = Held::default();
+    for line in ctl("actions")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
+        run_action(&upg, &mut held, line).await;
+    }
+    match ctl("init").unwrap_or_default().trim() {
+        "" | "ok" => {}
+        "panic" => panic!("init panicked on purpose"),
+        "hang" => {
+            event("hanging", "");
+            std::future::pending::<()>().await;
+        }
+        "sigkill" => {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+        "abort" => std::process::abort(),
+        other => {
+            let code = other
+                .strip_prefix("exit ")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(1);
+            event("init-exit", &format!("code={code}"));
+            std::process::exit(code);
+        }
+    }
+    if let Err(e) = upg.ready() {
+        event(
+            "ready-err",
+            &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string())),
+        );
+        std::process::exit(3);
+    }
+    event(
+        "ready",
+        &format!(
+            "fds={} rss_kb={} exe_size={}",
+            open_fds().len(),
+            rss_kb(),
+            exe_size()
+        ),
+    );
+
+    let (Ok(mut hup), Ok(mut term)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+    ) else {
+        event("error", "msg=\"cannot install signal handlers\"");
+        std::process::exit(2);
+    };
+    let exit = upg.exit();
+    tokio::pin!(exit);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                // Each upgrade runs in its own task, so that a second SIGHUP
+                // during an upgrade shows the concurrent refusal.
+                let u = upg.clone();
+                tokio::spawn(async move {
+                    match u.upgrade().await {
+                        Ok(pid) => event("upgrade-ok", &format!("child={pid}")),
+                        Err(e) => event("upgrade-err", &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string()))),
+                    }
+                });
+            }
+            _ = term.recv() => {
+                event("stopping", "");
+                upg.stop();
+            }
+            () = &mut exit => break,
+        }
+    }
+    drop(held);
+    // Drain: the accept loops have stopped (exit resolved); finish replies.
+    TRACKER.close();
+    TRACKER.wait().await;
+    event("exit", "");
+}
+
+/// Tracks the reply tasks, so the drain can wait for them.
+static TRACKER: std::sync::LazyLock<TaskTracker> = std::sync::LazyLock::new(TaskTracker::new);
