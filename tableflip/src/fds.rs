@@ -242,6 +242,18 @@ impl Fds {
             });
         }
         check_runtime::<T>(&spec.name)?;
+        let (fd, _) = self.open_fd(spec, network, kind)?;
+        convert(&spec.name, fd)
+    }
+
+    /// Finds the inherited socket for `spec`, or binds one; returns a
+    /// duplicate for the caller and whether it was inherited.
+    pub(crate) fn open_fd(
+        &self,
+        spec: &ListenSpec,
+        network: Network,
+        kind: Kind,
+    ) -> Result<(OwnedFd, bool)> {
         let address = network.parse_address(&spec.address)?;
         let mut reg = lock(&self.registry);
         if let Some(entry) = reg.entries.get_mut(&spec.name) {
@@ -253,9 +265,9 @@ impl Fds {
                     if entry.unclaimed {
                         tracing::debug!(name = %spec.name, %network, address = %spec.address, "inherited");
                     }
+                    let inherited = entry.unclaimed;
                     entry.unclaimed = false;
-                    let fd = dup(&spec.name, fd)?;
-                    return convert(&spec.name, fd);
+                    return Ok((dup(&spec.name, fd)?, inherited));
                 }
                 _ if entry.unclaimed => {
                     tracing::info!(
@@ -310,8 +322,7 @@ impl Fds {
                 id,
             },
         );
-        drop(reg);
-        convert(&spec.name, handle)
+        Ok((handle, false))
     }
 
     /// The listener handed on (or opened in this generation) under `name`,

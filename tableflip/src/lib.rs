@@ -39,25 +39,47 @@
 #![cfg(unix)]
 
 mod bind;
+mod declare;
 mod error;
 mod fds;
 mod network;
 mod options;
 mod pidfile;
 mod protocol;
+mod service;
 mod socket;
 mod sys;
 pub mod testing;
 mod upgrader;
 
 pub use bind::{ListenSpec, SetupHook};
+pub use declare::DeclaredListener;
 pub use error::{Error, Result};
 pub use fds::{Fds, Handover};
 pub use network::{Address, NETWORKS, Network};
-pub use options::{DEFAULT_BACKLOG, DEFAULT_UPGRADE_TIMEOUT, Options};
+pub use options::{DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT, DEFAULT_UPGRADE_TIMEOUT, Options};
 pub use protocol::{ENV_HANDOVER, VERSION as PROTOCOL_VERSION};
+pub use service::Context;
 pub use socket::{Conn, File, FromFd, Kind, Listener, PacketConn};
 pub use upgrader::Upgrader;
 
 /// Re-exported so that socket-setup hooks can name its types.
 pub use socket2;
+
+pub use tableflip_macros::{listener, main};
+
+/// Not public API: used by the code `#[tableflip::main]` and
+/// `#[tableflip::listener]` generate. Anything here may change in any
+/// release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::declare::{ListenerDecl, Registration};
+    pub use crate::service::{Flavor, MainConfig, run};
+    pub use inventory;
+    pub use tokio;
+
+    /// `Duration::from_millis`, spelled for generated code.
+    pub const fn millis(ms: u64) -> ::core::time::Duration {
+        ::core::time::Duration::from_millis(ms)
+    }
+}

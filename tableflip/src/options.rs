@@ -10,6 +10,10 @@ use crate::bind::{ListenSpec, SetupHook};
 /// How long a new generation may take to become ready before it is killed.
 pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a `#[tableflip::main]` service waits for its tasks to finish
+/// when it drains.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The default `listen(2)` backlog of fresh stream sockets (tokio's too).
 pub const DEFAULT_BACKLOG: u32 = 1024;
 
@@ -38,6 +42,10 @@ pub struct Options {
     /// file atomically. A relative path is relative to the directory the
     /// service started in. Default: none.
     pub pid_file: Option<PathBuf>,
+    /// How long a `#[tableflip::main]` service waits, once it drains, for
+    /// the tasks it started with `Context::spawn`. Not used by the
+    /// `Upgrader` itself. Default: 30 s.
+    pub drain_timeout: Duration,
     /// The `listen(2)` backlog of fresh stream sockets. Default: 1024.
     pub backlog: u32,
     /// A hook run on every socket this process creates afresh, before it is
@@ -67,6 +75,7 @@ impl Default for Options {
         Options {
             upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
             pid_file: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             backlog: DEFAULT_BACKLOG,
             socket_setup: None,
             executable: None,
@@ -79,6 +88,7 @@ impl std::fmt::Debug for Options {
         f.debug_struct("Options")
             .field("upgrade_timeout", &self.upgrade_timeout)
             .field("pid_file", &self.pid_file)
+            .field("drain_timeout", &self.drain_timeout)
             .field("backlog", &self.backlog)
             .field("socket_setup", &self.socket_setup.as_ref().map(|_| "Fn"))
             .field("executable", &self.executable)

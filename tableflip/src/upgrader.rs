@@ -412,6 +412,8 @@ impl Upgrader {
             }
             state.upgrading = Some(0);
         }
+        // Clears `upgrading` however this future ends, dropped included.
+        let _upgrading = UpgradingFlag(self);
         let started = Instant::now();
         tracing::info!(
             generation = self.inner.generation + 1,
@@ -482,11 +484,11 @@ impl Upgrader {
                 path: exe.clone(),
                 source,
             })?;
-            (child, payload)
+            (ChildGuard(Some(child)), payload)
         };
         drop(parent_r);
         drop(ready_w);
-        let pid = child.id().unwrap_or(0);
+        let pid = child.get().id().unwrap_or(0);
         self.state().upgrading = Some(pid);
         tracing::info!(child_pid = pid, executable = %exe.display(), "upgrade: spawned");
 
@@ -511,7 +513,7 @@ impl Upgrader {
                         ready_open = false;
                     }
                 },
-                status = child.wait() => {
+                status = child.get().wait() => {
                     return Err(match status {
                         Ok(s) => match (s.code(), s.signal()) {
                             (_, Some(signal)) => Error::ChildKilled { pid, signal },
@@ -522,11 +524,11 @@ impl Upgrader {
                     });
                 }
                 () = &mut deadline => {
-                    kill_and_reap(&mut child, pid).await;
+                    kill_and_reap(child.get(), pid).await;
                     return Err(Error::Timeout { pid, timeout });
                 }
                 () = self.inner.stop.cancelled() => {
-                    kill_and_reap(&mut child, pid).await;
+                    kill_and_reap(child.get(), pid).await;
                     return Err(Error::Stopped);
                 }
             }
@@ -537,7 +539,7 @@ impl Upgrader {
         // exit, however the process ends.
         std::mem::forget(parent_w);
         // The child outlives us; tokio reaps it if it exits first.
-        drop(child);
+        drop(child.disarm());
         Ok(pid)
     }
 
@@ -602,6 +604,47 @@ impl Drop for Inner {
         if !state.stopped && state.upgraded.is_none() && !self.stub {
             let ready = state.ready;
             self.remove_owned_files(ready);
+        }
+    }
+}
+
+/// Clears the `upgrading` state when the upgrade ends, however it ends.
+struct UpgradingFlag<'a>(&'a Upgrader);
+
+impl Drop for UpgradingFlag<'_> {
+    fn drop(&mut self) {
+        self.0.state().upgrading = None;
+    }
+}
+
+/// Kills the child if the upgrade future is dropped before the child is
+/// ready (tokio reaps a dropped child in the background), so a cancelled
+/// upgrade never leaves a half-started generation behind.
+struct ChildGuard(Option<tokio::process::Child>);
+
+impl ChildGuard {
+    fn get(&mut self) -> &mut tokio::process::Child {
+        match &mut self.0 {
+            Some(c) => c,
+            None => unreachable!("ChildGuard used after disarm"),
+        }
+    }
+
+    fn disarm(mut self) -> Option<tokio::process::Child> {
+        self.0.take()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            if child.try_wait().ok().flatten().is_none() {
+                tracing::warn!(
+                    child_pid = child.id(),
+                    "upgrade cancelled; killing the new process"
+                );
+                let _ = child.start_kill();
+            }
         }
     }
 }

@@ -1,0 +1,269 @@
+//! Listeners declared with `#[tableflip::listener]`: collected at startup,
+//! opened (inherited or bound) before the init function runs, taken once.
+
+use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+
+use crate::bind::ListenSpec;
+use crate::error::{Error, Result};
+use crate::fds::Fds;
+use crate::network::Network;
+use crate::socket::{self, FromFd, Kind};
+
+/// The state of one declared listener.
+#[derive(Debug)]
+enum Slot {
+    /// Not opened yet (before startup, or in a program without
+    /// `#[tableflip::main]`).
+    Pending,
+    /// Opened at startup: the fd and the address it was opened with.
+    Open(OwnedFd, String),
+    /// Taken by the program.
+    Taken,
+}
+
+/// The non-generic part of a declared listener, registered with
+/// `inventory`. Not public API: used by generated code.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct ListenerDecl {
+    name: &'static str,
+    network: &'static str,
+    address: &'static str,
+    env: Option<&'static str>,
+    backlog: Option<u32>,
+    mode: Option<u32>,
+    type_name: &'static str,
+    serves: fn(Network) -> bool,
+    slot: Mutex<Slot>,
+}
+
+/// A registration submitted by `#[tableflip::listener]`. Not public API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Registration {
+    /// Returns the declaration (a function, so the registration is a
+    /// constant whatever the static's type).
+    pub decl: fn() -> &'static ListenerDecl,
+}
+
+inventory::collect!(Registration);
+
+/// A listener declared with `#[tableflip::listener]` on a
+/// `static NAME: T;`.
+///
+/// The socket is opened when the program starts (inherited from the
+/// previous generation under the name `NAME`, or bound afresh), before the
+/// init function runs; [`take`](Self::take) hands it to the program, once.
+#[derive(Debug)]
+pub struct DeclaredListener<T> {
+    decl: ListenerDecl,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: FromFd> DeclaredListener<T> {
+    /// Not public API: called by `#[tableflip::listener]`'s expansion.
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub const fn __new(
+        name: &'static str,
+        network: &'static str,
+        address: &'static str,
+        env: Option<&'static str>,
+        backlog: Option<u32>,
+        mode: Option<u32>,
+        type_name: &'static str,
+    ) -> Self {
+        DeclaredListener {
+            decl: ListenerDecl {
+                name,
+                network,
+                address,
+                env,
+                backlog,
+                mode,
+                type_name,
+                serves: T::serves,
+                slot: Mutex::new(Slot::Pending),
+            },
+            _type: PhantomData,
+        }
+    }
+
+    /// Not public API: the declaration, for the inventory registration.
+    #[doc(hidden)]
+    pub fn __decl(&'static self) -> &'static ListenerDecl {
+        &self.decl
+    }
+
+    /// The listener's name: the static's identifier, under which the socket
+    /// is handed to the next generation.
+    pub fn name(&self) -> &'static str {
+        self.decl.name
+    }
+
+    /// The network, as declared (`"tcp"`, `"unix"`, …).
+    pub fn network(&self) -> &'static str {
+        self.decl.network
+    }
+
+    /// The address as declared in the source.
+    pub fn declared_address(&self) -> &'static str {
+        self.decl.address
+    }
+
+    /// The address in effect: the one the socket was opened with (after an
+    /// `env` override) once it is open, else the declared one with the
+    /// override applied.
+    pub fn address(&self) -> String {
+        match &*self.decl.lock() {
+            Slot::Open(_, address) => address.clone(),
+            _ => self.decl.effective_address().0,
+        }
+    }
+
+    /// Takes the socket, once.
+    ///
+    /// # Errors
+    ///
+    /// A second call, a call before the program's startup opened the socket
+    /// (that is, without `#[tableflip::main]`: use [`open`](Self::open)
+    /// then), or a tokio type requested outside a runtime.
+    pub fn take(&self) -> Result<T> {
+        let name = self.decl.name;
+        if T::TOKIO && tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::NoRuntime {
+                name: name.to_owned(),
+            });
+        }
+        let mut slot = self.decl.lock();
+        match std::mem::replace(&mut *slot, Slot::Taken) {
+            Slot::Open(fd, _) => socket::convert(fd).map_err(|e| {
+                Error::io(format!("cannot use listener {name} as {}", T::TYPE_NAME), e)
+            }),
+            Slot::Taken => Err(Error::io(
+                format!("listener {name}"),
+                std::io::Error::other("it was already taken; take() hands the socket out once"),
+            )),
+            Slot::Pending => {
+                *slot = Slot::Pending;
+                Err(Error::io(
+                    format!("listener {name}"),
+                    std::io::Error::other(
+                        "it is not open: declared listeners are opened by #[tableflip::main] at startup",
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Opens the socket through `fds` (inherited or bound), for programs
+    /// that use declared listeners without `#[tableflip::main]`. Does
+    /// nothing if it is open already.
+    ///
+    /// # Errors
+    ///
+    /// As [`Fds::listen_with`].
+    pub fn open(&'static self, fds: &Fds) -> Result<()> {
+        self.decl.open(fds).map(|_| ())
+    }
+}
+
+impl ListenerDecl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The address to use, and the variable it came from if overridden.
+    fn effective_address(&self) -> (String, Option<&'static str>) {
+        if let Some(var) = self.env {
+            if let Some(value) = std::env::var_os(var) {
+                if let Some(value) = value.to_str().filter(|v| !v.is_empty()) {
+                    return (value.to_owned(), Some(var));
+                }
+            }
+        }
+        (self.address.to_owned(), None)
+    }
+
+    /// Opens the socket; returns whether it was inherited, or `None` if it
+    /// was open already.
+    pub(crate) fn open(&self, fds: &Fds) -> Result<Option<bool>> {
+        let mut slot = self.lock();
+        if !matches!(*slot, Slot::Pending) {
+            return Ok(None);
+        }
+        let network: Network = self.network.parse()?;
+        if !(self.serves)(network) {
+            return Err(Error::WrongType {
+                name: self.name.to_owned(),
+                network: network.to_string(),
+                type_name: self.type_name,
+            });
+        }
+        let (address, from_env) = self.effective_address();
+        if let Some(var) = from_env {
+            network.parse_address(&address).map_err(|e| match e {
+                Error::InvalidAddress { reason, .. } => Error::InvalidAddress {
+                    network: network.to_string(),
+                    address: address.clone(),
+                    reason: format!("{reason} (from ${var}, for listener {})", self.name),
+                },
+                other => other,
+            })?;
+        }
+        let mut spec = ListenSpec::new(self.name, self.network, address.clone());
+        spec.backlog = self.backlog;
+        spec.mode = self.mode;
+        let kind = if network.is_stream() {
+            Kind::Listener
+        } else {
+            Kind::Packet
+        };
+        let (fd, inherited) = fds.open_fd(&spec, network, kind)?;
+        *slot = Slot::Open(fd, address);
+        Ok(Some(inherited))
+    }
+}
+
+/// Every declared listener in the program, in link order.
+pub(crate) fn declared() -> Vec<&'static ListenerDecl> {
+    inventory::iter::<Registration>
+        .into_iter()
+        .map(|r| (r.decl)())
+        .collect()
+}
+
+/// Opens every declared listener, after checking that no two share a name.
+pub(crate) fn open_all(fds: &Fds) -> Result<()> {
+    let decls = declared();
+    let mut seen = std::collections::HashMap::new();
+    for d in &decls {
+        if let Some(other) = seen.insert(d.name, *d) {
+            return Err(Error::DuplicateName {
+                name: d.name.to_owned(),
+                what: if std::ptr::eq(other, *d) {
+                    "listener"
+                } else {
+                    "listener declared twice (two #[listener] statics with this name in different modules or crates)"
+                },
+            });
+        }
+    }
+    for d in decls {
+        let address = d.effective_address().0;
+        match d.open(fds)? {
+            Some(true) => {
+                tracing::info!(listener = d.name, network = d.network, %address, "inherited listener")
+            }
+            Some(false) => {
+                tracing::info!(listener = d.name, network = d.network, %address, "bound listener")
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}

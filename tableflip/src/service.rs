@@ -1,0 +1,321 @@
+//! The service lifecycle that `#[tableflip::main]` generates: runtime,
+//! upgrader, declared listeners, signals, init, readiness, drain.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::options::Options;
+use crate::upgrader::Upgrader;
+
+/// What the init function of a `#[tableflip::main]` service gets: the
+/// upgrader, task tracking for the drain, and the drain signal.
+///
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Context {
+    upgrader: Upgrader,
+    tracker: TaskTracker,
+    draining: CancellationToken,
+}
+
+impl Context {
+    /// A context for `upgrader`, for programs that drive the lifecycle
+    /// themselves (and for tests, with the [`testing`](crate::testing)
+    /// stub).
+    pub fn new(upgrader: Upgrader) -> Context {
+        Context {
+            upgrader,
+            tracker: TaskTracker::new(),
+            draining: CancellationToken::new(),
+        }
+    }
+
+    /// Spawns a task that the drain waits for (up to the drain timeout).
+    /// Servers, and anything that must finish before the process exits,
+    /// are spawned here.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, as [`tokio::spawn`].
+    pub fn spawn<F>(&self, future: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn(future)
+    }
+
+    /// A future that resolves when the process starts draining: after a
+    /// successful upgrade, or on `SIGTERM`/`SIGINT`. Servers then stop
+    /// accepting, drop their listener (closing only this process's handle:
+    /// the new generation keeps the socket), and finish in-flight work.
+    ///
+    /// Usable in `select!` and as axum's or hyper's graceful-shutdown
+    /// signal; independent of `self`.
+    pub fn draining(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.draining.clone().cancelled_owned()
+    }
+
+    /// Whether the drain has started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// A token cancelled when the drain starts, for code that wants a
+    /// [`CancellationToken`] rather than a future.
+    pub fn draining_token(&self) -> CancellationToken {
+        self.draining.child_token()
+    }
+
+    /// The upgrader: trigger an upgrade from code, hand more sockets or
+    /// files to the next generation, find out whether there is a parent.
+    pub fn upgrader(&self) -> &Upgrader {
+        &self.upgrader
+    }
+
+    /// How many tasks spawned with [`spawn`](Self::spawn) are still
+    /// running.
+    pub fn tasks(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Starts the drain (what happens after a successful upgrade or a stop)
+    /// and waits up to `timeout` for the spawned tasks. Returns how many
+    /// were still running when the timeout passed.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.draining.cancel();
+        self.tracker.close();
+        match tokio::time::timeout(timeout, self.tracker.wait()).await {
+            Ok(()) => 0,
+            Err(_) => self.tracker.len(),
+        }
+    }
+}
+
+/// The runtime flavour of a `#[tableflip::main]` service.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// tokio's multi-thread runtime.
+    MultiThread,
+    /// tokio's current-thread runtime.
+    CurrentThread,
+}
+
+/// What `#[tableflip::main]`'s attribute says. Not public API.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct MainConfig {
+    pub flavor: Flavor,
+    pub worker_threads: Option<usize>,
+    pub upgrade_timeout: Option<Duration>,
+    pub drain_timeout: Option<Duration>,
+    pub pid_file: Option<&'static str>,
+    pub options: Option<fn() -> Options>,
+}
+
+impl MainConfig {
+    /// The defaults: multi-thread runtime, default options.
+    pub const fn new() -> Self {
+        MainConfig {
+            flavor: Flavor::MultiThread,
+            worker_threads: None,
+            upgrade_timeout: None,
+            drain_timeout: None,
+            pid_file: None,
+            options: None,
+        }
+    }
+
+    fn build_options(&self) -> Options {
+        let mut opts = self.options.map_or_else(Options::default, |f| f());
+        if let Some(t) = self.upgrade_timeout {
+            opts.upgrade_timeout = t;
+        }
+        if let Some(t) = self.drain_timeout {
+            opts.drain_timeout = t;
+        }
+        if let Some(p) = self.pid_file {
+            opts.pid_file = Some(p.into());
+        }
+        opts
+    }
+}
+
+impl Default for MainConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Installs a `tracing` subscriber writing to stderr if the program has
+/// none, so that a newcomer sees tableflip's log lines. `RUST_LOG` filters.
+fn default_subscriber() {
+    if tracing::dispatcher::has_been_set() {
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter)
+        .try_init();
+}
+
+/// Runs a service: what `#[tableflip::main]` expands to. Not public API.
+///
+/// Steps, in order: runtime, upgrader, declared listeners, signals, init,
+/// readiness, wait for the exit, drain.
+#[doc(hidden)]
+pub fn run<F, Fut, E>(config: MainConfig, init: F) -> ExitCode
+where
+    F: FnOnce(Context) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Debug,
+{
+    default_subscriber();
+    let opts = config.build_options();
+    let drain_timeout = opts.drain_timeout;
+    // The upgrader takes the handover and edits the environment: before
+    // the runtime starts any thread.
+    let upgrader = match Upgrader::new(opts) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut builder = match config.flavor {
+        Flavor::MultiThread => tokio::runtime::Builder::new_multi_thread(),
+        Flavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+    };
+    if let Some(n) = config.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the tokio runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        pid = std::process::id(),
+        generation = upgrader.generation(),
+        parent_pid = upgrader.parent_pid(),
+        "starting"
+    );
+    let cx = Context::new(upgrader.clone());
+    let outcome = runtime.block_on(async {
+        // Signals first: SIGHUP's default action would kill the process.
+        let signals = Signals::install()?;
+        if let Err(e) = crate::declare::open_all(upgrader.fds()) {
+            tracing::error!(error = %e, "cannot open the declared listeners");
+            return Err(());
+        }
+        Ok(signals)
+    });
+    let Ok(signals) = outcome else {
+        upgrader.stop();
+        return ExitCode::FAILURE;
+    };
+    let started = Instant::now();
+    let init_result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(init(cx.clone()))
+    }));
+    match init_result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = ?e, "initialisation failed; exiting (a parent generation keeps serving)");
+            return ExitCode::FAILURE;
+        }
+        Err(_) => {
+            tracing::error!("initialisation panicked; exiting (a parent generation keeps serving)");
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Err(e) = upgrader.ready() {
+        tracing::error!(error = %e, "cannot signal readiness; exiting (a parent generation keeps serving)");
+        return ExitCode::FAILURE;
+    }
+    tracing::debug!(
+        init_ms = started.elapsed().as_millis() as u64,
+        "initialised"
+    );
+    runtime.block_on(lifecycle(upgrader, cx, signals, drain_timeout))
+}
+
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, ()> {
+        let make = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|e| tracing::error!(error = %e, "cannot handle {name}"))
+        };
+        Ok(Signals {
+            hup: make(SignalKind::hangup(), "SIGHUP")?,
+            term: make(SignalKind::terminate(), "SIGTERM")?,
+            int: make(SignalKind::interrupt(), "SIGINT")?,
+        })
+    }
+}
+
+async fn lifecycle(
+    upgrader: Upgrader,
+    cx: Context,
+    mut signals: Signals,
+    drain_timeout: Duration,
+) -> ExitCode {
+    let exit = upgrader.exit();
+    tokio::pin!(exit);
+    loop {
+        tokio::select! {
+            _ = signals.hup.recv() => spawn_upgrade(&upgrader),
+            _ = signals.term.recv() => { tracing::info!("SIGTERM: stopping"); upgrader.stop(); }
+            _ = signals.int.recv() => { tracing::info!("SIGINT: stopping"); upgrader.stop(); }
+            () = &mut exit => break,
+        }
+    }
+    tracing::info!(tasks = cx.tasks(), timeout = ?drain_timeout, "draining");
+    let started = Instant::now();
+    let drain = cx.drain(drain_timeout);
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            abandoned = &mut drain => {
+                if abandoned == 0 {
+                    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained; exiting");
+                } else {
+                    tracing::warn!(abandoned, "drain timeout passed; exiting with tasks still running");
+                }
+                return ExitCode::SUCCESS;
+            }
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = signals.hup.recv() => tracing::info!("SIGHUP ignored: this process is draining"),
+        }
+    }
+    tracing::warn!("second stop signal: exiting at once");
+    ExitCode::from(130)
+}
+
+fn spawn_upgrade(upgrader: &Upgrader) {
+    let upgrader = upgrader.clone();
+    tokio::spawn(async move {
+        tracing::info!("SIGHUP: upgrading");
+        // The upgrader logs the outcome (child PID and duration, or error).
+        let _ = upgrader.upgrade().await;
+    });
+}
