@@ -14,8 +14,11 @@
 //! 3. Crashing during initialisation is OK.
 //! 4. Only a single upgrade is ever run in parallel.
 //!
-//! The runtime API is [`Upgrader`]; see its documentation for a complete
-//! service. [`testing`] has a stub for unit tests.
+//! Most services use the two attribute macros: [`#[tableflip::main]`](macro@main)
+//! on `async fn main(cx: Context)` and [`#[listener]`](macro@listener) on
+//! `static NAME: TcpListener;` declarations. Underneath is the runtime API,
+//! [`Upgrader`], usable on its own (see its documentation for a complete
+//! service). [`testing`] has a stub for unit tests.
 //!
 //! # How the handover works
 //!
@@ -66,7 +69,208 @@ pub use upgrader::Upgrader;
 /// Re-exported so that socket-setup hooks can name its types.
 pub use socket2;
 
-pub use tableflip_macros::{listener, main};
+/// Turns `async fn main(cx: Context) -> Result<(), E>` into a service that
+/// upgrades itself on `SIGHUP` without refusing a connection.
+///
+/// ```no_run
+/// use tableflip::{Context, listener};
+/// use tokio::net::TcpListener;
+///
+/// /// Public HTTP endpoint, handed from each generation to the next.
+/// #[listener("tcp", "127.0.0.1:8080", env = "HTTP_ADDR")]
+/// static HTTP: TcpListener;
+///
+/// #[tableflip::main(drain_timeout = "30s")]
+/// async fn main(cx: Context) -> std::io::Result<()> {
+///     let listener = HTTP.take()?; // inherited from the old process, or bound now
+///     let draining = cx.draining();
+///     cx.spawn(async move {
+///         tokio::select! {
+///             () = draining => {} // stop accepting; `listener` is dropped
+///             () = async {
+///                 while let Ok((_conn, _peer)) = listener.accept().await {
+///                     // serve the connection …
+///                 }
+///             } => {}
+///         }
+///     });
+///     Ok(()) // init done: readiness is signalled here
+/// }
+/// ```
+///
+/// # What the generated program does
+///
+/// 1. builds the tokio runtime (`flavor`, `worker_threads`);
+/// 2. creates the [`Upgrader`], taking whatever a parent generation handed
+///    on;
+/// 3. opens every [`#[listener]`](macro@listener): inherited by name, or
+///    bound (a name inherited with another address than configured now is
+///    bound afresh; the old socket closes at readiness). A failure is
+///    reported, naming the listener and address, before any user code runs;
+/// 4. handles signals: `SIGHUP` upgrades (the outcome is logged with the
+///    child's PID and duration, or the error); `SIGTERM`/`SIGINT` stop
+///    gracefully, and a second one exits at once (status 130);
+/// 5. runs the function's body (the init function) with a [`Context`];
+/// 6. when it returns `Ok`: readiness ([`Upgrader::ready`]: unclaimed
+///    inherited sockets closed, PID file written, parent told). When it
+///    returns `Err` or panics: the error is logged and the process exits
+///    with status 1, so a parent generation keeps serving;
+/// 7. waits until it must exit: a successful upgrade, or a stop;
+/// 8. drains: [`Context::draining`] resolves, the tasks started with
+///    [`Context::spawn`] get up to `drain_timeout` to finish (the number
+///    abandoned is logged), then the process exits 0.
+///
+/// Logs go through `tracing`; if the program installs no subscriber, one
+/// writing to stderr is installed (filtered by `RUST_LOG`, default `info`).
+///
+/// # The function
+///
+/// `async`, not generic, taking one [`Context`] or nothing, returning
+/// `Result<(), E>` with `E: Debug` (`std::io::Error`, `anyhow::Error`,
+/// `Box<dyn Error + Send + Sync>`…) or `()`.
+///
+/// # Options
+///
+/// | option | meaning | example |
+/// |---|---|---|
+/// | `upgrade_timeout` | how long a new generation may take to be ready (default 60 s) | `upgrade_timeout = "10s"` |
+/// | `drain_timeout` | how long the drain waits for spawned tasks (default 30 s) | `drain_timeout = "500ms"` |
+/// | `pid_file` | the PID file, replaced atomically at readiness | `pid_file = "/run/svc.pid"` |
+/// | `flavor` | `"multi_thread"` (default) or `"current_thread"` | `flavor = "current_thread"` |
+/// | `worker_threads` | worker threads of the multi-thread runtime | `worker_threads = 4` |
+/// | `options` | a `fn() -> Options` computing the options at run time (from CLI flags, a config file…); the options written in the attribute override its fields | `options = config::options` |
+/// | `crate` | the path to this crate, when renamed | `crate = "tf"` |
+///
+/// Durations are written `"500ms"`, `"30s"`, `"2m"`, `"1h"` and checked at
+/// compile time, as is every option.
+///
+/// ```no_run
+/// fn options() -> tableflip::Options {
+///     tableflip::Options {
+///         pid_file: std::env::var_os("PID_FILE").map(Into::into),
+///         ..tableflip::Options::default()
+///     }
+/// }
+///
+/// #[tableflip::main(options = options, upgrade_timeout = "10s", flavor = "current_thread")]
+/// async fn main() {}
+/// ```
+///
+/// # Equivalent code without the macro
+///
+/// ```no_run
+/// use tableflip::{Context, Options, Upgrader};
+/// use tokio::signal::unix::{SignalKind, signal};
+///
+/// fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let upg = Upgrader::new(Options::default())?; // before any thread starts
+///     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+///     rt.block_on(async {
+///         let mut hup = signal(SignalKind::hangup())?;
+///         let mut term = signal(SignalKind::terminate())?;
+///         let cx = Context::new(upg.clone());
+///         let listener: tokio::net::TcpListener = upg.listen("tcp", "127.0.0.1:8080")?;
+///         // … the init function: start serving on `listener` with cx.spawn …
+///         # drop(listener);
+///         upg.ready()?;
+///         let exit = upg.exit();
+///         tokio::pin!(exit);
+///         loop {
+///             tokio::select! {
+///                 _ = hup.recv() => { let _ = upg.upgrade().await; }
+///                 _ = term.recv() => upg.stop(),
+///                 () = &mut exit => break,
+///             }
+///         }
+///         cx.drain(std::time::Duration::from_secs(30)).await;
+///         Ok(())
+///     })
+/// }
+/// ```
+pub use tableflip_macros::main;
+
+/// Declares a listening socket on `static NAME: T;`, handed from each
+/// generation to the next under the name `NAME`.
+///
+/// ```no_run
+/// use tableflip::listener;
+///
+/// #[listener("tcp", "0.0.0.0:443", env = "HTTPS_ADDR", backlog = 4096)]
+/// static HTTPS: tokio::net::TcpListener;
+///
+/// #[listener("udp6", "[::1]:5353")]
+/// static DNS: tokio::net::UdpSocket;
+///
+/// #[listener("unix", "/run/svc/admin.sock", mode = 0o660)]
+/// static ADMIN: tokio::net::UnixListener;
+///
+/// #[listener("unixgram", "@svc-metrics")] // Linux abstract address
+/// static METRICS: std::os::unix::net::UnixDatagram;
+///
+/// #[tableflip::main]
+/// async fn main() -> std::io::Result<()> {
+///     let https = HTTPS.take()?;
+///     # drop(https);
+///     Ok(())
+/// }
+/// ```
+///
+/// The socket is opened by [`#[tableflip::main]`](macro@main) at startup,
+/// before the init function runs (a bind failure is reported then, naming
+/// the listener and address). [`DeclaredListener::take`] hands it to the
+/// program, once; [`DeclaredListener::name`] and
+/// [`DeclaredListener::address`] tell what it is.
+///
+/// # Networks and types
+///
+/// | network | address | types |
+/// |---|---|---|
+/// | `tcp`, `tcp4`, `tcp6` | `host:port`, `[v6]:port`, `:port` | `TcpListener` (tokio or std) |
+/// | `udp`, `udp4`, `udp6` | as tcp | `UdpSocket` (tokio or std) |
+/// | `unix` | a path, or `@name` (Linux abstract) | `UnixListener` (tokio or std) |
+/// | `unixgram` | as unix | `UnixDatagram` (tokio or std) |
+/// | `unixpacket` (Linux) | as unix | [`socket2::Socket`] |
+///
+/// `socket2::Socket` serves every network. Port 0 binds any free port, and
+/// the next generation inherits the same port.
+///
+/// # Options
+///
+/// | option | meaning |
+/// |---|---|
+/// | `env = "VAR"` | the address can be overridden at startup from `$VAR` |
+/// | `backlog = N` | the `listen(2)` backlog of a fresh socket (default 1024) |
+/// | `mode = 0o660` | the permissions of a fresh Unix socket file |
+/// | `crate = "path"` | the path to this crate, when renamed |
+///
+/// # Compile-time checks
+///
+/// An unknown network (with a suggestion), an address that cannot be valid
+/// for the network (no port, a port over 65535, an empty address, a path on
+/// an IP network, an IPv6 address without brackets, an address of the wrong
+/// IP version), a type that cannot serve the network, `static mut`, a
+/// missing type, an initializer, generics, an item other than a static, and
+/// unknown, duplicate or mistyped options are compile errors, spanned on the
+/// offending token.
+///
+/// # Listeners declared in a library
+///
+/// Declarations are collected with `inventory`. The linker drops those of
+/// a library crate that the binary never references: if a library declares
+/// listeners, write `use that_library as _;` in the binary. Two listeners
+/// with the same name make the program fail at startup with a clear error.
+///
+/// # Equivalent code without the macro
+///
+/// ```no_run
+/// # fn main() -> Result<(), tableflip::Error> {
+/// # let upgrader = tableflip::Upgrader::new(tableflip::Options::default())?;
+/// let addr = std::env::var("HTTPS_ADDR").unwrap_or_else(|_| "0.0.0.0:443".into());
+/// let spec = tableflip::ListenSpec::new("HTTPS", "tcp", addr).backlog(4096);
+/// let https: std::net::TcpListener = upgrader.listen_with(&spec)?;
+/// # drop(https); Ok(()) }
+/// ```
+pub use tableflip_macros::listener;
 
 /// Not public API: used by the code `#[tableflip::main]` and
 /// `#[tableflip::listener]` generate. Anything here may change in any
