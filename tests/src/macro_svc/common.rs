@@ -1,0 +1,151 @@
+//! The behaviour shared by the macro-based test services (`macro_svc`,
+//! `macro_svc_moved`): they differ only in their listener declarations.
+//!
+//! Environment: `TF_CTL` (control directory; its `init` file says what the
+//! init function does: `ok`, `err`, `panic`, `hang`, `exit N`),
+//! `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`, `MS_DRAIN_MS` (read by
+//! [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout.
+//!
+//! Protocol on the TCP and Unix listeners: the client sends one line,
+//! `GET` or `SLOW <ms>`, and gets `pid <N>\n` (after `<ms>` for SLOW).
+//! UDP: any datagram is answered with `pid <N>`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tableflip::{Context, DeclaredListener};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+pub(crate) fn event(kind: &str, fields: &str) {
+    let line = format!("EVENT {} {kind} {fields}\n", std::process::id());
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+}
+
+/// `Options` computed at run time, as `#[tableflip::main(options = …)]`
+/// allows.
+pub(crate) fn options() -> tableflip::Options {
+    let ms = |var: &str| std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok());
+    let mut opts = tableflip::Options::default();
+    opts.pid_file = std::env::var_os("MS_PID_FILE").map(PathBuf::from);
+    if let Some(ms) = ms("MS_UPGRADE_TIMEOUT_MS") {
+        opts.upgrade_timeout = Duration::from_millis(ms);
+    }
+    if let Some(ms) = ms("MS_DRAIN_MS") {
+        opts.drain_timeout = Duration::from_millis(ms);
+    }
+    opts
+}
+
+fn reply() -> String {
+    format!("pid {}\n", std::process::id())
+}
+
+async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: S) {
+    let mut stream = BufReader::new(stream);
+    let mut line = String::new();
+    if stream.read_line(&mut line).await.is_err() {
+        return;
+    }
+    if let Some(ms) = line
+        .trim()
+        .strip_prefix("SLOW ")
+        .and_then(|m| m.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let _ = stream.get_mut().write_all(reply().as_bytes()).await;
+    let _ = stream.get_mut().shutdown().await;
+}
+
+/// The init function: take every listener, serve, then do what `init`
+/// says.
+pub(crate) async fn init(
+    cx: Context,
+    tcp: &'static DeclaredListener<tokio::net::TcpListener>,
+    udp: &'static DeclaredListener<tokio::net::UdpSocket>,
+    unix: &'static DeclaredListener<tokio::net::UnixListener>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let upg = cx.upgrader();
+    event(
+        "start",
+        &format!("gen={} has_parent={}", upg.generation(), upg.has_parent()),
+    );
+    let tcp_l = tcp.take()?;
+    event(
+        "listening",
+        &format!("name={} addr={}", tcp.name(), tcp_l.local_addr()?),
+    );
+    let udp_s = udp.take()?;
+    event(
+        "listening",
+        &format!("name={} addr={}", udp.name(), udp_s.local_addr()?),
+    );
+    let unix_l = unix.take()?;
+    event(
+        "listening",
+        &format!("name={} addr={}", unix.name(), unix.address()),
+    );
+    if let Err(e) = tcp.take() {
+        event("second-take", &format!("msg={:?}", e.to_string()));
+    }
+
+    let (c, d) = (cx.clone(), cx.draining());
+    cx.spawn(async move {
+        tokio::select! {
+            () = d => {}
+            () = async {
+                while let Ok((s, _)) = tcp_l.accept().await {
+                    c.spawn(answer(s));
+                }
+            } => {}
+        }
+    });
+    let (c, d) = (cx.clone(), cx.draining());
+    cx.spawn(async move {
+        tokio::select! {
+            () = d => {}
+            () = async {
+                while let Ok((s, _)) = unix_l.accept().await {
+                    c.spawn(answer(s));
+                }
+            } => {}
+        }
+    });
+    let d = cx.draining();
+    cx.spawn(async move {
+        let mut buf = [0u8; 1500];
+        tokio::select! {
+            () = d => {}
+            () = async {
+                while let Ok((_, from)) = udp_s.recv_from(&mut buf).await {
+                    let _ = udp_s.send_to(reply().as_bytes(), from).await;
+                }
+            } => {}
+        }
+    });
+
+    let what = std::env::var_os("TF_CTL")
+        .and_then(|d| std::fs::read_to_string(PathBuf::from(d).join("init")).ok())
+        .unwrap_or_default();
+    match what.trim() {
+        "" | "ok" => {}
+        "err" => return Err("init failed on purpose".into()),
+        "panic" => panic!("init panicked on purpose"),
+        "hang" => {
+            event("hanging", "");
+            std::future::pending::<()>().await;
+        }
+        other => {
+            let code = other
+                .strip_prefix("exit ")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(1);
+            std::process::exit(code);
+        }
+    }
+    event("init-done", "");
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! Services built with `#[tableflip::main]` and `#[listener]`, driven with
+//! real signals: the generated lifecycle, end to end.
+
+use std::io::{Read, Write};
+use std::process::Command;
+
+use nix::sys::signal::Signal;
+use tableflip_tests::*;
+
+const SVC: &str = env!("CARGO_BIN_EXE_macro_svc");
+const MOVED: &str = env!("CARGO_BIN_EXE_macro_svc_moved");
+const DUP: &str = env!("CARGO_BIN_EXE_macro_dup");
+
+/// A running macro service and where its sockets are.
+struct Macro {
+    svc: Service,
+    tcp: String,
+    udp: String,
+    unix: String,
+    pid_file: std::path::PathBuf,
+}
+
+fn start(exe: &str, ctl: &Scratch, extra: &[(&str, &str)]) -> Macro {
+    let unix = ctl.path().join("u.sock").display().to_string();
+    let pid_file = ctl.path().join("svc.pid");
+    let mut cmd = Command::new(exe);
+    cmd.env("TF_CTL", ctl.path())
+        .env("MS_UNIX", &unix)
+        .env("MS_PID_FILE", &pid_file)
+        .env("RUST_LOG", "info");
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let mut svc = Service::spawn(cmd);
+    let pid = svc.first_pid();
+    let tcp = svc
+        .wait_for("TCP listening", |e| e.pid == pid && e.get("name") == "TCP")
+        .get("addr")
+        .to_owned();
+    let udp = svc
+        .wait_for("UDP listening", |e| e.pid == pid && e.get("name") == "UDP")
+        .get("addr")
+        .to_owned();
+    svc.wait_kind("init-done", Some(pid));
+    wait_for_pid_file(&pid_file, pid);
+    Macro {
+        svc,
+        tcp,
+        udp,
+        unix,
+        pid_file,
+    }
+}
+
+fn read_pid_file(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Readiness is observable as the PID file naming the process.
+fn wait_for_pid_file(path: &std::path::Path, pid: u32) {
+    wait_until(&format!("the pid file names {pid}"), || {
+        read_pid_file(path) == Some(pid)
+    });
+}
+
+/// Sends SIGHUP to `old` and returns the PID of the generation that
+/// becomes ready (named by the PID file), after `old` has exited.
+fn upgrade(m: &mut Macro, old: u32) -> u32 {
+    signal(old, Signal::SIGHUP);
+    let start = m.svc.wait_for("the next generation's start", |e| {
+        e.kind == "start" && e.pid != old && e.get("has_parent") == "true"
+    });
+    let new = start.pid;
+    m.svc.wait_kind("init-done", Some(new));
+    wait_for_pid_file(&m.pid_file, new);
+    new
+}
+
+fn exit_old(m: &mut Macro, old: u32, first: bool) {
+    if first {
+        assert!(
+            m.svc.wait_first().success(),
+            "the old generation exits 0 after its drain"
+        );
+    } else {
+        wait_gone(old);
+    }
+}
+
+#[test]
+fn sighup_hands_tcp_udp_and_unix_to_a_new_pid() {
+    let _serial = serial();
+    let ctl = Scratch::new("m-basic");
+    let mut m = start(SVC, &ctl, &[]);
+    let first = m.svc.first_pid();
+    let second_take = m.svc.wait_kind("second-take", Some(first));
+    assert!(
+        second_take.get("msg").contains("TCP"),
+        "a second take() names the listener: {second_take:?}"
+    );
+    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), first);
+    assert_eq!(reply_pid(&udp_get(&m.udp).expect("udp")), first);
+    assert_eq!(reply_pid(&unix_get_line(&m.unix, "GET")), first);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&m.unix)
+            .expect("socket file")
+            .permissions(),
+    );
+    assert_eq!(
+        mode & 0o777,
+        0o660,
+        "mode = 0o660 applies to the socket file"
+    );
+
+    let second = upgrade(&mut m, first);
+    exit_old(&mut m, first, true);
+    let ev = m
+        .svc
+        .wait_for("gen 2 TCP", |e| e.pid == second && e.get("name") == "TCP");
+    assert_eq!(ev.get("addr"), m.tcp, "the same TCP socket (port 0 kept)");
+    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), second);
+    assert_eq!(reply_pid(&udp_get(&m.udp).expect("udp")), second);
+    assert_eq!(reply_pid(&unix_get_line(&m.unix, "GET")), second);
+
+    let third = upgrade(&mut m, second);
+    exit_old(&mut m, second, false);
+    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), third);
+
+    signal(third, Signal::SIGTERM);
+    m.svc.wait_all_exited();
+    wait_gone(third);
+    assert!(
+        !m.unix.is_empty() && !std::path::Path::new(&m.unix).exists(),
+        "a real stop removes the Unix socket file"
+    );
+}
+
+fn tcp_get_line(addr: &str, line: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    writeln!(s, "{line}").expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+fn unix_get_line(path: &str, line: &str) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    writeln!(s, "{line}").expect("send");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+/// A failed init in the new generation (error, panic, exit) leaves the
+/// old one serving; a later upgrade succeeds.
+#[test]
+fn failed_init_keeps_the_parent_serving() {
+    let _serial = serial();
+    let ctl = Scratch::new("m-fail");
+    let mut m = start(SVC, &ctl, &[]);
+    let first = m.svc.first_pid();
+    for how in ["err", "panic", "exit 7"] {
+        ctl.write("init", how);
+        signal(first, Signal::SIGHUP);
+        let child = m
+            .svc
+            .wait_for("a child start", |e| e.kind == "start" && e.pid != first)
+            .pid;
+        wait_gone(child);
+        assert_eq!(
+            reply_pid(&tcp_get_line(&m.tcp, "GET")),
+            first,
+            "after init {how}"
+        );
+        assert_eq!(read_pid_file(&m.pid_file), Some(first), "after init {how}");
+    }
+    ctl.write("init", "ok");
+    let second = upgrade(&mut m, first);
+    exit_old(&mut m, first, true);
+    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), second);
+}
+
+/// A new generation that hangs in init is killed at `upgrade_timeout` and
+/// reaped; the old one keeps serving.
+#[test]
+fn hanging_init_is_killed_at_the_upgrade_timeout() {
+    let _serial = serial();
+    let ctl = Scratch::new("m-hang");
+    let mut m = start(SVC, &ctl, &[("MS_UPGRADE_TIMEOUT_MS", "300")]);
+    let first = m.svc.first_pid();
+    ctl.write("init", "hang");
+    signal(first, Signal::SIGHUP);
+    let child = m.svc.wait_kind("hanging", None).pid;
+    assert_ne!(child, first);
+    m.svc.wait_kind("start", Some(child));
+    wait_gone(child);
+    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), first);
+    ctl.write("init", "ok");
+    let second = upgrade(&mut m, first);
+    assert_ne!(second, child);
+}
+
+/// `env = "VAR"` overrides the declared address at startup.
+#[test]
+fn env_overrides_the_address() {
+    let _serial = serial();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let ctl = Scratch::new("m-env");
+    let wanted = format!("127.0.0.1:{port}");
+    let m = start(SVC, &ctl, &[("MS_TCP", &wanted)]);
+    assert_eq!(m.tcp, wanted);
+    assert_eq!(reply_pid(&tcp_get_line(&wanted, "GET")), m.svc.first_pid());
+}
+
+/// A new build that moved a listener to another address binds the new one;
+/// the inherited socket of that name is closed at readiness.
+#[test]
+fn a_moved_address_is_bound_afresh_and_the_old_one_closed() {
+    let _serial = serial();
+    let ctl = Scratch::new("m-moved");
+    let exe = ctl.path().join("svc-bin");
+    std::fs::copy(SVC, &exe).expect("copy the service binary");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let moved = format!("127.0.0.1:{port}");
+    let mut m = start(
+        exe.to_str().expect("utf-8 path"),
+        &ctl,
+        &[("MS_TCP_MOVED", &moved)],
+    );
+    let first = m.svc.first_pid();
+    let old_addr = m.tcp.clone();
+    // Deploy the new build: replace the binary on disk atomically.
+    let staged = ctl.path().join("svc-bin.new");
+    std::fs::copy(MOVED, &staged).expect("stage the new build");
+    std::fs::rename(&staged, &exe).expect("replace the binary");
+    let second = upgrade(&mut m, first);
+    let ev = m
+        .svc
+        .wait_for("gen 2 TCP", |e| e.pid == second && e.get("name") == "TCP");
+    assert_eq!(ev.get("addr"), moved);
+    exit_old(&mut m, first, true);
+    assert_eq!(reply_pid(&tcp_get_line(&moved, "GET")), second);
+    let refused = std::net::TcpStream::connect(&old_addr);
+    assert!(
+        refused.is_err(),
+        "the old address is closed once both generations dropped it"
+    );
+}
+
+/// Two listeners with one name: a clear error at startup, exit status 1.
+#[test]
+fn duplicate_listener_names_fail_at_startup() {
+    let _serial = serial();
+    let out = Command::new(DUP)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run macro_dup");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("HTTP") && stderr.contains("declared twice"),
+        "stderr: {stderr}"
+    );
+}
+
+/// A request in flight when the upgrade starts completes (from the old
+/// generation); the drain timeout cuts one that takes too long.
+#[test]
+fn in_flight_requests_complete_and_drain_timeout_is_enforced() {
+    let _serial = serial();
+    let ctl = Scratch::new("m-drain");
+    let mut m = start(SVC, &ctl, &[("MS_DRAIN_MS", "1500")]);
+    let first = m.svc.first_pid();
+    let addr = m.tcp.clone();
+    let short = std::thread::spawn({
+        let addr = addr.clone();
+        move || tcp_get_line(&addr, "SLOW 700")
+    });
+    let long = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        writeln!(s, "SLOW 600000").expect("send");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    // Both requests must have reached the first generation before the
+    // upgrade: wait until it holds two established connections.
+    wait_until("two requests in flight", || established_to(&m.tcp) >= 2);
+    let second = upgrade(&mut m, first);
+    assert_ne!(second, first);
+    assert_eq!(
+        reply_pid(&short.join().expect("short request")),
+        first,
+        "in-flight request completed"
+    );
+    assert!(
+        m.svc.wait_first().success(),
+        "the old generation exits 0 after the drain timeout"
+    );
+    let cut = long.join().expect("long request");
+    assert_eq!(
+        cut, "",
+        "the request longer than drain_timeout was abandoned"
+    );
+}
+
+/// Connections to `addr` in ESTABLISHED state, from /proc/net/tcp.
+fn established_to(addr: &str) -> usize {
+    let port = addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .unwrap_or(0);
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 3
+                && cols[3] == "01"
+                && cols[1]
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                    == Some(port)
+        })
+        .count()
+}
