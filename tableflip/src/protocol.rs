@@ -28,6 +28,13 @@
 //!             {"name":"log","kind":"file","fd":6}]}
 //! ```
 //!
+//! The child checks every fd while only borrowing it, and takes ownership
+//! only once the whole handover is valid. An fd named by the handover must
+//! be open and not close-on-exec (any fd that survived `exec` is not; every
+//! fd the child opened itself is), the parent fd must be a pipe's read end
+//! and the ready fd a pipe's write end, and each entry's fd must be the kind
+//! of socket (or file) its `kind` and `network` say.
+//!
 //! Compatibility rules: fields are only ever added, each optional with a
 //! default, and unknown fields are ignored, so any two builds that speak
 //! version 1 can upgrade to each other in both directions (a roll-back
@@ -37,9 +44,10 @@
 
 use std::ffi::OsString;
 use std::io::Read;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::sys::stat::{SFlag, fstat};
 use serde::{Deserialize, Serialize};
 
@@ -144,23 +152,72 @@ fn parse_env(value: &str) -> Result<(RawFd, RawFd)> {
 }
 
 fn check_version(version: u32) -> Result<()> {
-    if version == 0 || version > VERSION {
+    if version == 0 {
+        return Err(Error::handover(
+            "protocol version 0 does not exist (versions start at 1)",
+        ));
+    }
+    if version > VERSION {
+        let speaks = if VERSION == 1 {
+            "version 1".to_owned()
+        } else {
+            format!("versions 1 to {VERSION}")
+        };
         return Err(Error::handover(format!(
-            "protocol version {version} is not supported by this build (it speaks versions 1 to {VERSION}); \
-             the parent was built with an incompatible tableflip"
+            "protocol version {version} is newer than this build understands \
+             (this build speaks {speaks}); the parent was built with a newer tableflip"
         )));
     }
     Ok(())
 }
 
-/// Checks that `fd` is open and is a pipe, and borrows it.
-fn borrow_pipe(fd: RawFd, what: &str) -> Result<BorrowedFd<'static>> {
-    let borrowed = sys::borrow_inherited(fd)
-        .map_err(|e| Error::handover(format!("the {what} fd {fd} is not open: {e}")))?;
+/// Borrows `fd`, a number the parent says it handed on, after checking that
+/// it is open and really came across `exec`.
+///
+/// An fd that survived `exec` has `FD_CLOEXEC` clear (or it would have been
+/// closed), and nothing in this process touched it before the handover is
+/// read; every fd this process opened itself (its runtime's, the standard
+/// library's) is close-on-exec. So a close-on-exec fd is not the parent's to
+/// hand on: taking it would close it under its real owner.
+fn borrow_handed_on(fd: RawFd) -> Result<BorrowedFd<'static>, String> {
+    if fd < 0 {
+        return Err(format!("fd {fd} is not a valid fd number"));
+    }
+    let borrowed = sys::borrow_inherited(fd).map_err(|e| format!("fd {fd} is not open ({e})"))?;
+    let flags = fcntl(borrowed, FcntlArg::F_GETFD)
+        .map_err(|e| format!("cannot read the flags of fd {fd}: {e}"))?;
+    if FdFlag::from_bits_retain(flags).contains(FdFlag::FD_CLOEXEC) {
+        return Err(format!(
+            "fd {fd} was not inherited: it is close-on-exec, so this process opened it itself"
+        ));
+    }
+    Ok(borrowed)
+}
+
+/// Checks that `fd` is an inherited pipe end of the right direction
+/// (`readable`: the read end), and borrows it.
+fn borrow_pipe(fd: RawFd, what: &str, readable: bool) -> Result<BorrowedFd<'static>> {
+    // `e` starts with `fd <n>`.
+    let borrowed = borrow_handed_on(fd).map_err(|e| Error::handover(format!("the {what} {e}")))?;
     let st = fstat(borrowed)
         .map_err(|e| Error::handover(format!("cannot fstat the {what} fd {fd}: {e}")))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
         return Err(Error::handover(format!("the {what} fd {fd} is not a pipe")));
+    }
+    let mode = fcntl(borrowed, FcntlArg::F_GETFL)
+        .map(|f| OFlag::from_bits_retain(f) & OFlag::O_ACCMODE)
+        .map_err(|e| {
+            Error::handover(format!("cannot read the flags of the {what} fd {fd}: {e}"))
+        })?;
+    let (wrong, end, expected) = if readable {
+        (OFlag::O_WRONLY, "write", "read")
+    } else {
+        (OFlag::O_RDONLY, "read", "write")
+    };
+    if mode == wrong {
+        return Err(Error::handover(format!(
+            "the {what} fd {fd} is the {end} end of a pipe, expected the {expected} end"
+        )));
     }
     Ok(borrowed)
 }
@@ -181,8 +238,8 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
         .into_string()
         .map_err(|v: OsString| Error::handover(format!("{ENV_HANDOVER}={v:?} is not UTF-8")))?;
     let (parent_fd, ready_fd) = parse_env(&value)?;
-    let parent = borrow_pipe(parent_fd, "parent")?;
-    borrow_pipe(ready_fd, "ready")?;
+    let parent = borrow_pipe(parent_fd, "parent", true)?;
+    borrow_pipe(ready_fd, "ready", false)?;
     let raw = read_metadata(parent)?;
     let meta: Metadata = serde_json::from_slice(&raw)
         .map_err(|e| Error::handover(format!("the metadata is not valid: {e}")))?;
@@ -237,7 +294,12 @@ fn read_metadata(pipe: BorrowedFd<'_>) -> Result<Vec<u8>> {
                 )));
             }
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(Error::handover(format!("cannot poll the parent fd: {e}"))),
+            Err(e) => {
+                return Err(Error::handover(format!(
+                    "cannot poll the parent fd {}: {e}",
+                    pipe.as_raw_fd()
+                )));
+            }
         }
         if !fds[0].any().unwrap_or(false) {
             continue;
@@ -246,7 +308,12 @@ fn read_metadata(pipe: BorrowedFd<'_>) -> Result<Vec<u8>> {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(Error::handover(format!("cannot read the metadata: {e}"))),
+            Err(e) => {
+                return Err(Error::handover(format!(
+                    "cannot read the metadata from the parent fd {}: {e}",
+                    pipe.as_raw_fd()
+                )));
+            }
         };
         if n == 0 {
             return Err(Error::handover(match expected {
@@ -336,6 +403,9 @@ fn check_entries(
                 e.name
             )));
         }
+        if e.fd < 0 {
+            return Err(bad(format!("fd {} is not a valid fd number", e.fd)));
+        }
         if e.fd <= 2 {
             return Err(bad(format!(
                 "fd {} is a standard stream, not a handed-on fd",
@@ -363,8 +433,7 @@ fn check_entries(
         if matches!(e.kind, Kind::Listener | Kind::Packet) && e.address.is_none() {
             return Err(bad("the entry names no address".to_owned()));
         }
-        let fd = sys::borrow_inherited(e.fd)
-            .map_err(|err| bad(format!("fd {} is not open ({err})", e.fd)))?;
+        let fd = borrow_handed_on(e.fd).map_err(bad)?;
         socket::check_fd(fd, e.kind, network).map_err(|r| bad(format!("fd {}: {r}", e.fd)))?;
         out.push((e.clone(), network));
     }

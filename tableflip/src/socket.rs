@@ -186,6 +186,14 @@ pub(crate) fn check_fd(
     let Some(network) = network else {
         return Err("its entry names no network".to_owned());
     };
+    // The entry must make sense on its own before the socket is compared
+    // with it.
+    if kind == Kind::Listener && !network.is_stream() {
+        return Err(format!("a {network} socket cannot be a listener"));
+    }
+    if kind == Kind::Packet && network.is_stream() {
+        return Err(format!("a {network} socket cannot be a packet socket"));
+    }
     let sock = socket2::SockRef::from(&fd);
     let ty = sock
         .r#type()
@@ -212,12 +220,6 @@ pub(crate) fn check_fd(
             }
             _ => {}
         }
-    }
-    if kind == Kind::Listener && !network.is_stream() {
-        return Err(format!("a {network} socket cannot be a listener"));
-    }
-    if kind == Kind::Packet && network.is_stream() {
-        return Err(format!("a {network} socket cannot be a packet socket"));
     }
     if !network.is_unix() {
         let v6 = match sock.local_addr() {

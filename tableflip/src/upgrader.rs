@@ -704,6 +704,9 @@ fn watch_parent(pipe: OwnedFd, parent_pid: u32, exited: CancellationToken) -> Re
                     Err(_) => break,
                 }
             }
+            // Closed before anyone is told: once `wait_for_parent` resolves,
+            // no protocol fd is left open.
+            drop(pipe);
             tracing::info!(parent_pid, "the parent process has exited");
             exited.cancel();
         })

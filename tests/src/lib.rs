@@ -87,6 +87,14 @@ impl Event {
         self.fields.get(key).map_or("", String::as_str)
     }
 
+    /// A numeric field (a PID, a count); panics naming the event if it is
+    /// missing or not a number.
+    pub fn num<T: std::str::FromStr>(&self, key: &str) -> T {
+        self.get(key)
+            .parse()
+            .unwrap_or_else(|_| panic!("no numeric field {key:?} in {:?}", self.line))
+    }
+
     fn parse(line: &str) -> Option<Event> {
         let rest = line.strip_prefix("EVENT ")?;
         let (pid, rest) = rest.split_once(' ')?;
@@ -143,6 +151,12 @@ pub struct Service {
 impl Service {
     /// Starts `exe` (the `svc` binary) with `TF_CTL=ctl` and `envs`.
     pub fn start(exe: &str, ctl: &Scratch, envs: &[(&str, &str)]) -> Service {
+        Self::spawn(Self::command(exe, ctl, envs))
+    }
+
+    /// The command [`start`](Self::start) runs, to adjust (working
+    /// directory…) before [`spawn`](Self::spawn).
+    pub fn command(exe: &str, ctl: &Scratch, envs: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new(exe);
         cmd.env("TF_CTL", ctl.path())
             .env("RUST_LOG", "debug")
@@ -152,7 +166,7 @@ impl Service {
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        Self::spawn(cmd)
+        cmd
     }
 
     /// Starts a prepared command whose stdout carries events.
@@ -161,6 +175,10 @@ impl Service {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        SPAWNED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(child.id());
         let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
         let (tx, rx) = channel();
         std::thread::spawn(move || {
@@ -275,11 +293,72 @@ impl Service {
         let deadline = Instant::now() + DEADLINE;
         loop {
             match self.child.try_wait() {
-                Ok(Some(status)) => return status,
+                Ok(Some(status)) => {
+                    forget_spawned(self.child.id());
+                    return status;
+                }
                 Ok(None) if Instant::now() < deadline => wait_a_little(),
                 other => panic!("first generation did not exit: {other:?}"),
             }
         }
+    }
+
+    /// Stops the service through its current generation `pid` (`SIGTERM`),
+    /// then waits until every process it ever had is gone: exited, and
+    /// reaped (orphans by this process, see [`adopt_orphans`]).
+    pub fn stop(&mut self, pid: u32) {
+        signal(pid, Signal::SIGTERM);
+        self.wait_kind("exit", Some(pid));
+        self.wait_all_exited();
+        self.wait_first();
+        for pid in self.pids() {
+            wait_gone(pid);
+        }
+    }
+
+    /// Sends `SIGHUP` to `pid` and returns the PID of the new generation
+    /// from its `upgrade-ok` (failing at once on an `upgrade-err`).
+    pub fn upgrade(&mut self, pid: u32) -> u32 {
+        signal(pid, Signal::SIGHUP);
+        let what = format!("the outcome of the upgrade of {pid}");
+        let ev = self.wait_for(&what, |e| {
+            e.pid == pid && (e.kind == "upgrade-ok" || e.kind == "upgrade-err")
+        });
+        assert_eq!(
+            ev.kind, "upgrade-ok",
+            "upgrade of {pid} failed: {}",
+            ev.line
+        );
+        ev.num("child")
+    }
+
+    /// Sends `SIGHUP` to `pid` and returns its `upgrade-err` (failing at
+    /// once on an `upgrade-ok`).
+    pub fn upgrade_err(&mut self, pid: u32) -> Event {
+        signal(pid, Signal::SIGHUP);
+        self.wait_upgrade_err(pid)
+    }
+
+    /// Waits for the outcome of an upgrade `pid` runs, which must be an
+    /// `upgrade-err`.
+    pub fn wait_upgrade_err(&mut self, pid: u32) -> Event {
+        let what = format!("the outcome of the upgrade of {pid}");
+        let ev = self.wait_for(&what, |e| {
+            e.pid == pid && (e.kind == "upgrade-ok" || e.kind == "upgrade-err")
+        });
+        assert_eq!(
+            ev.kind, "upgrade-err",
+            "the upgrade of {pid} should have failed: {}",
+            ev.line
+        );
+        ev
+    }
+
+    /// The position in [`history`](Self::history) of the first event that
+    /// matches (events of all generations arrive through one pipe, so this
+    /// orders events of different processes too).
+    pub fn position(&self, pred: impl Fn(&Event) -> bool) -> Option<usize> {
+        self.history.iter().position(pred)
     }
 
     /// Every PID that printed an event.
@@ -301,7 +380,30 @@ impl Drop for Service {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        forget_spawned(self.child.id());
+        if ADOPTING.load(std::sync::atomic::Ordering::SeqCst) {
+            // Reap what this process adopted, so that a failed test leaves
+            // no zombie to be counted by the next one's `stray_children`.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let pids = self.pids();
+            while Instant::now() < deadline {
+                pids.iter().for_each(|pid| reap_adopted(*pid));
+                if pids.iter().all(|pid| proc_state(*pid).is_none()) {
+                    break;
+                }
+                wait_a_little();
+            }
+        }
     }
+}
+
+/// `pid`, started by [`Service::spawn`], has been reaped: its number may be
+/// reused by any process from now on.
+fn forget_spawned(pid: u32) {
+    SPAWNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .retain(|p| *p != pid);
 }
 
 fn pid_of(pid: u32) -> Pid {
@@ -321,15 +423,100 @@ pub fn proc_state(pid: u32) -> Option<char> {
     after.trim_start().chars().next()
 }
 
+/// Whether `pid` has begun to exit (the kernel's `PF_EXITING` flag, set
+/// before the process's fds are closed), is a zombie, or is gone. A process
+/// whose fds have been closed by its exit is always in one of these states,
+/// though not necessarily a zombie yet.
+pub fn exiting_or_gone(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let Some((_, after)) = stat.rsplit_once(')') else {
+        return true;
+    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("");
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    state == "Z" || state == "X" || flags & PF_EXITING != 0
+}
+
 /// Whether `pid` exists and is not a zombie.
 pub fn is_alive(pid: u32) -> bool {
     matches!(proc_state(pid), Some(s) if s != 'Z')
 }
 
-/// Waits until `pid` is gone entirely (exited and reaped: no zombie).
+/// The PIDs of the processes [`Service::spawn`] started (direct children,
+/// reaped through their `std::process::Child`, never by [`wait_gone`]).
+static SPAWNED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Whether [`adopt_orphans`] was called in this test binary.
+static ADOPTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes this test process the reaper of its orphaned descendants (Linux
+/// `PR_SET_CHILD_SUBREAPER`): an old generation whose parent has exited is
+/// adopted by the test rather than by PID 1, whose reaping is slow in some
+/// sandboxes and absent in containers without an init. [`wait_gone`] then
+/// reaps such an orphan itself, and [`stray_children`] sees every leftover
+/// descendant.
+///
+/// Process-wide: call it in every test of a test binary, or in none.
+pub fn adopt_orphans() {
+    nix::sys::prctl::set_child_subreaper(true)
+        .unwrap_or_else(|e| panic!("cannot become a child subreaper: {e}"));
+    ADOPTING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The parent PID of `pid`, from `/proc/<pid>/stat`.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Processes (other than those [`Service::spawn`] started and not yet
+/// reaped) whose parent is this test process: with [`adopt_orphans`],
+/// every descendant left behind by a service ends up here.
+pub fn stray_children() -> Vec<u32> {
+    let me = std::process::id();
+    let spawned = SPAWNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| parent_of(*pid) == Some(me) && !spawned.contains(pid))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Reaps `pid` if it is a zombie this process adopted (see
+/// [`adopt_orphans`]).
+fn reap_adopted(pid: u32) {
+    if !ADOPTING.load(std::sync::atomic::Ordering::SeqCst)
+        || proc_state(pid) != Some('Z')
+        || parent_of(pid) != Some(std::process::id())
+        || SPAWNED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&pid)
+    {
+        return;
+    }
+    let _ = nix::sys::wait::waitpid(pid_of(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+}
+
+/// Waits until `pid` is gone entirely (exited and reaped: no zombie). An
+/// orphan this process adopted (see [`adopt_orphans`]) is reaped here.
 pub fn wait_gone(pid: u32) {
     let deadline = Instant::now() + DEADLINE;
-    while proc_state(pid).is_some() {
+    loop {
+        reap_adopted(pid);
+        if proc_state(pid).is_none() {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
             "process {pid} still exists (state {:?}) after {DEADLINE:?}",
@@ -418,4 +605,56 @@ pub fn reply_pid(reply: &str) -> u32 {
 pub fn send_line(w: &mut impl Write, content: &str) -> std::io::Result<()> {
     w.write_all(content.as_bytes())?;
     w.flush()
+}
+
+/// Connects to a Linux abstract Unix stream socket (`@name` without the
+/// `@`), reads its whole reply.
+pub fn abstract_get(name: &str) -> std::io::Result<String> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    let mut s = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Connects a `SOCK_SEQPACKET` socket to the Unix path (succeeds while a
+/// socket listens there, accepted or not).
+pub fn seqpacket_connect(path: &str) -> std::io::Result<()> {
+    use tableflip::socket2::{Domain, SockAddr, Socket, Type};
+    let s = Socket::new(Domain::UNIX, Type::SEQPACKET, None)?;
+    s.connect(&SockAddr::unix(path)?)
+}
+
+/// Whether connecting to `addr` is refused (nobody listens there any more).
+pub fn tcp_refused(addr: &str) -> bool {
+    matches!(
+        std::net::TcpStream::connect(addr),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// An executable copy of `exe` at `dest` (written under a temporary name,
+/// then renamed over `dest`, so a running process's binary is replaced, not
+/// modified), with `extra` bytes appended: an ELF file with trailing bytes
+/// still runs, and its size tells the copies apart.
+pub fn install_exe(exe: &str, dest: &Path, extra: usize) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bytes = std::fs::read(exe).unwrap_or_else(|e| panic!("cannot read {exe}: {e}"));
+    bytes.extend(std::iter::repeat_n(0u8, extra));
+    let tmp = dest.with_extension("tmp");
+    std::fs::write(&tmp, &bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", tmp.display()));
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, dest)
+        .unwrap_or_else(|e| panic!("cannot rename over {}: {e}", dest.display()));
+}
+
+/// The size of a file, in bytes.
+pub fn file_size(path: impl AsRef<Path>) -> u64 {
+    let path = path.as_ref();
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("cannot stat {}: {e}", path.display()))
+        .len()
 }

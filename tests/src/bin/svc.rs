@@ -6,12 +6,34 @@
 //! - `TF_CTL`: the control directory (required);
 //! - `TF_UPGRADE_TIMEOUT_MS`: `Options::upgrade_timeout`;
 //! - `TF_PID_FILE`: `Options::pid_file`.
+//! - `TF_NEW_TWICE`: call `Upgrader::new` a second time (event `new-twice`);
+//! - `TF_FDS_ON_ERROR`: when `Upgrader::new` fails, list the fds still open
+//!   (event `error-fds`).
 //!
 //! Control files, read by each generation when it starts:
 //! - `listen`: lines `NAME NETWORK ADDRESS`: sockets to open;
 //! - `init`: `ok` (default), `exit N`, `panic`, `hang`, `sigkill`, `abort`:
-//!   what happens after the sockets are opened, instead of `ready()`;
-//! - `actions`: lines run in order before `ready()` (see `run_action`).
+//!   what happens after the sockets are opened, instead of `ready()`; or
+//!   `block`: event `blocked`, then wait until the file `unblock` exists,
+//!   event `unblocked`, then `ready()`;
+//! - `actions`: lines run in order before `ready()` (see `run_action`):
+//!   `add-file NAME PATH`, `take-file NAME`, `add-conn NAME ADDR`,
+//!   `take-conn-close NAME`, `take-conn-keep NAME`, `chdir DIR`,
+//!   `probe-child`, `upgrade-now`, `wait-parent`;
+//! - `linger` (read when the generation's `exit()` resolves): if it exists,
+//!   event `lingering`, then stay alive until the file `release` exists.
+//!
+//! Signal handlers are installed before anything is printed: `SIGHUP`
+//! upgrades (each upgrade in its own task, so concurrent ones can be seen),
+//! `SIGTERM` stops, `SIGUSR1` prints `stats`.
+//!
+//! Main events: `start gen= has_parent= parent=`, `listening name= network=
+//! addr= nonblock= cloexec= ino=` (`ino`: the socket's inode, the same in
+//! every process sharing it), `ready fds= rss_kb= exe_size=`, `upgrade-ok
+//! child=`, `upgrade-err kind= msg= [child=]`, `stopping`, `lingering`,
+//! `exit`; `parent-exited` (action `wait-parent`); `stats fds= rss_kb=
+//! fd_list=` on `SIGUSR1` (`fd_list`: `fd:target:flags,…`; the fd count
+//! includes the one used to list them).
 //!
 //! Every event is one line: `EVENT <pid> <kind> [key=value…]`.
 //!
@@ -62,6 +84,31 @@ fn error_kind(e: &Error) -> &'static str {
     }
 }
 
+/// Prints `upgrade-ok child=<pid>`, or `upgrade-err kind=… msg=…` with
+/// `child=<pid>` when the error names the child process.
+fn report_upgrade(result: Result<u32, Error>) {
+    match result {
+        Ok(pid) => event("upgrade-ok", &format!("child={pid}")),
+        Err(e) => {
+            let child = match &e {
+                Error::ChildExited { pid, .. }
+                | Error::ChildKilled { pid, .. }
+                | Error::Timeout { pid, .. } => format!(" child={pid}"),
+                Error::UpgradeInProgress { child_pid } => format!(" child={child_pid}"),
+                _ => String::new(),
+            };
+            event(
+                "upgrade-err",
+                &format!(
+                    "kind={} msg={}{child}",
+                    error_kind(&e),
+                    quote(&e.to_string())
+                ),
+            );
+        }
+    }
+}
+
 fn quote(s: &str) -> String {
     format!("{:?}", s)
 }
@@ -80,6 +127,29 @@ fn open_fds() -> Vec<i32> {
         .unwrap_or_default();
     fds.sort_unstable();
     fds
+}
+
+/// `fd:target:flags,…` for every open fd (`flags` as in
+/// `/proc/self/fdinfo`, octal; the listing's own fd shows an empty target:
+/// it is closed by the time targets are read).
+fn fd_list() -> String {
+    open_fds()
+        .into_iter()
+        .map(|fd| {
+            let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let flags = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+                .ok()
+                .and_then(|info| {
+                    let line = info.lines().find(|l| l.starts_with("flags:"))?;
+                    Some(line.trim_start_matches("flags:").trim().to_owned())
+                })
+                .unwrap_or_default();
+            format!("{fd}:{target}:{flags}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn rss_kb() -> u64 {
@@ -119,6 +189,19 @@ fn nonblocking(fd: impl AsFd) -> bool {
         .unwrap_or(false)
 }
 
+/// `nonblock=… cloexec=… ino=…` of an fd: its flags, and the inode of the
+/// open file (for a socket, the kernel socket: the same number in two
+/// processes proves they share one socket).
+fn fd_info(fd: impl AsFd) -> String {
+    let fd = fd.as_fd();
+    let ino = nix::sys::stat::fstat(fd).map(|s| s.st_ino).unwrap_or(0);
+    format!(
+        "nonblock={} cloexec={} ino={ino}",
+        nonblocking(fd),
+        cloexec(fd)
+    )
+}
+
 fn cloexec(fd: impl AsFd) -> bool {
     nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)
         .map(|f| nix::fcntl::FdFlag::from_bits_retain(f).contains(nix::fcntl::FdFlag::FD_CLOEXEC))
@@ -149,11 +232,7 @@ async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
                 let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
                 event(
                     "listening",
-                    &format!(
-                        "name={name} network={network} addr={addr} nonblock={} cloexec={}",
-                        nonblocking(&l),
-                        cloexec(&l)
-                    ),
+                    &format!("name={name} network={network} addr={addr} {}", fd_info(&l)),
                 );
                 let exit = upg.exit();
                 tokio::spawn(async move {
@@ -168,9 +247,8 @@ async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
                 event(
                     "listening",
                     &format!(
-                        "name={name} network={network} addr={address} nonblock={} cloexec={}",
-                        nonblocking(&l),
-                        cloexec(&l)
+                        "name={name} network={network} addr={address} {}",
+                        fd_info(&l)
                     ),
                 );
                 let exit = upg.exit();
@@ -186,11 +264,7 @@ async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
                 let addr = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
                 event(
                     "listening",
-                    &format!(
-                        "name={name} network={network} addr={addr} nonblock={} cloexec={}",
-                        nonblocking(&s),
-                        cloexec(&s)
-                    ),
+                    &format!("name={name} network={network} addr={addr} {}", fd_info(&s)),
                 );
                 let exit = upg.exit();
                 tokio::spawn(async move {
@@ -205,9 +279,8 @@ async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
                 event(
                     "listening",
                     &format!(
-                        "name={name} network={network} addr={address} nonblock={} cloexec={}",
-                        nonblocking(&s),
-                        cloexec(&s)
+                        "name={name} network={network} addr={address} {}",
+                        fd_info(&s)
                     ),
                 );
                 let exit = upg.exit();
@@ -223,9 +296,8 @@ async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
                 event(
                     "listening",
                     &format!(
-                        "name={name} network={network} addr={address} nonblock={} cloexec={}",
-                        nonblocking(&s),
-                        cloexec(&s)
+                        "name={name} network={network} addr={address} {}",
+                        fd_info(&s)
                     ),
                 );
                 std::mem::forget(s);
@@ -296,10 +368,7 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
         ["take-file", name] => match upg.fds().file::<std::fs::File>(name) {
             Ok(Some(mut f)) => {
                 let _ = writeln!(*f, "written by {}", std::process::id());
-                event(
-                    "took-file",
-                    &format!("name={name} nonblock={}", nonblocking(&*f)),
-                );
+                event("took-file", &format!("name={name} {}", fd_info(&*f)));
             }
             Ok(None) => event("took-file", &format!("name={name} missing=true")),
             Err(e) => event(
@@ -331,11 +400,12 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
         // peer must see EOF (it really closes).
         ["take-conn-close", name] => match upg.fds().conn::<std::net::TcpStream>(name) {
             Ok(Some(mut c)) => {
-                let nb = nonblocking(&*c);
+                // The fd as inherited, before this test service changes it.
+                let info = fd_info(&*c);
                 let _ = c.set_nonblocking(false);
                 let _ = writeln!(*c, "hello from {}", std::process::id());
                 drop(c);
-                event("closed-conn", &format!("name={name} nonblock={nb}"));
+                event("closed-conn", &format!("name={name} {info}"));
             }
             Ok(None) => event("closed-conn", &format!("name={name} missing=true")),
             Err(e) => event(
@@ -350,9 +420,10 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
         // Takes the inherited connection and keeps it (handed on again).
         ["take-conn-keep", name] => match upg.fds().conn::<std::net::TcpStream>(name) {
             Ok(Some(mut c)) => {
+                let info = fd_info(&*c);
                 let _ = c.set_nonblocking(false);
                 let _ = writeln!(*c, "kept by {}", std::process::id());
-                event("kept-conn", &format!("name={name}"));
+                event("kept-conn", &format!("name={name} {info}"));
                 held.conns.push(c);
             }
             Ok(None) => event("kept-conn", &format!("name={name} missing=true")),
@@ -363,6 +434,16 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
                     error_kind(&e),
                     quote(&e.to_string())
                 ),
+            ),
+        },
+        // Changes the working directory (after `Upgrader::new` recorded the
+        // initial one): a relative PID file must still land in the initial
+        // one, and the next generation must still start there.
+        ["chdir", dir] => match std::env::set_current_dir(dir) {
+            Ok(()) => event("chdir", &format!("dir={}", quote(dir))),
+            Err(e) => event(
+                "action-err",
+                &format!("action=chdir msg={}", quote(&e.to_string())),
             ),
         },
         ["probe-child"] => {
@@ -382,13 +463,7 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
                 ),
             }
         }
-        ["upgrade-now"] => match upg.upgrade().await {
-            Ok(pid) => event("upgrade-ok", &format!("child={pid}")),
-            Err(e) => event(
-                "upgrade-err",
-                &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string())),
-            ),
-        },
+        ["upgrade-now"] => report_upgrade(upg.upgrade().await),
         ["wait-parent"] => {
             let u = upg.clone();
             tokio::spawn(async move {
@@ -400,18 +475,69 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
     }
 }
 
+/// Polls until the control file `name` exists (the test creates it when
+/// the service may go on).
+async fn wait_for_ctl_file(name: &str) {
+    while ctl(name).is_none() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn exe_size() -> u64 {
     std::fs::metadata("/proc/self/exe")
         .map(|m| m.len())
         .unwrap_or(0)
 }
 
-#[tokio::main]
-async fn main() {
+/// With `TF_FDS_ON_ERROR=1`, after `Upgrader::new` failed: prints the fds
+/// still open (`error-fds fds=3,4,…`), so a test can check that a rejected
+/// handover closed none of them.
+fn report_fds_on_error() {
+    if std::env::var_os("TF_FDS_ON_ERROR").is_some() {
+        let fds: Vec<String> = open_fds().iter().map(i32::to_string).collect();
+        event("error-fds", &format!("fds={}", fds.join(",")));
+    }
+}
+
+/// With `TF_NEW_TWICE=1`, after `Upgrader::new` succeeded: calls it again
+/// and prints the outcome (`new-twice kind=… msg=…`).
+fn new_twice() {
+    if std::env::var_os("TF_NEW_TWICE").is_some() {
+        match Upgrader::new(Options::default()) {
+            Ok(_) => event("new-twice", "kind=Ok"),
+            Err(e) => event(
+                "new-twice",
+                &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string())),
+            ),
+        }
+    }
+}
+
+fn main() {
+    // The probe runs before any runtime exists, so that the only fd it
+    // opens itself is the one listing `/proc/self/fd`.
     if std::env::args().nth(1).as_deref() == Some("--probe") {
         probe();
         return;
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot build the tokio runtime");
+    runtime.block_on(svc_main());
+}
+
+async fn svc_main() {
+    // Signal handlers first: a SIGHUP or SIGTERM that a test sends as soon
+    // as it sees an event must never meet the default (fatal) disposition.
+    let (Ok(mut hup), Ok(mut term), Ok(mut usr1)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::user_defined1()),
+    ) else {
+        event("error", "msg=\"cannot install signal handlers\"");
+        std::process::exit(2);
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -433,9 +559,11 @@ async fn main() {
                 "error",
                 &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string())),
             );
+            report_fds_on_error();
             std::process::exit(2);
         }
     };
+    new_twice();
     event(
         "start",
         &format!(
@@ -467,6 +595,11 @@ async fn main() {
             event("hanging", "");
             std::future::pending::<()>().await;
         }
+        "block" => {
+            event("blocked", "");
+            wait_for_ctl_file("unblock").await;
+            event("unblocked", "");
+        }
         "sigkill" => {
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
@@ -497,13 +630,6 @@ async fn main() {
         ),
     );
 
-    let (Ok(mut hup), Ok(mut term)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-    ) else {
-        event("error", "msg=\"cannot install signal handlers\"");
-        std::process::exit(2);
-    };
     let exit = upg.exit();
     tokio::pin!(exit);
     loop {
@@ -512,12 +638,15 @@ async fn main() {
                 // Each upgrade runs in its own task, so that a second SIGHUP
                 // during an upgrade shows the concurrent refusal.
                 let u = upg.clone();
-                tokio::spawn(async move {
-                    match u.upgrade().await {
-                        Ok(pid) => event("upgrade-ok", &format!("child={pid}")),
-                        Err(e) => event("upgrade-err", &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string()))),
-                    }
-                });
+                // Tracked: the drain waits for it, so an upgrade cancelled
+                // by a stop still reports before this process exits.
+                TRACKER.spawn(async move { report_upgrade(u.upgrade().await) });
+            }
+            _ = usr1.recv() => {
+                event(
+                    "stats",
+                    &format!("fds={} rss_kb={} fd_list={}", open_fds().len(), rss_kb(), fd_list()),
+                );
             }
             _ = term.recv() => {
                 event("stopping", "");
@@ -525,6 +654,12 @@ async fn main() {
             }
             () = &mut exit => break,
         }
+    }
+    if ctl("linger").is_some() {
+        // The old generation stays alive after its exit resolved, until the
+        // test allows it to go: its child sees a live parent meanwhile.
+        event("lingering", "");
+        wait_for_ctl_file("release").await;
     }
     drop(held);
     // Drain: the accept loops have stopped (exit resolved); finish replies.
