@@ -64,11 +64,15 @@ pub(crate) enum Value {
     Millis(u64),
 }
 
-/// Parses the options against `table`, collecting every error.
+/// Parses the options against `table`, collecting every error. `check`
+/// validates each well-typed value further (a range, a known name); an
+/// option that fails it is left out of the result. Errors come in the
+/// order the options are written.
 pub(crate) fn parse_opts(
     opts: impl IntoIterator<Item = Opt>,
     table: &[(&str, ValueKind)],
     errors: &mut Errors,
+    mut check: impl FnMut(&Opt, &Value) -> syn::Result<()>,
 ) -> Vec<(String, Value)> {
     let mut out: Vec<(String, Value)> = Vec::new();
     let mut seen: Vec<String> = Vec::new();
@@ -96,7 +100,7 @@ pub(crate) fn parse_opts(
             continue;
         }
         seen.push(key.clone());
-        match parse_value(&opt.value, *kind) {
+        match parse_value(&opt.value, *kind).and_then(|v| check(&opt, &v).map(|()| v)) {
             Ok(v) => out.push((key, v)),
             Err(e) => errors.push(e),
         }
@@ -225,7 +229,12 @@ pub(crate) fn crate_path(opts: &[(String, Value)], errors: &mut Errors) -> syn::
                     }
                     return p;
                 }
-                Err(_) => errors.push(syn::Error::new(*span, format!("`{s}` is not a path"))),
+                Err(_) => errors.push(syn::Error::new(
+                    *span,
+                    format!(
+                        "`{s}` is not a path; write the path to the crate, e.g. `crate = \"tf\"`"
+                    ),
+                )),
             }
         }
     }

@@ -44,6 +44,14 @@ impl Parse for Args {
         if input.is_empty() {
             return Ok(args);
         }
+        // `#[listener(tcp, …)]`: a bare word where the network goes.
+        if input.peek(Ident) && !input.peek2(Token![=]) {
+            let word: Ident = input.parse()?;
+            return Err(syn::Error::new(
+                word.span(),
+                format!("the network is a string literal: write `\"{word}\"`"),
+            ));
+        }
         if input.peek(LitStr) {
             args.network = Some(input.parse()?);
             if input.is_empty() {
@@ -71,6 +79,7 @@ struct Decl {
     static_token: Token![static],
     mutability: Option<Token![mut]>,
     ident: Ident,
+    colon: Option<Token![:]>,
     ty: Option<Type>,
     errors: Vec<syn::Error>,
 }
@@ -82,36 +91,28 @@ impl Parse for Decl {
         if !input.peek(Token![static]) {
             let what = describe_item(input);
             return Err(input.error(format!(
-                "#[listener] applies to a `static NAME: Type;` declaration, not to {what}"
+                "`#[listener]` applies to a `static NAME: Type;` declaration, not to {what}"
             )));
         }
         let static_token: Token![static] = input.parse()?;
         let mutability: Option<Token![mut]> = input.parse()?;
         let ident: Ident = input.parse()?;
         let mut errors = Vec::new();
+        // Generic parameters and a missing type reach the attribute only
+        // after rustc's parser has reported them ("static items may not
+        // have generic parameters", "missing type for `static` item"), so
+        // they are not reported twice here.
         if input.peek(Token![<]) {
-            let generics: syn::Generics = input.parse()?;
-            errors.push(syn::Error::new_spanned(
-                &generics,
-                "a #[listener] static cannot have generic parameters",
-            ));
+            input.parse::<syn::Generics>()?;
         }
-        let ty = if input.peek(Token![:]) {
-            input.parse::<Token![:]>()?;
+        let colon: Option<Token![:]> = input.parse()?;
+        let ty = if colon.is_some() {
             if input.peek(Token![;]) || input.peek(Token![=]) {
-                errors.push(syn::Error::new(
-                    ident.span(),
-                    format!("missing type for `{ident}`; write `static {ident}: TcpListener;`"),
-                ));
                 None
             } else {
                 Some(input.parse::<Type>()?)
             }
         } else {
-            errors.push(syn::Error::new(
-                ident.span(),
-                format!("missing type for `{ident}`; write `static {ident}: TcpListener;`"),
-            ));
             None
         };
         if input.peek(Token![=]) {
@@ -121,7 +122,7 @@ impl Parse for Decl {
             init.to_tokens(&mut tokens);
             errors.push(syn::Error::new_spanned(
                 tokens,
-                "a #[listener] static has no initializer: the socket is inherited or bound at startup; remove `= …`",
+                "a `#[listener]` static has no initializer: the socket is inherited or bound at startup; remove `= …`",
             ));
         }
         input.parse::<Token![;]>()?;
@@ -131,6 +132,7 @@ impl Parse for Decl {
             static_token,
             mutability,
             ident,
+            colon,
             ty,
             errors,
         })
@@ -155,6 +157,8 @@ fn describe_item(input: ParseStream<'_>) -> &'static str {
 
 /// Which networks a socket type (by the last segment of its path) serves,
 /// or `None` for a type the macro does not know (left to the trait bound).
+/// Connected sockets and files implement the runtime's `FromFd` too, but
+/// serve no listener.
 fn serves(ty: &Type) -> Option<(String, &'static [&'static str])> {
     let Type::Path(p) = ty else { return None };
     let last = p.path.segments.last()?.ident.to_string();
@@ -164,9 +168,21 @@ fn serves(ty: &Type) -> Option<(String, &'static [&'static str])> {
         "UnixListener" => &["unix"],
         "UnixDatagram" => &["unixgram"],
         "Socket" => NETWORKS,
+        "TcpStream" | "UnixStream" | "File" => &[],
         _ => return None,
     };
     Some((last, nets))
+}
+
+/// The type to declare for a listener on `network`.
+fn type_for(network: &str) -> &'static str {
+    match network {
+        "tcp" | "tcp4" | "tcp6" => "TcpListener",
+        "udp" | "udp4" | "udp6" => "UdpSocket",
+        "unix" => "UnixListener",
+        "unixgram" => "UnixDatagram",
+        _ => "socket2::Socket",
+    }
 }
 
 fn check_address(network: &str, address: &LitStr, errors: &mut Errors) {
@@ -254,113 +270,52 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
             return quote! { #err #item };
         }
     };
+    // Errors are reported in source order: the attribute's arguments left
+    // to right, then the declaration.
+    let (network, address, opts) = match args {
+        Some(a) => {
+            check_network_address(a.network.as_ref(), a.address.as_ref(), &mut errors);
+            let unix = a
+                .network
+                .as_ref()
+                .is_some_and(|n| n.value().starts_with("unix"));
+            let opts = args::parse_opts(a.opts, OPTIONS, &mut errors, |opt, value| {
+                check_value(opt, value, unix)
+            });
+            (a.network, a.address, opts)
+        }
+        None => (None, None, Vec::new()),
+    };
+    let krate = args::crate_path(&opts, &mut errors);
+    let mut env = quote!(::core::option::Option::None);
+    let mut backlog = quote!(::core::option::Option::None);
+    let mut mode = quote!(::core::option::Option::None);
+    for (key, value) in &opts {
+        // Checked by `check_value`: in range.
+        match (key.as_str(), value) {
+            ("env", Value::Str(s, _)) => env = quote!(::core::option::Option::Some(#s)),
+            ("backlog", Value::Int(n, _)) => {
+                let n = u32::try_from(*n).unwrap_or(u32::MAX);
+                backlog = quote!(::core::option::Option::Some(#n));
+            }
+            ("mode", Value::Int(n, _)) => {
+                let n = u32::try_from(*n).unwrap_or(0);
+                mode = quote!(::core::option::Option::Some(#n));
+            }
+            _ => {}
+        }
+    }
+    if let (Some(n), Some(ty)) = (&network, &decl.ty) {
+        check_type(&n.value(), ty, &mut errors);
+    }
     for e in &decl.errors {
         errors.push(e.clone());
     }
     if let Some(m) = &decl.mutability {
         errors.push(syn::Error::new(
-            m.span().join(decl.ident.span()).unwrap_or(m.span()),
-            "a #[listener] static cannot be `mut`; take the socket with `NAME.take()`",
+            m.span,
+            "a `#[listener]` static cannot be `mut`; take the socket with `NAME.take()`",
         ));
-    }
-    let parsed = args.is_some();
-    let (network, address, opts) = match args {
-        Some(a) => (
-            a.network,
-            a.address,
-            args::parse_opts(a.opts, OPTIONS, &mut errors),
-        ),
-        None => (None, None, Vec::new()),
-    };
-    let krate = args::crate_path(&opts, &mut errors);
-
-    let call_site = Span::call_site();
-    if parsed {
-        match &network {
-            None => errors.push(syn::Error::new(
-                call_site,
-                "missing network and address; write `#[listener(\"tcp\", \"127.0.0.1:8080\")]`",
-            )),
-            Some(n) if !NETWORKS.contains(&n.value().as_str()) => {
-                let hint = args::closest(&n.value(), NETWORKS.iter().copied())
-                    .map(|c| format!("; did you mean `{c}`?"))
-                    .unwrap_or_default();
-                let list: Vec<String> = NETWORKS.iter().map(|n| format!("`{n}`")).collect();
-                errors.push(syn::Error::new(
-                    n.span(),
-                    format!(
-                        "unknown network `{}`; expected one of {}{hint}",
-                        n.value(),
-                        list.join(", ")
-                    ),
-                ));
-            }
-            Some(n) => match &address {
-                None => errors.push(syn::Error::new(
-                    n.span(),
-                    format!(
-                        "missing address after the network; write `#[listener(\"{}\", \"…\")]`",
-                        n.value()
-                    ),
-                )),
-                Some(a) => check_address(&n.value(), a, &mut errors),
-            },
-        }
-    }
-    if let (Some(n), Some(ty)) = (&network, &decl.ty) {
-        if let Some((type_name, nets)) = serves(ty) {
-            let net = n.value();
-            if NETWORKS.contains(&net.as_str()) && !nets.contains(&net.as_str()) {
-                let list: Vec<String> = nets.iter().map(|n| format!("`{n}`")).collect();
-                errors.push(syn::Error::new_spanned(
-                    ty,
-                    format!(
-                        "a `{net}` socket cannot be used as `{type_name}`; `{type_name}` serves {}",
-                        list.join(", ")
-                    ),
-                ));
-            }
-        }
-    }
-    let mut env = quote!(::core::option::Option::None);
-    let mut backlog = quote!(::core::option::Option::None);
-    let mut mode = quote!(::core::option::Option::None);
-    for (key, value) in &opts {
-        match (key.as_str(), value) {
-            ("env", Value::Str(s, span)) => {
-                if s.is_empty() || s.contains('=') || s.contains('\0') {
-                    errors.push(syn::Error::new(
-                        *span,
-                        format!("`{s}` is not a valid environment variable name"),
-                    ));
-                }
-                env = quote!(::core::option::Option::Some(#s));
-            }
-            ("backlog", Value::Int(n, span)) => match u32::try_from(*n) {
-                Ok(n) if n > 0 => backlog = quote!(::core::option::Option::Some(#n)),
-                _ => errors.push(syn::Error::new(
-                    *span,
-                    "backlog must be from 1 to 4294967295",
-                )),
-            },
-            ("mode", Value::Int(n, span)) => {
-                if !network
-                    .as_ref()
-                    .is_some_and(|n| n.value().starts_with("unix"))
-                {
-                    errors.push(syn::Error::new(*span, "`mode` sets the permissions of a Unix socket file; it needs a `unix*` network"));
-                } else if *n > 0o7777 {
-                    errors.push(syn::Error::new(
-                        *span,
-                        format!("mode {n:#o} is not a permission mode; write e.g. `0o660`"),
-                    ));
-                } else {
-                    let n = *n as u32;
-                    mode = quote!(::core::option::Option::Some(#n));
-                }
-            }
-            _ => {}
-        }
     }
 
     let Decl {
@@ -368,29 +323,162 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         vis,
         static_token,
         ident,
+        colon,
         ty,
         ..
     } = &decl;
-    let Some(ty) = ty else {
-        let err = errors.take().map(|e| e.to_compile_error());
-        return quote! { #err };
-    };
     let error = errors.take().map(|e| e.to_compile_error());
+    let Some(ty) = ty else {
+        // rustc's parser has noted the missing type, and completes its
+        // error with the type it infers from this initializer: "provide a
+        // type for the static variable: `: TcpListener`". The user's `:`,
+        // if any, is kept so that both name the same spot. Uses of the
+        // static raise no further error.
+        let suggested = match network.as_ref().map(LitStr::value).as_deref() {
+            Some("udp" | "udp4" | "udp6") => quote!(::std::net::UdpSocket),
+            Some("unix") => quote!(::std::os::unix::net::UnixListener),
+            Some("unixgram") => quote!(::std::os::unix::net::UnixDatagram),
+            Some("unixpacket") => quote!(#krate::socket2::Socket),
+            _ => quote!(::std::net::TcpListener),
+        };
+        return quote! {
+            #error
+            #(#attrs)*
+            #[allow(unreachable_code, unused_variables)]
+            #vis #static_token #ident #colon = {
+                let socket: #suggested = ::core::unreachable!();
+                socket
+            };
+        };
+    };
     let name = ident.to_string();
-    let net = network
-        .map(|n| n.value())
-        .unwrap_or_else(|| "tcp".to_owned());
+    let net = network.map_or_else(|| "tcp".to_owned(), |n| n.value());
     let addr = address.map(|a| a.value()).unwrap_or_default();
     let type_name = ty.to_token_stream().to_string().replace(' ', "");
+    // Spanned on the type, so that a type that is no socket type is
+    // reported there.
     let span = ty.span();
     let declared = quote_spanned! {span=> #krate::DeclaredListener<#ty> };
+    let new = quote_spanned! {span=>
+        #krate::DeclaredListener::<#ty>::__new(#name, #net, #addr, #env, #backlog, #mode, #type_name)
+    };
+    let decl_fn = quote_spanned! {span=> || #ident.__decl() };
     quote! {
         #error
         #(#attrs)*
-        #vis #static_token #ident: #declared =
-            #krate::DeclaredListener::<#ty>::__new(#name, #net, #addr, #env, #backlog, #mode, #type_name);
+        #vis #static_token #ident: #declared = #new;
         #krate::__private::inventory::submit! {
-            #krate::__private::Registration { decl: || #ident.__decl() }
+            #krate::__private::Registration { decl: #decl_fn }
         }
     }
+}
+
+/// Checks one option's value beyond its type; `unix`: whether the network
+/// is a Unix one.
+fn check_value(opt: &args::Opt, value: &Value, unix: bool) -> syn::Result<()> {
+    match (opt.key.to_string().as_str(), value) {
+        ("env", Value::Str(s, span)) if s.is_empty() || s.contains('=') || s.contains('\0') => {
+            Err(syn::Error::new(
+                *span,
+                format!("`{s}` is not a valid environment variable name"),
+            ))
+        }
+        ("backlog", Value::Int(n, span)) if *n == 0 || u32::try_from(*n).is_err() => Err(
+            syn::Error::new(*span, "`backlog` must be from 1 to 4294967295"),
+        ),
+        ("mode", Value::Int(_, span)) if !unix => Err(syn::Error::new(
+            *span,
+            "`mode` sets the permissions of a Unix socket file; it needs a `unix*` network",
+        )),
+        ("mode", Value::Int(n, span)) if !written_in_octal(&opt.value) => {
+            // A decimal `660` is a common slip that would set other bits.
+            let digits = n.to_string();
+            let example = if digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+                digits
+            } else {
+                "660".to_owned()
+            };
+            Err(syn::Error::new(
+                *span,
+                format!("write the mode in octal, as `chmod` reads it: `0o{example}`"),
+            ))
+        }
+        ("mode", Value::Int(n, span)) if *n > 0o7777 => Err(syn::Error::new(
+            *span,
+            format!("mode {n:#o} is not a permission mode; write e.g. `0o660`"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether an integer literal is written in octal (`0o660`), or is 0.
+fn written_in_octal(expr: &syn::Expr) -> bool {
+    match expr {
+        syn::Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Int(i),
+            ..
+        }) => i.to_string().starts_with("0o") || i.base10_digits() == "0",
+        _ => true,
+    }
+}
+
+fn check_network_address(network: Option<&LitStr>, address: Option<&LitStr>, errors: &mut Errors) {
+    match network {
+        None => errors.push(syn::Error::new(
+            Span::call_site(),
+            "missing network and address; write `#[listener(\"tcp\", \"127.0.0.1:8080\")]`",
+        )),
+        Some(n) if !NETWORKS.contains(&n.value().as_str()) => {
+            let hint = args::closest(&n.value(), NETWORKS.iter().copied())
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            let list: Vec<String> = NETWORKS.iter().map(|n| format!("`{n}`")).collect();
+            errors.push(syn::Error::new(
+                n.span(),
+                format!(
+                    "unknown network `{}`; expected one of {}{hint}",
+                    n.value(),
+                    list.join(", ")
+                ),
+            ));
+        }
+        Some(n) => match address {
+            None => errors.push(syn::Error::new(
+                n.span(),
+                format!(
+                    "missing address after the network; write `#[listener(\"{}\", \"…\")]`",
+                    n.value()
+                ),
+            )),
+            Some(a) => check_address(&n.value(), a, errors),
+        },
+    }
+}
+
+/// A socket type that cannot serve `network` is an error on the type.
+fn check_type(network: &str, ty: &Type, errors: &mut Errors) {
+    let Some((type_name, nets)) = serves(ty) else {
+        return;
+    };
+    if !NETWORKS.contains(&network) || nets.contains(&network) {
+        return;
+    }
+    let right = type_for(network);
+    let msg = if nets.is_empty() {
+        let what = if type_name == "File" {
+            "a file"
+        } else {
+            "a connected socket"
+        };
+        format!(
+            "a `{network}` listener cannot be used as `{type_name}`, {what}; declare it as `{right}`"
+        )
+    } else {
+        let list: Vec<String> = nets.iter().map(|n| format!("`{n}`")).collect();
+        format!(
+            "a `{network}` socket cannot be used as `{type_name}`, which serves {}; declare it as `{right}`",
+            list.join(", ")
+        )
+    };
+    errors.push(syn::Error::new_spanned(ty, msg));
 }

@@ -22,26 +22,218 @@ const FLAVORS: &[&str] = &["multi_thread", "current_thread"];
 pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
     let opts = match syn::parse::Parser::parse2(OptList::parse_terminated, attr) {
-        Ok(list) => args::parse_opts(list, OPTIONS, &mut errors),
+        Ok(list) => args::parse_opts(list, OPTIONS, &mut errors, check_value),
         Err(e) => {
             errors.push(e);
             Vec::new()
         }
     };
-    let func = match syn::parse2::<ItemFn>(item.clone()) {
-        Ok(f) => f,
-        Err(e) => {
-            errors.push(syn::Error::new(
-                e.span(),
-                "#[tableflip::main] applies to `async fn main(cx: tableflip::Context) -> Result<(), E>`",
-            ));
-            let err = errors.take().map(|e| e.to_compile_error());
-            return quote! { #err #item };
-        }
+    let Ok(func) = syn::parse2::<ItemFn>(item.clone()) else {
+        errors.push(syn::Error::new(
+            item.clone().into_iter().next().map_or_else(Span::call_site, |t| t.span()),
+            "`#[tableflip::main]` applies to `async fn main(cx: tableflip::Context) -> Result<(), E>`",
+        ));
+        let err = errors.take().map(|e| e.to_compile_error());
+        // A `main` too, so that no "`main` function not found" follows.
+        return quote! {
+            #err
+            #item
+            #[allow(dead_code)]
+            fn main() {}
+        };
     };
     let krate = args::crate_path(&opts, &mut errors);
+    // Errors are reported in source order: the options, then the function.
+    let config = config(&opts, &krate, &mut errors);
+    let param = check_signature(&func.sig, &mut errors);
 
+    let attrs = &func.attrs;
+    let vis = &func.vis;
     let sig = &func.sig;
+    let ident = &sig.ident;
+    let body = &func.block;
+    if let Some(err) = errors.take() {
+        let err = err.to_compile_error();
+        // Still emit a plain function of that name, so that no second
+        // error (such as "`main` function not found") buries the first.
+        // It keeps the body, never called, so that what the body uses
+        // raises no "unused" warning, and its own mistakes still show.
+        let inputs = sig
+            .inputs
+            .iter()
+            .filter(|input| matches!(input, FnArg::Typed(_)));
+        let (generics, output) = (&sig.generics, &sig.output);
+        let where_clause = &generics.where_clause;
+        return quote! {
+            #err
+            #(#attrs)*
+            #vis fn #ident() {
+                #[allow(dead_code, unused_variables, clippy::all)]
+                async fn __tableflip_init #generics (#(#inputs),*) #output #where_clause #body
+            }
+        };
+    }
+
+    let (output, check) = match &sig.output {
+        ReturnType::Default => (quote!(), None),
+        ReturnType::Type(_, ty) if is_unit(ty) => (quote!(-> #ty), None),
+        ReturnType::Type(arrow, ty) => (quote!(#arrow #ty), Some(ty)),
+    };
+    let (param_decl, call) = match &param {
+        Some(p) => (quote!(#p), quote!(__tableflip_init(__cx))),
+        None => (
+            quote!(),
+            quote!({
+                let _ = __cx;
+                __tableflip_init()
+            }),
+        ),
+    };
+    let init_call = match check {
+        None => quote! {
+            async move {
+                #call.await;
+                ::core::result::Result::<(), ::core::convert::Infallible>::Ok(())
+            }
+        },
+        // Through a trait implemented for `Result<(), E: Debug>` only, so
+        // that another return type, or an error type without `Debug`, is
+        // one error, on that type, that says what to write. (The error is
+        // boxed so that `run`'s own `E: Debug` holds whatever `E` is.)
+        Some(ty) => quote_spanned! {ty.span()=>
+            async move { <#ty as __InitOutput<'_>>::into_result(#call.await) }
+        },
+    };
+    let output_trait = check.map(|_| {
+        quote! {
+            #[diagnostic::on_unimplemented(
+                message = "`#[tableflip::main]` function returns `{Self}`, not `()` or `Result<(), E>` with `E: Debug`",
+                label = "expected `()` or `Result<(), E>` with `E: Debug`"
+            )]
+            trait __InitOutput<'a> {
+                fn into_result(
+                    self,
+                ) -> ::core::result::Result<(), ::std::boxed::Box<dyn ::core::fmt::Debug + 'a>>;
+            }
+            impl<'a, E: ::core::fmt::Debug + 'a> __InitOutput<'a> for ::core::result::Result<(), E> {
+                fn into_result(
+                    self,
+                ) -> ::core::result::Result<(), ::std::boxed::Box<dyn ::core::fmt::Debug + 'a>> {
+                    self.map_err(|e| ::std::boxed::Box::new(e) as ::std::boxed::Box<dyn ::core::fmt::Debug + 'a>)
+                }
+            }
+        }
+    });
+    let span = Span::call_site();
+    quote_spanned! {span=>
+        #(#attrs)*
+        #vis fn #ident() -> ::std::process::ExitCode {
+            async fn __tableflip_init(#param_decl) #output #body
+            #output_trait
+            let mut __cfg = #krate::__private::MainConfig::new();
+            #(#config)*
+            #krate::__private::run(__cfg, |__cx: #krate::Context| #init_call)
+        }
+    }
+}
+
+/// Checks one option's value beyond its type.
+fn check_value(opt: &args::Opt, value: &Value) -> syn::Result<()> {
+    match (opt.key.to_string().as_str(), value) {
+        ("pid_file", Value::Str(s, span)) if s.is_empty() => {
+            Err(syn::Error::new(*span, "`pid_file` cannot be empty"))
+        }
+        ("flavor", Value::Str(s, span)) if !FLAVORS.contains(&s.as_str()) => {
+            let hint = flavor_hint(s)
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            Err(syn::Error::new(
+                *span,
+                format!("unknown flavor `{s}`; expected `multi_thread` or `current_thread`{hint}"),
+            ))
+        }
+        ("worker_threads", Value::Int(n, span)) if *n == 0 || usize::try_from(*n).is_err() => Err(
+            syn::Error::new(*span, "`worker_threads` must be at least 1"),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The statements that set up the `MainConfig` from the (checked) options.
+fn config(opts: &[(String, Value)], krate: &syn::Path, errors: &mut Errors) -> Vec<TokenStream> {
+    let mut config = Vec::new();
+    let mut flavor_current = false;
+    let mut worker_threads_span = None;
+    for (key, value) in opts {
+        match (key.as_str(), value) {
+            ("upgrade_timeout", Value::Millis(ms)) => config.push(quote! {
+                __cfg.upgrade_timeout = ::core::option::Option::Some(#krate::__private::millis(#ms));
+            }),
+            ("drain_timeout", Value::Millis(ms)) => config.push(quote! {
+                __cfg.drain_timeout = ::core::option::Option::Some(#krate::__private::millis(#ms));
+            }),
+            ("pid_file", Value::Str(s, _)) => {
+                config.push(quote! { __cfg.pid_file = ::core::option::Option::Some(#s); });
+            }
+            ("flavor", Value::Str(s, _)) if s == "current_thread" => {
+                flavor_current = true;
+                config.push(quote! { __cfg.flavor = #krate::__private::Flavor::CurrentThread; });
+            }
+            ("worker_threads", Value::Int(n, span)) => {
+                worker_threads_span = Some(*span);
+                let n = usize::try_from(*n).unwrap_or(1);
+                config.push(quote! {
+                    __cfg.worker_threads = ::core::option::Option::Some(#n);
+                });
+            }
+            // A coercion, not a cast: a function of another type is a
+            // "mismatched types" error on the path.
+            ("options", Value::Path(p)) => config.push(quote_spanned! {p.span()=>
+                let __options: fn() -> #krate::Options = #p;
+                __cfg.options = ::core::option::Option::Some(__options);
+            }),
+            _ => {}
+        }
+    }
+    if let (true, Some(span)) = (flavor_current, worker_threads_span) {
+        errors.push(syn::Error::new(
+            span,
+            "`worker_threads` cannot be set with `flavor = \"current_thread\"`, which runs on one thread",
+        ));
+    }
+    config
+}
+
+/// The closest flavor to a mistaken one: by spelling, or by meaning
+/// (`"single"`, `"multi"`).
+fn flavor_hint(flavor: &str) -> Option<&'static str> {
+    let lower = flavor.to_ascii_lowercase();
+    if let Some(c) = args::closest(&lower, FLAVORS.iter().copied()) {
+        return Some(c);
+    }
+    if ["single", "current", "local", "basic"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
+        Some("current_thread")
+    } else if ["multi", "thread", "pool"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
+        Some("multi_thread")
+    } else {
+        None
+    }
+}
+
+/// Checks the signature; returns the `Context` parameter, if any.
+fn check_signature(sig: &syn::Signature, errors: &mut Errors) -> Option<syn::PatType> {
+    if let Some(c) = &sig.constness {
+        errors.push(syn::Error::new(
+            c.span,
+            "`#[tableflip::main]` function cannot be `const`",
+        ));
+    }
     if sig.asyncness.is_none() {
         errors.push(syn::Error::new(
             sig.fn_token.span,
@@ -51,19 +243,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
         errors.push(syn::Error::new_spanned(
             &sig.generics,
-            "#[tableflip::main] cannot be used on a generic function",
-        ));
-    }
-    if let Some(c) = &sig.constness {
-        errors.push(syn::Error::new(
-            c.span,
-            "#[tableflip::main] function cannot be `const`",
-        ));
-    }
-    if let Some(v) = &sig.variadic {
-        errors.push(syn::Error::new_spanned(
-            v,
-            "#[tableflip::main] function cannot be variadic",
+            "`#[tableflip::main]` cannot be used on a generic function",
         ));
     }
     let mut param = None;
@@ -71,7 +251,7 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         match input {
             FnArg::Receiver(r) => errors.push(syn::Error::new_spanned(
                 r,
-                "#[tableflip::main] function cannot take `self`",
+                "`#[tableflip::main]` function cannot take `self`",
             )),
             FnArg::Typed(pat) if i == 0 => {
                 if is_context(&pat.ty) {
@@ -85,116 +265,17 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
             }
             FnArg::Typed(pat) => errors.push(syn::Error::new_spanned(
                 pat,
-                "#[tableflip::main] function takes at most one parameter, a `tableflip::Context`",
+                "`#[tableflip::main]` function takes at most one parameter, a `tableflip::Context`",
             )),
         }
     }
-
-    let mut config = Vec::new();
-    let mut flavor_current = None;
-    let mut worker_threads_span = None;
-    for (key, value) in &opts {
-        match (key.as_str(), value) {
-            ("upgrade_timeout", Value::Millis(ms)) => config.push(quote! {
-                __cfg.upgrade_timeout = ::core::option::Option::Some(#krate::__private::millis(#ms));
-            }),
-            ("drain_timeout", Value::Millis(ms)) => config.push(quote! {
-                __cfg.drain_timeout = ::core::option::Option::Some(#krate::__private::millis(#ms));
-            }),
-            ("pid_file", Value::Str(s, span)) => {
-                if s.is_empty() {
-                    errors.push(syn::Error::new(*span, "`pid_file` cannot be empty"));
-                }
-                config.push(quote! { __cfg.pid_file = ::core::option::Option::Some(#s); });
-            }
-            ("flavor", Value::Str(s, span)) => match s.as_str() {
-                "multi_thread" => flavor_current = Some(false),
-                "current_thread" => {
-                    flavor_current = Some(true);
-                    config.push(quote! { __cfg.flavor = #krate::__private::Flavor::CurrentThread; });
-                }
-                other => {
-                    let hint = args::closest(other, FLAVORS.iter().copied())
-                        .map(|c| format!("; did you mean `{c}`?"))
-                        .unwrap_or_default();
-                    errors.push(syn::Error::new(
-                        *span,
-                        format!("unknown flavor `{other}`; expected `multi_thread` or `current_thread`{hint}"),
-                    ));
-                }
-            },
-            ("worker_threads", Value::Int(n, span)) => {
-                worker_threads_span = Some(*span);
-                match usize::try_from(*n) {
-                    Ok(n) if n > 0 => config.push(quote! {
-                        __cfg.worker_threads = ::core::option::Option::Some(#n);
-                    }),
-                    _ => errors.push(syn::Error::new(*span, "`worker_threads` must be at least 1")),
-                }
-            }
-            ("options", Value::Path(p)) => config.push(quote_spanned! {p.span()=>
-                __cfg.options = ::core::option::Option::Some(#p as fn() -> #krate::Options);
-            }),
-            _ => {}
-        }
-    }
-    if let (Some(true), Some(span)) = (flavor_current, worker_threads_span) {
-        errors.push(syn::Error::new(
-            span,
-            "`worker_threads` cannot be set with `flavor = \"current_thread\"`, which runs on one thread",
+    if let Some(v) = &sig.variadic {
+        errors.push(syn::Error::new_spanned(
+            v,
+            "`#[tableflip::main]` function cannot be variadic",
         ));
     }
-
-    let attrs = &func.attrs;
-    let vis = &func.vis;
-    let ident = &sig.ident;
-    if let Some(err) = errors.take() {
-        let err = err.to_compile_error();
-        // Still emit a plain function of that name, so that no second
-        // error (such as "`main` function not found") buries the first.
-        return quote! {
-            #err
-            #(#attrs)*
-            #vis fn #ident() {}
-        };
-    }
-
-    let body = &func.block;
-    let (output, wrap) = match &sig.output {
-        ReturnType::Default => (quote!(), true),
-        ReturnType::Type(_, ty) if is_unit(ty) => (quote!(-> #ty), true),
-        ReturnType::Type(arrow, ty) => (quote!(#arrow #ty), false),
-    };
-    let (param_decl, call) = match &param {
-        Some(p) => (quote!(#p), quote!(__tableflip_init(__cx))),
-        None => (
-            quote!(),
-            quote!({
-                let _ = __cx;
-                __tableflip_init()
-            }),
-        ),
-    };
-    let init_call = if wrap {
-        quote! {
-            async move {
-                #call.await;
-                ::core::result::Result::<(), ::core::convert::Infallible>::Ok(())
-            }
-        }
-    } else {
-        call
-    };
-    let span = Span::call_site();
-    quote_spanned! {span=>
-        #(#attrs)*
-        #vis fn #ident() -> ::std::process::ExitCode {
-            async fn __tableflip_init(#param_decl) #output #body
-            let mut __cfg = #krate::__private::MainConfig::new();
-            #(#config)*
-            #krate::__private::run(__cfg, |__cx: #krate::Context| #init_call)
-        }
-    }
+    param
 }
 
 fn is_context(ty: &Type) -> bool {

@@ -45,6 +45,8 @@ mod bind;
 mod declare;
 mod error;
 mod fds;
+#[cfg(feature = "http")]
+pub mod http;
 mod network;
 mod options;
 mod pidfile;

@@ -1,0 +1,6 @@
+#[tableflip::listener("tcp", "127.0.0.1:8080")]
+static HTTP;
+
+fn main() {
+    let _ = HTTP.take();
+}

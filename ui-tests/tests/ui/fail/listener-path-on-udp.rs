@@ -1,0 +1,8 @@
+use tokio::net::UdpSocket;
+
+#[tableflip::listener("udp", "./metrics.sock")]
+static METRICS: UdpSocket;
+
+fn main() {
+    let _ = METRICS.take();
+}

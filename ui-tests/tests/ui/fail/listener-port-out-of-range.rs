@@ -1,0 +1,8 @@
+use tokio::net::TcpListener;
+
+#[tableflip::listener("tcp", "127.0.0.1:65536")]
+static HTTP: TcpListener;
+
+fn main() {
+    let _ = HTTP.take();
+}

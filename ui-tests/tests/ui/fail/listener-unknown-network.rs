@@ -1,0 +1,8 @@
+use tokio::net::TcpListener;
+
+#[tableflip::listener("tpc", "127.0.0.1:8080")]
+static HTTP: TcpListener;
+
+fn main() {
+    let _ = HTTP.take();
+}

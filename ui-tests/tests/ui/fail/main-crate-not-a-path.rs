@@ -1,0 +1,2 @@
+#[tableflip::main(crate = "table flip")]
+async fn main() {}

@@ -1,0 +1,2 @@
+#[tableflip::main(drain_timeout = "3d")]
+async fn main() {}

@@ -1,0 +1,2 @@
+#[tableflip::main(drain_timeout = "30")]
+async fn main() {}

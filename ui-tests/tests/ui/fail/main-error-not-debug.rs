@@ -1,0 +1,6 @@
+struct Failure;
+
+#[tableflip::main]
+async fn main() -> Result<(), Failure> {
+    Err(Failure)
+}

@@ -1,0 +1,2 @@
+#[tableflip::main(flavor = "current-thread")]
+async fn main() {}

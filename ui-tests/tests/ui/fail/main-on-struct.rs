@@ -1,0 +1,2 @@
+#[tableflip::main]
+struct Main;

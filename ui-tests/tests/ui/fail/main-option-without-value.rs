@@ -1,0 +1,2 @@
+#[tableflip::main(flavor)]
+async fn main() {}

@@ -1,0 +1,2 @@
+#[tableflip::main(options = "config::options")]
+async fn main() {}

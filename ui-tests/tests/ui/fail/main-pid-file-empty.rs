@@ -1,0 +1,2 @@
+#[tableflip::main(pid_file = "")]
+async fn main() {}

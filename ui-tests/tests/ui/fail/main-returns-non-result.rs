@@ -1,0 +1,4 @@
+#[tableflip::main]
+async fn main() -> u32 {
+    0
+}

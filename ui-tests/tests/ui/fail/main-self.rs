@@ -1,0 +1,4 @@
+#[tableflip::main]
+async fn main(self) -> std::io::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,2 @@
+#[tableflip::main(flavor = "single")]
+async fn main() {}

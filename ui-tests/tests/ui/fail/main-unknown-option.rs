@@ -1,0 +1,2 @@
+#[tableflip::main(drain_timout = "30s")]
+async fn main() {}

@@ -1,0 +1,2 @@
+#[tableflip::main(worker_threads = 0)]
+async fn main() {}

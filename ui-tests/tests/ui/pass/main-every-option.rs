@@ -1,0 +1,45 @@
+//! Every option of `#[tableflip::main]`, with `flavor = "multi_thread"`.
+
+use std::time::Duration;
+
+use tableflip::Context;
+
+mod config {
+    /// The options computed at run time; the attribute's own options
+    /// override its fields.
+    pub fn options() -> tableflip::Options {
+        tableflip::Options {
+            upgrade_timeout: std::time::Duration::from_secs(1),
+            backlog: 64,
+            ..tableflip::Options::default()
+        }
+    }
+}
+
+#[tableflip::main(
+    upgrade_timeout = "2m",
+    drain_timeout = "500ms",
+    pid_file = "/tmp/tableflip-ui-tests-main-every-option.pid",
+    flavor = "multi_thread",
+    worker_threads = 2,
+    options = config::options,
+    crate = "::tableflip"
+)]
+async fn main(cx: Context) -> std::io::Result<()> {
+    let opts = cx.upgrader().options();
+    assert_eq!(opts.upgrade_timeout, Duration::from_secs(120));
+    assert_eq!(opts.drain_timeout, Duration::from_millis(500));
+    assert_eq!(
+        opts.pid_file.as_deref(),
+        Some("/tmp/tableflip-ui-tests-main-every-option.pid".as_ref())
+    );
+    assert_eq!(opts.backlog, 64);
+    let runtime = tokio::runtime::Handle::current();
+    assert_eq!(
+        runtime.runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::MultiThread
+    );
+    assert_eq!(runtime.metrics().num_workers(), 2);
+    tableflip_ui_tests::stop_after_init();
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! The four std socket types, on every network each serves, and Linux
+//! abstract Unix addresses.
+
+use std::net::{TcpListener, UdpSocket};
+use std::os::unix::net::{UnixDatagram, UnixListener};
+
+use tableflip::{Context, listener};
+
+#[listener("tcp", "localhost:0")]
+static TCP: TcpListener;
+
+#[listener("tcp4", "0.0.0.0:0")]
+static TCP4: TcpListener;
+
+#[listener("tcp6", "[::1]:0")]
+static TCP6: TcpListener;
+
+#[listener("udp", "127.0.0.1:0")]
+static UDP: UdpSocket;
+
+#[listener("udp4", ":0")]
+static UDP4: UdpSocket;
+
+#[listener("udp6", "[::]:0")]
+static UDP6: UdpSocket;
+
+#[listener("unix", "@tableflip-ui-tests-std-socket-types")]
+static UNIX: UnixListener;
+
+#[listener("unixgram", "/tmp/tableflip-ui-tests-std-socket-types.sock")]
+static UNIXGRAM: UnixDatagram;
+
+#[tableflip::main]
+async fn main(_cx: Context) -> std::io::Result<()> {
+    let tcp = TCP.take()?;
+    let tcp4 = TCP4.take()?;
+    let tcp6 = TCP6.take()?;
+    let udp = UDP.take()?;
+    let udp4 = UDP4.take()?;
+    let udp6 = UDP6.take()?;
+    let unix = UNIX.take()?;
+    let unixgram = UNIXGRAM.take()?;
+    assert!(tcp.local_addr()?.port() != 0 && tcp4.local_addr()?.is_ipv4());
+    assert!(tcp6.local_addr()?.is_ipv6());
+    assert!(udp.local_addr()?.is_ipv4() && udp4.local_addr()?.port() != 0);
+    assert!(udp6.local_addr()?.is_ipv6());
+    assert!(unix.local_addr()?.as_pathname().is_none()); // abstract
+    assert!(unixgram.local_addr()?.as_pathname().is_some());
+    tableflip_ui_tests::stop_after_init();
+    Ok(())
+}
