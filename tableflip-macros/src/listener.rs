@@ -360,7 +360,10 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     let span = ty.span();
     let declared = quote_spanned! {span=> #krate::DeclaredListener<#ty> };
     let new = quote_spanned! {span=>
-        #krate::DeclaredListener::<#ty>::__new(#name, #net, #addr, #env, #backlog, #mode, #type_name)
+        #krate::DeclaredListener::<#ty>::__new(
+            #name, #net, #addr, #env, #backlog, #mode, #type_name,
+            #krate::__private::serves::<#ty>,
+        )
     };
     let decl_fn = quote_spanned! {span=> || #ident.__decl() };
     quote! {

@@ -62,8 +62,10 @@ pub struct DeclaredListener<T> {
     _type: PhantomData<fn() -> T>,
 }
 
-impl<T: FromFd> DeclaredListener<T> {
+impl<T> DeclaredListener<T> {
     /// Not public API: called by `#[tableflip::listener]`'s expansion.
+    /// `serves` is `__private::serves::<T>`, whose `T: FromFd` bound is
+    /// where an unsupported type is reported.
     #[doc(hidden)]
     #[allow(clippy::too_many_arguments)]
     pub const fn __new(
@@ -74,6 +76,7 @@ impl<T: FromFd> DeclaredListener<T> {
         backlog: Option<u32>,
         mode: Option<u32>,
         type_name: &'static str,
+        serves: fn(Network) -> bool,
     ) -> Self {
         DeclaredListener {
             decl: ListenerDecl {
@@ -84,7 +87,7 @@ impl<T: FromFd> DeclaredListener<T> {
                 backlog,
                 mode,
                 type_name,
-                serves: T::serves,
+                serves,
                 slot: Mutex::new(Slot::Pending),
             },
             _type: PhantomData,
@@ -96,7 +99,9 @@ impl<T: FromFd> DeclaredListener<T> {
     pub fn __decl(&'static self) -> &'static ListenerDecl {
         &self.decl
     }
+}
 
+impl<T: FromFd> DeclaredListener<T> {
     /// The listener's name: the static's identifier, under which the socket
     /// is handed to the next generation.
     pub fn name(&self) -> &'static str {
@@ -227,6 +232,13 @@ impl ListenerDecl {
         *slot = Slot::Open(fd, address);
         Ok(Some(inherited))
     }
+}
+
+/// Not public API: whether `T` serves `network`, as a function pointer for
+/// [`DeclaredListener::__new`].
+#[doc(hidden)]
+pub fn serves<T: FromFd>(network: Network) -> bool {
+    T::serves(network)
 }
 
 /// Every declared listener in the program, in link order.

@@ -587,6 +587,18 @@ impl Fds {
         // `closed` drops here, closing the fds.
     }
 
+    /// Closes the registry's own handles of listeners and packet sockets:
+    /// after a real stop nobody will accept on them any more, and a socket
+    /// kept open would let clients connect into a queue nobody serves. The
+    /// application's handles stay open until it drops them.
+    pub(crate) fn close_shared(&self) {
+        let mut reg = lock(&self.registry);
+        reg.entries.retain(|_, e| {
+            !(matches!(e.kind, Kind::Listener | Kind::Packet) && matches!(e.slot, Slot::Owned(_)))
+        });
+        reg.stale.clear();
+    }
+
     /// The Unix socket paths this generation is responsible for removing
     /// when the service really stops.
     pub(crate) fn owned_unix_paths(&self, ready: bool) -> Vec<PathBuf> {

@@ -256,7 +256,10 @@ impl ConnState {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let since = *self.idle_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let since = *self
+            .idle_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         Some(since.elapsed())
     }
 
@@ -267,7 +270,10 @@ impl ConnState {
 
     fn end(&self) {
         self.answered.store(true, Ordering::Release);
-        *self.idle_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+        *self
+            .idle_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.changed.notify_one();
     }

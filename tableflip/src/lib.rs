@@ -279,7 +279,7 @@ pub use tableflip_macros::listener;
 /// release.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::declare::{ListenerDecl, Registration};
+    pub use crate::declare::{ListenerDecl, Registration, serves};
     pub use crate::service::{Flavor, MainConfig, run};
     pub use inventory;
     pub use tokio;

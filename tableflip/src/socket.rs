@@ -45,6 +45,11 @@ mod private {
 ///
 /// Implemented for the `std`, `tokio` and `socket2` socket types and for
 /// files; sealed.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a socket type tableflip can hand out",
+    label = "not a socket type",
+    note = "use `TcpListener`, `UdpSocket`, `UnixListener` or `UnixDatagram` (of tokio or std), or `tableflip::socket2::Socket`"
+)]
 pub trait FromFd: Sized + private::Sealed {
     /// The type's name, for error messages.
     #[doc(hidden)]

@@ -349,8 +349,11 @@ impl Upgrader {
 
     /// Stops the upgrader: an upgrade in flight is cancelled (its child
     /// killed and reaped), [`exit`](Self::exit) resolves, and, unless an
-    /// upgrade succeeded, the Unix socket files this generation owns and
-    /// its PID file are removed: the service really stops. Idempotent.
+    /// upgrade succeeded, the service really stops: the Unix socket files
+    /// this generation owns and its PID file are removed, and the
+    /// upgrader's own handles of listening sockets are closed, so that each
+    /// socket closes (and new clients are refused) as soon as the program
+    /// drops its handle. Idempotent.
     pub fn stop(&self) {
         let (ready, upgraded) = {
             let mut state = self.state();
@@ -365,6 +368,7 @@ impl Upgrader {
         self.inner.exit.cancel();
         if !upgraded {
             self.inner.remove_owned_files(ready);
+            self.inner.fds.close_shared();
         }
     }
 

@@ -1,0 +1,315 @@
+//! Zero failed requests under load while the HTTP demo (`examples/http.rs`)
+//! is upgraded again and again: keep-alive clients and
+//! connection-per-request clients hammer it, slow requests are in flight at
+//! every upgrade, and every failure of any kind (refused, reset, EOF before
+//! a whole response, a status other than 200) is counted.
+//!
+//! `TABLEFLIP_LOAD_UPGRADES=100 cargo test -p tableflip-tests --test load --release -- --nocapture`
+//! runs a long version (default: 20 upgrades) and prints the figures.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tableflip_tests::*;
+
+const HTTP: &str = env!("CARGO_BIN_EXE_http");
+
+/// One client's results.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    failures: Vec<String>,
+    /// Requests answered, by serving pid.
+    by_pid: BTreeMap<u32, u64>,
+    latencies_us: Vec<u64>,
+}
+
+/// A parsed response: status, whether the server asked to close, body.
+struct Reply {
+    status: u16,
+    close: bool,
+    body: String,
+}
+
+fn read_reply(reader: &mut BufReader<TcpStream>) -> std::io::Result<Reply> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "EOF before the status line",
+        ));
+    }
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut length = 0usize;
+    let mut close = false;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "EOF in the headers",
+            ));
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        let (name, value) = header.split_once(':').unwrap_or((header, ""));
+        let (name, value) = (
+            name.trim().to_ascii_lowercase(),
+            value.trim().to_ascii_lowercase(),
+        );
+        if name == "content-length" {
+            length = value
+                .parse()
+                .map_err(|_| std::io::Error::other("bad content-length"))?;
+        } else if name == "connection" && value == "close" {
+            close = true;
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok(Reply {
+        status,
+        close,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn connect(addr: &str) -> std::io::Result<BufReader<TcpStream>> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(DEADLINE))?;
+    stream.set_nodelay(true)?;
+    Ok(BufReader::new(stream))
+}
+
+fn request(
+    conn: &mut BufReader<TcpStream>,
+    path: &str,
+    keep_alive: bool,
+) -> std::io::Result<Reply> {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    write!(
+        conn.get_mut(),
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: {connection}\r\n\r\n"
+    )?;
+    read_reply(conn)
+}
+
+fn record(tally: &mut Tally, started: Instant, result: std::io::Result<Reply>, what: &str) -> bool {
+    match result {
+        Ok(reply) if reply.status == 200 => {
+            tally.ok += 1;
+            *tally.by_pid.entry(reply_pid(&reply.body)).or_default() += 1;
+            tally
+                .latencies_us
+                .push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+            !reply.close
+        }
+        Ok(reply) => {
+            tally
+                .failures
+                .push(format!("{what}: status {}", reply.status));
+            false
+        }
+        Err(e) => {
+            tally.failures.push(format!("{what}: {e}"));
+            false
+        }
+    }
+}
+
+/// A keep-alive client: one connection for as long as the server keeps it
+/// open (it reconnects after `Connection: close`).
+fn keep_alive_client(addr: String, stop: Arc<AtomicBool>) -> Tally {
+    let mut tally = Tally::default();
+    let mut conn: Option<BufReader<TcpStream>> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let c = match conn.take() {
+            Some(c) => c,
+            None => match connect(&addr) {
+                Ok(c) => c,
+                Err(e) => {
+                    tally.failures.push(format!("keep-alive connect: {e}"));
+                    continue;
+                }
+            },
+        };
+        let mut c = c;
+        let result = request(&mut c, "/", true);
+        if record(&mut tally, started, result, "keep-alive request") {
+            conn = Some(c);
+        }
+    }
+    tally
+}
+
+/// A connection-per-request client.
+fn per_request_client(addr: String, stop: Arc<AtomicBool>) -> Tally {
+    let mut tally = Tally::default();
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let result = connect(&addr).and_then(|mut c| request(&mut c, "/", false));
+        record(&mut tally, started, result, "per-request request");
+    }
+    tally
+}
+
+fn pid_file_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+#[test]
+fn zero_failed_requests_across_upgrades_under_load() {
+    let _serial = serial();
+    adopt_orphans();
+    let upgrades: usize = std::env::var("TABLEFLIP_LOAD_UPGRADES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let ctl = Scratch::new("load");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let pid_file = ctl.path().join("http.pid");
+    let mut cmd = Command::new(HTTP);
+    cmd.env("HTTP_ADDR", &addr)
+        .env("PID_FILE", &pid_file)
+        .env("RUST_LOG", "warn");
+    let mut svc = Service::spawn(cmd);
+    let first = svc.first_pid();
+    wait_until("the demo writes its pid file", || {
+        pid_file_pid(&pid_file) == Some(first)
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let (addr, stop) = (addr.clone(), Arc::clone(&stop));
+        clients.push(std::thread::spawn(move || {
+            if i % 2 == 0 {
+                keep_alive_client(addr, stop)
+            } else {
+                per_request_client(addr, stop)
+            }
+        }));
+    }
+    let served: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let mut generations = vec![first];
+    let mut slow_results = Vec::new();
+    let started = Instant::now();
+    for _ in 0..upgrades {
+        let old = *generations.last().expect("a generation");
+        // A slow request in flight at the upgrade must complete, from the
+        // old generation. Wait until it has reached the old process.
+        let slow_addr = addr.clone();
+        let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+        slow_results.push(std::thread::spawn(move || {
+            let mut c = connect(&slow_addr).map_err(|e| e.to_string())?;
+            let reply = request(&mut c, "/slow?ms=300", false);
+            let _ = sent_tx.send(());
+            reply.map(|r| (r.status, r.body)).map_err(|e| e.to_string())
+        }));
+        let _ = sent_rx.recv_timeout(Duration::from_millis(50));
+        signal(old, Signal::SIGHUP);
+        wait_until("the new generation writes the pid file", || {
+            pid_file_pid(&pid_file).is_some_and(|p| p != old)
+        });
+
+        let new = pid_file_pid(&pid_file).expect("pid file");
+        generations.push(new);
+        if old == first {
+            assert!(svc.wait_first().success(), "generation {old} exits 0");
+        } else {
+            wait_gone(old);
+        }
+        // Every generation serves: wait until a request is answered by it.
+        wait_until(&format!("generation {new} answers"), || {
+            tcp_http_pid(&addr) == Some(new)
+        });
+        served.lock().expect("lock").push(new);
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Tally::default();
+    let mut by_mode = [(0u64, 0usize), (0u64, 0usize)];
+    for (i, c) in clients.into_iter().enumerate() {
+        let t = c.join().expect("client thread");
+        by_mode[i % 2].0 += t.ok;
+        by_mode[i % 2].1 += t.failures.len();
+        total.ok += t.ok;
+        total.failures.extend(t.failures);
+        total.latencies_us.extend(t.latencies_us);
+        for (pid, n) in t.by_pid {
+            *total.by_pid.entry(pid).or_default() += n;
+        }
+    }
+    let mut slow_ok = 0;
+    for s in slow_results {
+        match s.join().expect("slow thread") {
+            Ok((200, body)) => {
+                slow_ok += 1;
+                assert!(body.starts_with("pid "), "{body}");
+            }
+            other => panic!("a slow request in flight at an upgrade failed: {other:?}"),
+        }
+    }
+    total.latencies_us.sort_unstable();
+    let lat = &total.latencies_us;
+    eprintln!(
+        "load: {upgrades} upgrades in {elapsed:?}; {} requests ({} keep-alive, {} per-request), {} failed; \
+         latency p50 {}us p99 {}us max {}us; {slow_ok} slow requests completed",
+        total.ok,
+        by_mode[0].0,
+        by_mode[1].0,
+        total.failures.len(),
+        percentile(lat, 0.5),
+        percentile(lat, 0.99),
+        lat.last().copied().unwrap_or(0),
+    );
+    assert!(
+        total.failures.is_empty(),
+        "{} failures: {:?}",
+        total.failures.len(),
+        &total.failures[..total.failures.len().min(20)]
+    );
+    assert_eq!(generations.len(), upgrades + 1);
+    for g in &generations {
+        assert!(
+            total.by_pid.contains_key(g) || served.lock().expect("lock").contains(g),
+            "generation {g} served no request"
+        );
+    }
+    let last = *generations.last().expect("a generation");
+    signal(last, Signal::SIGTERM);
+    svc.wait_all_exited();
+    wait_gone(last);
+}
+
+/// The pid in the answer to `GET /` on a fresh connection, if any.
+fn tcp_http_pid(addr: &str) -> Option<u32> {
+    let mut c = connect(addr).ok()?;
+    let reply = request(&mut c, "/", false).ok()?;
+    (reply.status == 200).then(|| reply_pid(&reply.body))
+}
