@@ -60,7 +60,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// [module documentation](self).
 ///
 /// ```no_run
-/// /// use http_body_util::Full;
+/// use std::convert::Infallible;
+///
+/// use http_body_util::Full;
 /// use hyper::body::Bytes;
 /// use hyper::{Request, Response};
 /// use tableflip::{Context, listener};

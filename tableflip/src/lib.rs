@@ -274,6 +274,11 @@ pub use tableflip_macros::main;
 /// ```
 pub use tableflip_macros::listener;
 
+// The README's Rust examples are compiled as doctests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+mod readme_examples {}
+
 /// Not public API: used by the code `#[tableflip::main]` and
 /// `#[tableflip::listener]` generate. Anything here may change in any
 /// release.
