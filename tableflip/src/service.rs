@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -280,14 +281,21 @@ async fn lifecycle(
 ) -> ExitCode {
     let exit = upgrader.exit();
     tokio::pin!(exit);
+    // Counts the upgrade requests (SIGHUP) received so far.
+    let (requests, requested) = watch::channel(0u64);
+    let scheduler = tokio::spawn(schedule_upgrades(upgrader.clone(), requested));
     loop {
         tokio::select! {
-            _ = signals.hup.recv() => spawn_upgrade(&upgrader),
+            _ = signals.hup.recv() => {
+                tracing::info!("SIGHUP: upgrade requested");
+                requests.send_modify(|n| *n += 1);
+            }
             _ = signals.term.recv() => { tracing::info!("SIGTERM: stopping"); upgrader.stop(); }
             _ = signals.int.recv() => { tracing::info!("SIGINT: stopping"); upgrader.stop(); }
             () = &mut exit => break,
         }
     }
+    scheduler.abort();
     tracing::info!(tasks = cx.tasks(), timeout = ?drain_timeout, "draining");
     let started = Instant::now();
     let drain = cx.drain(drain_timeout);
@@ -311,11 +319,52 @@ async fn lifecycle(
     ExitCode::from(130)
 }
 
-fn spawn_upgrade(upgrader: &Upgrader) {
-    let upgrader = upgrader.clone();
-    tokio::spawn(async move {
-        tracing::info!("SIGHUP: upgrading");
-        // The upgrader logs the outcome (child PID and duration, or error).
-        let _ = upgrader.upgrade().await;
-    });
+/// Runs the upgrades that `SIGHUP` requests, one at a time, never losing
+/// one:
+///
+/// - a request that arrives while this process's parent is still draining
+///   waits until the parent has exited (which its drain timeout bounds);
+/// - requests that arrive while an upgrade runs are remembered: if the
+///   upgrade fails, one more is run; if it succeeds, `SIGHUP` is forwarded
+///   to the new generation, so that two deploys in a row end on the newest
+///   binary;
+/// - several requests made while waiting collapse into one upgrade (the
+///   executable is resolved when the upgrade starts).
+async fn schedule_upgrades(upgrader: Upgrader, mut requested: watch::Receiver<u64>) {
+    let mut handled = 0u64;
+    loop {
+        if requested.wait_for(|n| *n > handled).await.is_err() {
+            return;
+        }
+        if upgrader.has_parent() && !upgrader.parent_exited() {
+            tracing::info!(
+                parent_pid = upgrader.parent_pid(),
+                "upgrade waits until the previous generation has finished draining"
+            );
+            upgrader.wait_for_parent().await;
+        }
+        // Everything requested until now is served by this upgrade.
+        handled = *requested.borrow_and_update();
+        let result = upgrader.upgrade().await;
+        // The upgrader logged the outcome (child PID and duration, or error).
+        let again = *requested.borrow() > handled;
+        match result {
+            Ok(child) if again => {
+                tracing::info!(
+                    child_pid = child,
+                    "SIGHUP arrived during the upgrade: forwarding it to the new generation"
+                );
+                let pid = nix::unistd::Pid::from_raw(i32::try_from(child).unwrap_or(0));
+                if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP) {
+                    tracing::warn!(child_pid = child, error = %e, "cannot forward SIGHUP");
+                }
+                return;
+            }
+            Ok(_) => return,
+            Err(_) if again => {
+                tracing::info!("SIGHUP arrived during the failed upgrade: trying again");
+            }
+            Err(_) => {}
+        }
+    }
 }

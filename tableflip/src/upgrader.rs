@@ -267,6 +267,11 @@ impl Upgrader {
         self.inner.generation
     }
 
+    /// Whether the parent process has exited (true when there was none).
+    pub fn parent_exited(&self) -> bool {
+        self.inner.parent_exited.is_cancelled()
+    }
+
     /// Whether [`ready`](Self::ready) has succeeded.
     pub fn is_ready(&self) -> bool {
         self.state().ready

@@ -90,6 +90,7 @@ fn exit_old(m: &mut Macro, old: u32, first: bool) {
 #[test]
 fn sighup_hands_tcp_udp_and_unix_to_a_new_pid() {
     let _serial = serial();
+    adopt_orphans();
     let ctl = Scratch::new("m-basic");
     let mut m = start(SVC, &ctl, &[]);
     let first = m.svc.first_pid();
@@ -158,6 +159,7 @@ fn unix_get_line(path: &str, line: &str) -> String {
 #[test]
 fn failed_init_keeps_the_parent_serving() {
     let _serial = serial();
+    adopt_orphans();
     let ctl = Scratch::new("m-fail");
     let mut m = start(SVC, &ctl, &[]);
     let first = m.svc.first_pid();
@@ -187,6 +189,7 @@ fn failed_init_keeps_the_parent_serving() {
 #[test]
 fn hanging_init_is_killed_at_the_upgrade_timeout() {
     let _serial = serial();
+    adopt_orphans();
     let ctl = Scratch::new("m-hang");
     let mut m = start(SVC, &ctl, &[("MS_UPGRADE_TIMEOUT_MS", "300")]);
     let first = m.svc.first_pid();
@@ -206,6 +209,7 @@ fn hanging_init_is_killed_at_the_upgrade_timeout() {
 #[test]
 fn env_overrides_the_address() {
     let _serial = serial();
+    adopt_orphans();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -222,6 +226,7 @@ fn env_overrides_the_address() {
 #[test]
 fn a_moved_address_is_bound_afresh_and_the_old_one_closed() {
     let _serial = serial();
+    adopt_orphans();
     let ctl = Scratch::new("m-moved");
     let exe = ctl.path().join("svc-bin");
     std::fs::copy(SVC, &exe).expect("copy the service binary");
@@ -259,6 +264,7 @@ fn a_moved_address_is_bound_afresh_and_the_old_one_closed() {
 #[test]
 fn duplicate_listener_names_fail_at_startup() {
     let _serial = serial();
+    adopt_orphans();
     let out = Command::new(DUP)
         .env("RUST_LOG", "info")
         .output()
@@ -276,6 +282,7 @@ fn duplicate_listener_names_fail_at_startup() {
 #[test]
 fn in_flight_requests_complete_and_drain_timeout_is_enforced() {
     let _serial = serial();
+    adopt_orphans();
     let ctl = Scratch::new("m-drain");
     let mut m = start(SVC, &ctl, &[("MS_DRAIN_MS", "1500")]);
     let first = m.svc.first_pid();
@@ -333,4 +340,70 @@ fn established_to(addr: &str) -> usize {
                     == Some(port)
         })
         .count()
+}
+
+/// Two deploys in a row: a SIGHUP that arrives while an upgrade is in
+/// flight is not lost. It is forwarded to the new generation, which
+/// upgrades again once its parent has exited: the service ends on a third
+/// generation.
+#[test]
+fn sighup_during_an_upgrade_is_forwarded_to_the_new_generation() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("m-twice");
+    let mut m = start(SVC, &ctl, &[]);
+    let first = m.svc.first_pid();
+    ctl.write("init", "block");
+    signal(first, Signal::SIGHUP);
+    let second = m.svc.wait_kind("blocked", None).pid;
+    m.svc.wait_kind("start", Some(second));
+    // The second deploy's signal reaches the old generation mid-upgrade.
+    signal(first, Signal::SIGHUP);
+    ctl.write("init", "ok");
+    ctl.write("unblock", "");
+    m.svc.wait_kind("init-done", Some(second));
+    let third = m
+        .svc
+        .wait_for("a third generation", |e| {
+            e.kind == "start" && e.pid != first && e.pid != second
+        })
+        .pid;
+    m.svc.wait_kind("init-done", Some(third));
+    wait_for_pid_file(&m.pid_file, third);
+    assert!(m.svc.wait_first().success());
+    wait_gone(second);
+    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), third);
+}
+
+/// A SIGHUP sent to the new generation while the old one is still
+/// draining waits for the old one to exit, then upgrades.
+#[test]
+fn sighup_while_the_parent_drains_waits_for_it() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("m-queue");
+    let mut m = start(SVC, &ctl, &[]);
+    let first = m.svc.first_pid();
+    // Keeps the first generation draining for a while.
+    let addr = m.tcp.clone();
+    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500"));
+    wait_until("the slow request is in flight", || {
+        established_to(&m.tcp) >= 1
+    });
+    let second = upgrade(&mut m, first);
+    assert!(is_alive(first), "the first generation is still draining");
+    signal(second, Signal::SIGHUP);
+    let third = m
+        .svc
+        .wait_for("a third generation", |e| {
+            e.kind == "start" && e.pid != first && e.pid != second
+        })
+        .pid;
+    assert_eq!(reply_pid(&slow.join().expect("slow request")), first);
+    assert!(
+        exiting_or_gone(first),
+        "the upgrade started only once the first generation had exited"
+    );
+    m.svc.wait_kind("init-done", Some(third));
+    wait_for_pid_file(&m.pid_file, third);
 }

@@ -2,7 +2,8 @@
 //! `macro_svc_moved`): they differ only in their listener declarations.
 //!
 //! Environment: `TF_CTL` (control directory; its `init` file says what the
-//! init function does: `ok`, `err`, `panic`, `hang`, `exit N`),
+//! init function does: `ok`, `err`, `panic`, `hang`, `block` (until an
+//! `unblock` file appears), `exit N`),
 //! `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`, `MS_DRAIN_MS` (read by
 //! [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout.
 //!
@@ -136,6 +137,14 @@ pub(crate) async fn init(
         "hang" => {
             event("hanging", "");
             std::future::pending::<()>().await;
+        }
+        // Waits until the test creates `unblock` in the control directory.
+        "block" => {
+            event("blocked", "");
+            let unblock = std::env::var_os("TF_CTL").map(|d| PathBuf::from(d).join("unblock"));
+            while !unblock.as_ref().is_some_and(|p| p.exists()) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
         other => {
             let code = other
