@@ -1,7 +1,8 @@
 //! A TCP echo service on the macros, upgradeable with `kill -HUP <pid>`.
 //!
 //! ```text
-//! ECHO_ADDR=127.0.0.1:7000 cargo run --example tcp_echo
+//! ECHO_ADDR=127.0.0.1:7000 PID_FILE=/tmp/echo.pid cargo run --example tcp_echo
+//! kill -HUP $(cat /tmp/echo.pid)
 //! ```
 //!
 //! The pattern for any custom protocol over TCP (or a Unix stream socket):
@@ -18,7 +19,7 @@
 //!    protocol: here, the echo server keeps echoing until the client closes
 //!    or the drain timeout passes (then the process exits anyway).
 
-use tableflip::{Context, listener};
+use tableflip::{Context, Options, listener};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -26,7 +27,15 @@ use tokio::net::{TcpListener, TcpStream};
 #[listener("tcp", "127.0.0.1:7000", env = "ECHO_ADDR")]
 static ECHO: TcpListener;
 
-#[tableflip::main(drain_timeout = "30s")]
+/// The PID file comes from `PID_FILE` (none if unset).
+fn options() -> Options {
+    Options {
+        pid_file: std::env::var_os("PID_FILE").map(Into::into),
+        ..Options::default()
+    }
+}
+
+#[tableflip::main(options = options, drain_timeout = "30s")]
 async fn main(cx: Context) -> std::io::Result<()> {
     let listener = ECHO.take()?;
     tracing::info!(address = %ECHO.address(), pid = std::process::id(), "echo service");
