@@ -658,3 +658,35 @@ pub fn file_size(path: impl AsRef<Path>) -> u64 {
         .unwrap_or_else(|e| panic!("cannot stat {}: {e}", path.display()))
         .len()
 }
+
+/// A port that was free a moment ago on 127.0.0.1 (for services whose
+/// address must be known before they start).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("cannot find a free port: {e}"))
+        .port()
+}
+
+/// The PID a PID file names, if it exists and holds one.
+pub fn pid_file_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Upgrades the service whose serving generation is `old` (named by
+/// `pid_file`): sends SIGHUP, waits until the PID file names a new
+/// generation (it is ready), then until `old` has exited (the first
+/// generation, `svc`'s own child, must exit 0). Returns the new PID.
+pub fn upgrade_via_pid_file(svc: &mut Service, pid_file: &Path, old: u32) -> u32 {
+    signal(old, Signal::SIGHUP);
+    wait_until("the new generation writes the pid file", || {
+        pid_file_pid(pid_file).is_some_and(|p| p != old)
+    });
+    let new = pid_file_pid(pid_file).unwrap_or_else(|| panic!("{} vanished", pid_file.display()));
+    if old == svc.first_pid() {
+        assert!(svc.wait_first().success(), "generation {old} exits 0");
+    } else {
+        wait_gone(old);
+    }
+    new
+}

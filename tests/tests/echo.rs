@@ -58,10 +58,6 @@ fn exchange(addr: &str, seed: u64) -> Result<u64, String> {
     }
 }
 
-fn pid_file_pid(path: &std::path::Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 #[test]
 fn every_byte_is_echoed_across_upgrades() {
     let _serial = serial();
@@ -71,11 +67,7 @@ fn every_byte_is_echoed_across_upgrades() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let ctl = Scratch::new("echo");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", free_port());
     let pid_file = ctl.path().join("echo.pid");
     let mut cmd = Command::new(ECHO);
     cmd.env("ECHO_ADDR", &addr)
@@ -111,17 +103,7 @@ fn every_byte_is_echoed_across_upgrades() {
     let started = Instant::now();
     let mut current = first;
     for _ in 0..upgrades {
-        let old = current;
-        signal(old, Signal::SIGHUP);
-        wait_until("the new generation writes the pid file", || {
-            pid_file_pid(&pid_file).is_some_and(|p| p != old)
-        });
-        current = pid_file_pid(&pid_file).expect("pid file");
-        if old == first {
-            assert!(svc.wait_first().success(), "generation {old} exits 0");
-        } else {
-            wait_gone(old);
-        }
+        current = upgrade_via_pid_file(&mut svc, &pid_file, current);
     }
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);

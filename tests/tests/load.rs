@@ -166,10 +166,6 @@ fn per_request_client(addr: String, stop: Arc<AtomicBool>) -> Tally {
     tally
 }
 
-fn pid_file_pid(path: &std::path::Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -187,11 +183,7 @@ fn zero_failed_requests_across_upgrades_under_load() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let ctl = Scratch::new("load");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", free_port());
     let pid_file = ctl.path().join("http.pid");
     let mut cmd = Command::new(HTTP);
     cmd.env("HTTP_ADDR", &addr)
@@ -232,18 +224,8 @@ fn zero_failed_requests_across_upgrades_under_load() {
             reply.map(|r| (r.status, r.body)).map_err(|e| e.to_string())
         }));
         let _ = sent_rx.recv_timeout(Duration::from_millis(50));
-        signal(old, Signal::SIGHUP);
-        wait_until("the new generation writes the pid file", || {
-            pid_file_pid(&pid_file).is_some_and(|p| p != old)
-        });
-
-        let new = pid_file_pid(&pid_file).expect("pid file");
+        let new = upgrade_via_pid_file(&mut svc, &pid_file, old);
         generations.push(new);
-        if old == first {
-            assert!(svc.wait_first().success(), "generation {old} exits 0");
-        } else {
-            wait_gone(old);
-        }
         // Every generation serves: wait until a request is answered by it.
         wait_until(&format!("generation {new} answers"), || {
             tcp_http_pid(&addr) == Some(new)
