@@ -1,6 +1,6 @@
 //! HTTP serving that drains without failing a request (feature `http`).
 //!
-//! [`serve`] runs a hyper service (or an axum `Router`, wrapped with
+//! [`Server::serve`] runs a hyper service (or an axum `Router`, wrapped with
 //! `hyper_util::service::TowerToHyperService`) on a listener, HTTP/1.1 and
 //! HTTP/2, and drains it so that an upgrade fails no request and resets no
 //! connection:

@@ -58,6 +58,26 @@ pub(crate) fn borrow_inherited(fd: RawFd) -> io::Result<BorrowedFd<'static>> {
     Ok(unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
+/// A pipe whose two ends are close-on-exec: `(read end, write end)`.
+#[cfg(not(any(target_os = "macos", target_os = "ios")))]
+pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
+}
+
+/// A pipe whose two ends are close-on-exec: `(read end, write end)`.
+///
+/// Apple platforms have no `pipe2`: the flag is set right after `pipe`. A
+/// process spawned by another thread in that instant could inherit the
+/// ends; only a concurrent `fork` without `exec` is affected, since `exec`
+/// is what the flag is about.
+#[cfg(any(target_os = "macos", target_os = "ios"))]
+pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe()?;
+    set_cloexec(r.as_fd())?;
+    set_cloexec(w.as_fd())?;
+    Ok((r, w))
+}
+
 /// Marks `fd` close-on-exec.
 pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     let flags = FdFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFD)?);

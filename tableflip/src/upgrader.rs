@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use nix::fcntl::OFlag;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
@@ -452,9 +451,7 @@ impl Upgrader {
 
     async fn run_upgrade(&self) -> Result<u32> {
         let exe = self.executable()?;
-        let pipe = || {
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::io("cannot create a pipe", e))
-        };
+        let pipe = || sys::pipe_cloexec().map_err(|e| Error::io("cannot create a pipe", e));
         let (parent_r, parent_w) = pipe()?;
         let (ready_r, ready_w) = pipe()?;
         let launch = &self.inner.launch;

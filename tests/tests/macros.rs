@@ -407,3 +407,32 @@ fn sighup_while_the_parent_drains_waits_for_it() {
     m.svc.wait_kind("init-done", Some(third));
     wait_for_pid_file(&m.pid_file, third);
 }
+
+/// A declared listener that cannot be bound fails the start, naming the
+/// listener and the address, before the init function runs.
+#[test]
+fn a_bind_failure_is_reported_before_init_runs() {
+    let _serial = serial();
+    adopt_orphans();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("address").to_string();
+    let ctl = Scratch::new("m-bind");
+    let out = Command::new(SVC)
+        .env("TF_CTL", ctl.path())
+        .env("MS_TCP", &addr)
+        .env("MS_UNIX", ctl.path().join("u.sock"))
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run macro_svc");
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains(" start "),
+        "the init function must not run: {stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"TCP\"") && stderr.contains(&addr) && stderr.contains("in use"),
+        "stderr: {stderr}"
+    );
+}
