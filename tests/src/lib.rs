@@ -11,6 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
+
+pub mod http1;
 use nix::unistd::Pid;
 
 /// The default deadline for anything a test waits for. Generous: the suite

@@ -1,0 +1,241 @@
+//! `tableflip::http`'s drain with axum and over HTTP/2, against the
+//! `axum_svc` test service.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::channel;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use nix::sys::signal::Signal;
+use tableflip_tests::http1::{Tally, keep_alive_client, per_request_client};
+use tableflip_tests::*;
+
+const AXUM: &str = env!("CARGO_BIN_EXE_axum_svc");
+
+fn start(ctl: &Scratch) -> (Service, String, std::path::PathBuf) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let pid_file = ctl.path().join("axum.pid");
+    let mut cmd = Command::new(AXUM);
+    cmd.env("AX_ADDR", &addr)
+        .env("PID_FILE", &pid_file)
+        .env("RUST_LOG", "warn");
+    let svc = Service::spawn(cmd);
+    let first = svc.first_pid();
+    wait_until("the service writes its pid file", || {
+        pid_file_pid(&pid_file) == Some(first)
+    });
+    (svc, addr, pid_file)
+}
+
+/// An axum `Router` behind `tableflip::http::Server` goes through upgrades
+/// under keep-alive and connection-per-request load without a failure.
+#[test]
+fn axum_under_load_fails_no_request_across_upgrades() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("axum");
+    let (mut svc, addr, pid_file) = start(&ctl);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let (addr, stop) = (addr.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                if i % 2 == 0 {
+                    keep_alive_client(addr, stop)
+                } else {
+                    per_request_client(addr, stop)
+                }
+            })
+        })
+        .collect();
+    let mut current = svc.first_pid();
+    for _ in 0..5 {
+        current = upgrade_via_pid_file(&mut svc, &pid_file, current);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Tally::default();
+    for c in clients {
+        let t = c.join().expect("client thread");
+        total.ok += t.ok;
+        total.failures.extend(t.failures);
+    }
+    eprintln!(
+        "axum: 5 upgrades, {} requests, {} failed",
+        total.ok,
+        total.failures.len()
+    );
+    assert!(
+        total.failures.is_empty(),
+        "{:?}",
+        &total.failures[..total.failures.len().min(20)]
+    );
+    assert!(total.ok > 0);
+    signal(current, Signal::SIGTERM);
+    svc.wait_all_exited();
+}
+
+/// What the HTTP/2 client thread reports.
+#[derive(Debug)]
+enum H2 {
+    First(Result<String, String>),
+    Slow(Result<(u16, String), String>),
+    /// The connection ended (the server's GOAWAY, then close).
+    Closed,
+}
+
+async fn get(
+    sender: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let req = Request::get(format!("http://test{path}"))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        status,
+        String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+    ))
+}
+
+/// HTTP/2: a stream open on the old generation when the upgrade happens
+/// completes (GOAWAY lets open streams finish), then the server closes the
+/// connection; a new connection reaches the new generation.
+#[test]
+fn http2_streams_in_flight_complete_then_goaway_closes() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("h2");
+    let (mut svc, addr, pid_file) = start(&ctl);
+    let first = svc.first_pid();
+    let (tx, rx) = channel();
+    let client_addr = addr.clone();
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let stream = tokio::net::TcpStream::connect(&client_addr)
+                .await
+                .expect("connect");
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .expect("h2 handshake");
+            let conn = tokio::spawn(conn);
+            let _ = tx.send(H2::First(get(&mut sender, "/").await.map(|(_, b)| b)));
+            let slow = get(&mut sender, "/slow?ms=1500").await;
+            let _ = tx.send(H2::Slow(slow));
+            // Ends, cleanly or with an error, once the server has sent
+            // GOAWAY and closed: either way the connection is over.
+            let _ = conn.await;
+            let _ = tx.send(H2::Closed);
+        });
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(H2::First(Ok(body))) => assert_eq!(reply_pid(&body), first),
+        other => panic!("first HTTP/2 request: {other:?}"),
+    }
+    // The slow stream has reached the first generation: upgrade now.
+    svc.wait_kind("slow-start", Some(first));
+    let second = upgrade_via_pid_file(&mut svc, &pid_file, first);
+    match rx.recv_timeout(DEADLINE) {
+        Ok(H2::Slow(Ok((200, body)))) => assert_eq!(reply_pid(&body), first),
+        other => panic!("the HTTP/2 stream in flight at the upgrade: {other:?}"),
+    }
+    match rx.recv_timeout(DEADLINE) {
+        Ok(H2::Closed) => {}
+        other => panic!("the old generation's HTTP/2 connection did not end: {other:?}"),
+    }
+    client.join().expect("client thread");
+    assert_eq!(reply_pid(&tcp_http_get(&addr)), second);
+    signal(second, Signal::SIGTERM);
+    svc.wait_all_exited();
+}
+
+/// `GET /` over HTTP/1.1 on a fresh connection; the body.
+fn tcp_http_get(addr: &str) -> String {
+    let mut c = tableflip_tests::http1::connect(addr).expect("connect");
+    let reply = tableflip_tests::http1::request(&mut c, "/", false).expect("request");
+    assert_eq!(reply.status, 200);
+    reply.body
+}
+
+/// Sockets open in `pid`.
+fn socket_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// HTTP/1: a connection the old generation accepted just before the drain,
+/// whose first request comes only after the drain started, is answered
+/// (with `Connection: close`), never closed unread; an idle keep-alive
+/// connection is closed cleanly (EOF, no reset) once it has been idle for
+/// the linger.
+#[test]
+fn fresh_connections_are_answered_and_idle_ones_closed_cleanly() {
+    use std::io::{Read, Write};
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("fresh");
+    let (mut svc, addr, pid_file) = start(&ctl);
+    let first = svc.first_pid();
+    let mut idle = tableflip_tests::http1::connect(&addr).expect("connect");
+    let reply = tableflip_tests::http1::request(&mut idle, "/", true).expect("request");
+    assert_eq!(reply_pid(&reply.body), first);
+    assert!(!reply.close);
+    let before = socket_count(first);
+    let mut fresh = tableflip_tests::http1::connect(&addr).expect("connect");
+    wait_until("the first generation accepted the fresh connection", || {
+        socket_count(first) > before
+    });
+    signal(first, Signal::SIGHUP);
+    wait_until("the second generation is ready", || {
+        pid_file_pid(&pid_file).is_some_and(|p| p != first)
+    });
+    // The old generation is draining now; the fresh connection's first
+    // request arrives.
+    let reply = tableflip_tests::http1::request(&mut fresh, "/", true)
+        .expect("the fresh connection is answered");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply_pid(&reply.body), first);
+    assert!(
+        reply.close,
+        "a response written during the drain carries Connection: close"
+    );
+    // The idle keep-alive connection is closed by the old generation.
+    let mut rest = Vec::new();
+    let read = idle.get_mut().read_to_end(&mut rest);
+    assert!(
+        matches!(read, Ok(0)),
+        "clean close, not a reset: {read:?} {rest:?}"
+    );
+    assert!(svc.wait_first().success());
+    let second = pid_file_pid(&pid_file).expect("pid file");
+    let mut c = tableflip_tests::http1::connect(&addr).expect("connect");
+    c.get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let reply = tableflip_tests::http1::read_reply(&mut c).expect("reply");
+    assert_eq!(reply_pid(&reply.body), second);
+    signal(second, Signal::SIGTERM);
+    svc.wait_all_exited();
+}
