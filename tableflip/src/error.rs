@@ -40,6 +40,14 @@ pub enum Error {
         reason: String,
     },
 
+    /// The sockets passed by systemd's socket activation (`LISTEN_FDS`) are
+    /// not usable.
+    #[error("socket activation: {reason}")]
+    SocketActivation {
+        /// What is wrong, naming the socket (`FileDescriptorName=`) or fd.
+        reason: String,
+    },
+
     /// A network name that tableflip does not know.
     #[error(
         "unknown network {network:?}; expected one of tcp, tcp4, tcp6, udp, udp4, udp6, unix, unixgram, unixpacket"

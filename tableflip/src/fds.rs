@@ -33,6 +33,8 @@ struct Entry {
     unclaimed: bool,
     /// A Unix socket file this generation created itself.
     created_here: bool,
+    /// Passed by socket activation: matched by name, whatever the address.
+    activated: bool,
     /// Identifies a lent entry, so a guard never removes a newer entry
     /// that reuses the name.
     id: u64,
@@ -154,6 +156,7 @@ impl Fds {
                 slot: Slot::Owned(item.fd),
                 unclaimed: true,
                 created_here: false,
+                activated: item.meta.activated,
                 id: reg.next_id,
             };
             reg.entries.insert(item.meta.name, entry);
@@ -257,6 +260,9 @@ impl Fds {
         let address = network.parse_address(&spec.address)?;
         let mut reg = lock(&self.registry);
         if let Some(entry) = reg.entries.get_mut(&spec.name) {
+            if entry.activated {
+                return take_activated(entry, spec, network, kind);
+            }
             let matches = entry.kind == kind
                 && entry.network == Some(network)
                 && address_matches(entry, &spec.address, &address);
@@ -319,6 +325,7 @@ impl Fds {
                 slot: Slot::Owned(fd),
                 unclaimed: false,
                 created_here: true,
+                activated: false,
                 id,
             },
         );
@@ -541,6 +548,7 @@ impl Fds {
                 slot,
                 unclaimed: false,
                 created_here: false,
+                activated: false,
                 id,
             },
         );
@@ -630,6 +638,7 @@ impl Fds {
                 fd: e.raw_fd(),
                 network: e.network.map(|n| n.to_string()),
                 address: e.address.clone(),
+                activated: e.activated,
             });
             fds.push(e.raw_fd());
         }
@@ -669,6 +678,47 @@ fn check_entry<T: FromFd>(name: &str, entry: &Entry, kind: Kind) -> Result<()> {
     Ok(())
 }
 
+/// A socket passed by systemd under the listener's name: the socket unit
+/// decides the address, so only the kind of socket must agree.
+fn take_activated(
+    entry: &mut Entry,
+    spec: &ListenSpec,
+    network: Network,
+    kind: Kind,
+) -> Result<(OwnedFd, bool)> {
+    let have = entry.network.map_or("?", Network::as_str);
+    let same_family = entry.network.is_some_and(|n| {
+        n.is_unix() == network.is_unix() && n.socket_type() == network.socket_type()
+    });
+    if entry.kind != kind || !same_family {
+        return Err(Error::InheritMismatch {
+            what: kind.describe(),
+            name: spec.name.clone(),
+            reason: format!(
+                "the socket systemd passed under this name is a {have} {}, but the listener is declared {network}",
+                entry.kind.describe()
+            ),
+        });
+    }
+    let Slot::Owned(fd) = &entry.slot else {
+        return Err(Error::DuplicateName {
+            name: spec.name.clone(),
+            what: entry.kind.describe(),
+        });
+    };
+    if entry.unclaimed && entry.address.as_deref() != Some(spec.address.as_str()) {
+        tracing::info!(
+            name = %spec.name,
+            address = ?entry.address,
+            declared = %spec.address,
+            "using the socket systemd passed; its socket unit sets the address"
+        );
+    }
+    let inherited = entry.unclaimed;
+    entry.unclaimed = false;
+    Ok((dup(&spec.name, fd)?, inherited))
+}
+
 fn address_matches(entry: &Entry, configured: &str, resolved: &Address) -> bool {
     if entry.address.as_deref() == Some(configured) {
         return true;
@@ -687,7 +737,7 @@ fn address_matches(entry: &Entry, configured: &str, resolved: &Address) -> bool 
 }
 
 /// Works out the network and address of a socket the application hands on.
-fn describe_socket(name: &str, fd: &OwnedFd, kind: Kind) -> Result<(Network, String)> {
+pub(crate) fn describe_socket(name: &str, fd: &OwnedFd, kind: Kind) -> Result<(Network, String)> {
     let sock = socket2::SockRef::from(fd);
     let bad = |reason: String| mismatch(name, kind, reason);
     let ty = sock

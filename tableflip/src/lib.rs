@@ -54,6 +54,7 @@ mod protocol;
 mod service;
 mod socket;
 mod sys;
+mod systemd;
 pub mod testing;
 mod upgrader;
 

@@ -91,6 +91,14 @@ pub(crate) struct EntryMeta {
     pub(crate) network: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) address: Option<String>,
+    /// Passed by systemd's socket activation to the first generation: the
+    /// socket unit decides its address, so it is matched by name alone.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(crate) activated: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// What the child received from its parent.
@@ -179,7 +187,7 @@ fn check_version(version: u32) -> Result<()> {
 /// read; every fd this process opened itself (its runtime's, the standard
 /// library's) is close-on-exec. So a close-on-exec fd is not the parent's to
 /// hand on: taking it would close it under its real owner.
-fn borrow_handed_on(fd: RawFd) -> Result<BorrowedFd<'static>, String> {
+pub(crate) fn borrow_handed_on(fd: RawFd) -> Result<BorrowedFd<'static>, String> {
     if fd < 0 {
         return Err(format!("fd {fd} is not a valid fd number"));
     }

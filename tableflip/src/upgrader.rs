@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::fds::{Fds, Inherited};
 use crate::options::Options;
 use crate::socket::{Listener, PacketConn};
+use crate::systemd::{self, Notifier};
 use crate::{bind, pidfile, protocol, sys};
 
 static CREATED: AtomicBool = AtomicBool::new(false);
@@ -81,6 +82,7 @@ struct Inner {
     parent: Option<ParentLink>,
     generation: u64,
     stub: bool,
+    notify: Notifier,
     state: Mutex<State>,
     exit: CancellationToken,
     stop: CancellationToken,
@@ -148,11 +150,15 @@ impl Upgrader {
                     pid: h.parent_pid,
                     ready_pipe: Mutex::new(Some(h.ready_pipe)),
                 };
+                // Socket activation concerns the first generation only.
+                for var in systemd::LISTEN_VARS {
+                    sys::remove_env(var);
+                }
                 (Some(link), h.generation, h.entries)
             }
             None => {
                 parent_exited.cancel();
-                (None, 1, Vec::new())
+                (None, 1, systemd::listen_fds()?)
             }
         };
         Self::build(opts, parent, generation, inherited, parent_exited, false)
@@ -181,6 +187,11 @@ impl Upgrader {
             cwd,
         };
         let fds = Fds::new(inherited, opts.backlog, opts.socket_setup.clone());
+        let notify = if stub {
+            Notifier::none()
+        } else {
+            Notifier::from_env(&launch.env)
+        };
         Ok(Upgrader {
             inner: Arc::new(Inner {
                 opts,
@@ -189,6 +200,7 @@ impl Upgrader {
                 parent,
                 generation,
                 stub,
+                notify,
                 state: Mutex::new(State::default()),
                 exit: CancellationToken::new(),
                 stop: CancellationToken::new(),
@@ -322,6 +334,15 @@ impl Upgrader {
             }
         }
         state.ready = true;
+        if self.inner.parent.is_none() {
+            // The first generation is systemd's main process; later ones
+            // are announced by their parent (see `upgrade`).
+            let pid = std::process::id();
+            self.inner.notify.send(&format!(
+                "READY=1\nMAINPID={pid}\nSTATUS=serving: generation {}, pid {pid}",
+                self.inner.generation
+            ));
+        }
         tracing::info!(
             pid = std::process::id(),
             generation = self.inner.generation,
@@ -368,6 +389,9 @@ impl Upgrader {
             (state.ready, state.upgraded.is_some())
         };
         tracing::debug!("upgrader stopped");
+        if !upgraded {
+            self.inner.notify.send("STOPPING=1\nSTATUS=stopping");
+        }
         self.inner.stop.cancel();
         self.inner.exit.cancel();
         if !upgraded {
@@ -427,6 +451,12 @@ impl Upgrader {
             generation = self.inner.generation + 1,
             "upgrade: starting the next generation"
         );
+        let me = std::process::id();
+        let next = self.inner.generation + 1;
+        self.inner.notify.send(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=upgrading: starting generation {next}",
+            systemd::monotonic_usec()
+        ));
         let result = self.run_upgrade().await;
         let mut state = self.state();
         state.upgrading = None;
@@ -434,15 +464,27 @@ impl Upgrader {
             Ok(pid) => {
                 state.upgraded = Some(*pid);
                 drop(state);
+                let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                // Still the main process: hand systemd over to the child.
+                self.inner.notify.send(&format!(
+                    "MAINPID={pid}\nREADY=1\nSTATUS=serving: generation {next}, pid {pid} (upgraded from pid {me} in {elapsed_ms} ms)"
+                ));
                 tracing::info!(
                     child_pid = pid,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    elapsed_ms,
                     "upgrade: the new generation is ready; this process will exit"
                 );
                 self.inner.exit.cancel();
             }
             Err(e) => {
                 drop(state);
+                if !matches!(e, Error::Stopped) {
+                    // Ends the reload: systemd offers no way to fail it.
+                    let generation = self.inner.generation;
+                    self.inner.notify.send(&format!(
+                        "READY=1\nSTATUS=serving: generation {generation}, pid {me}; the last upgrade failed: {e}"
+                    ));
+                }
                 tracing::warn!(error = %e, "upgrade failed; this process keeps serving");
             }
         }

@@ -1,0 +1,229 @@
+//! systemd integration: readiness and reload notifications (`sd_notify`)
+//! and socket activation (`sd_listen_fds`).
+//!
+//! The notification protocol is one datagram per message to the Unix
+//! socket named by `$NOTIFY_SOCKET` (a path, or `@name` for an abstract
+//! address), so it is written here rather than pulled in as a crate.
+//!
+//! Who says what, so that the default `NotifyAccess=main` works: the
+//! process systemd knows as the main one sends everything. The first
+//! generation sends `READY=1`. During an upgrade the *old* generation (still
+//! the main process) sends `RELOADING=1` with `MONOTONIC_USEC=`, and once
+//! the new one is ready, `MAINPID=<new>` and `READY=1` in one message; from
+//! then on the new generation is the main process and the old one says
+//! nothing more. A failed upgrade ends the reload with `READY=1` and a
+//! `STATUS=` naming the failure. `STOPPING=1` marks a real stop.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::error::{Error, Result};
+use crate::fds::{Inherited, describe_socket};
+use crate::protocol::{EntryMeta, borrow_handed_on};
+use crate::socket::Kind;
+use crate::sys;
+
+/// Sends notifications to the service manager, if `$NOTIFY_SOCKET` is set.
+#[derive(Debug)]
+pub(crate) struct Notifier {
+    target: Option<(SockAddr, String)>,
+}
+
+impl Notifier {
+    /// A notifier for the `NOTIFY_SOCKET` of `env` (the environment the
+    /// service was started with, which the next generation gets too).
+    pub(crate) fn from_env(env: &[(OsString, OsString)]) -> Notifier {
+        let value = env
+            .iter()
+            .find(|(k, _)| k == OsStr::new("NOTIFY_SOCKET"))
+            .map(|(_, v)| v.clone());
+        let target = value.and_then(|v| match notify_addr(&v) {
+            Ok(addr) => Some((addr, v.to_string_lossy().into_owned())),
+            Err(e) => {
+                tracing::warn!(notify_socket = ?v, error = %e, "ignoring NOTIFY_SOCKET");
+                None
+            }
+        });
+        Notifier { target }
+    }
+
+    /// A notifier that sends nothing.
+    pub(crate) fn none() -> Notifier {
+        Notifier { target: None }
+    }
+
+    /// Sends `message` (lines `KEY=value`). Failures are logged, never
+    /// fatal: the service works without its manager hearing from it.
+    pub(crate) fn send(&self, message: &str) {
+        let Some((addr, shown)) = &self.target else {
+            return;
+        };
+        let sent = Socket::new(Domain::UNIX, Type::DGRAM, None)
+            .and_then(|s| s.send_to(message.as_bytes(), addr));
+        match sent {
+            Ok(_) => {
+                tracing::debug!(notify_socket = %shown, message = %message.replace('\n', " "), "notified the service manager")
+            }
+            Err(e) => {
+                tracing::warn!(notify_socket = %shown, error = %e, "cannot notify the service manager")
+            }
+        }
+    }
+}
+
+fn notify_addr(value: &OsStr) -> std::io::Result<SockAddr> {
+    let bytes = value.as_bytes();
+    match bytes.first() {
+        Some(b'/') => SockAddr::unix(value),
+        Some(b'@') if bytes.len() > 1 => {
+            // socket2 reads a leading NUL byte as an abstract address.
+            let mut abstract_name = vec![0u8];
+            abstract_name.extend_from_slice(&bytes[1..]);
+            SockAddr::unix(OsStr::from_bytes(&abstract_name))
+        }
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "expected an absolute path or @name",
+        )),
+    }
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, as `MONOTONIC_USEC=` wants it.
+pub(crate) fn monotonic_usec() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => {
+            let secs = u64::try_from(ts.tv_sec()).unwrap_or(0);
+            let nanos = u64::try_from(ts.tv_nsec()).unwrap_or(0);
+            secs.saturating_mul(1_000_000).saturating_add(nanos / 1_000)
+        }
+        Err(_) => 0,
+    }
+}
+
+/// The variables of socket activation, removed from the environment of
+/// this process and of the next generations: they describe fds passed to
+/// the first process only.
+pub(crate) const LISTEN_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+
+/// The first fd passed by socket activation.
+const SD_LISTEN_FDS_START: RawFd = 3;
+
+/// Takes the sockets passed by systemd's socket activation, if they are
+/// meant for this process. Each becomes an inherited entry named by
+/// `FileDescriptorName=` (systemd's default name is the socket unit's).
+pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
+    let var = |k: &str| std::env::var_os(k);
+    let (pid, count, names) = (var("LISTEN_PID"), var("LISTEN_FDS"), var("LISTEN_FDNAMES"));
+    for k in LISTEN_VARS {
+        sys::remove_env(k);
+    }
+    let Some(count) = count else {
+        return Ok(Vec::new());
+    };
+    let bad = |reason: String| Error::SocketActivation { reason };
+    let count = count
+        .to_str()
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| bad(format!("LISTEN_FDS={count:?} is not a number of fds")))?;
+    let me = std::process::id();
+    match pid
+        .as_deref()
+        .and_then(OsStr::to_str)
+        .map(str::parse::<u32>)
+    {
+        Some(Ok(p)) if p == me => {}
+        Some(Ok(p)) => {
+            tracing::warn!(
+                listen_pid = p,
+                pid = me,
+                "ignoring LISTEN_FDS: they were passed to another process"
+            );
+            return Ok(Vec::new());
+        }
+        _ => return Err(bad(format!("LISTEN_PID={pid:?} is not a process id"))),
+    }
+    let names: Vec<String> = match &names {
+        Some(n) => n.to_string_lossy().split(':').map(str::to_owned).collect(),
+        None => vec!["unknown".to_owned(); usize::from(count)],
+    };
+    if names.len() != usize::from(count) {
+        return Err(bad(format!(
+            "LISTEN_FDNAMES names {} fds but LISTEN_FDS={count}",
+            names.len()
+        )));
+    }
+    // Check every fd while borrowed; take them only once all are valid.
+    let mut checked = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let fd = SD_LISTEN_FDS_START + RawFd::from(u16::try_from(i).unwrap_or(u16::MAX));
+        let borrowed =
+            borrow_handed_on(fd).map_err(|reason| bad(format!("{name:?} (fd {fd}): {reason}")))?;
+        let owned_check = borrowed
+            .try_clone_to_owned()
+            .map_err(|e| bad(format!("{name:?} (fd {fd}): {e}")))?;
+        let kind = match socket2::SockRef::from(&owned_check).r#type() {
+            Ok(Type::DGRAM) => Kind::Packet,
+            Ok(_) => Kind::Listener,
+            Err(e) => return Err(bad(format!("{name:?} (fd {fd}) is not a socket ({e})"))),
+        };
+        let (network, address) = describe_socket(name, &owned_check, kind).map_err(|e| {
+            bad(format!(
+                "{name:?} (fd {fd}): {e}; a socket unit with Accept=yes is not supported"
+            ))
+        })?;
+        drop(owned_check);
+        if checked
+            .iter()
+            .any(|(n, ..): &(String, _, _, _, _)| n == name)
+        {
+            return Err(bad(format!(
+                "two sockets are named {name:?}; give each a FileDescriptorName="
+            )));
+        }
+        checked.push((name.clone(), fd, kind, network, address));
+    }
+    let mut out = Vec::with_capacity(checked.len());
+    for (name, fd, kind, network, address) in checked {
+        let owned =
+            sys::take_inherited_fd(fd).map_err(|e| bad(format!("{name:?} (fd {fd}): {e}")))?;
+        sys::set_nonblocking(owned.as_fd()).map_err(|e| bad(format!("{name:?} (fd {fd}): {e}")))?;
+        tracing::info!(name = %name, fd, %network, %address, "socket-activated");
+        out.push(Inherited {
+            meta: EntryMeta {
+                name,
+                kind,
+                fd,
+                network: Some(network.to_string()),
+                address: Some(address),
+                activated: true,
+            },
+            network: Some(network),
+            fd: owned,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_addresses() {
+        assert!(notify_addr(OsStr::new("/run/systemd/notify")).is_ok());
+        assert!(notify_addr(OsStr::new("@sd-notify")).is_ok());
+        for bad in ["", "relative", "@"] {
+            assert!(notify_addr(OsStr::new(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn monotonic_clock_moves() {
+        let a = monotonic_usec();
+        let b = monotonic_usec();
+        assert!(a > 0 && b >= a);
+    }
+}
