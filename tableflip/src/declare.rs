@@ -252,16 +252,12 @@ pub(crate) fn declared() -> Vec<&'static ListenerDecl> {
 /// Opens every declared listener, after checking that no two share a name.
 pub(crate) fn open_all(fds: &Fds) -> Result<()> {
     let decls = declared();
-    let mut seen = std::collections::HashMap::new();
+    let mut seen = std::collections::HashSet::new();
     for d in &decls {
-        if let Some(other) = seen.insert(d.name, *d) {
+        if !seen.insert(d.name) {
             return Err(Error::DuplicateName {
                 name: d.name.to_owned(),
-                what: if std::ptr::eq(other, *d) {
-                    "listener"
-                } else {
-                    "listener declared twice (two #[listener] statics with this name in different modules or crates)"
-                },
+                what: "listener declared twice (two #[listener] statics with this name in different modules or crates)",
             });
         }
     }
