@@ -118,9 +118,10 @@ impl<T: FromFd> DeclaredListener<T> {
         self.decl.address
     }
 
-    /// The address in effect: the one the socket was opened with (after an
-    /// `env` override) once it is open, else the declared one with the
-    /// override applied.
+    /// The address in effect: once the socket is open, its real address
+    /// (the port the kernel picked for port 0, the address of the socket
+    /// unit under socket activation); before, the declared one with the
+    /// `env` override applied.
     pub fn address(&self) -> String {
         match &*self.decl.lock() {
             Slot::Open(_, address) => address.clone(),
@@ -194,9 +195,9 @@ impl ListenerDecl {
         (self.address.to_owned(), None)
     }
 
-    /// Opens the socket; returns whether it was inherited, or `None` if it
-    /// was open already.
-    pub(crate) fn open(&self, fds: &Fds) -> Result<Option<bool>> {
+    /// Opens the socket; returns whether it was inherited and its real
+    /// address, or `None` if it was open already.
+    pub(crate) fn open(&self, fds: &Fds) -> Result<Option<(bool, String)>> {
         let mut slot = self.lock();
         if !matches!(*slot, Slot::Pending) {
             return Ok(None);
@@ -229,8 +230,9 @@ impl ListenerDecl {
             Kind::Packet
         };
         let (fd, inherited) = fds.open_fd(&spec, network, kind)?;
-        *slot = Slot::Open(fd, address);
-        Ok(Some(inherited))
+        let actual = crate::fds::describe_socket(self.name, &fd, kind).map_or(address, |(_, a)| a);
+        *slot = Slot::Open(fd, actual.clone());
+        Ok(Some((inherited, actual)))
     }
 }
 
@@ -262,12 +264,11 @@ pub(crate) fn open_all(fds: &Fds) -> Result<()> {
         }
     }
     for d in decls {
-        let address = d.effective_address().0;
         match d.open(fds)? {
-            Some(true) => {
+            Some((true, address)) => {
                 tracing::info!(listener = d.name, network = d.network, %address, "inherited listener")
             }
-            Some(false) => {
+            Some((false, address)) => {
                 tracing::info!(listener = d.name, network = d.network, %address, "bound listener")
             }
             None => {}

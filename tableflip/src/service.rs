@@ -284,14 +284,16 @@ async fn lifecycle(
     // Counts the upgrade requests (SIGHUP) received so far.
     let (requests, requested) = watch::channel(0u64);
     let scheduler = tokio::spawn(schedule_upgrades(upgrader.clone(), requested));
+    // Whether a stop signal was received: the next one exits at once.
+    let mut stopping = false;
     loop {
         tokio::select! {
             _ = signals.hup.recv() => {
                 tracing::info!("SIGHUP: upgrade requested");
                 requests.send_modify(|n| *n += 1);
             }
-            _ = signals.term.recv() => { tracing::info!("SIGTERM: stopping"); upgrader.stop(); }
-            _ = signals.int.recv() => { tracing::info!("SIGINT: stopping"); upgrader.stop(); }
+            _ = signals.term.recv() => { tracing::info!("SIGTERM: stopping"); stopping = true; upgrader.stop(); }
+            _ = signals.int.recv() => { tracing::info!("SIGINT: stopping"); stopping = true; upgrader.stop(); }
             () = &mut exit => break,
         }
     }
@@ -310,13 +312,49 @@ async fn lifecycle(
                 }
                 return ExitCode::SUCCESS;
             }
-            _ = signals.term.recv() => break,
-            _ = signals.int.recv() => break,
-            _ = signals.hup.recv() => tracing::info!("SIGHUP ignored: this process is draining"),
+            // A generation draining after an upgrade receives its first stop
+            // signal here (`systemctl stop` signals every process of the
+            // unit): it is stopping already, so it keeps draining.
+            _ = signals.term.recv() => {
+                if stopping {
+                    break;
+                }
+                tracing::info!("SIGTERM: already draining; a second one exits at once");
+                stopping = true;
+            }
+            _ = signals.int.recv() => {
+                if stopping {
+                    break;
+                }
+                tracing::info!("SIGINT: already draining; a second one exits at once");
+                stopping = true;
+            }
+            _ = signals.hup.recv() => forward_upgrade_request(&upgrader),
         }
     }
     tracing::warn!("second stop signal: exiting at once");
     ExitCode::from(130)
+}
+
+/// A `SIGHUP` that reaches a generation draining after an upgrade (a
+/// `kill -HUP $MAINPID` sent before the service manager learnt the new
+/// PID) is meant for the service: it goes to the new generation, which
+/// runs it once this one has exited.
+fn forward_upgrade_request(upgrader: &Upgrader) {
+    let Some(successor) = upgrader.successor_pid() else {
+        tracing::info!("SIGHUP ignored: this process is stopping");
+        return;
+    };
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(successor).unwrap_or(0));
+    match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP) {
+        Ok(()) => tracing::info!(
+            successor,
+            "SIGHUP while draining: forwarded to the new generation"
+        ),
+        Err(e) => {
+            tracing::warn!(successor, error = %e, "cannot forward SIGHUP to the new generation")
+        }
+    }
 }
 
 /// Runs the upgrades that `SIGHUP` requests, one at a time, never losing

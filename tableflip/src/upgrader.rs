@@ -278,6 +278,12 @@ impl Upgrader {
         self.inner.generation
     }
 
+    /// The PID of the generation this process handed over to, after a
+    /// successful [`upgrade`](Self::upgrade).
+    pub fn successor_pid(&self) -> Option<u32> {
+        self.state().upgraded
+    }
+
     /// Whether the parent process has exited (true when there was none).
     pub fn parent_exited(&self) -> bool {
         self.inner.parent_exited.is_cancelled()

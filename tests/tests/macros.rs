@@ -436,3 +436,59 @@ fn a_bind_failure_is_reported_before_init_runs() {
         "stderr: {stderr}"
     );
 }
+
+/// `systemctl stop` signals every process of the unit: a generation still
+/// draining after an upgrade gets its first SIGTERM then. It keeps
+/// draining (its in-flight request completes); only a second one exits
+/// at once.
+#[test]
+fn a_draining_generation_keeps_draining_on_its_first_sigterm() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("m-term");
+    let mut m = start(SVC, &ctl, &[]);
+    let first = m.svc.first_pid();
+    let addr = m.tcp.clone();
+    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500"));
+    wait_until("the slow request is in flight", || {
+        established_to(&m.tcp) >= 1
+    });
+    let second = upgrade(&mut m, first);
+    signal(first, Signal::SIGTERM);
+    assert_eq!(
+        reply_pid(&slow.join().expect("slow request")),
+        first,
+        "the drain went on"
+    );
+    assert!(m.svc.wait_first().success());
+    assert!(is_alive(second), "the new generation was not affected");
+}
+
+/// A SIGHUP that reaches a generation draining after an upgrade (as
+/// `kill -HUP $MAINPID` does before the service manager learns the new
+/// PID) is forwarded to the new generation, which upgrades once the old
+/// one has exited.
+#[test]
+fn sighup_to_a_draining_generation_reaches_the_new_one() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("m-fwd");
+    let mut m = start(SVC, &ctl, &[]);
+    let first = m.svc.first_pid();
+    let addr = m.tcp.clone();
+    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500"));
+    wait_until("the slow request is in flight", || {
+        established_to(&m.tcp) >= 1
+    });
+    let second = upgrade(&mut m, first);
+    signal(first, Signal::SIGHUP);
+    let third = m
+        .svc
+        .wait_for("a third generation", |e| {
+            e.kind == "start" && e.pid != first && e.pid != second
+        })
+        .pid;
+    m.svc.wait_kind("init-done", Some(third));
+    wait_for_pid_file(&m.pid_file, third);
+    assert_eq!(reply_pid(&slow.join().expect("slow request")), first);
+}
