@@ -589,6 +589,8 @@ impl Fds {
         let in_use: Vec<PathBuf> = reg.entries.values().filter_map(Entry::unix_path).collect();
         closed
             .iter()
+            // The file of a socket systemd passed belongs to its socket unit.
+            .filter(|e| !e.activated)
             .filter_map(Entry::unix_path)
             .filter(|p| !in_use.contains(p))
             .collect()
@@ -614,6 +616,8 @@ impl Fds {
             .entries
             .values()
             .filter(|e| ready || e.created_here)
+            // The file of a socket systemd passed belongs to its socket unit.
+            .filter(|e| !e.activated)
             .filter(|e| matches!(e.kind, Kind::Listener | Kind::Packet))
             .filter_map(Entry::unix_path)
             .collect()

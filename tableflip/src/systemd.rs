@@ -143,7 +143,12 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
             );
             return Ok(Vec::new());
         }
-        _ => return Err(bad(format!("LISTEN_PID={pid:?} is not a process id"))),
+        // As sd_listen_fds(3): without LISTEN_PID the fds are not ours.
+        None => {
+            tracing::warn!("ignoring LISTEN_FDS: LISTEN_PID is not set");
+            return Ok(Vec::new());
+        }
+        Some(Err(_)) => return Err(bad(format!("LISTEN_PID={pid:?} is not a process id"))),
     }
     let names: Vec<String> = match &names {
         Some(n) => n.to_string_lossy().split(':').map(str::to_owned).collect(),

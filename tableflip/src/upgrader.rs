@@ -380,11 +380,13 @@ impl Upgrader {
 
     /// Stops the upgrader: an upgrade in flight is cancelled (its child
     /// killed and reaped), [`exit`](Self::exit) resolves, and, unless an
-    /// upgrade succeeded, the service really stops: the Unix socket files
-    /// this generation owns and its PID file are removed, and the
-    /// upgrader's own handles of listening sockets are closed, so that each
-    /// socket closes (and new clients are refused) as soon as the program
-    /// drops its handle. Idempotent.
+    /// upgrade succeeded, the service really stops: systemd is told
+    /// `STOPPING=1` (by the main process only: never by a child that was
+    /// not ready yet), the Unix socket files this generation owns (never
+    /// those of sockets systemd passed) and its PID file are removed, and
+    /// the upgrader's own handles of listening sockets are closed, so that
+    /// each socket closes (and new clients are refused) as soon as the
+    /// program drops its handle. Idempotent.
     pub fn stop(&self) {
         let (ready, upgraded) = {
             let mut state = self.state();
@@ -395,7 +397,11 @@ impl Upgrader {
             (state.ready, state.upgraded.is_some())
         };
         tracing::debug!("upgrader stopped");
-        if !upgraded {
+        // Only the main process speaks to systemd: a child that stops
+        // before it is ready (its listeners cannot be opened…) was never
+        // announced, and its STOPPING=1 would stop the service under
+        // NotifyAccess=all; after a handover, the successor is the main one.
+        if !upgraded && (ready || self.inner.parent.is_none()) {
             self.inner.notify.send("STOPPING=1\nSTATUS=stopping");
         }
         self.inner.stop.cancel();

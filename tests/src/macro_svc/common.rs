@@ -5,7 +5,11 @@
 //! init function does: `ok`, `err`, `panic`, `hang`, `block` (until an
 //! `unblock` file appears), `exit N`),
 //! `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`, `MS_DRAIN_MS` (read by
-//! [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout.
+//! [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout:
+//! `start gen= has_parent=`, `listening name= addr=` for each listener
+//! (for the Unix one, `addr` is the declared address and `local` the path
+//! the socket is really bound to, which differs when systemd passed it),
+//! `second-take msg=`, `hanging`, `blocked`, `init-done`.
 //!
 //! Protocol on the TCP and Unix listeners: the client sends one line,
 //! `GET` or `SLOW <ms>`, and gets `pid <N>\n` (after `<ms>` for SLOW).
@@ -84,9 +88,18 @@ pub(crate) async fn init(
         &format!("name={} addr={}", udp.name(), udp_s.local_addr()?),
     );
     let unix_l = unix.take()?;
+    let unix_local = unix_l
+        .local_addr()?
+        .as_pathname()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     event(
         "listening",
-        &format!("name={} addr={}", unix.name(), unix.address()),
+        &format!(
+            "name={} addr={} local={unix_local}",
+            unix.name(),
+            unix.address()
+        ),
     );
     if let Err(e) = tcp.take() {
         event("second-take", &format!("msg={:?}", e.to_string()));
