@@ -375,6 +375,12 @@ impl Service {
 
 impl Drop for Service {
     fn drop(&mut self) {
+        // Events not read yet name processes to kill too (a test that
+        // failed early leaves generations it never heard from).
+        while let Ok(ev) = self.events.try_recv() {
+            self.history.push(ev);
+            self.consumed.push(false);
+        }
         for pid in self.pids() {
             if is_alive(pid) {
                 let _ = kill(pid_of(pid), Signal::SIGKILL);
