@@ -78,6 +78,36 @@ pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
+/// Writes as much of `data` into the empty pipe `fd` as it can hold
+/// without blocking, after growing the pipe to fit `data` where the
+/// platform allows (Linux: up to `/proc/sys/fs/pipe-max-size`, 1 MiB by
+/// default). Returns how many bytes were written; `fd` is left blocking.
+pub(crate) fn prefill_pipe(fd: BorrowedFd<'_>, data: &[u8]) -> usize {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Ok(size) = nix::libc::c_int::try_from(data.len()) {
+        // Best effort: a smaller pipe only means more for the writer thread.
+        let _ = fcntl(fd, FcntlArg::F_SETPIPE_SZ(size));
+    }
+    let Ok(flags) = fcntl(fd, FcntlArg::F_GETFL).map(OFlag::from_bits_retain) else {
+        return 0;
+    };
+    if fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).is_err() {
+        return 0;
+    }
+    let mut written = 0;
+    while written < data.len() {
+        match nix::unistd::write(fd, &data[written..]) {
+            Ok(n) => written += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    // Blocking again for the writer thread (which also copes with a
+    // non-blocking pipe, should this fail).
+    let _ = fcntl(fd, FcntlArg::F_SETFL(flags));
+    written
+}
+
 /// Marks `fd` close-on-exec.
 pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     let flags = FdFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFD)?);

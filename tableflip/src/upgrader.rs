@@ -537,7 +537,13 @@ impl Upgrader {
                 generation: self.inner.generation + 1,
                 entries: snapshot.entries.clone(),
             };
-            let payload = protocol::encode(&meta)?;
+            let mut payload = protocol::encode(&meta)?;
+            // Put the metadata into the pipe before the child exists: it is
+            // then complete whatever happens to this process after the
+            // spawn (a SIGKILL included). What does not fit is written by
+            // a thread once the child reads.
+            let written = sys::prefill_pipe(parent_w.as_fd(), &payload);
+            payload.drain(..written);
             let mut cmd = tokio::process::Command::from(cmd);
             cmd.kill_on_drop(false);
             let child = cmd.spawn().map_err(|source| Error::Spawn {
@@ -553,7 +559,9 @@ impl Upgrader {
         tracing::info!(child_pid = pid, executable = %exe.display(), "upgrade: spawned");
 
         let parent_w = Arc::new(parent_w);
-        send_metadata(Arc::clone(&parent_w), payload, pid);
+        if !payload.is_empty() {
+            send_metadata(Arc::clone(&parent_w), payload, pid);
+        }
 
         let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_r)
             .map_err(|e| Error::io("cannot watch the readiness pipe", e))?;
@@ -731,6 +739,10 @@ fn send_metadata(pipe: Arc<OwnedFd>, payload: Vec<u8>, pid: u32) {
                 match nix::unistd::write(pipe.as_fd(), rest) {
                     Ok(n) => rest = &rest[n..],
                     Err(nix::errno::Errno::EINTR) => {}
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        let mut fds = [nix::poll::PollFd::new(pipe.as_fd(), nix::poll::PollFlags::POLLOUT)];
+                        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
+                    }
                     Err(e) => {
                         tracing::debug!(child_pid = pid, error = %e, "cannot send the handover metadata");
                         return;

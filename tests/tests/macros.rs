@@ -492,3 +492,31 @@ fn sighup_to_a_draining_generation_reaches_the_new_one() {
     wait_for_pid_file(&m.pid_file, third);
     assert_eq!(reply_pid(&slow.join().expect("slow request")), first);
 }
+
+/// The parent is SIGKILLed while the new generation initialises: the child
+/// carries on, becomes ready as the sole owner of the sockets, names
+/// itself in the PID file and serves.
+#[test]
+fn a_parent_sigkilled_during_the_childs_init_leaves_the_child_serving() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("m-kill");
+    let mut m = start(SVC, &ctl, &[]);
+    let first = m.svc.first_pid();
+    ctl.write("init", "block");
+    signal(first, Signal::SIGHUP);
+    let child = m.svc.wait_kind("blocked", None).pid;
+    m.svc.wait_kind("start", Some(child));
+    signal(first, Signal::SIGKILL);
+    assert!(!m.svc.wait_first().success(), "the parent was killed");
+    ctl.write("init", "ok");
+    ctl.write("unblock", "");
+    m.svc.wait_kind("init-done", Some(child));
+    wait_for_pid_file(&m.pid_file, child);
+    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), child);
+    assert_eq!(reply_pid(&udp_get(&m.udp).expect("udp")), child);
+    // And it can upgrade in turn: its parent is gone.
+    let next = upgrade(&mut m, child);
+    wait_gone(child);
+    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), next);
+}
