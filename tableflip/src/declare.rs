@@ -2,7 +2,7 @@
 //! opened (inherited or bound) before the init function runs, taken once.
 
 use std::marker::PhantomData;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 
 use crate::bind::ListenSpec;
@@ -230,7 +230,8 @@ impl ListenerDecl {
             Kind::Packet
         };
         let (fd, inherited) = fds.open_fd(&spec, network, kind)?;
-        let actual = crate::fds::describe_socket(self.name, &fd, kind).map_or(address, |(_, a)| a);
+        let actual =
+            crate::fds::describe_socket(self.name, fd.as_fd(), kind).map_or(address, |(_, a)| a);
         *slot = Slot::Open(fd, actual.clone());
         Ok(Some((inherited, actual)))
     }

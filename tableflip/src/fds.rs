@@ -2,7 +2,7 @@
 //! sockets, connections and files.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -459,7 +459,7 @@ impl Fds {
 
     fn add_shared(&self, name: &str, fd: std::io::Result<OwnedFd>, kind: Kind) -> Result<()> {
         let fd = fd.map_err(|e| Error::io(format!("cannot duplicate the fd of {name:?}"), e))?;
-        let (network, address) = describe_socket(name, &fd, kind)?;
+        let (network, address) = describe_socket(name, fd.as_fd(), kind)?;
         self.insert(name, kind, Some(network), Some(address), Slot::Owned(fd))
             .map(|_| ())
     }
@@ -475,11 +475,7 @@ impl Fds {
     pub fn add_conn<T: Conn>(&self, name: &str, conn: T) -> Result<Handover<T>> {
         let fd = conn.as_fd();
         let raw = fd.as_raw_fd();
-        let (network, address) = describe_socket(
-            name,
-            &fd.try_clone_to_owned().map_err(|e| Error::io("dup", e))?,
-            Kind::Conn,
-        )?;
+        let (network, address) = describe_socket(name, fd, Kind::Conn)?;
         let id = self.insert(
             name,
             Kind::Conn,
@@ -741,8 +737,12 @@ fn address_matches(entry: &Entry, configured: &str, resolved: &Address) -> bool 
 }
 
 /// Works out the network and address of a socket the application hands on.
-pub(crate) fn describe_socket(name: &str, fd: &OwnedFd, kind: Kind) -> Result<(Network, String)> {
-    let sock = socket2::SockRef::from(fd);
+pub(crate) fn describe_socket(
+    name: &str,
+    fd: BorrowedFd<'_>,
+    kind: Kind,
+) -> Result<(Network, String)> {
+    let sock = socket2::SockRef::from(&fd);
     let bad = |reason: String| mismatch(name, kind, reason);
     let ty = sock
         .r#type()

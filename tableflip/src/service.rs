@@ -345,14 +345,28 @@ fn forward_upgrade_request(upgrader: &Upgrader) {
         tracing::info!("SIGHUP ignored: this process is stopping");
         return;
     };
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(successor).unwrap_or(0));
-    match nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP) {
-        Ok(()) => tracing::info!(
-            successor,
-            "SIGHUP while draining: forwarded to the new generation"
-        ),
+    forward_sighup(
+        successor,
+        "SIGHUP while draining: forwarded to the new generation",
+    );
+}
+
+/// Sends `SIGHUP` to the new generation `pid`, logging the outcome.
+fn forward_sighup(pid: u32, what: &str) {
+    // A PID that does not fit is refused: `kill(0, …)` would signal this
+    // whole process group.
+    let target = i32::try_from(pid)
+        .ok()
+        .filter(|p| *p > 0)
+        .map(nix::unistd::Pid::from_raw);
+    let sent = match target {
+        Some(p) => nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGHUP),
+        None => Err(nix::errno::Errno::ESRCH),
+    };
+    match sent {
+        Ok(()) => tracing::info!(child_pid = pid, "{what}"),
         Err(e) => {
-            tracing::warn!(successor, error = %e, "cannot forward SIGHUP to the new generation")
+            tracing::warn!(child_pid = pid, error = %e, "cannot forward SIGHUP to the new generation")
         }
     }
 }
@@ -388,14 +402,10 @@ async fn schedule_upgrades(upgrader: Upgrader, mut requested: watch::Receiver<u6
         let again = *requested.borrow() > handled;
         match result {
             Ok(child) if again => {
-                tracing::info!(
-                    child_pid = child,
-                    "SIGHUP arrived during the upgrade: forwarding it to the new generation"
+                forward_sighup(
+                    child,
+                    "SIGHUP arrived during the upgrade: forwarded to the new generation",
                 );
-                let pid = nix::unistd::Pid::from_raw(i32::try_from(child).unwrap_or(0));
-                if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP) {
-                    tracing::warn!(child_pid = child, error = %e, "cannot forward SIGHUP");
-                }
                 return;
             }
             Ok(_) => return,

@@ -166,20 +166,16 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
         let fd = SD_LISTEN_FDS_START + RawFd::from(u16::try_from(i).unwrap_or(u16::MAX));
         let borrowed =
             borrow_handed_on(fd).map_err(|reason| bad(format!("{name:?} (fd {fd}): {reason}")))?;
-        let owned_check = borrowed
-            .try_clone_to_owned()
-            .map_err(|e| bad(format!("{name:?} (fd {fd}): {e}")))?;
-        let kind = match socket2::SockRef::from(&owned_check).r#type() {
+        let kind = match socket2::SockRef::from(&borrowed).r#type() {
             Ok(Type::DGRAM) => Kind::Packet,
             Ok(_) => Kind::Listener,
             Err(e) => return Err(bad(format!("{name:?} (fd {fd}) is not a socket ({e})"))),
         };
-        let (network, address) = describe_socket(name, &owned_check, kind).map_err(|e| {
+        let (network, address) = describe_socket(name, borrowed, kind).map_err(|e| {
             bad(format!(
                 "{name:?} (fd {fd}): {e}; a socket unit with Accept=yes is not supported"
             ))
         })?;
-        drop(owned_check);
         if checked
             .iter()
             .any(|(n, ..): &(String, _, _, _, _)| n == name)

@@ -698,3 +698,38 @@ pub fn upgrade_via_pid_file(svc: &mut Service, pid_file: &Path, old: u32) -> u32
     }
     new
 }
+
+/// Whether this test process itself has `fd` open on `target` without
+/// close-on-exec: then every process it starts inherits it, tableflip or
+/// not (test runners and shells do leak such fds).
+pub fn passed_down_by_the_test_runner(fd: &str, target: &str) -> bool {
+    let same = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .is_ok_and(|t| t.display().to_string() == target);
+    let flags = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("flags:"))?.to_owned();
+            u32::from_str_radix(line.trim_start_matches("flags:").trim(), 8).ok()
+        });
+    const O_CLOEXEC: u32 = 0o2_000_000;
+    same && flags.is_some_and(|f| f & O_CLOEXEC == 0)
+}
+
+/// How many upgrades the load tests run: `TABLEFLIP_LOAD_UPGRADES`, else 20.
+pub fn load_upgrades() -> usize {
+    std::env::var("TABLEFLIP_LOAD_UPGRADES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
+/// Starts `cmd` (an example service that writes `pid_file`) and waits
+/// until it is ready: its PID file names it.
+pub fn spawn_ready(cmd: Command, pid_file: &Path) -> Service {
+    let svc = Service::spawn(cmd);
+    let first = svc.first_pid();
+    wait_until("the service writes its pid file", || {
+        pid_file_pid(pid_file) == Some(first)
+    });
+    svc
+}

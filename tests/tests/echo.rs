@@ -62,10 +62,7 @@ fn exchange(addr: &str, seed: u64) -> Result<u64, String> {
 fn every_byte_is_echoed_across_upgrades() {
     let _serial = serial();
     adopt_orphans();
-    let upgrades: usize = std::env::var("TABLEFLIP_LOAD_UPGRADES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let upgrades = load_upgrades();
     let ctl = Scratch::new("echo");
     let addr = format!("127.0.0.1:{}", free_port());
     let pid_file = ctl.path().join("echo.pid");
@@ -73,11 +70,8 @@ fn every_byte_is_echoed_across_upgrades() {
     cmd.env("ECHO_ADDR", &addr)
         .env("PID_FILE", &pid_file)
         .env("RUST_LOG", "warn");
-    let mut svc = Service::spawn(cmd);
+    let mut svc = spawn_ready(cmd, &pid_file);
     let first = svc.first_pid();
-    wait_until("the echo service writes its pid file", || {
-        pid_file_pid(&pid_file) == Some(first)
-    });
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..6u64)

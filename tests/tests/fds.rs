@@ -202,22 +202,6 @@ fn probe_fds(ev: &Event) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Whether this test process itself has `fd` open on `target` without
-/// close-on-exec: then every process it starts inherits it, tableflip or
-/// not (test runners and shells do leak such fds).
-fn passed_down_by_the_test_runner(fd: &str, target: &str) -> bool {
-    let same = std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .is_ok_and(|t| t.display().to_string() == target);
-    let flags = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-        .ok()
-        .and_then(|info| {
-            let line = info.lines().find(|l| l.starts_with("flags:"))?.to_owned();
-            u32::from_str_radix(line.trim_start_matches("flags:").trim(), 8).ok()
-        });
-    const O_CLOEXEC: u32 = 0o2_000_000;
-    same && flags.is_some_and(|f| f & O_CLOEXEC == 0)
-}
-
 #[test]
 fn subprocess_of_a_child_generation_inherits_nothing() {
     let _serial = serial();

@@ -23,11 +23,7 @@ fn start(ctl: &Scratch) -> (Service, String, std::path::PathBuf) {
     cmd.env("AX_ADDR", &addr)
         .env("PID_FILE", &pid_file)
         .env("RUST_LOG", "warn");
-    let svc = Service::spawn(cmd);
-    let first = svc.first_pid();
-    wait_until("the service writes its pid file", || {
-        pid_file_pid(&pid_file) == Some(first)
-    });
+    let svc = spawn_ready(cmd, &pid_file);
     (svc, addr, pid_file)
 }
 

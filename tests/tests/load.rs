@@ -30,10 +30,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 fn zero_failed_requests_across_upgrades_under_load() {
     let _serial = serial();
     adopt_orphans();
-    let upgrades: usize = std::env::var("TABLEFLIP_LOAD_UPGRADES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let upgrades = load_upgrades();
     let ctl = Scratch::new("load");
     let addr = format!("127.0.0.1:{}", free_port());
     let pid_file = ctl.path().join("http.pid");
@@ -41,11 +38,8 @@ fn zero_failed_requests_across_upgrades_under_load() {
     cmd.env("HTTP_ADDR", &addr)
         .env("PID_FILE", &pid_file)
         .env("RUST_LOG", "warn");
-    let mut svc = Service::spawn(cmd);
+    let mut svc = spawn_ready(cmd, &pid_file);
     let first = svc.first_pid();
-    wait_until("the demo writes its pid file", || {
-        pid_file_pid(&pid_file) == Some(first)
-    });
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
