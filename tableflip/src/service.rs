@@ -310,6 +310,9 @@ async fn lifecycle(
                 } else {
                     tracing::warn!(abandoned, "drain timeout passed; exiting with tasks still running");
                 }
+                // A successor that died after taking over is being
+                // replaced: exiting now would kill the replacement.
+                upgrader.settled().await;
                 return ExitCode::SUCCESS;
             }
             // A generation draining after an upgrade receives its first stop
@@ -321,6 +324,9 @@ async fn lifecycle(
                 }
                 tracing::info!("SIGTERM: already draining; a second one exits at once");
                 stopping = true;
+                // After an upgrade: marks the service as stopping, so a
+                // successor ending now is not replaced.
+                upgrader.stop();
             }
             _ = signals.int.recv() => {
                 if stopping {
@@ -328,6 +334,9 @@ async fn lifecycle(
                 }
                 tracing::info!("SIGINT: already draining; a second one exits at once");
                 stopping = true;
+                // After an upgrade: marks the service as stopping, so a
+                // successor ending now is not replaced.
+                upgrader.stop();
             }
             _ = signals.hup.recv() => forward_upgrade_request(&upgrader),
         }
@@ -342,7 +351,7 @@ async fn lifecycle(
 /// runs it once this one has exited.
 fn forward_upgrade_request(upgrader: &Upgrader) {
     let Some(successor) = upgrader.successor_pid() else {
-        tracing::info!("SIGHUP ignored: this process is stopping");
+        tracing::info!("SIGHUP ignored: there is no new generation to forward it to");
         return;
     };
     forward_sighup(

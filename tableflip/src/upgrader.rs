@@ -5,9 +5,9 @@ use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
@@ -87,7 +87,17 @@ struct Inner {
     exit: CancellationToken,
     stop: CancellationToken,
     parent_exited: CancellationToken,
+    /// True while a successor that died after it took over is being
+    /// replaced (see [`Upgrader::settled`]).
+    replacing: tokio::sync::watch::Sender<bool>,
+    /// How many dead successors this process has replaced.
+    replacements: AtomicU32,
 }
+
+/// How many times one process replaces a successor that died after it took
+/// over, before it gives up (a binary that crashes right after readiness
+/// must not make the old generation spawn it in a loop).
+const MAX_REPLACEMENTS: u32 = 3;
 
 /// How this process was started; the next generation starts the same way.
 #[derive(Debug)]
@@ -205,6 +215,8 @@ impl Upgrader {
                 exit: CancellationToken::new(),
                 stop: CancellationToken::new(),
                 parent_exited,
+                replacing: tokio::sync::watch::Sender::new(false),
+                replacements: AtomicU32::new(0),
             }),
         })
     }
@@ -301,6 +313,22 @@ impl Upgrader {
         self.inner.parent_exited.cancelled().await;
     }
 
+    /// Resolves once no replacement of a dead successor is in flight (at
+    /// once, normally).
+    ///
+    /// After a successful [`upgrade`](Self::upgrade) this process keeps
+    /// holding the sockets while it drains. If the new generation dies in
+    /// that time by anything but a clean exit (status 0), this process
+    /// starts the executable again and hands the sockets to the
+    /// replacement, so the service keeps being served (at most three
+    /// times; never after [`stop`](Self::stop)). Await this before the
+    /// process exits, so that a replacement in flight is not killed with
+    /// it: `#[tableflip::main]` does.
+    pub async fn settled(&self) {
+        let mut replacing = self.inner.replacing.subscribe();
+        let _ = replacing.wait_for(|r| !*r).await;
+    }
+
     /// Signals that initialisation is done.
     ///
     /// In order: inherited fds nobody claimed are closed (and the files of
@@ -378,8 +406,7 @@ impl Upgrader {
         self.inner.exit.is_cancelled()
     }
 
-    /// Stops the upgrader: an upgrade in flight is cancelled (its child
-    /// killed and reaped), [`exit`](Self::exit) resolves, and, unless an
+    /// Stops the upgrader: [`exit`](Self::exit) resolves, and, unless an
     /// upgrade succeeded, the service really stops: systemd is told
     /// `STOPPING=1` (by the main process only: never by a child that was
     /// not ready yet), the Unix socket files this generation owns (never
@@ -387,29 +414,38 @@ impl Upgrader {
     /// the upgrader's own handles of listening sockets are closed, so that
     /// each socket closes (and new clients are refused) as soon as the
     /// program drops its handle. Idempotent.
+    ///
+    /// An upgrade in flight decides first. The handover is committed when
+    /// the new generation signals readiness: a stop before that kills and
+    /// reaps the new process, and the service stops; a stop that arrives
+    /// after it (the readiness byte is already in the pipe, though this
+    /// process had not read it yet) leaves the new generation in charge,
+    /// and this one exits as after any upgrade, since killing a process
+    /// that has already taken over and named itself in the PID file would
+    /// leave the service down with a stale PID file.
     pub fn stop(&self) {
-        let (ready, upgraded) = {
+        let (ready, upgraded, upgrading) = {
             let mut state = self.state();
             if state.stopped {
                 return;
             }
             state.stopped = true;
-            (state.ready, state.upgraded.is_some())
+            (
+                state.ready,
+                state.upgraded.is_some(),
+                state.upgrading.is_some(),
+            )
         };
         tracing::debug!("upgrader stopped");
-        // Only the main process speaks to systemd: a child that stops
-        // before it is ready (its listeners cannot be opened…) was never
-        // announced, and its STOPPING=1 would stop the service under
-        // NotifyAccess=all; after a handover, the successor is the main one.
-        if !upgraded && (ready || self.inner.parent.is_none()) {
-            self.inner.notify.send("STOPPING=1\nSTATUS=stopping");
-        }
         self.inner.stop.cancel();
-        self.inner.exit.cancel();
-        if !upgraded {
-            self.inner.remove_owned_files(ready);
-            self.inner.fds.close_shared();
+        if upgrading {
+            // The upgrade in flight ends the stop (see `UpgradingFlag`).
+            return;
         }
+        if !upgraded {
+            self.inner.stop_serving(ready);
+        }
+        self.inner.exit.cancel();
     }
 
     /// Starts the next generation and hands everything over.
@@ -572,6 +608,7 @@ impl Upgrader {
         let mut byte = [0u8; 1];
         loop {
             tokio::select! {
+                biased;
                 read = ready.read(&mut byte), if ready_open => match read {
                     Ok(1) => break,
                     Ok(_) => ready_open = false,
@@ -596,6 +633,12 @@ impl Upgrader {
                     return Err(Error::Timeout { pid, timeout });
                 }
                 () = self.inner.stop.cancelled() => {
+                    // Committed already (the readiness byte is there)?
+                    // Then the new generation stays in charge.
+                    if ready_open && matches!(ready.try_read(&mut byte), Ok(1)) {
+                        tracing::info!(child_pid = pid, "stop requested as the new generation became ready: it stays in charge");
+                        break;
+                    }
                     kill_and_reap(child.get(), pid).await;
                     return Err(Error::Stopped);
                 }
@@ -606,8 +649,11 @@ impl Upgrader {
         // parent has gone. Leak this reference; the kernel closes the fd at
         // exit, however the process ends.
         std::mem::forget(parent_w);
-        // The child outlives us; tokio reaps it if it exits first.
-        drop(child.disarm());
+        // The child outlives us. While we live (draining), we watch it: if
+        // it dies, the sockets we still hold go to a replacement.
+        if let Some(child) = child.disarm() {
+            tokio::spawn(watch_successor(Arc::downgrade(&self.inner), child, pid));
+        }
         Ok(pid)
     }
 
@@ -651,6 +697,20 @@ impl Upgrader {
 }
 
 impl Inner {
+    /// What a real stop (no successor in charge) does besides resolving
+    /// `exit`: tell systemd, remove owned files, close shared sockets.
+    fn stop_serving(&self, ready: bool) {
+        // Only the main process speaks to systemd: a child that stops
+        // before it is ready (its listeners cannot be opened…) was never
+        // announced, and its STOPPING=1 would stop the service under
+        // NotifyAccess=all; after a handover, the successor is the main one.
+        if ready || self.parent.is_none() {
+            self.notify.send("STOPPING=1\nSTATUS=stopping");
+        }
+        self.remove_owned_files(ready);
+        self.fds.close_shared();
+    }
+
     fn remove_owned_files(&self, ready: bool) {
         for path in self.fds.owned_unix_paths(ready) {
             bind::unlink_socket(&path);
@@ -676,12 +736,25 @@ impl Drop for Inner {
     }
 }
 
-/// Clears the `upgrading` state when the upgrade ends, however it ends.
+/// Clears the `upgrading` state when the upgrade ends, however it ends,
+/// and finishes a [`stop`](Upgrader::stop) that arrived meanwhile: if no
+/// successor took over, the service really stops now.
 struct UpgradingFlag<'a>(&'a Upgrader);
 
 impl Drop for UpgradingFlag<'_> {
     fn drop(&mut self) {
-        self.0.state().upgrading = None;
+        let (stopped, upgraded, ready) = {
+            let mut state = self.0.state();
+            state.upgrading = None;
+            (state.stopped, state.upgraded.is_some(), state.ready)
+        };
+        let inner = &self.0.inner;
+        if stopped && !inner.exit.is_cancelled() {
+            if !upgraded {
+                inner.stop_serving(ready);
+            }
+            inner.exit.cancel();
+        }
     }
 }
 
@@ -712,9 +785,115 @@ impl Drop for ChildGuard {
                     "upgrade cancelled; killing the new process"
                 );
                 let _ = child.start_kill();
+                // Reap it now if it goes quickly (it normally does): when
+                // this drop happens because the process is exiting, tokio
+                // would not get the chance to, and the killed child would
+                // be left to the init process as a zombie.
+                let deadline = Instant::now() + Duration::from_millis(200);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
         }
     }
+}
+
+/// Waits for the successor `pid` (ready, in charge) to end while this
+/// process still lives, and replaces it if it died.
+///
+/// A successor that exits with status 0 was stopped on purpose; one that
+/// dies otherwise (a crash, `SIGKILL`, an error exit) right after taking
+/// over would leave the sockets unserved, although this process still
+/// holds them: the same executable is started again and inherits them
+/// (connections meanwhile wait in the listen backlog). Not after
+/// [`Upgrader::stop`], and at most [`MAX_REPLACEMENTS`] times.
+async fn watch_successor(inner: Weak<Inner>, mut child: tokio::process::Child, pid: u32) {
+    let status = child.wait().await;
+    let Some(inner) = inner.upgrade() else {
+        return;
+    };
+    let upgrader = Upgrader { inner };
+    let died = match &status {
+        Ok(s) if s.success() => None,
+        Ok(s) => Some(match (s.code(), s.signal()) {
+            (_, Some(signal)) => format!("killed by signal {signal}"),
+            (Some(code), None) => format!("exited with status {code}"),
+            (None, None) => "ended".to_owned(),
+        }),
+        Err(e) => {
+            tracing::debug!(child_pid = pid, error = %e, "cannot wait for the new generation");
+            None
+        }
+    };
+    let Some(how) = died else {
+        tracing::info!(child_pid = pid, "the new generation has exited");
+        return;
+    };
+    {
+        let mut state = upgrader.state();
+        if state.stopped || state.upgraded != Some(pid) {
+            tracing::info!(
+                child_pid = pid,
+                how,
+                "the new generation has ended; this process is stopping"
+            );
+            return;
+        }
+        if upgrader.inner.replacements.fetch_add(1, Ordering::SeqCst) >= MAX_REPLACEMENTS {
+            tracing::error!(
+                child_pid = pid,
+                how,
+                "the new generation died after it took over, and {MAX_REPLACEMENTS} replacements died already; nothing serves the sockets any more"
+            );
+            return;
+        }
+        state.upgraded = None;
+    }
+    upgrader.inner.replacing.send_replace(true);
+    replace_successor(upgrader, pid, how).await;
+}
+
+/// Starts a replacement for the successor `pid` that died (`how`), retrying
+/// a few times. Boxed: the upgrade it runs spawns [`watch_successor`]
+/// again, and the explicit `Send` breaks that cycle for the compiler.
+fn replace_successor(
+    upgrader: Upgrader,
+    pid: u32,
+    how: String,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        tracing::error!(
+            child_pid = pid,
+            how,
+            "the new generation died after it took over; this process still holds the sockets and starts a replacement"
+        );
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match upgrader.upgrade().await {
+                Ok(_) => break,
+                Err(
+                    Error::Stopped
+                    | Error::AlreadyUpgraded { .. }
+                    | Error::UpgradeInProgress { .. },
+                ) => break,
+                Err(e) => {
+                    if upgrader.inner.replacements.fetch_add(1, Ordering::SeqCst)
+                        >= MAX_REPLACEMENTS
+                    {
+                        tracing::error!(error = %e, "the replacement failed too; nothing serves the sockets any more");
+                        break;
+                    }
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "the replacement failed; trying again");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = upgrader.inner.stop.cancelled() => break,
+                    }
+                    delay *= 2;
+                }
+            }
+        }
+        upgrader.inner.replacing.send_replace(false);
+    })
 }
 
 fn is_executable(path: &Path) -> bool {

@@ -285,6 +285,15 @@ impl Service {
         }
     }
 
+    /// Moves the events received so far into [`history`](Self::history),
+    /// without waiting.
+    pub fn poll_events(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            self.history.push(ev);
+            self.consumed.push(false);
+        }
+    }
+
     /// The event lines seen so far.
     pub fn lines(&self) -> Vec<&str> {
         self.history.iter().map(|e| e.line.as_str()).collect()

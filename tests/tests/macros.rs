@@ -300,8 +300,9 @@ fn in_flight_requests_complete_and_drain_timeout_is_enforced() {
         out
     });
     // Both requests must have reached the first generation before the
-    // upgrade: wait until it holds two established connections.
-    wait_until("two requests in flight", || established_to(&m.tcp) >= 2);
+    // upgrade.
+    wait_slow(&mut m, first);
+    wait_slow(&mut m, first);
     let second = upgrade(&mut m, first);
     assert_ne!(second, first);
     assert_eq!(
@@ -320,26 +321,10 @@ fn in_flight_requests_complete_and_drain_timeout_is_enforced() {
     );
 }
 
-/// Connections to `addr` in ESTABLISHED state, from /proc/net/tcp.
-fn established_to(addr: &str) -> usize {
-    let port = addr
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok())
-        .unwrap_or(0);
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() > 3
-                && cols[3] == "01"
-                && cols[1]
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-                    == Some(port)
-        })
-        .count()
+/// Waits until `pid` has read one more `SLOW` request (it is in flight
+/// there).
+fn wait_slow(m: &mut Macro, pid: u32) {
+    m.svc.wait_kind("slow", Some(pid));
 }
 
 /// Two deploys in a row: a SIGHUP that arrives while an upgrade is in
@@ -387,9 +372,7 @@ fn sighup_while_the_parent_drains_waits_for_it() {
     // Keeps the first generation draining for a while.
     let addr = m.tcp.clone();
     let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500"));
-    wait_until("the slow request is in flight", || {
-        established_to(&m.tcp) >= 1
-    });
+    wait_slow(&mut m, first);
     let second = upgrade(&mut m, first);
     assert!(is_alive(first), "the first generation is still draining");
     signal(second, Signal::SIGHUP);
@@ -450,9 +433,7 @@ fn a_draining_generation_keeps_draining_on_its_first_sigterm() {
     let first = m.svc.first_pid();
     let addr = m.tcp.clone();
     let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500"));
-    wait_until("the slow request is in flight", || {
-        established_to(&m.tcp) >= 1
-    });
+    wait_slow(&mut m, first);
     let second = upgrade(&mut m, first);
     signal(first, Signal::SIGTERM);
     assert_eq!(
@@ -477,9 +458,7 @@ fn sighup_to_a_draining_generation_reaches_the_new_one() {
     let first = m.svc.first_pid();
     let addr = m.tcp.clone();
     let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500"));
-    wait_until("the slow request is in flight", || {
-        established_to(&m.tcp) >= 1
-    });
+    wait_slow(&mut m, first);
     let second = upgrade(&mut m, first);
     signal(first, Signal::SIGHUP);
     let third = m
@@ -519,4 +498,217 @@ fn a_parent_sigkilled_during_the_childs_init_leaves_the_child_serving() {
     let next = upgrade(&mut m, child);
     wait_gone(child);
     assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), next);
+}
+
+/// A client that makes requests to `addr` one after the other until told
+/// to stop; returns (successes, failures with their errors).
+fn client_loop(
+    addr: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0, Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let answer = (|| -> std::io::Result<String> {
+                let mut s = std::net::TcpStream::connect(&addr)?;
+                s.set_read_timeout(Some(DEADLINE))?;
+                writeln!(s, "GET")?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            })();
+            match answer {
+                Ok(a) if a.starts_with("pid ") => ok += 1,
+                Ok(a) => failed.push(format!("unexpected answer {a:?}")),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    })
+}
+
+fn send_sighup(pid: u32) {
+    // The target may have exited meanwhile: it is then a zombie until
+    // reaped, so its PID cannot name another process yet.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        Signal::SIGHUP,
+    );
+}
+
+/// Waits until exactly one of the service's processes is alive and the
+/// PID file names it; returns it.
+fn one_generation_left(m: &mut Macro, what: &str) -> u32 {
+    let mut last = 0;
+    wait_until(what, || {
+        m.svc.poll_events();
+        let alive: Vec<u32> = m.svc.pids().into_iter().filter(|p| is_alive(*p)).collect();
+        last = alive.first().copied().unwrap_or(0);
+        alive.len() == 1 && read_pid_file(&m.pid_file) == Some(last)
+    });
+    last
+}
+
+/// SIGHUP storms, with a client making requests all along (none may fail):
+///
+/// 1. 300 SIGHUPs at one process within half a second: they coalesce into
+///    a short chain of upgrades (those that arrive during an upgrade or
+///    the drain are forwarded, and collapse in the next generation);
+/// 2. SIGHUPs for a second at whichever process the PID file names: every
+///    one that arrives after the previous upgrade is a new request, so
+///    there are many upgrades, but never more than three generations at
+///    once (the draining one, the current one, the one starting).
+///
+/// The service ends with one generation serving, which stops cleanly.
+#[test]
+fn sighup_storms_never_fail_a_request_and_stay_bounded() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("m-storm");
+    let mut m = start(SVC, &ctl, &[("RUST_LOG", "warn")]);
+    let first = m.svc.first_pid();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = client_loop(m.tcp.clone(), stop.clone());
+
+    for _ in 0..300 {
+        send_sighup(first);
+        std::thread::sleep(std::time::Duration::from_micros(1500));
+    }
+    let current = one_generation_left(&mut m, "one generation left after the first storm");
+    let chain = m.svc.history.iter().filter(|e| e.kind == "start").count();
+    assert!(
+        chain <= 6,
+        "300 SIGHUPs at one process made {chain} generations: {:#?}",
+        m.svc.lines()
+    );
+    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), current);
+
+    let started = std::time::Instant::now();
+    let (mut sent, mut most_alive) = (0usize, 0usize);
+    let mut target = current;
+    while started.elapsed() < std::time::Duration::from_secs(1) {
+        target = read_pid_file(&m.pid_file).unwrap_or(target);
+        send_sighup(target);
+        sent += 1;
+        m.svc.poll_events();
+        let alive = m.svc.pids().into_iter().filter(|p| is_alive(*p)).count();
+        most_alive = most_alive.max(alive);
+        std::thread::sleep(std::time::Duration::from_micros(1500));
+    }
+    let last = one_generation_left(&mut m, "one generation left after the second storm");
+    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), last);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = client.join().expect("client thread");
+    let generations = m.svc.history.iter().filter(|e| e.kind == "start").count();
+    eprintln!(
+        "storm 1: 300 SIGHUPs at one pid -> {chain} generations; storm 2: {sent} SIGHUPs in 1 s -> {} more, at most {most_alive} alive at once; {ok} requests, {} failed",
+        generations - chain,
+        failed.len()
+    );
+    assert!(sent >= 200, "only {sent} signals sent");
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(ok > 0, "the client made no request");
+    assert!(most_alive <= 3, "{most_alive} generations alive at once");
+
+    // Stop: a SIGHUP still queued may have started one more upgrade
+    // since, so every generation that shows up gets its SIGTERM.
+    let mut stopped = std::collections::HashSet::new();
+    wait_until("every generation stopped", || {
+        m.svc.poll_events();
+        let alive: Vec<u32> = m.svc.pids().into_iter().filter(|p| is_alive(*p)).collect();
+        for pid in &alive {
+            if stopped.insert(*pid) {
+                signal(*pid, Signal::SIGTERM);
+            }
+        }
+        alive.is_empty()
+    });
+    m.svc.wait_all_exited();
+    assert!(m.svc.wait_first().success());
+    for pid in m.svc.pids() {
+        wait_gone(pid);
+    }
+    assert_eq!(stray_children(), Vec::<u32>::new(), "processes left behind");
+}
+
+/// A SIGHUP that arrives while a generation runs its init (the first one,
+/// or one started by an upgrade) is not lost and never kills it: the
+/// upgrade runs once the generation is ready (and its parent gone).
+#[test]
+fn a_sighup_during_init_is_run_once_ready() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("m-hupinit");
+    let pid_file = ctl.path().join("svc.pid");
+    ctl.write("init", "block");
+    let mut cmd = Command::new(SVC);
+    cmd.env("TF_CTL", ctl.path())
+        .env("MS_UNIX", ctl.path().join("u.sock"))
+        .env("MS_PID_FILE", &pid_file)
+        .env("RUST_LOG", "info");
+    let mut svc = Service::spawn(cmd);
+    let first = svc.first_pid();
+    svc.wait_kind("blocked", Some(first));
+    signal(first, Signal::SIGHUP);
+    // Unblocks the first generation only: the next one blocks again.
+    ctl.write("unblock", "");
+    svc.wait_kind("init-done", Some(first));
+    let second = svc
+        .wait_for("the second generation", |e| {
+            e.kind == "blocked" && e.pid != first
+        })
+        .pid;
+    assert!(is_alive(first), "the first generation waits for the second");
+    signal(second, Signal::SIGHUP);
+    ctl.write("init", "ok");
+    std::fs::remove_file(ctl.path().join("unblock")).expect("rm unblock");
+    ctl.write("unblock", "");
+    svc.wait_kind("init-done", Some(second));
+    assert!(svc.wait_first().success(), "the first generation exits 0");
+    let third = svc
+        .wait_for("the third generation", |e| {
+            e.kind == "start" && e.pid != first && e.pid != second
+        })
+        .pid;
+    svc.wait_kind("init-done", Some(third));
+    wait_for_pid_file(&pid_file, third);
+    wait_gone(second);
+    signal(third, Signal::SIGTERM);
+    svc.wait_all_exited();
+    wait_gone(third);
+}
+
+/// The new generation is SIGKILLed after it took over while the old one
+/// still drains a request: the old one starts a replacement, which
+/// serves; the request in flight completes.
+#[test]
+fn a_successor_killed_during_the_drain_is_replaced() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("m-replace");
+    let mut m = start(SVC, &ctl, &[]);
+    let first = m.svc.first_pid();
+    let addr = m.tcp.clone();
+    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 3000"));
+    wait_slow(&mut m, first);
+    let second = upgrade(&mut m, first);
+    assert!(is_alive(first), "the first generation drains");
+    signal(second, Signal::SIGKILL);
+    let third = m
+        .svc
+        .wait_for("a replacement", |e| {
+            e.kind == "start" && e.pid != first && e.pid != second
+        })
+        .pid;
+    m.svc.wait_kind("init-done", Some(third));
+    wait_for_pid_file(&m.pid_file, third);
+    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), third);
+    assert_eq!(reply_pid(&udp_get(&m.udp).expect("udp")), third);
+    assert_eq!(reply_pid(&slow.join().expect("slow request")), first);
+    assert!(m.svc.wait_first().success(), "the old generation exits 0");
+    wait_gone(second);
+    signal(third, Signal::SIGTERM);
+    m.svc.wait_all_exited();
+    wait_gone(third);
+    assert_eq!(stray_children(), Vec::<u32>::new(), "processes left behind");
 }

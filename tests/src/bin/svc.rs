@@ -19,13 +19,21 @@
 //! - `actions`: lines run in order before `ready()` (see `run_action`):
 //!   `add-file NAME PATH`, `take-file NAME`, `add-conn NAME ADDR`,
 //!   `take-conn-close NAME`, `take-conn-keep NAME`, `chdir DIR`,
-//!   `probe-child`, `upgrade-now`, `wait-parent`;
-//! - `linger` (read when the generation's `exit()` resolves): if it exists,
-//!   event `lingering`, then stay alive until the file `release` exists.
+//!   `probe-child`, `upgrade-now`, `wait-parent`, `exhaust-fds N` (open
+//!   `/dev/null` until `RLIMIT_NOFILE` is reached, then close `N` of them:
+//!   event `exhausted free=N`; all are closed when the file `release-fds`
+//!   appears, event `released-fds`);
+//! - `prenew`: `block`: before `Upgrader::new`, event `pre-new`, then wait
+//!   until the file `unblock-new` exists (a child held right after its
+//!   spawn, before it has read the handover);
+//! - `linger` (read when the generation's `exit()` resolves): if it exists
+//!   and is empty or lists this PID, event `lingering`, then stay alive
+//!   until the file `release` exists.
 //!
 //! Signal handlers are installed before anything is printed: `SIGHUP`
 //! upgrades (each upgrade in its own task, so concurrent ones can be seen),
-//! `SIGTERM` stops, `SIGUSR1` prints `stats`.
+//! `SIGTERM` stops, `SIGUSR1` prints `stats`, `SIGUSR2` runs the actions
+//! in the control file `usr2` (same syntax as `actions`).
 //!
 //! Main events: `start gen= has_parent= parent=`, `listening name= network=
 //! addr= nonblock= cloexec= ino=` (`ino`: the socket's inode, the same in
@@ -313,20 +321,32 @@ fn reply() -> Vec<u8> {
 }
 
 async fn serve_tcp(l: tokio::net::TcpListener) {
-    while let Ok((mut s, _)) = l.accept().await {
-        TRACKER.spawn(async move {
-            let _ = s.write_all(&reply()).await;
-            let _ = s.shutdown().await;
-        });
+    loop {
+        match l.accept().await {
+            Ok((mut s, _)) => {
+                TRACKER.spawn(async move {
+                    let _ = s.write_all(&reply()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+            // EMFILE (action `exhaust-fds`): retry rather than stop serving.
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
     }
 }
 
 async fn serve_unix(l: tokio::net::UnixListener) {
-    while let Ok((mut s, _)) = l.accept().await {
-        TRACKER.spawn(async move {
-            let _ = s.write_all(&reply()).await;
-            let _ = s.shutdown().await;
-        });
+    loop {
+        match l.accept().await {
+            Ok((mut s, _)) => {
+                TRACKER.spawn(async move {
+                    let _ = s.write_all(&reply()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+            // EMFILE (action `exhaust-fds`): retry rather than stop serving.
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
     }
 }
 
@@ -471,6 +491,21 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
                 event("parent-exited", "");
             });
         }
+        ["exhaust-fds", free] => {
+            let free: usize = free.parse().unwrap_or(0);
+            let mut files = Vec::new();
+            while let Ok(f) = std::fs::File::open("/dev/null") {
+                files.push(f);
+            }
+            let opened = files.len();
+            files.truncate(opened.saturating_sub(free));
+            event("exhausted", &format!("free={free} opened={opened}"));
+            tokio::spawn(async move {
+                wait_for_ctl_file("release-fds").await;
+                drop(files);
+                event("released-fds", "");
+            });
+        }
         _ => event("bad-ctl", &format!("action={}", quote(line))),
     }
 }
@@ -530,10 +565,11 @@ fn main() {
 async fn svc_main() {
     // Signal handlers first: a SIGHUP or SIGTERM that a test sends as soon
     // as it sees an event must never meet the default (fatal) disposition.
-    let (Ok(mut hup), Ok(mut term), Ok(mut usr1)) = (
+    let (Ok(mut hup), Ok(mut term), Ok(mut usr1), Ok(mut usr2)) = (
         signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),
         signal(SignalKind::user_defined1()),
+        signal(SignalKind::user_defined2()),
     ) else {
         event("error", "msg=\"cannot install signal handlers\"");
         std::process::exit(2);
@@ -552,6 +588,10 @@ async fn svc_main() {
         opts.upgrade_timeout = Duration::from_millis(ms);
     }
     opts.pid_file = std::env::var_os("TF_PID_FILE").map(PathBuf::from);
+    if ctl("prenew").is_some_and(|v| v.trim() == "block") {
+        event("pre-new", "");
+        wait_for_ctl_file("unblock-new").await;
+    }
     let upg = match Upgrader::new(opts) {
         Ok(u) => u,
         Err(e) => {
@@ -648,6 +688,11 @@ async fn svc_main() {
                     &format!("fds={} rss_kb={} fd_list={}", open_fds().len(), rss_kb(), fd_list()),
                 );
             }
+            _ = usr2.recv() => {
+                for line in ctl("usr2").unwrap_or_default().lines().filter(|l| !l.trim().is_empty()) {
+                    run_action(&upg, &mut held, line).await;
+                }
+            }
             _ = term.recv() => {
                 event("stopping", "");
                 upg.stop();
@@ -655,7 +700,10 @@ async fn svc_main() {
             () = &mut exit => break,
         }
     }
-    if ctl("linger").is_some() {
+    if ctl("linger").is_some_and(|pids| {
+        let me = std::process::id().to_string();
+        pids.trim().is_empty() || pids.split_whitespace().any(|p| p == me)
+    }) {
         // The old generation stays alive after its exit resolved, until the
         // test allows it to go: its child sees a live parent meanwhile.
         event("lingering", "");
@@ -665,6 +713,8 @@ async fn svc_main() {
     // Drain: the accept loops have stopped (exit resolved); finish replies.
     TRACKER.close();
     TRACKER.wait().await;
+    // A successor that died after taking over may be being replaced.
+    upg.settled().await;
     event("exit", "");
 }
 

@@ -9,7 +9,8 @@
 //! `start gen= has_parent=`, `listening name= addr=` for each listener
 //! (for the Unix one, `addr` is the declared address and `local` the path
 //! the socket is really bound to, which differs when systemd passed it),
-//! `second-take msg=`, `hanging`, `blocked`, `init-done`.
+//! `second-take msg=`, `hanging`, `blocked`, `init-done`, `slow ms=` (a
+//! `SLOW` request was read and is being served).
 //!
 //! Protocol on the TCP and Unix listeners: the client sends one line,
 //! `GET` or `SLOW <ms>`, and gets `pid <N>\n` (after `<ms>` for SLOW).
@@ -58,6 +59,8 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream:
         .strip_prefix("SLOW ")
         .and_then(|m| m.parse().ok())
     {
+        // The request is in this generation's hands now.
+        event("slow", &format!("ms={ms}"));
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let _ = stream.get_mut().write_all(reply().as_bytes()).await;
