@@ -191,6 +191,15 @@ pub enum Error {
     #[error("upgrades are not supported by the testing stub upgrader")]
     NotSupported,
 
+    /// This process is PID 1 (a container started without an init): when
+    /// it exited after handing over, the kernel would end the whole PID
+    /// namespace, the new generation with it. Refused before anything is
+    /// started.
+    #[error(
+        "this process is PID 1 (a container without an init): the old generation's exit would end the container; run the service under an init, e.g. `docker run --init` or tini"
+    )]
+    Pid1,
+
     /// Any other I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -226,7 +235,7 @@ impl From<Error> for io::Error {
                 io::ErrorKind::InvalidInput
             }
             Error::Timeout { .. } => io::ErrorKind::TimedOut,
-            Error::NotSupported => io::ErrorKind::Unsupported,
+            Error::NotSupported | Error::Pid1 => io::ErrorKind::Unsupported,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, err)

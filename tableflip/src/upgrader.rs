@@ -458,7 +458,7 @@ impl Upgrader {
     ///
     /// # Errors
     ///
-    /// Refused with [`Error::NotReady`], [`Error::ParentAlive`],
+    /// Refused with [`Error::NotReady`], [`Error::Pid1`], [`Error::ParentAlive`],
     /// [`Error::UpgradeInProgress`], [`Error::AlreadyUpgraded`] or
     /// [`Error::Stopped`]. Failed with [`Error::Spawn`] (the executable
     /// cannot be started), [`Error::ChildExited`], [`Error::ChildKilled`],
@@ -484,6 +484,9 @@ impl Upgrader {
             }
             if !state.ready {
                 return Err(Error::NotReady);
+            }
+            if std::process::id() == 1 {
+                return Err(Error::Pid1);
             }
             if !self.inner.parent_exited.is_cancelled() {
                 return Err(Error::ParentAlive {

@@ -376,6 +376,9 @@ impl Service {
     pub fn pids(&self) -> Vec<u32> {
         let mut pids: Vec<u32> = self.history.iter().map(|e| e.pid).collect();
         pids.push(self.child.id());
+        // PID 1 is what a service in its own PID namespace reports
+        // (faults.rs): never this namespace's init, never to be signalled.
+        pids.retain(|p| *p > 1);
         pids.sort_unstable();
         pids.dedup();
         pids

@@ -606,3 +606,45 @@ fn full_pid_file_directory_fails_the_upgrade_cleanly() {
     assert_eq!(pid_file_pid(&pid_file), Some(second));
     svc.stop(second);
 }
+
+/// As PID 1 of its PID namespace (a container started without an init),
+/// the service refuses to upgrade, with an error that says why and what
+/// to do: its exit after the handover would end the namespace, the new
+/// generation with it. It serves on. Needs the right to create a PID
+/// namespace (root in CI); without it the test says so and checks
+/// nothing.
+#[test]
+fn as_pid_1_an_upgrade_is_refused_with_advice() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("f-pid1");
+    let works = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        eprintln!("SKIPPED: cannot create a PID namespace here (needs CAP_SYS_ADMIN)");
+        return;
+    }
+    ctl.write("listen", "web tcp 127.0.0.1:0\n");
+    let mut cmd = Service::command("unshare", &ctl, &[]);
+    cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child", "--", SVC]);
+    let mut svc = Service::spawn(cmd);
+    let addr = svc.wait_kind("listening", Some(1)).get("addr").to_owned();
+    svc.wait_kind("ready", Some(1));
+    assert_eq!(serves(&addr), 1, "the service is PID 1 in its namespace");
+    // Its PID as seen from here: the only child of `unshare`.
+    let unshare = svc.first_pid();
+    let children = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+        .expect("read the children of unshare");
+    let host_pid: u32 = children.trim().parse().expect("one child");
+
+    signal(host_pid, Signal::SIGHUP);
+    let err = svc.wait_upgrade_err(1);
+    assert_eq!(err.get("kind"), "Pid1", "{}", err.line);
+    assert!(err.get("msg").contains("--init"), "{}", err.line);
+    assert_eq!(serves(&addr), 1, "it serves on");
+    signal(host_pid, Signal::SIGTERM);
+    svc.wait_kind("exit", Some(1));
+    assert!(svc.wait_first().success());
+}

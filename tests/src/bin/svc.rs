@@ -88,6 +88,7 @@ fn error_kind(e: &Error) -> &'static str {
         Error::Timeout { .. } => "Timeout",
         Error::PidFile { .. } => "PidFile",
         Error::NotSupported => "NotSupported",
+        Error::Pid1 => "Pid1",
         _ => "Other",
     }
 }
