@@ -20,6 +20,24 @@ pub type SetupHook = Arc<dyn Fn(&Socket, &ListenSpec) -> io::Result<()> + Send +
 
 /// Everything needed to find an inherited socket by name or to create it.
 ///
+/// # Unix socket files
+///
+/// When a fresh Unix socket is bound to a path where a file exists:
+///
+/// - a socket file nobody listens on (left by a run that crashed) is
+///   removed and the path bound again;
+/// - a socket somebody listens on (even one whose accept queue is full)
+///   is left alone, and binding fails with "address in use", naming the
+///   path;
+/// - anything else (a regular file, a directory, a symlink) is never
+///   removed: binding fails with "`<path>` exists and is not a socket".
+///
+/// The file is removed when the service stops for good (never at an
+/// upgrade, and never for a socket systemd passed). [`mode`](Self::mode)
+/// is applied right after `bind`: for a moment the file has the umask's
+/// permissions (for a stream socket harmless, since nobody can connect
+/// before `listen`).
+///
 /// # Examples
 ///
 /// ```no_run
@@ -197,6 +215,10 @@ fn remove_stale_socket(path: &Path, network: Network) -> io::Result<bool> {
         ));
     }
     let probe = Socket::new(Domain::UNIX, network.socket_type(), None)?;
+    // Non-blocking: a blocking connect to a live listener whose accept
+    // queue is full (a wedged or stopped process) would wait for room,
+    // possibly forever. `EAGAIN` then means, like success, "alive".
+    probe.set_nonblocking(true)?;
     match probe.connect(&SockAddr::unix(path)?) {
         Err(e) if e.raw_os_error() == Some(nix::libc::ECONNREFUSED) => {
             tracing::info!(path = %path.display(), "removing stale Unix socket file left by an earlier run");

@@ -244,7 +244,7 @@ async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
                     &format!("name={name} network={network} addr={addr} {}", fd_info(&l)),
                 );
                 let exit = upg.exit();
-                tokio::spawn(async move {
+                TRACKER.spawn(async move {
                     tokio::select! {
                         () = serve_tcp(l) => {}
                         () = exit => {}
@@ -261,7 +261,7 @@ async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
                     ),
                 );
                 let exit = upg.exit();
-                tokio::spawn(async move {
+                TRACKER.spawn(async move {
                     tokio::select! {
                         () = serve_unix(l) => {}
                         () = exit => {}
@@ -276,7 +276,7 @@ async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
                     &format!("name={name} network={network} addr={addr} {}", fd_info(&s)),
                 );
                 let exit = upg.exit();
-                tokio::spawn(async move {
+                TRACKER.spawn(async move {
                     tokio::select! {
                         () = serve_udp(s) => {}
                         () = exit => {}
@@ -293,7 +293,7 @@ async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
                     ),
                 );
                 let exit = upg.exit();
-                tokio::spawn(async move {
+                TRACKER.spawn(async move {
                     tokio::select! {
                         () = serve_unixgram(s) => {}
                         () = exit => {}
