@@ -54,12 +54,15 @@ pub(crate) fn write(path: &Path, pid: u32) -> Result<()> {
     result.map_err(fail)
 }
 
+/// Whether the PID file at `path` names `pid`.
+pub(crate) fn names(path: &Path, pid: u32) -> bool {
+    fs::read_to_string(path).is_ok_and(|content| content.trim() == pid.to_string())
+}
+
 /// Removes the PID file if it still names `pid`.
 pub(crate) fn remove_if_ours(path: &Path, pid: u32) {
-    if let Ok(content) = fs::read_to_string(path) {
-        if content.trim() == pid.to_string() {
-            let _ = fs::remove_file(path);
-        }
+    if names(path, pid) {
+        let _ = fs::remove_file(path);
     }
 }
 

@@ -622,6 +622,7 @@ impl Upgrader {
                     }
                 },
                 status = child.get().wait() => {
+                    self.reclaim_pid_file(pid);
                     return Err(match status {
                         Ok(s) => match (s.code(), s.signal()) {
                             (_, Some(signal)) => Error::ChildKilled { pid, signal },
@@ -633,6 +634,7 @@ impl Upgrader {
                 }
                 () = &mut deadline => {
                     kill_and_reap(child.get(), pid).await;
+                    self.reclaim_pid_file(pid);
                     return Err(Error::Timeout { pid, timeout });
                 }
                 () = self.inner.stop.cancelled() => {
@@ -643,6 +645,7 @@ impl Upgrader {
                         break;
                     }
                     kill_and_reap(child.get(), pid).await;
+                    self.reclaim_pid_file(pid);
                     return Err(Error::Stopped);
                 }
             }
@@ -658,6 +661,25 @@ impl Upgrader {
             tokio::spawn(watch_successor(Arc::downgrade(&self.inner), child, pid));
         }
         Ok(pid)
+    }
+
+    /// A new process that wrote the PID file but died or was killed before
+    /// it told this process it was ready leaves the file naming it: this
+    /// process, still in charge, names itself again.
+    fn reclaim_pid_file(&self, child: u32) {
+        let Some(path) = self.pid_file() else {
+            return;
+        };
+        if pidfile::names(&path, child) {
+            match pidfile::write(&path, std::process::id()) {
+                Ok(()) => {
+                    tracing::info!(child_pid = child, path = %path.display(), "the PID file named the failed new process; it names this one again")
+                }
+                Err(e) => {
+                    tracing::warn!(child_pid = child, error = %e, "cannot restore the PID file")
+                }
+            }
+        }
     }
 
     /// The executable for the next generation, resolved now.

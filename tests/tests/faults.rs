@@ -180,6 +180,22 @@ fn broken_binaries_on_disk_fail_the_upgrade_and_the_old_generation_serves_on() {
         );
     }
 
+    // A new process that names itself in the PID file and then dies
+    // before it is ready: the old generation names itself again.
+    let pid_file = ctl.path().join("svc.pid");
+    replace_exe(
+        &exe,
+        b"#!/bin/sh\necho $$ > \"$TF_PID_FILE\"\nexit 9\n",
+        0o755,
+    );
+    let err = svc.upgrade_err(first);
+    assert_eq!(err.get("kind"), "ChildExited", "{}", err.line);
+    assert_eq!(
+        pid_file_pid(&pid_file),
+        Some(first),
+        "the PID file names the old generation again"
+    );
+
     // The real binary is back: the next upgrade succeeds.
     install_exe(SVC, &exe, 0);
     let second = svc.upgrade(first);

@@ -64,7 +64,8 @@ fn wait_for_pid_file(path: &std::path::Path, pid: u32) {
 }
 
 /// Sends SIGHUP to `old` and returns the PID of the generation that
-/// becomes ready (named by the PID file), after `old` has exited.
+/// becomes ready (named by the PID file), once `old` has learnt it and
+/// started draining.
 fn upgrade(m: &mut Macro, old: u32) -> u32 {
     signal(old, Signal::SIGHUP);
     let start = m.svc.wait_for("the next generation's start", |e| {
@@ -73,6 +74,7 @@ fn upgrade(m: &mut Macro, old: u32) -> u32 {
     let new = start.pid;
     m.svc.wait_kind("init-done", Some(new));
     wait_for_pid_file(&m.pid_file, new);
+    m.svc.wait_kind("draining", Some(old));
     new
 }
 

@@ -10,7 +10,8 @@
 //! (for the Unix one, `addr` is the declared address and `local` the path
 //! the socket is really bound to, which differs when systemd passed it),
 //! `second-take msg=`, `hanging`, `blocked`, `init-done`, `slow ms=` (a
-//! `SLOW` request was read and is being served).
+//! `SLOW` request was read and is being served), `draining` (after an
+//! upgrade or a stop: this generation has stopped accepting).
 //!
 //! Protocol on the TCP and Unix listeners: the client sends one line,
 //! `GET` or `SLOW <ms>`, and gets `pid <N>\n` (after `<ms>` for SLOW).
@@ -171,5 +172,11 @@ pub(crate) async fn init(
         }
     }
     event("init-done", "");
+    // Not tracked by the drain: it only reports that the drain started.
+    let draining = cx.draining();
+    tokio::spawn(async move {
+        draining.await;
+        event("draining", "");
+    });
     Ok(())
 }
