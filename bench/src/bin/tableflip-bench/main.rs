@@ -1,0 +1,324 @@
+//! The benchmark driver: measures tableflip against Cloudflare's ecdysis
+//! (and plain tokio for overhead) in one run, on this machine, and prints
+//! the results with ratios.
+//!
+//! ```text
+//! cargo run --release -p tableflip-bench                # full run (~3 min), results in bench/results/
+//! cargo run --release -p tableflip-bench -- --quick     # smoke run (~35 s), results in $TMPDIR
+//! cargo run --release -p tableflip-bench -- --help
+//! ```
+//!
+//! Run through `cargo run`, the driver first builds the three service
+//! binaries of this package (`cargo build --bins`, the xtask pattern), with
+//! the same profile, so one command is enough. See `BENCHMARKS.md` at the
+//! workspace root for the method.
+
+mod elf;
+mod load;
+mod plot;
+mod procs;
+mod report;
+mod scenarios;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use procs::{Kind, Lab, Reaper};
+use report::{Machine, Report};
+use scenarios::Config;
+
+/// The driver's error: a message saying what failed.
+#[derive(Debug)]
+pub(crate) struct Error(String);
+
+impl Error {
+    /// An error with this message.
+    pub(crate) fn msg(message: impl Into<String>) -> Error {
+        Error(message.into())
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+const USAGE: &str = "\
+usage: tableflip-bench [--quick] [--out DIR] [--only SECTIONS]
+
+  --quick         a smoke run (well under a minute), for CI
+  --out DIR       where to write results.md, results.json and the SVG plots
+                  (default: bench/results for a full run, $TMPDIR/tableflip-bench-quick
+                  for --quick)
+  --only SECTIONS comma-separated subset of: latency, load, listeners, drain,
+                  generations, overhead (default: all)";
+
+const SECTIONS: [&str; 6] = [
+    "latency",
+    "load",
+    "listeners",
+    "drain",
+    "generations",
+    "overhead",
+];
+
+struct Args {
+    quick: bool,
+    out: Option<PathBuf>,
+    only: Vec<String>,
+}
+
+fn parse_args() -> Result<Option<Args>, Error> {
+    let mut args = Args {
+        quick: false,
+        out: None,
+        only: SECTIONS.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    let mut it = std::env::args_os().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.to_str() {
+            Some("--quick") => args.quick = true,
+            Some("--out") => {
+                let dir = it
+                    .next()
+                    .ok_or_else(|| Error::msg("--out needs a directory"))?;
+                args.out = Some(dir.into());
+            }
+            Some("--only") => {
+                let list = it
+                    .next()
+                    .and_then(|s| s.into_string().ok())
+                    .ok_or_else(|| Error::msg("--only needs a list of sections"))?;
+                args.only = list.split(',').map(|s| s.trim().to_owned()).collect();
+                if let Some(bad) = args.only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+                    return Err(Error::msg(format!(
+                        "unknown section `{bad}`; expected some of {}",
+                        SECTIONS.join(", ")
+                    )));
+                }
+            }
+            Some("-h" | "--help") => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            _ => {
+                return Err(Error::msg(format!("unexpected argument {arg:?}\n{USAGE}")));
+            }
+        }
+    }
+    Ok(Some(args))
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\ntableflip-bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds the service binaries when run through cargo; returns the
+/// directory that holds them.
+fn build_services() -> Result<PathBuf, Error> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::msg(format!("cannot find the driver's executable: {e}")))?;
+    let dir = exe
+        .parent()
+        .ok_or_else(|| Error::msg("the driver's executable has no directory"))?
+        .to_owned();
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "tableflip-bench",
+            "--manifest-path",
+        ])
+        .arg(&manifest);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        eprintln!("building the service binaries: {cmd:?}");
+        let status = cmd
+            .status()
+            .map_err(|e| Error::msg(format!("cannot run cargo: {e}")))?;
+        if !status.success() {
+            return Err(Error::msg(format!(
+                "building the services failed: {status}"
+            )));
+        }
+    }
+    for kind in [Kind::Tableflip, Kind::Ecdysis, Kind::Tokio] {
+        if !dir.join(kind.binary()).is_file() {
+            return Err(Error::msg(format!(
+                "{} is missing from {}; run the driver with `cargo run --release -p tableflip-bench`, \
+                 or build first with `cargo build --release -p tableflip-bench --bins`",
+                kind.binary(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(dir)
+}
+
+/// Raises the soft fd limit to the hard one (the drain test holds 10 000
+/// connections in the driver and in the service, which inherits it).
+fn raise_fd_limit() -> Result<u64, Error> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) =
+        getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| Error::msg(format!("getrlimit: {e}")))?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        .map_err(|e| Error::msg(format!("setrlimit: {e}")))?;
+    Ok(hard)
+}
+
+fn run() -> Result<(), Error> {
+    let Some(args) = parse_args()? else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let bin_dir = build_services()?;
+    if cfg!(debug_assertions) {
+        eprintln!("warning: a debug build; measure with `cargo run --release`");
+    }
+    let mut machine = Machine::describe();
+    let cfg = Config::new(args.quick);
+    let out = args.out.clone().unwrap_or_else(|| {
+        if args.quick {
+            std::env::temp_dir().join("tableflip-bench-quick")
+        } else {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("results")
+        }
+    });
+    std::fs::create_dir_all(&out)
+        .map_err(|e| Error::msg(format!("cannot create {}: {e}", out.display())))?;
+    let fd_limit = raise_fd_limit()?;
+    let needed = cfg.drain_conns as u64 + 1000;
+    if args.only.iter().any(|s| s == "drain") && fd_limit < needed {
+        return Err(Error::msg(format!(
+            "the drain test needs {needed} fds; the hard limit is {fd_limit} (raise it with ulimit -Hn)"
+        )));
+    }
+    // PID files and sockets on tmpfs when there is one, as /run would be.
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    };
+    let run_dir = base.join(format!("tableflip-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| Error::msg(format!("cannot create {}: {e}", run_dir.display())))?;
+
+    // From here on the reaper thread owns every child's exit status.
+    let reaper = Reaper::start()?;
+    let lab = Lab::new(bin_dir, run_dir.clone(), reaper);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::msg(format!("cannot start the tokio runtime: {e}")))?;
+
+    let mut report = Report {
+        config: Some(cfg.clone()),
+        ..Report::default()
+    };
+    let on = |s: &str| args.only.iter().any(|o| o == s);
+    eprintln!(
+        "tableflip-bench: {} run; services in {}",
+        if cfg.quick { "quick" } else { "full" },
+        run_dir.display()
+    );
+    if on("latency") {
+        eprintln!("upgrade latency and exec floor");
+        report.latency = scenarios::latency(&lab, &cfg)?;
+        plot::latency_cdf(&report.latency, &out.join("upgrade_latency.svg"))?;
+    }
+    if on("load") {
+        for kind in [Kind::Tableflip, Kind::Ecdysis] {
+            eprintln!("under load: {}", kind.name());
+            report
+                .load
+                .push(scenarios::under_load(&lab, &rt, &cfg, kind)?);
+        }
+        plot::around_upgrades(&report.load, &out.join("load_around_upgrades.svg"))?;
+        plot::timeline(&report.load, &out.join("load_timeline.svg"))?;
+    }
+    if on("listeners") {
+        eprintln!("scale: listeners");
+        report.listeners = scenarios::listeners(&lab, &cfg)?;
+    }
+    if on("drain") {
+        for &load in &cfg.drain_loads {
+            for kind in [Kind::Tableflip, Kind::Ecdysis] {
+                eprintln!(
+                    "scale: drain {} connections, {}: {}",
+                    cfg.drain_conns,
+                    load.name(),
+                    kind.name()
+                );
+                report
+                    .drain
+                    .push(scenarios::drain(&lab, &rt, &cfg, kind, load)?);
+            }
+        }
+    }
+    if on("generations") {
+        eprintln!("scale: {} consecutive upgrades", cfg.many_upgrades);
+        report.many.push(scenarios::many_upgrades(
+            &lab,
+            Kind::Tableflip,
+            cfg.many_upgrades,
+        )?);
+        // ecdysis needs at least 0.5 s per upgrade (see BENCHMARKS.md):
+        // its series is the latency test's, when that ran.
+        let mut series: Vec<(&str, &[scenarios::Generation])> =
+            vec![("tableflip", &report.many[0].generations)];
+        if let Some(ec) = report.latency.iter().find(|l| l.kind == Kind::Ecdysis) {
+            series.push(("ecdysis (latency test)", &ec.generations));
+        }
+        plot::generations(&series, &out.join("generations.svg"))?;
+    }
+    if on("overhead") {
+        eprintln!("overhead against plain tokio");
+        report.overhead = scenarios::overhead(&lab, &rt, &cfg)?;
+    }
+    // The ecdysis generations of the latency test, as a table row too.
+    if let Some(ec) = report.latency.iter().find(|l| l.kind == Kind::Ecdysis) {
+        report.many.push(scenarios::ManyResult {
+            kind: Kind::Ecdysis,
+            upgrades: ec.upgrades.ready.len(),
+            timings: ec.upgrades.clone(),
+            generations: ec.generations.clone(),
+        });
+    }
+    machine.load_after = report::loadavg();
+    report.machine = Some(machine);
+    report.seconds = started.elapsed().as_secs_f64();
+
+    let markdown = report.markdown();
+    let write = |name: &str, content: &str| {
+        std::fs::write(out.join(name), content)
+            .map_err(|e| Error::msg(format!("cannot write {}: {e}", out.join(name).display())))
+    };
+    write("results.md", &markdown)?;
+    let json = serde_json::to_string_pretty(&report)
+        .map_err(|e| Error::msg(format!("cannot encode the results: {e}")))?;
+    write("results.json", &json)?;
+    println!("\n{markdown}");
+    eprintln!(
+        "results written to {} in {:.0} s",
+        out.display(),
+        report.seconds
+    );
+    let _ = std::fs::remove_dir_all(&run_dir);
+    Ok(())
+}

@@ -1,0 +1,582 @@
+//! The results, as markdown tables (printed, and written to
+//! `results.md`) and JSON (`results.json`).
+
+use std::fmt::Write as _;
+
+use crate::procs::Kind;
+use crate::scenarios::{
+    Config, DrainLoad, DrainResult, LatencyResult, ListenersResult, LoadResult, ManyResult,
+    OverheadResult,
+};
+use crate::stats::Summary;
+
+/// Where the run happened.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Machine {
+    pub(crate) cpu: String,
+    pub(crate) cores: usize,
+    pub(crate) memory: String,
+    pub(crate) kernel: String,
+    pub(crate) rustc: String,
+    pub(crate) load_before: String,
+    pub(crate) load_after: String,
+}
+
+impl Machine {
+    /// Reads `/proc` and asks `rustc -V` (before the reaper starts).
+    pub(crate) fn describe() -> Machine {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let cpuinfo = read("/proc/cpuinfo");
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let memory = read("/proc/meminfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map_or_else(
+                || "unknown".into(),
+                |kib| format!("{:.0} GiB", kib as f64 / 1024.0 / 1024.0),
+            );
+        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+        let rustc = std::process::Command::new(rustc)
+            .arg("-V")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        Machine {
+            cpu,
+            cores,
+            memory,
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            rustc,
+            load_before: loadavg(),
+            load_after: String::new(),
+        }
+    }
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub(crate) fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default, serde::Serialize)]
+pub(crate) struct Report {
+    pub(crate) machine: Option<Machine>,
+    pub(crate) config: Option<Config>,
+    pub(crate) seconds: f64,
+    pub(crate) latency: Vec<LatencyResult>,
+    pub(crate) load: Vec<LoadResult>,
+    pub(crate) listeners: Vec<ListenersResult>,
+    pub(crate) drain: Vec<DrainResult>,
+    pub(crate) many: Vec<ManyResult>,
+    pub(crate) overhead: Vec<OverheadResult>,
+}
+
+fn f(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 && a / b < 0.1 {
+        format!("{:.3}×", a / b)
+    } else if b > 0.0 {
+        format!("{:.2}×", a / b)
+    } else {
+        "–".into()
+    }
+}
+
+fn yes(met: bool) -> &'static str {
+    if met { "**met**" } else { "**not met**" }
+}
+
+fn kib_to_mib(kib: f64) -> f64 {
+    kib / 1024.0
+}
+
+fn median_of(values: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = values.collect();
+    Summary::of_ms(&v).p50
+}
+
+impl Report {
+    fn latency_of(&self, kind: Kind) -> Option<&LatencyResult> {
+        self.latency.iter().find(|r| r.kind == kind)
+    }
+
+    fn overhead_of(&self, kind: Kind) -> Option<&OverheadResult> {
+        self.overhead.iter().find(|r| r.kind == kind)
+    }
+
+    /// The report as markdown.
+    pub(crate) fn markdown(&self) -> String {
+        let mut out = String::new();
+        if let (Some(m), Some(c)) = (&self.machine, &self.config) {
+            let _ = writeln!(
+                out,
+                "Machine: {} × {}, {}, Linux {}, {}. Mode: {}; {:.0} s. Load average before: {}, after: {}.\n",
+                m.cores,
+                m.cpu,
+                m.memory,
+                m.kernel,
+                m.rustc,
+                if c.quick { "--quick" } else { "full" },
+                self.seconds,
+                m.load_before,
+                m.load_after
+            );
+        }
+        self.targets(&mut out);
+        self.latency_table(&mut out);
+        self.load_table(&mut out);
+        self.listeners_table(&mut out);
+        self.drain_table(&mut out);
+        self.many_table(&mut out);
+        self.overhead_table(&mut out);
+        out
+    }
+
+    fn targets(&self, out: &mut String) {
+        let _ = writeln!(out, "### Targets\n");
+        let _ = writeln!(out, "| target | measured | |\n|---|---|---|");
+        if let (Some(tf), Some(ec)) = (
+            self.latency_of(Kind::Tableflip),
+            self.latency_of(Kind::Ecdysis),
+        ) {
+            let (t, e) = (
+                Summary::of_ms(&tf.upgrades.ready).p50,
+                Summary::of_ms(&ec.upgrades.ready).p50,
+            );
+            let _ = writeln!(
+                out,
+                "| upgrade latency (SIGHUP → new generation ready), median ≤ 0.7× ecdysis | {} ms vs {} ms: {} | {} |",
+                f(t),
+                f(e),
+                ratio(t, e),
+                yes(t <= 0.7 * e)
+            );
+            let (tg, eg) = (
+                Summary::of_ms(&tf.upgrades.gone).p50,
+                Summary::of_ms(&ec.upgrades.gone).p50,
+            );
+            let _ = writeln!(
+                out,
+                "| upgrade latency (SIGHUP → old generation gone), median ≤ 0.7× ecdysis | {} ms vs {} ms: {} | {} |",
+                f(tg),
+                f(eg),
+                ratio(tg, eg),
+                yes(tg <= 0.7 * eg)
+            );
+            let floor = Summary::of_ms(&tf.floor).p50;
+            let _ = writeln!(
+                out,
+                "| upgrade (SIGHUP → ready) within 2 ms of the exec floor (fresh start → ready), medians | {} ms vs {} ms: +{} ms | {} |",
+                f(t),
+                f(floor),
+                f(t - floor),
+                yes(t - floor <= 2.0)
+            );
+        }
+        if !self.load.is_empty() {
+            let failed = |k: Kind| {
+                let load: usize = self
+                    .load
+                    .iter()
+                    .filter(|l| l.kind == k)
+                    .flat_map(|l| &l.modes)
+                    .map(|m| m.failed)
+                    .sum();
+                let drain: usize = self
+                    .drain
+                    .iter()
+                    .filter(|d| d.kind == k && d.load == DrainLoad::Active)
+                    .map(|d| d.failed)
+                    .sum();
+                load + drain
+            };
+            let (t, e) = (failed(Kind::Tableflip), failed(Kind::Ecdysis));
+            let _ = writeln!(
+                out,
+                "| zero failed requests where the peer fails (load test + active drain) | tableflip {t}, ecdysis {e} | {} |",
+                yes(t == 0)
+            );
+            let intermittent = |k: Kind| {
+                self.drain
+                    .iter()
+                    .find(|d| d.kind == k && d.load == DrainLoad::Intermittent)
+                    .map(|d| d.failed)
+            };
+            if let (Some(t), Some(e)) = (intermittent(Kind::Tableflip), intermittent(Kind::Ecdysis))
+            {
+                let _ = writeln!(
+                    out,
+                    "| (outside the target) clients idle longer than the 2 s linger: intermittent drain | tableflip {t}, ecdysis {e} | see the note |"
+                );
+            }
+        }
+        if let (Some(tf), Some(tk)) = (
+            self.overhead_of(Kind::Tableflip),
+            self.overhead_of(Kind::Tokio),
+        ) {
+            let rss = |r: &OverheadResult| median_of(r.loaded.iter().map(|u| u.rss_kib as f64));
+            let d = kib_to_mib(rss(tf) - rss(tk));
+            let _ = writeln!(
+                out,
+                "| RSS overhead against plain tokio < 1 MiB (medians, after load) | {:+.2} MiB | {} |",
+                d,
+                yes(d < 1.0)
+            );
+        }
+        if let Some(m) = self.many.iter().find(|m| m.kind == Kind::Tableflip) {
+            if let (Some(first), Some(last)) = (m.generations.first(), m.generations.last()) {
+                let max = m.generations.iter().map(|g| g.usage.fds).max().unwrap_or(0);
+                let _ = writeln!(
+                    out,
+                    "| no growth in fds over {} upgrades | generation 1: {} fds, generation {}: {} (max {}) | {} |",
+                    m.upgrades,
+                    first.usage.fds,
+                    last.index + 1,
+                    last.usage.fds,
+                    max,
+                    yes(last.usage.fds <= first.usage.fds && max <= first.usage.fds)
+                );
+            }
+        }
+        out.push('\n');
+    }
+
+    fn latency_table(&self, out: &mut String) {
+        let (Some(tf), Some(ec)) = (
+            self.latency_of(Kind::Tableflip),
+            self.latency_of(Kind::Ecdysis),
+        ) else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "### Upgrade latency, no load ({} upgrades each, interleaved)\n",
+            tf.upgrades.ready.len()
+        );
+        let _ = writeln!(
+            out,
+            "| measure (ms) | tableflip min | median | p90 | max | ecdysis min | median | p90 | max | ratio of medians |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        let rows: [(&str, &Vec<f64>, &Vec<f64>); 4] = [
+            (
+                "SIGHUP → new generation ready (NOTIFY_SOCKET `READY=1`, `MAINPID=new`)",
+                &tf.upgrades.ready,
+                &ec.upgrades.ready,
+            ),
+            (
+                "SIGHUP → PID file names the new generation (cross-check)",
+                &tf.upgrades.pid_file,
+                &ec.upgrades.pid_file,
+            ),
+            (
+                "SIGHUP → old generation gone (reaped)",
+                &tf.upgrades.gone,
+                &ec.upgrades.gone,
+            ),
+            (
+                "exec floor: fresh start of the same binary → ready",
+                &tf.floor,
+                &ec.floor,
+            ),
+        ];
+        for (name, a, b) in rows {
+            let (a, b) = (Summary::of_ms(a), Summary::of_ms(b));
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                f(a.min),
+                f(a.p50),
+                f(a.p90),
+                f(a.max),
+                f(b.min),
+                f(b.p50),
+                f(b.p90),
+                f(b.max),
+                ratio(a.p50, b.p50)
+            );
+        }
+        let over = |r: &LatencyResult| {
+            Summary::of_ms(&r.upgrades.ready).p50 - Summary::of_ms(&r.floor).p50
+        };
+        let _ = writeln!(
+            out,
+            "| handover cost: median ready − median floor | | {} | | | | {} | | | |\n",
+            f(over(tf)),
+            f(over(ec))
+        );
+    }
+
+    fn load_table(&self, out: &mut String) {
+        if self.load.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "### Under load during upgrades\n");
+        let _ = writeln!(
+            out,
+            "| library | upgrades | client mode | requests | failed | p50 ms | p99 ms | max ms | slow requests in flight, answered | SIGHUP → ready (median ms) | SIGHUP → old gone (median ms) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for l in &self.load {
+            for (i, m) in l.modes.iter().enumerate() {
+                let failures = if m.failures.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({})",
+                        m.failures
+                            .iter()
+                            .map(|(k, v)| format!("{v} {k}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                let (slow, ready, gone) = if i == 0 {
+                    (
+                        format!("{} of {}", l.slow_ok, l.slow_total),
+                        f(Summary::of_ms(&l.timings.ready).p50),
+                        f(Summary::of_ms(&l.timings.gone).p50),
+                    )
+                } else {
+                    ("(same run)".into(), String::new(), String::new())
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} |",
+                    l.kind.name(),
+                    l.upgrades.len(),
+                    m.mode.name(),
+                    m.requests,
+                    m.failed,
+                    failures,
+                    f(m.latency.p50),
+                    f(m.latency.p99),
+                    f(m.latency.max),
+                    slow,
+                    ready,
+                    gone
+                );
+            }
+        }
+        out.push('\n');
+    }
+
+    fn listeners_table(&self, out: &mut String) {
+        if self.listeners.is_empty() {
+            return;
+        }
+        let n = self.listeners[0].upgrades.ready.len();
+        let _ = writeln!(
+            out,
+            "### Scale: inherited listeners ({n} upgrades and {n} fresh starts at each count; medians, ms)\n"
+        );
+        let _ = writeln!(
+            out,
+            "| listeners | tableflip ready | ecdysis ready | ratio | tableflip floor | tableflip ready − floor | tableflip old gone | ecdysis old gone | fds (tableflip / ecdysis) |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        let counts: Vec<usize> = {
+            let mut c: Vec<usize> = self.listeners.iter().map(|l| l.listeners).collect();
+            c.dedup();
+            c
+        };
+        for count in counts {
+            let get = |k: Kind| {
+                self.listeners
+                    .iter()
+                    .find(|l| l.listeners == count && l.kind == k)
+            };
+            let (Some(t), Some(e)) = (get(Kind::Tableflip), get(Kind::Ecdysis)) else {
+                continue;
+            };
+            let p = |v: &Vec<f64>| Summary::of_ms(v).p50;
+            let _ = writeln!(
+                out,
+                "| {count} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
+                f(p(&t.upgrades.ready)),
+                f(p(&e.upgrades.ready)),
+                ratio(p(&t.upgrades.ready), p(&e.upgrades.ready)),
+                f(p(&t.floor)),
+                f(p(&t.upgrades.ready) - p(&t.floor)),
+                f(p(&t.upgrades.gone)),
+                f(p(&e.upgrades.gone)),
+                t.fds,
+                e.fds
+            );
+        }
+        out.push('\n');
+    }
+
+    fn drain_table(&self, out: &mut String) {
+        if self.drain.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "### Scale: draining {} open connections\n",
+            self.drain[0].connections
+        );
+        let _ = writeln!(
+            out,
+            "| library | connections | SIGHUP → ready ms | SIGHUP → old gone ms | requests | failed | p50 / p99 / max ms | closed by the old generation (FIN / RST), last close ms |\n|---|---|---|---|---|---|---|---|"
+        );
+        for d in &self.drain {
+            let (requests, failed, lat, closes) = if d.load != DrainLoad::Idle {
+                let failures = if d.failures.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({})",
+                        d.failures
+                            .iter()
+                            .map(|(k, v)| format!("{v} {k}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                (
+                    d.requests.to_string(),
+                    format!("{}{failures}", d.failed),
+                    format!(
+                        "{} / {} / {}",
+                        f(d.latency.p50),
+                        f(d.latency.p99),
+                        f(d.latency.max)
+                    ),
+                    "–".to_owned(),
+                )
+            } else {
+                (
+                    "–".into(),
+                    "–".into(),
+                    "–".into(),
+                    format!(
+                        "{} / {}, {}",
+                        d.closed_eof,
+                        d.closed_reset,
+                        f(d.last_close_ms)
+                    ),
+                )
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} {} | {} | {} | {} | {} | {} | {} |",
+                d.kind.name(),
+                d.connections,
+                d.load.name(),
+                f(d.ready_ms),
+                f(d.gone_ms),
+                requests,
+                failed,
+                lat,
+                closes
+            );
+        }
+        out.push('\n');
+    }
+
+    fn many_table(&self, out: &mut String) {
+        if self.many.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "### Scale: consecutive upgrades, first generation against the newest\n"
+        );
+        let _ = writeln!(
+            out,
+            "| library | upgrades | fds first → newest (max) | RSS MiB first → newest (max) | threads first → newest | SIGHUP → ready median / p90 / max ms | SIGHUP → old gone median ms |\n|---|---|---|---|---|---|---|"
+        );
+        for m in &self.many {
+            let (Some(first), Some(last)) = (m.generations.first(), m.generations.last()) else {
+                continue;
+            };
+            let max_fds = m.generations.iter().map(|g| g.usage.fds).max().unwrap_or(0);
+            let max_rss = m
+                .generations
+                .iter()
+                .map(|g| g.usage.rss_kib)
+                .max()
+                .unwrap_or(0);
+            let r = Summary::of_ms(&m.timings.ready);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} → {} ({}) | {:.2} → {:.2} ({:.2}) | {} → {} | {} / {} / {} | {} |",
+                m.kind.name(),
+                m.upgrades,
+                first.usage.fds,
+                last.usage.fds,
+                max_fds,
+                kib_to_mib(first.usage.rss_kib as f64),
+                kib_to_mib(last.usage.rss_kib as f64),
+                kib_to_mib(max_rss as f64),
+                first.usage.threads,
+                last.usage.threads,
+                f(r.p50),
+                f(r.p90),
+                f(r.max),
+                f(Summary::of_ms(&m.timings.gone).p50)
+            );
+        }
+        out.push('\n');
+    }
+
+    fn overhead_table(&self, out: &mut String) {
+        let Some(base) = self.overhead_of(Kind::Tokio) else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "### Overhead against plain tokio ({} fresh starts each, medians)\n",
+            base.startup.len()
+        );
+        let _ = writeln!(
+            out,
+            "| service | startup (spawn → ready) ms | RSS at ready MiB | RSS after {} requests MiB | of which anonymous / file-backed MiB | Δ RSS vs tokio MiB | threads | fds | binary (file) MiB | binary (loaded, PT_LOAD) MiB | Δ loaded vs tokio MiB |\n|---|---|---|---|---|---|---|---|---|---|---|",
+            self.config.as_ref().map_or(0, |c| c.overhead_requests)
+        );
+        let med = |v: &[crate::procs::Usage], f: fn(&crate::procs::Usage) -> f64| {
+            median_of(v.iter().map(f))
+        };
+        let base_rss = med(&base.loaded, |u| u.rss_kib as f64);
+        for r in &self.overhead {
+            let rss_loaded = med(&r.loaded, |u| u.rss_kib as f64);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.2} | {:.2} | {:.2} / {:.2} | {:+.2} | {:.0} | {:.0} | {:.2} | {:.2} | {:+.2} |",
+                r.kind.name(),
+                f(Summary::of_ms(&r.startup).p50),
+                kib_to_mib(med(&r.at_ready, |u| u.rss_kib as f64)),
+                kib_to_mib(rss_loaded),
+                kib_to_mib(med(&r.loaded, |u| u.rss_anon_kib as f64)),
+                kib_to_mib(med(&r.loaded, |u| u.rss_file_kib as f64)),
+                kib_to_mib(rss_loaded - base_rss),
+                med(&r.loaded, |u| u.threads as f64),
+                med(&r.loaded, |u| u.fds as f64),
+                r.file_bytes as f64 / 1048576.0,
+                r.loaded_bytes as f64 / 1048576.0,
+                (r.loaded_bytes as f64 - base.loaded_bytes as f64) / 1048576.0,
+            );
+        }
+        out.push('\n');
+    }
+}

@@ -1,0 +1,707 @@
+//! The measurements: upgrade latency and the exec floor, load during
+//! upgrades, scale (listeners, open connections, many upgrades), and
+//! overhead against plain tokio.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Runtime;
+
+use crate::Error;
+use crate::load::{self, Mode, Outcome, Sample};
+use crate::procs::{Kind, Lab, Service, Upgrade, Usage, free_port};
+use crate::stats::{Summary, ms};
+
+/// How much of everything to do.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Config {
+    pub(crate) quick: bool,
+    /// Upgrades per library in the latency test, and fresh starts for the
+    /// floor, interleaved one by one.
+    pub(crate) upgrades: usize,
+    /// Upgrades per library under load.
+    pub(crate) load_upgrades: usize,
+    /// Clients per mode under load.
+    pub(crate) load_clients: usize,
+    /// Listener counts of the scale test, and upgrades at each.
+    pub(crate) listener_counts: Vec<usize>,
+    pub(crate) listener_upgrades: usize,
+    /// Open connections of the drain test.
+    pub(crate) drain_conns: usize,
+    /// The client behaviours of the drain test.
+    pub(crate) drain_loads: Vec<DrainLoad>,
+    /// Consecutive upgrades of the generations test (tableflip).
+    pub(crate) many_upgrades: usize,
+    /// Fresh starts per service in the overhead test.
+    pub(crate) overhead_rounds: usize,
+    /// Requests sent before the "loaded" RSS reading.
+    pub(crate) overhead_requests: usize,
+}
+
+impl Config {
+    /// The full run, or the quick one (`--quick`, for CI).
+    pub(crate) fn new(quick: bool) -> Config {
+        if quick {
+            Config {
+                quick,
+                upgrades: 10,
+                load_upgrades: 3,
+                load_clients: 2,
+                listener_counts: vec![1, 10, 100, 1000],
+                listener_upgrades: 2,
+                drain_conns: 500,
+                drain_loads: vec![DrainLoad::Idle, DrainLoad::Active],
+                many_upgrades: 100,
+                overhead_rounds: 4,
+                overhead_requests: 500,
+            }
+        } else {
+            Config {
+                quick,
+                upgrades: 60,
+                load_upgrades: 20,
+                load_clients: 4,
+                listener_counts: vec![1, 10, 100, 1000],
+                listener_upgrades: 10,
+                drain_conns: 10_000,
+                drain_loads: vec![DrainLoad::Idle, DrainLoad::Active, DrainLoad::Intermittent],
+                many_upgrades: 1000,
+                overhead_rounds: 20,
+                overhead_requests: 5000,
+            }
+        }
+    }
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// `GET /` over a fresh connection, synchronously: the PID that answered.
+pub(crate) fn probe(addr: SocketAddr) -> Result<u32, Error> {
+    let mut s = TcpStream::connect(addr).map_err(|e| Error::msg(format!("probe {addr}: {e}")))?;
+    s.set_read_timeout(Some(load::REQUEST_TIMEOUT))
+        .map_err(|e| Error::msg(format!("probe {addr}: {e}")))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .map_err(|e| Error::msg(format!("probe {addr}: {e}")))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .map_err(|e| Error::msg(format!("probe {addr}: {e}")))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| Error::msg(format!("probe {addr}: unexpected answer {text:?}")))
+}
+
+/// The resource use of one generation, measured once it serves alone.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct Generation {
+    pub(crate) index: usize,
+    pub(crate) pid: u32,
+    #[serde(flatten)]
+    pub(crate) usage: Usage,
+}
+
+/// After an upgrade: check that the new generation answers, and read its
+/// resource use.
+fn settle(svc: &Service, index: usize) -> Result<Generation, Error> {
+    let pid = probe(svc.addr)?;
+    if pid != svc.pid {
+        return Err(Error::msg(format!(
+            "{}: answered by pid {pid}, expected the new generation {}",
+            svc.kind.name(),
+            svc.pid
+        )));
+    }
+    Ok(Generation {
+        index,
+        pid,
+        usage: steady_usage(svc.pid),
+    })
+}
+
+/// A process's resource use once transient fds are gone: the old
+/// generation has just been reaped and the probe just answered, so for a
+/// moment the new one may still hold the end of its parent pipe, or the
+/// probe's connection. The fewest fds over 5 readings 2 ms apart (a leak
+/// shows in every reading); the last reading's memory.
+fn steady_usage(pid: u32) -> Usage {
+    let mut usage = Usage::of(pid);
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(2));
+        let again = Usage::of(pid);
+        usage = Usage {
+            fds: usage.fds.min(again.fds),
+            ..again
+        };
+    }
+    usage
+}
+
+/// Upgrade timings, in milliseconds.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(crate) struct Timings {
+    pub(crate) ready: Vec<f64>,
+    pub(crate) pid_file: Vec<f64>,
+    pub(crate) gone: Vec<f64>,
+}
+
+impl Timings {
+    fn push(&mut self, u: &Upgrade) {
+        self.ready.push(ms(u.ready));
+        if let Some(p) = u.pid_file {
+            self.pid_file.push(ms(p));
+        }
+        self.gone.push(ms(u.gone));
+    }
+}
+
+/// The latency test's results for one library.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct LatencyResult {
+    pub(crate) kind: Kind,
+    pub(crate) upgrades: Timings,
+    /// Fresh starts of the same binary (spawn → `READY=1`), in ms.
+    pub(crate) floor: Vec<f64>,
+    pub(crate) generations: Vec<Generation>,
+}
+
+/// Upgrade latency, no load: `upgrades` upgrades of each library, each
+/// followed by a fresh start of the same binary (the floor), the two
+/// libraries taking turns.
+pub(crate) fn latency(lab: &Lab, cfg: &Config) -> Result<Vec<LatencyResult>, Error> {
+    let kinds = [Kind::Tableflip, Kind::Ecdysis];
+    let mut services = Vec::new();
+    let mut results = Vec::new();
+    for kind in kinds {
+        let (svc, _) = Service::start(lab, kind, local(free_port()?), 1)?;
+        results.push(LatencyResult {
+            kind,
+            upgrades: Timings::default(),
+            floor: Vec::new(),
+            generations: vec![settle(&svc, 0)?],
+        });
+        services.push(svc);
+    }
+    for done in 1..=cfg.upgrades {
+        for (svc, result) in services.iter_mut().zip(&mut results) {
+            let u = svc.upgrade()?;
+            result.upgrades.push(&u);
+            let index = result.generations.len();
+            result.generations.push(settle(svc, index)?);
+            let (fresh, start) = Service::start(lab, svc.kind, local(free_port()?), 1)?;
+            result.floor.push(ms(start.ready));
+            fresh.stop(Duration::from_secs(10))?;
+        }
+        if done % 10 == 0 || done == cfg.upgrades {
+            eprint!(
+                "\r  latency: {done}/{} upgrades of each library",
+                cfg.upgrades
+            );
+        }
+    }
+    eprintln!();
+    for svc in services {
+        svc.stop(Duration::from_secs(10))?;
+    }
+    Ok(results)
+}
+
+/// One upgrade under load, in microseconds since the load's epoch.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct UpgradeMark {
+    pub(crate) hup_us: u64,
+    pub(crate) ready_us: u64,
+    pub(crate) gone_us: u64,
+}
+
+/// Per client mode, under load.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ModeStats {
+    pub(crate) mode: Mode,
+    pub(crate) requests: usize,
+    pub(crate) failed: usize,
+    pub(crate) failures: BTreeMap<String, usize>,
+    /// Latency of the successful requests, ms.
+    pub(crate) latency: Summary,
+}
+
+impl ModeStats {
+    fn of(mode: Mode, samples: &[Sample]) -> ModeStats {
+        let mine: Vec<&Sample> = samples.iter().filter(|s| s.mode == mode).collect();
+        let mut failures = BTreeMap::new();
+        for s in mine.iter().filter(|s| s.outcome != Outcome::Ok) {
+            *failures.entry(format!("{:?}", s.outcome)).or_insert(0) += 1;
+        }
+        let ok: Vec<f64> = mine
+            .iter()
+            .filter(|s| s.outcome == Outcome::Ok)
+            .map(|s| f64::from(s.latency_us) / 1e3)
+            .collect();
+        ModeStats {
+            mode,
+            requests: mine.len(),
+            failed: mine.len() - ok.len(),
+            failures,
+            latency: Summary::of_ms(&ok),
+        }
+    }
+}
+
+/// The load test's results for one library.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct LoadResult {
+    pub(crate) kind: Kind,
+    pub(crate) duration_s: f64,
+    pub(crate) modes: Vec<ModeStats>,
+    pub(crate) upgrades: Vec<UpgradeMark>,
+    pub(crate) timings: Timings,
+    /// Slow requests (`/slow?ms=300`) in flight at each upgrade: answered,
+    /// of how many.
+    pub(crate) slow_ok: usize,
+    pub(crate) slow_total: usize,
+    /// Requests answered, by generation (in order).
+    pub(crate) per_generation: Vec<usize>,
+    #[serde(skip)]
+    pub(crate) samples: Vec<Sample>,
+}
+
+/// How long the slow request in flight at each upgrade takes.
+const SLOW_MS: u64 = 300;
+
+/// Upgrades under load: keep-alive and connection-per-request clients
+/// sending back to back, a slow request in flight at every upgrade.
+pub(crate) fn under_load(
+    lab: &Lab,
+    rt: &Runtime,
+    cfg: &Config,
+    kind: Kind,
+) -> Result<LoadResult, Error> {
+    let (mut svc, _) = Service::start(lab, kind, local(free_port()?), 1)?;
+    let addr = svc.addr;
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for mode in [Mode::KeepAlive, Mode::PerRequest] {
+        for _ in 0..cfg.load_clients {
+            clients.push(rt.spawn(load::client(addr, mode, epoch, Arc::clone(&stop))));
+        }
+    }
+    let mut marks = Vec::new();
+    let mut timings = Timings::default();
+    let mut slow = Vec::new();
+    let mut outcome = Ok(());
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..cfg.load_upgrades {
+        slow.push(rt.spawn(load::slow_request(addr, SLOW_MS)));
+        // Let the slow request reach the old generation.
+        std::thread::sleep(Duration::from_millis(50));
+        match svc.upgrade() {
+            Ok(u) => {
+                timings.push(&u);
+                let hup_us = load::micros_since(epoch, u.hup_at);
+                marks.push(UpgradeMark {
+                    hup_us,
+                    ready_us: hup_us + u64::try_from(u.ready.as_micros()).unwrap_or(0),
+                    gone_us: hup_us + u64::try_from(u.gone.as_micros()).unwrap_or(0),
+                });
+            }
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let duration_s = epoch.elapsed().as_secs_f64();
+    let mut samples = Vec::new();
+    for c in clients {
+        samples.extend(
+            rt.block_on(c)
+                .map_err(|e| Error::msg(format!("load client: {e}")))?,
+        );
+    }
+    let mut slow_ok = 0;
+    let slow_total = slow.len();
+    for s in slow {
+        if rt.block_on(s).unwrap_or(false) {
+            slow_ok += 1;
+        }
+    }
+    outcome?;
+    let generations = svc.generations.clone();
+    svc.stop(Duration::from_secs(30))?;
+    samples.sort_by_key(|s| s.start_us);
+    let per_generation = generations
+        .iter()
+        .map(|(g, _)| samples.iter().filter(|s| s.pid == *g).count())
+        .collect();
+    Ok(LoadResult {
+        kind,
+        duration_s,
+        modes: vec![
+            ModeStats::of(Mode::KeepAlive, &samples),
+            ModeStats::of(Mode::PerRequest, &samples),
+        ],
+        upgrades: marks,
+        timings,
+        slow_ok,
+        slow_total,
+        per_generation,
+        samples,
+    })
+}
+
+/// Upgrade latency with `n` listeners, for one library.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ListenersResult {
+    pub(crate) kind: Kind,
+    pub(crate) listeners: usize,
+    pub(crate) upgrades: Timings,
+    pub(crate) floor: Vec<f64>,
+    /// Open fds of the last generation.
+    pub(crate) fds: usize,
+}
+
+/// Upgrade latency with 1, 10, 100, 1000 listeners.
+pub(crate) fn listeners(lab: &Lab, cfg: &Config) -> Result<Vec<ListenersResult>, Error> {
+    let mut results = Vec::new();
+    for &n in &cfg.listener_counts {
+        for kind in [Kind::Tableflip, Kind::Ecdysis] {
+            let (mut svc, _) = Service::start(lab, kind, local(free_port()?), n)?;
+            let mut upgrades = Timings::default();
+            for _ in 0..cfg.listener_upgrades {
+                upgrades.push(&svc.upgrade()?);
+            }
+            probe(svc.addr)?;
+            let fds = svc.usage().fds;
+            svc.stop(Duration::from_secs(10))?;
+            let mut floor = Vec::new();
+            for _ in 0..cfg.listener_upgrades {
+                let (fresh, start) = Service::start(lab, kind, local(free_port()?), n)?;
+                floor.push(ms(start.ready));
+                fresh.stop(Duration::from_secs(10))?;
+            }
+            results.push(ListenersResult {
+                kind,
+                listeners: n,
+                upgrades,
+                floor,
+                fds,
+            });
+            eprint!("\r  listeners: {n} ({})      ", kind.name());
+        }
+    }
+    eprintln!();
+    Ok(results)
+}
+
+/// What the clients of the drain test do with their connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum DrainLoad {
+    /// One request answered, then silence.
+    Idle,
+    /// A request every 0.5 to 1.5 s (uniformly), on each connection: never
+    /// idle as long as tableflip's 2 s linger.
+    Active,
+    /// A request every 1 to 3 s: some connections stay idle longer than
+    /// the linger, the case the linger cannot make race-free.
+    Intermittent,
+}
+
+impl DrainLoad {
+    /// The name used in tables.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            DrainLoad::Idle => "idle",
+            DrainLoad::Active => "active (a request every 0.5–1.5 s)",
+            DrainLoad::Intermittent => "intermittent (a request every 1–3 s)",
+        }
+    }
+
+    /// The shortest and longest interval between two requests.
+    fn intervals(self) -> (Duration, Duration) {
+        match self {
+            DrainLoad::Idle => (Duration::ZERO, Duration::ZERO),
+            DrainLoad::Active => (Duration::from_millis(500), Duration::from_millis(1500)),
+            DrainLoad::Intermittent => (Duration::from_secs(1), Duration::from_secs(3)),
+        }
+    }
+}
+
+/// Draining many open connections, for one library.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct DrainResult {
+    pub(crate) kind: Kind,
+    pub(crate) load: DrainLoad,
+    pub(crate) connections: usize,
+    pub(crate) ready_ms: f64,
+    pub(crate) gone_ms: f64,
+    /// Idle: how the old generation ended the connections.
+    pub(crate) closed_eof: usize,
+    pub(crate) closed_reset: usize,
+    /// Idle: the last close seen, ms after `SIGHUP`.
+    pub(crate) last_close_ms: f64,
+    /// Active: the requests during the test.
+    pub(crate) requests: usize,
+    pub(crate) failed: usize,
+    pub(crate) failures: BTreeMap<String, usize>,
+    pub(crate) latency: Summary,
+}
+
+/// Opens `n` keep-alive connections, each with one request answered.
+async fn open_many(addr: SocketAddr, n: usize) -> Result<Vec<tokio::net::TcpStream>, Error> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(128));
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sem = Arc::clone(&sem);
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await.ok()?;
+            let mut stream = load::connect(addr).await.ok()?;
+            let mut buf = Vec::new();
+            load::exchange(
+                &mut stream,
+                &mut buf,
+                b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n",
+            )
+            .await
+            .ok()?;
+            Some(stream)
+        }));
+    }
+    let mut streams = Vec::with_capacity(n);
+    for t in tasks {
+        if let Ok(Some(s)) = t.await {
+            streams.push(s);
+        }
+    }
+    if streams.len() < n {
+        return Err(Error::msg(format!(
+            "could open only {} of {n} connections",
+            streams.len()
+        )));
+    }
+    Ok(streams)
+}
+
+/// A tiny deterministic generator (no dependency for this): a uniform
+/// duration in `[lo, hi)` drawn from `seed`.
+fn uniform(seed: u64, (lo, hi): (Duration, Duration)) -> Duration {
+    let x = seed
+        .wrapping_mul(6_364_136_223_846_793_005)
+        .wrapping_add(1_442_695_040_888_963_407);
+    let frac = (x >> 33) as f64 / f64::from(1u32 << 31);
+    lo + (hi - lo).mul_f64(frac)
+}
+
+/// Upgrades with `cfg.drain_conns` connections open, used as `load` says.
+pub(crate) fn drain(
+    lab: &Lab,
+    rt: &Runtime,
+    cfg: &Config,
+    kind: Kind,
+    load: DrainLoad,
+) -> Result<DrainResult, Error> {
+    let (mut svc, _) = Service::start(lab, kind, local(free_port()?), 1)?;
+    let addr = svc.addr;
+    let n = cfg.drain_conns;
+    let streams = rt.block_on(open_many(addr, n))?;
+    let mut result = DrainResult {
+        kind,
+        load,
+        connections: n,
+        ready_ms: 0.0,
+        gone_ms: 0.0,
+        closed_eof: 0,
+        closed_reset: 0,
+        last_close_ms: 0.0,
+        requests: 0,
+        failed: 0,
+        failures: BTreeMap::new(),
+        latency: Summary::default(),
+    };
+    if load != DrainLoad::Idle {
+        let epoch = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let intervals = load.intervals();
+        let tasks: Vec<_> = streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, stream)| {
+                let stop = Arc::clone(&stop);
+                rt.spawn(async move {
+                    let mut conn = Some(stream);
+                    let mut buf = Vec::with_capacity(256);
+                    let mut samples = Vec::new();
+                    let mut seed = i as u64;
+                    // Spread the first requests over one interval.
+                    tokio::time::sleep(uniform(seed, (Duration::ZERO, intervals.1))).await;
+                    while !stop.load(Ordering::Relaxed) {
+                        samples.push(
+                            load::request(addr, &mut conn, &mut buf, Mode::KeepAlive, epoch).await,
+                        );
+                        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                        tokio::time::sleep(uniform(seed, intervals)).await;
+                    }
+                    samples
+                })
+            })
+            .collect();
+        // Every connection has sent a request before the upgrade, and has
+        // had time to send one after the drain ended.
+        std::thread::sleep(intervals.1);
+        let upgraded = svc.upgrade();
+        std::thread::sleep(intervals.1 + Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        let mut samples = Vec::new();
+        for t in tasks {
+            samples.extend(rt.block_on(t).unwrap_or_default());
+        }
+        let u = upgraded?;
+        result.ready_ms = ms(u.ready);
+        result.gone_ms = ms(u.gone);
+        let stats = ModeStats::of(Mode::KeepAlive, &samples);
+        result.requests = stats.requests;
+        result.failed = stats.failed;
+        result.failures = stats.failures;
+        result.latency = stats.latency;
+    } else {
+        // Watch every connection for its end.
+        let watchers: Vec<_> = streams
+            .into_iter()
+            .map(|mut stream| {
+                rt.spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut byte = [0u8; 1];
+                    let end = stream.read(&mut byte).await;
+                    (Instant::now(), end.map(|n| n == 0).unwrap_or(false))
+                })
+            })
+            .collect();
+        let u = svc.upgrade()?;
+        result.ready_ms = ms(u.ready);
+        result.gone_ms = ms(u.gone);
+        for w in watchers {
+            let (at, eof) = rt
+                .block_on(w)
+                .map_err(|e| Error::msg(format!("watcher: {e}")))?;
+            if eof {
+                result.closed_eof += 1;
+            } else {
+                result.closed_reset += 1;
+            }
+            result.last_close_ms = result.last_close_ms.max(ms(at - u.hup_at));
+        }
+    }
+    svc.stop(Duration::from_secs(30))?;
+    Ok(result)
+}
+
+/// Many consecutive upgrades of one library: the resource use of every
+/// generation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ManyResult {
+    pub(crate) kind: Kind,
+    pub(crate) upgrades: usize,
+    pub(crate) timings: Timings,
+    pub(crate) generations: Vec<Generation>,
+}
+
+/// `count` consecutive upgrades.
+pub(crate) fn many_upgrades(lab: &Lab, kind: Kind, count: usize) -> Result<ManyResult, Error> {
+    let (mut svc, _) = Service::start(lab, kind, local(free_port()?), 1)?;
+    let mut generations = vec![settle(&svc, 0)?];
+    let mut timings = Timings::default();
+    for i in 1..=count {
+        timings.push(&svc.upgrade()?);
+        generations.push(settle(&svc, i)?);
+        if i % 50 == 0 {
+            eprint!("\r  generations: {i}/{count} upgrades ({})", kind.name());
+        }
+    }
+    eprintln!();
+    svc.stop(Duration::from_secs(10))?;
+    Ok(ManyResult {
+        kind,
+        upgrades: count,
+        timings,
+        generations,
+    })
+}
+
+/// Overhead of one service kind.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct OverheadResult {
+    pub(crate) kind: Kind,
+    /// spawn → `READY=1`, ms.
+    pub(crate) startup: Vec<f64>,
+    /// Right after readiness.
+    pub(crate) at_ready: Vec<Usage>,
+    /// After `overhead_requests` keep-alive requests.
+    pub(crate) loaded: Vec<Usage>,
+    /// The binary's file size, and what of it is loaded (`PT_LOAD`).
+    pub(crate) file_bytes: u64,
+    pub(crate) loaded_bytes: u64,
+}
+
+/// Fresh starts of each service, interleaved: startup time and RSS.
+pub(crate) fn overhead(
+    lab: &Lab,
+    rt: &Runtime,
+    cfg: &Config,
+) -> Result<Vec<OverheadResult>, Error> {
+    let kinds = [Kind::Tokio, Kind::Tableflip, Kind::Ecdysis];
+    let mut results: Vec<OverheadResult> = kinds
+        .iter()
+        .map(|&kind| {
+            let path = lab.bin_dir.join(kind.binary());
+            let (file_bytes, loaded_bytes) = crate::elf::sizes(&path)?;
+            Ok(OverheadResult {
+                kind,
+                startup: Vec::new(),
+                at_ready: Vec::new(),
+                loaded: Vec::new(),
+                file_bytes,
+                loaded_bytes,
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    for _ in 0..cfg.overhead_rounds {
+        for result in &mut results {
+            let (svc, start) = Service::start(lab, result.kind, local(free_port()?), 1)?;
+            result.startup.push(ms(start.ready));
+            result.at_ready.push(svc.usage());
+            let addr = svc.addr;
+            let requests = cfg.overhead_requests;
+            let failed = rt.block_on(async move {
+                let mut conn = None;
+                let mut buf = Vec::new();
+                let epoch = Instant::now();
+                let mut failed = 0;
+                for _ in 0..requests {
+                    let s = load::request(addr, &mut conn, &mut buf, Mode::KeepAlive, epoch).await;
+                    if s.outcome != Outcome::Ok {
+                        failed += 1;
+                    }
+                }
+                failed
+            });
+            if failed > 0 {
+                return Err(Error::msg(format!(
+                    "{}: {failed} requests failed without any upgrade",
+                    result.kind.name()
+                )));
+            }
+            result.loaded.push(svc.usage());
+            svc.stop(Duration::from_secs(10))?;
+        }
+    }
+    Ok(results)
+}

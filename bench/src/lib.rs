@@ -1,0 +1,138 @@
+//! The HTTP contract shared by the benchmark's three services, so that they
+//! differ only in how they start, hand over and drain.
+//!
+//! - `GET /` answers `200` with the body `pid <N>\n` and the header
+//!   `x-pid: <N>`, `N` being the PID of the process that served it;
+//! - `GET /slow?ms=N` waits `N` milliseconds (at most [`MAX_SLOW`]), then
+//!   answers the same;
+//! - anything else answers `404`.
+//!
+//! Every service reads its configuration from the environment:
+//!
+//! - `BENCH_ADDR`: the address of the main listener (`host:port`);
+//! - `PID_FILE`: where to write the PID once ready (optional);
+//! - `NOTIFY_SOCKET`: where to send systemd-style readiness notifications
+//!   (optional);
+//! - `BENCH_LISTENERS`: how many listeners to serve in all (default 1);
+//!   the extra ones are [`extra_listeners`].
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::HeaderValue;
+use hyper::{Method, Request, Response, StatusCode};
+
+/// The longest wait `GET /slow?ms=N` accepts.
+pub const MAX_SLOW: Duration = Duration::from_secs(60);
+
+/// The response header that names the serving PID.
+pub const PID_HEADER: &str = "x-pid";
+
+/// The address of the main listener used when `BENCH_ADDR` is not set.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+
+/// Answers one request of the contract.
+pub async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let pid = std::process::id();
+    let response = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => reply(StatusCode::OK, pid, format!("pid {pid}\n")),
+        (&Method::GET, "/slow") => match slow_ms(req.uri().query()) {
+            Some(wait) => {
+                tokio::time::sleep(wait).await;
+                reply(StatusCode::OK, pid, format!("pid {pid}\n"))
+            }
+            None => reply(
+                StatusCode::BAD_REQUEST,
+                pid,
+                "expected /slow?ms=N\n".to_owned(),
+            ),
+        },
+        _ => reply(StatusCode::NOT_FOUND, pid, "not found\n".to_owned()),
+    };
+    Ok(response)
+}
+
+fn reply(status: StatusCode, pid: u32, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(PID_HEADER, HeaderValue::from(pid));
+    response
+}
+
+/// The wait that `/slow?ms=N` asks for, if valid.
+fn slow_ms(query: Option<&str>) -> Option<Duration> {
+    let ms = query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ms="))?
+        .parse::<u64>()
+        .ok()?;
+    Some(Duration::from_millis(ms)).filter(|d| *d <= MAX_SLOW)
+}
+
+/// The main listener's address: `BENCH_ADDR`, or [`DEFAULT_ADDR`].
+pub fn main_addr() -> String {
+    std::env::var("BENCH_ADDR").unwrap_or_else(|_| DEFAULT_ADDR.to_owned())
+}
+
+/// The extra listeners a service must serve besides the main one: with
+/// `BENCH_LISTENERS=N`, `N - 1` of them, on `127.1.x.y` at the main
+/// listener's port (distinct loopback addresses, one port: no port
+/// allocation, and fixed addresses, which ecdysis needs to match inherited
+/// sockets). Each comes with a name for libraries that name sockets.
+///
+/// # Errors
+///
+/// When `BENCH_LISTENERS` or the main address cannot be parsed.
+pub fn extra_listeners() -> Result<Vec<(String, SocketAddr)>, String> {
+    let count: usize = match std::env::var("BENCH_LISTENERS") {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| format!("BENCH_LISTENERS={v:?}: expected a number"))?,
+        Err(_) => 1,
+    };
+    let main: SocketAddr = main_addr()
+        .parse()
+        .map_err(|e| format!("BENCH_ADDR: {e}"))?;
+    Ok((1..count)
+        .map(|i| {
+            let [_, _, hi, lo] = u32::try_from(i).unwrap_or(u32::MAX).to_be_bytes();
+            let ip = Ipv4Addr::new(127, 1, hi, lo);
+            (
+                format!("EXTRA_{i}"),
+                SocketAddr::V4(SocketAddrV4::new(ip, main.port())),
+            )
+        })
+        .collect())
+}
+
+/// Sends one systemd-style notification (`READY=1`…) to `NOTIFY_SOCKET`, if
+/// set: what a plain service that speaks systemd's protocol does (the
+/// `sd-notify` crate is these few lines). Errors are ignored, as systemd's
+/// own `sd_notify` lets the caller do.
+pub fn sd_notify(message: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    if let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() {
+        let _ = socket.send_to(message.as_bytes(), path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_parses_its_query() {
+        assert_eq!(slow_ms(Some("ms=250")), Some(Duration::from_millis(250)));
+        assert_eq!(slow_ms(Some("a=1&ms=0")), Some(Duration::ZERO));
+        assert_eq!(slow_ms(Some("ms=x")), None);
+        assert_eq!(slow_ms(Some("ms=600000")), None);
+        assert_eq!(slow_ms(None), None);
+    }
+}
