@@ -124,7 +124,9 @@ pub use socket2;
 ///    abandoned is logged), then the process exits 0.
 ///
 /// Logs go through `tracing`; if the program installs no subscriber, one
-/// writing to stderr is installed (filtered by `RUST_LOG`, default `info`).
+/// writing to stderr is installed (filtered by `RUST_LOG`, default `info`,
+/// with `target=level` directives such as `info,tableflip=debug`; install
+/// your own subscriber for span or field filters).
 ///
 /// # The function
 ///
