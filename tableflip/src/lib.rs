@@ -42,6 +42,7 @@
 #![cfg(unix)]
 
 mod bind;
+mod child;
 mod declare;
 mod error;
 mod fds;

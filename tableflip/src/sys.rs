@@ -1,7 +1,7 @@
 //! The only module with `unsafe` code: taking ownership of inherited fds,
-//! editing the process environment, and the code that runs between `fork`
-//! and `exec`. Everything else in the crate goes through the safe wrappers
-//! here (or through `nix`/`socket2`).
+//! editing the process environment, the code that runs between `fork`
+//! and `exec`, and `posix_spawn` with pidfds. Everything else in the crate
+//! goes through the safe wrappers here (or through `nix`/`socket2`).
 #![allow(unsafe_code)]
 
 use std::ffi::OsStr;
@@ -170,4 +170,283 @@ pub(crate) fn inherit_across_exec(cmd: &mut std::process::Command, fds: Vec<RawF
     // async-signal-safe functions (see above); it captures nothing that
     // needs a lock or the allocator.
     unsafe { cmd.pre_exec(hook) };
+}
+
+/// Whether [`spawn_inheriting`] can be used here: glibc 2.29 or later
+/// (`posix_spawn_file_actions_adddup2(fd, fd)` clears close-on-exec, and
+/// `posix_spawn_file_actions_addchdir_np` exists) and a kernel with
+/// `pidfd_open` (5.3). Checked once.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn fast_spawn() -> Option<AddChdir> {
+    static FAST: std::sync::OnceLock<Option<AddChdir>> = std::sync::OnceLock::new();
+    *FAST.get_or_init(|| {
+        // Escape hatch (and how the tests and the benchmark exercise the
+        // fork path on a system that has everything).
+        if std::env::var_os(SPAWN_WITH_FORK).is_some_and(|v| !v.is_empty()) {
+            return None;
+        }
+        // SAFETY: `gnu_get_libc_version` returns a pointer to a static,
+        // NUL-terminated string owned by glibc.
+        let version = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+        let mut parts = version
+            .to_str()
+            .ok()?
+            .split('.')
+            .map(|p| p.parse::<u32>().ok());
+        let (major, minor) = (parts.next()??, parts.next()??);
+        if (major, minor) < (2, 29) {
+            return None;
+        }
+        // Looked up at run time rather than linked, so that binaries still
+        // start on a glibc older than 2.29 (and then use fork).
+        // SAFETY: `dlsym` with RTLD_DEFAULT and a NUL-terminated name only
+        // searches the loaded objects; a null result means "absent".
+        let sym = unsafe {
+            libc::dlsym(
+                libc::RTLD_DEFAULT,
+                c"posix_spawn_file_actions_addchdir_np".as_ptr(),
+            )
+        };
+        if sym.is_null() {
+            return None;
+        }
+        // SAFETY: the symbol is glibc's `posix_spawn_file_actions_addchdir_np`,
+        // whose C signature is exactly `AddChdir`.
+        let addchdir = unsafe { std::mem::transmute::<*mut libc::c_void, AddChdir>(sym) };
+        // A pidfd of this very process: fails with ENOSYS before Linux 5.3.
+        pidfd_open(std::process::id()).ok()?;
+        Some(addchdir)
+    })
+}
+
+/// Set (non-empty), the next generation is started by fork and exec even
+/// where `posix_spawn` could be used.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const SPAWN_WITH_FORK: &str = "TABLEFLIP_SPAWN_WITH_FORK";
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+type AddChdir =
+    unsafe extern "C" fn(*mut libc::posix_spawn_file_actions_t, *const libc::c_char) -> libc::c_int;
+
+/// A pidfd for `pid`: readable once the process has exited.
+#[cfg(target_os = "linux")]
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: `pidfd_open(pid, 0)` takes plain integers and returns a new
+    // fd (close-on-exec, as the kernel always makes pidfds) or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Registers a pidfd (from [`pidfd_open`]) with the tokio reactor, to
+/// await the process's exit. Must run inside a tokio runtime.
+#[cfg(target_os = "linux")]
+pub(crate) fn watch_pidfd(pidfd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` owns one open fd, `as_raw_fd` always returns
+    // that same fd, and it is closed only when the `AsyncFd` drops it.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    }
+    .map_err(io::Error::from)
+}
+
+/// No pidfds here (`spawn_inheriting` never returns one off Linux).
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn watch_pidfd(_pidfd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// What the next generation is started with.
+pub(crate) struct SpawnSpec<'a> {
+    pub(crate) exe: &'a std::path::Path,
+    /// `argv`, `argv[0]` included.
+    pub(crate) argv: &'a [std::ffi::OsString],
+    pub(crate) env: &'a [(std::ffi::OsString, std::ffi::OsString)],
+    pub(crate) cwd: &'a std::path::Path,
+    /// Fds the child inherits at the same numbers (close-on-exec here).
+    pub(crate) inherit: &'a [RawFd],
+}
+
+/// Starts the next generation with `posix_spawn` (no `fork`: glibc uses
+/// `clone(CLONE_VM | CLONE_VFORK)`, whose cost does not grow with this
+/// process's memory, unlike `fork`'s page-table copy), and returns its PID
+/// and a pidfd to watch it. `None` when this system lacks what it needs
+/// (see `fast_spawn`): the caller then uses `std::process::Command`.
+///
+/// In the child: every fd of `inherit` stays open across `exec` (a
+/// `dup2(fd, fd)` file action clears its close-on-exec flag, in the child
+/// only), the working directory is `cwd`, the signal mask is empty and
+/// `SIGPIPE` has its default action (as `std::process::Command` does).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub(crate) fn spawn_inheriting(spec: &SpawnSpec<'_>) -> Option<io::Result<(u32, OwnedFd)>> {
+    let addchdir = fast_spawn()?;
+    Some(posix_spawn(spec, addchdir))
+}
+
+/// `spawn_inheriting` where it is not available.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn spawn_inheriting(_spec: &SpawnSpec<'_>) -> Option<io::Result<(u32, OwnedFd)>> {
+    None
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn posix_spawn(spec: &SpawnSpec<'_>, addchdir: AddChdir) -> io::Result<(u32, OwnedFd)> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    let cstring = |bytes: &[u8], what: &str| {
+        CString::new(bytes).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{what} contains a NUL byte"),
+            )
+        })
+    };
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    };
+    let path = cstring(spec.exe.as_os_str().as_bytes(), "the executable's path")?;
+    let cwd = cstring(spec.cwd.as_os_str().as_bytes(), "the working directory")?;
+    let argv = spec
+        .argv
+        .iter()
+        .map(|a| cstring(a.as_bytes(), "an argument"))
+        .collect::<io::Result<Vec<_>>>()?;
+    let envp = spec
+        .env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstring(&kv, "an environment variable")
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut argv_ptrs: Vec<*mut libc::c_char> =
+        argv.iter().map(|a| a.as_ptr().cast_mut()).collect();
+    argv_ptrs.push(std::ptr::null_mut());
+    let mut envp_ptrs: Vec<*mut libc::c_char> =
+        envp.iter().map(|e| e.as_ptr().cast_mut()).collect();
+    envp_ptrs.push(std::ptr::null_mut());
+
+    let mut actions = FileActions::new()?;
+    for &fd in spec.inherit {
+        // SAFETY: `actions` was initialised by `FileActions::new`; the call
+        // only records the action.
+        check(unsafe { libc::posix_spawn_file_actions_adddup2(&mut actions.0, fd, fd) })?;
+    }
+    // SAFETY: as above; `addchdir` is glibc's function (see `fast_spawn`),
+    // and it copies the NUL-terminated path.
+    check(unsafe { addchdir(&mut actions.0, cwd.as_ptr()) })?;
+    let mut attr = SpawnAttr::new()?;
+    // SAFETY: `sigemptyset`/`sigaddset` initialise and fill local sets;
+    // the `posix_spawnattr_*` calls record them in the initialised `attr`.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        let mut default: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut default);
+        libc::sigaddset(&mut default, libc::SIGPIPE);
+        check(libc::posix_spawnattr_setsigmask(&mut attr.0, &empty))?;
+        check(libc::posix_spawnattr_setsigdefault(&mut attr.0, &default))?;
+        let flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+        check(libc::posix_spawnattr_setflags(
+            &mut attr.0,
+            libc::c_short::try_from(flags).unwrap_or(0),
+        ))?;
+    }
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: every pointer is valid for the call: `path`, the strings of
+    // `argv`/`envp` and the two null-terminated pointer arrays live until
+    // it returns; `actions` and `attr` are initialised. posix_spawn does not
+    // keep them.
+    check(unsafe {
+        libc::posix_spawn(
+            &mut pid,
+            path.as_ptr(),
+            &actions.0,
+            &attr.0,
+            argv_ptrs.as_ptr(),
+            envp_ptrs.as_ptr(),
+        )
+    })?;
+    let pid = u32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    match pidfd_open(pid) {
+        Ok(pidfd) => Ok((pid, pidfd)),
+        Err(e) => {
+            // Without a pidfd the child cannot be watched: end it now.
+            let target = nix::unistd::Pid::from_raw(libc::pid_t::try_from(pid).unwrap_or(0));
+            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(target, None);
+            Err(e)
+        }
+    }
+}
+
+/// `posix_spawn_file_actions_t`, destroyed on drop.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+struct FileActions(libc::posix_spawn_file_actions_t);
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+impl FileActions {
+    fn new() -> io::Result<FileActions> {
+        // SAFETY: zeroed memory is a valid argument for `_init`, which
+        // initialises it; it is used only after `_init` succeeded.
+        let mut actions = FileActions(unsafe { std::mem::zeroed() });
+        // SAFETY: see above.
+        match unsafe { libc::posix_spawn_file_actions_init(&mut actions.0) } {
+            0 => Ok(actions),
+            rc => {
+                // Not initialised: must not be destroyed.
+                std::mem::forget(actions);
+                Err(io::Error::from_raw_os_error(rc))
+            }
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+impl Drop for FileActions {
+    fn drop(&mut self) {
+        // SAFETY: initialised by `new` (an uninitialised one is forgotten).
+        unsafe { libc::posix_spawn_file_actions_destroy(&mut self.0) };
+    }
+}
+
+/// `posix_spawnattr_t`, destroyed on drop.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+struct SpawnAttr(libc::posix_spawnattr_t);
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+impl SpawnAttr {
+    fn new() -> io::Result<SpawnAttr> {
+        // SAFETY: zeroed memory is a valid argument for `_init`, which
+        // initialises it; it is used only after `_init` succeeded.
+        let mut attr = SpawnAttr(unsafe { std::mem::zeroed() });
+        // SAFETY: see above.
+        match unsafe { libc::posix_spawnattr_init(&mut attr.0) } {
+            0 => Ok(attr),
+            rc => {
+                std::mem::forget(attr);
+                Err(io::Error::from_raw_os_error(rc))
+            }
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+impl Drop for SpawnAttr {
+    fn drop(&mut self) {
+        // SAFETY: initialised by `new` (an uninitialised one is forgotten).
+        unsafe { libc::posix_spawnattr_destroy(&mut self.0) };
+    }
 }

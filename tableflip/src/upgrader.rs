@@ -13,6 +13,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::bind::ListenSpec;
+use crate::child::Child;
 use crate::error::{Error, Result};
 use crate::fds::{Fds, Inherited};
 use crate::options::Options;
@@ -548,18 +549,18 @@ impl Upgrader {
         let (parent_r, parent_w) = pipe()?;
         let (ready_r, ready_w) = pipe()?;
         let launch = &self.inner.launch;
-        let mut cmd = std::process::Command::new(&exe);
-        if let Some(arg0) = launch.args.first() {
-            cmd.arg0(arg0);
+        let handover = protocol::env_value(parent_r.as_raw_fd(), ready_w.as_raw_fd());
+        let mut argv = launch.args.clone();
+        if argv.is_empty() {
+            argv.push(exe.clone().into_os_string());
         }
-        cmd.args(launch.args.iter().skip(1))
-            .env_clear()
-            .envs(launch.env.iter().map(|(k, v)| (k, v)))
-            .env(
-                protocol::ENV_HANDOVER,
-                protocol::env_value(parent_r.as_raw_fd(), ready_w.as_raw_fd()),
-            )
-            .current_dir(&launch.cwd);
+        let mut env: Vec<(OsString, OsString)> = launch
+            .env
+            .iter()
+            .filter(|(k, _)| k != protocol::ENV_HANDOVER)
+            .cloned()
+            .collect();
+        env.push((protocol::ENV_HANDOVER.into(), handover.into()));
 
         let (mut child, payload) = {
             // The registry stays locked until the child is spawned, so no fd
@@ -569,7 +570,6 @@ impl Upgrader {
             let mut inherit = snapshot.fds.clone();
             inherit.push(parent_r.as_raw_fd());
             inherit.push(ready_w.as_raw_fd());
-            sys::inherit_across_exec(&mut cmd, inherit);
             let meta = protocol::Metadata {
                 version: protocol::VERSION,
                 parent_pid: std::process::id(),
@@ -583,19 +583,54 @@ impl Upgrader {
             // a thread once the child reads.
             let written = sys::prefill_pipe(parent_w.as_fd(), &payload);
             payload.drain(..written);
-            let mut cmd = tokio::process::Command::from(cmd);
-            cmd.kill_on_drop(false);
-            let child = cmd.spawn().map_err(|source| Error::Spawn {
+            let spec = sys::SpawnSpec {
+                exe: &exe,
+                argv: &argv,
+                env: &env,
+                cwd: &launch.cwd,
+                inherit: &inherit,
+            };
+            let spawn_error = |source| Error::Spawn {
                 path: exe.clone(),
                 source,
-            })?;
+            };
+            let child = match sys::spawn_inheriting(&spec) {
+                Some(Ok((pid, pidfd))) => Child::from_pidfd(pid, pidfd).map_err(|e| {
+                    // Cannot be watched: do not leave it running.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    let _ = nix::sys::wait::waitpid(
+                        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
+                        None,
+                    );
+                    Error::io("cannot watch the new process", e)
+                })?,
+                Some(Err(source)) => return Err(spawn_error(source)),
+                None => {
+                    // fork + exec, the fds made inheritable in the child.
+                    let mut cmd = std::process::Command::new(&exe);
+                    if let Some(arg0) = argv.first() {
+                        cmd.arg0(arg0);
+                    }
+                    cmd.args(argv.iter().skip(1))
+                        .env_clear()
+                        .envs(env.iter().map(|(k, v)| (k, v)))
+                        .current_dir(&launch.cwd);
+                    sys::inherit_across_exec(&mut cmd, inherit);
+                    let mut cmd = tokio::process::Command::from(cmd);
+                    cmd.kill_on_drop(false);
+                    Child::from_tokio(cmd.spawn().map_err(spawn_error)?)
+                }
+            };
             (ChildGuard(Some(child)), payload)
         };
         drop(parent_r);
         drop(ready_w);
-        let pid = child.get().id().unwrap_or(0);
+        let pid = child.get().id();
         self.state().upgrading = Some(pid);
-        tracing::info!(child_pid = pid, executable = %exe.display(), "upgrade: spawned");
+        tracing::info!(child_pid = pid, executable = %exe.display(), how = child.get().how(), "upgrade: spawned");
 
         let parent_w = Arc::new(parent_w);
         if !payload.is_empty() {
@@ -786,17 +821,17 @@ impl Drop for UpgradingFlag<'_> {
 /// Kills the child if the upgrade future is dropped before the child is
 /// ready (tokio reaps a dropped child in the background), so a cancelled
 /// upgrade never leaves a half-started generation behind.
-struct ChildGuard(Option<tokio::process::Child>);
+struct ChildGuard(Option<Child>);
 
 impl ChildGuard {
-    fn get(&mut self) -> &mut tokio::process::Child {
+    fn get(&mut self) -> &mut Child {
         match &mut self.0 {
             Some(c) => c,
             None => unreachable!("ChildGuard used after disarm"),
         }
     }
 
-    fn disarm(mut self) -> Option<tokio::process::Child> {
+    fn disarm(mut self) -> Option<Child> {
         self.0.take()
     }
 }
@@ -832,7 +867,7 @@ impl Drop for ChildGuard {
 /// holds them: the same executable is started again and inherits them
 /// (connections meanwhile wait in the listen backlog). Not after
 /// [`Upgrader::stop`], and at most [`MAX_REPLACEMENTS`] times.
-async fn watch_successor(inner: Weak<Inner>, mut child: tokio::process::Child, pid: u32) {
+async fn watch_successor(inner: Weak<Inner>, mut child: Child, pid: u32) {
     let status = child.wait().await;
     let Some(inner) = inner.upgrade() else {
         return;
@@ -926,7 +961,7 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-async fn kill_and_reap(child: &mut tokio::process::Child, pid: u32) {
+async fn kill_and_reap(child: &mut Child, pid: u32) {
     if let Err(e) = child.kill().await {
         tracing::warn!(child_pid = pid, error = %e, "cannot kill the new process");
     }
