@@ -14,10 +14,13 @@
 //! - `NOTIFY_SOCKET`: where to send systemd-style readiness notifications
 //!   (optional);
 //! - `BENCH_LISTENERS`: how many listeners to serve in all (default 1);
-//!   the extra ones are [`extra_listeners`].
+//!   the extra ones are [`extra_listeners`];
+//! - `BENCH_BALLAST_MIB`: how many MiB of memory to allocate and touch
+//!   before becoming ready (default 0), see [`hold_ballast`].
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -110,6 +113,71 @@ pub fn extra_listeners() -> Result<Vec<(String, SocketAddr)>, String> {
         .collect())
 }
 
+/// The page size the ballast is touched at: one write per 4 KiB.
+const PAGE: usize = 4096;
+
+/// The ballast, held for the life of the process.
+static BALLAST: OnceLock<Vec<u8>> = OnceLock::new();
+
+/// With `BENCH_BALLAST_MIB=N` (N > 0), allocates N MiB, writes to every
+/// 4 KiB page of it, and keeps it for the life of the process: the process
+/// then really has N MiB more resident (anonymous, private) memory, as a
+/// service with a large heap has. Every generation allocates its own (it is
+/// a new process). Returns the number of bytes held; 0 when unset or 0.
+///
+/// # Errors
+///
+/// When `BENCH_BALLAST_MIB` is not a whole number, is too large to
+/// address, or cannot be allocated; or when called twice.
+pub fn hold_ballast() -> Result<usize, String> {
+    let bytes = ballast_bytes(std::env::var_os("BENCH_BALLAST_MIB").as_deref())?;
+    if bytes == 0 {
+        return Ok(0);
+    }
+    BALLAST
+        .set(touched(bytes)?)
+        .map_err(|_| "hold_ballast called twice".to_owned())?;
+    Ok(bytes)
+}
+
+/// The ballast's size in bytes, from the value of `BENCH_BALLAST_MIB`.
+fn ballast_bytes(value: Option<&std::ffi::OsStr>) -> Result<usize, String> {
+    let Some(value) = value else {
+        return Ok(0);
+    };
+    let mib: usize = value
+        .to_str()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            format!("BENCH_BALLAST_MIB={value:?}: expected a whole number of MiB (e.g. 256)")
+        })?;
+    mib.checked_mul(1 << 20)
+        .filter(|b| isize::try_from(*b).is_ok())
+        .ok_or_else(|| format!("BENCH_BALLAST_MIB={mib}: too large to address"))
+}
+
+/// `bytes` of memory, every page of it written once.
+///
+/// The memory is the spare capacity of a `Vec` (reserved with
+/// `try_reserve_exact`, so a size the system refuses is an error rather
+/// than an abort), written page by page: the kernel faults in one zeroed
+/// page per write, and nothing writes the rest of each page again.
+fn touched(bytes: usize) -> Result<Vec<u8>, String> {
+    let mut ballast: Vec<u8> = Vec::new();
+    ballast.try_reserve_exact(bytes).map_err(|e| {
+        format!(
+            "BENCH_BALLAST_MIB: cannot allocate {} MiB: {e}",
+            bytes >> 20
+        )
+    })?;
+    for page in ballast.spare_capacity_mut().chunks_mut(PAGE) {
+        page[0].write(1);
+    }
+    // Keep the writes and the allocation observable.
+    std::hint::black_box(&mut ballast);
+    Ok(ballast)
+}
+
 /// Sends one systemd-style notification (`READY=1`…) to `NOTIFY_SOCKET`, if
 /// set: what a plain service that speaks systemd's protocol does (the
 /// `sd-notify` crate is these few lines). Errors are ignored, as systemd's
@@ -134,5 +202,35 @@ mod tests {
         assert_eq!(slow_ms(Some("ms=x")), None);
         assert_eq!(slow_ms(Some("ms=600000")), None);
         assert_eq!(slow_ms(None), None);
+    }
+
+    #[test]
+    fn ballast_size_parses() {
+        let os = |v: &str| Some(std::ffi::OsString::from(v));
+        assert_eq!(ballast_bytes(None), Ok(0));
+        assert_eq!(ballast_bytes(os("0").as_deref()), Ok(0));
+        assert_eq!(ballast_bytes(os(" 256 ").as_deref()), Ok(256 << 20));
+        for bad in ["x", "-1", "1.5", "", "99999999999999999999"] {
+            let e = ballast_bytes(os(bad).as_deref()).unwrap_err();
+            assert!(e.starts_with("BENCH_BALLAST_MIB="), "{e}");
+        }
+        assert!(ballast_bytes(os("17592186044416").as_deref()).is_err());
+    }
+
+    #[test]
+    fn ballast_is_resident() {
+        fn rss_kib() -> u64 {
+            std::fs::read_to_string("/proc/self/status")
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        }
+        let before = rss_kib();
+        let ballast = touched(32 << 20).unwrap();
+        let after = rss_kib();
+        assert!(after >= before + 31 * 1024, "{before} → {after} KiB");
+        drop(ballast);
     }
 }

@@ -5,7 +5,7 @@
 //! hyper's own graceful drain.
 //!
 //! Lifecycle: listen (inherited from the parent generation, or bound),
-//! start serving, `ready()`, await ecdysis's future; when it resolves
+//! start serving, allocate the ballast (`BENCH_BALLAST_MIB`), `ready()`, await ecdysis's future; when it resolves
 //! (upgrade done, or stop) the supervised listener streams end, and the
 //! open connections are shut down gracefully, waited for up to
 //! [`DRAIN_TIMEOUT`].
@@ -68,6 +68,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         servers.push(tokio::spawn(accept_loop(incoming, Arc::clone(&graceful))));
     }
 
+    // `BENCH_BALLAST_MIB`: resident memory before readiness.
+    tableflip_bench::hold_ballast()?;
     let (_ecdysis, exit) = builder.ready()?;
     let reason = exit.await?;
     eprintln!("bench-ecdysis[{}]: exiting: {reason:?}", std::process::id());

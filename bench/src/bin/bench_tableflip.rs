@@ -6,6 +6,9 @@
 //! declared with `#[listener]`, whose number is fixed at compile time: they
 //! are opened in the init function through the same upgrader
 //! (`cx.upgrader().listen_with`), inherited by name like the declared one.
+//!
+//! With `BENCH_BALLAST_MIB=N`, the init function ends by allocating and
+//! touching N MiB (`tableflip_bench::hold_ballast`), before readiness.
 
 use tableflip::{Context, ListenSpec, Options, listener};
 use tokio::net::TcpListener;
@@ -29,6 +32,8 @@ async fn main(cx: Context) -> Result<(), Box<dyn std::error::Error + Send + Sync
         let spec = ListenSpec::new(name, "tcp", addr.to_string());
         serve(&cx, cx.upgrader().listen_with(&spec)?);
     }
+    // `BENCH_BALLAST_MIB`: resident memory before readiness (after init).
+    tableflip_bench::hold_ballast()?;
     Ok(())
 }
 

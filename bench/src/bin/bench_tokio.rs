@@ -1,7 +1,8 @@
 //! The benchmark's baseline: the same HTTP contract on plain
 //! `#[tokio::main]` and hyper, without any upgrade machinery. It binds its
 //! listener, starts serving, and tells `NOTIFY_SOCKET` `READY=1` (as a
-//! systemd service with `Type=notify` would); `SIGTERM` ends it.
+//! systemd service with `Type=notify` would); `SIGTERM` ends it. With
+//! `BENCH_BALLAST_MIB=N` it allocates and touches N MiB before readiness.
 
 use std::process::ExitCode;
 
@@ -30,6 +31,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     for listener in listeners {
         tokio::spawn(serve(listener));
     }
+    // `BENCH_BALLAST_MIB`: resident memory before readiness.
+    tableflip_bench::hold_ballast()?;
     if let Some(path) = std::env::var_os("PID_FILE") {
         std::fs::write(path, format!("{}\n", std::process::id()))?;
     }

@@ -53,11 +53,12 @@ usage: tableflip-bench [--quick] [--out DIR] [--only SECTIONS]
   --out DIR       where to write results.md, results.json and the SVG plots
                   (default: bench/results for a full run, $TMPDIR/tableflip-bench-quick
                   for --quick)
-  --only SECTIONS comma-separated subset of: latency, load, listeners, drain,
-                  generations, overhead (default: all)";
+  --only SECTIONS comma-separated subset of: latency, ballast, load, listeners,
+                  drain, generations, overhead (default: all)";
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "latency",
+    "ballast",
     "load",
     "listeners",
     "drain",
@@ -241,6 +242,13 @@ fn run() -> Result<(), Error> {
         eprintln!("upgrade latency and exec floor");
         report.latency = scenarios::latency(&lab, &cfg)?;
         plot::latency_cdf(&report.latency, &out.join("upgrade_latency.svg"))?;
+    }
+    if on("ballast") {
+        eprintln!(
+            "upgrade latency against memory size: {:?} MiB",
+            cfg.ballast_mib
+        );
+        report.ballast = scenarios::ballast(&lab, &cfg)?;
     }
     if on("load") {
         for kind in [Kind::Tableflip, Kind::Ecdysis] {

@@ -412,6 +412,20 @@ impl Service {
         addr: SocketAddr,
         listeners: usize,
     ) -> Result<(Service, Start), Error> {
+        Service::start_with(lab, kind, addr, listeners, 0)
+    }
+
+    /// As [`Service::start`], the service (and every generation after it,
+    /// which inherits its environment) holding `ballast_mib` MiB of touched
+    /// memory from before its readiness on (`BENCH_BALLAST_MIB`; unset
+    /// when 0).
+    pub(crate) fn start_with(
+        lab: &Lab,
+        kind: Kind,
+        addr: SocketAddr,
+        listeners: usize,
+        ballast_mib: usize,
+    ) -> Result<(Service, Start), Error> {
         let dir = lab.next_dir(kind)?;
         let stop = Arc::new(AtomicBool::new(false));
         let notify_path = dir.join("notify.sock");
@@ -429,10 +443,14 @@ impl Service {
             .env("PID_FILE", dir.join("pid"))
             .env("NOTIFY_SOCKET", &notify_path)
             .env_remove("RUST_LOG")
+            .env_remove("BENCH_BALLAST_MIB")
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        if ballast_mib > 0 {
+            cmd.env("BENCH_BALLAST_MIB", ballast_mib.to_string());
+        }
         let mark = notify.mark();
         let started = Instant::now();
         let child = cmd

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use crate::procs::Kind;
 use crate::scenarios::{
-    Config, DrainLoad, DrainResult, LatencyResult, ListenersResult, LoadResult, ManyResult,
+    BallastResult, Config, DrainLoad, DrainResult, LatencyResult, ListenersResult, LoadResult, ManyResult,
     OverheadResult,
 };
 use crate::stats::Summary;
@@ -77,6 +77,7 @@ pub(crate) struct Report {
     pub(crate) config: Option<Config>,
     pub(crate) seconds: f64,
     pub(crate) latency: Vec<LatencyResult>,
+    pub(crate) ballast: Vec<BallastResult>,
     pub(crate) load: Vec<LoadResult>,
     pub(crate) listeners: Vec<ListenersResult>,
     pub(crate) drain: Vec<DrainResult>,
@@ -146,6 +147,7 @@ impl Report {
         }
         self.targets(&mut out);
         self.latency_table(&mut out);
+        self.ballast_table(&mut out);
         self.load_table(&mut out);
         self.listeners_table(&mut out);
         self.drain_table(&mut out);
@@ -326,6 +328,79 @@ impl Report {
             f(over(tf)),
             f(over(ec))
         );
+    }
+
+    fn ballast_table(&self, out: &mut String) {
+        let Some(first) = self.ballast.first() else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "### Upgrade latency against the service's memory size ({} rounds at each size: each library started fresh, upgraded once, stopped; interleaved)\n",
+            first.upgrades.ready.len()
+        );
+        let _ = writeln!(
+            out,
+            "| ballast MiB | measure (ms) | tableflip median | p90 | max | ecdysis median | p90 | max | ratio of medians |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        let mut sizes: Vec<usize> = self.ballast.iter().map(|b| b.ballast_mib).collect();
+        sizes.dedup();
+        for mib in sizes {
+            let get = |k: Kind| {
+                self.ballast
+                    .iter()
+                    .find(|b| b.ballast_mib == mib && b.kind == k)
+            };
+            let (Some(t), Some(e)) = (get(Kind::Tableflip), get(Kind::Ecdysis)) else {
+                continue;
+            };
+            let rows: [(&str, &Vec<f64>, &Vec<f64>); 3] = [
+                (
+                    "SIGHUP → new generation ready",
+                    &t.upgrades.ready,
+                    &e.upgrades.ready,
+                ),
+                (
+                    "SIGHUP → old generation gone",
+                    &t.upgrades.gone,
+                    &e.upgrades.gone,
+                ),
+                ("exec floor: fresh start → ready", &t.floor, &e.floor),
+            ];
+            for (name, a, b) in rows {
+                let (a, b) = (Summary::of_ms(a), Summary::of_ms(b));
+                let _ = writeln!(
+                    out,
+                    "| {mib} | {name} | {} | {} | {} | {} | {} | {} | {} |",
+                    f(a.p50),
+                    f(a.p90),
+                    f(a.max),
+                    f(b.p50),
+                    f(b.p90),
+                    f(b.max),
+                    ratio(a.p50, b.p50)
+                );
+            }
+            let over = |r: &BallastResult| {
+                Summary::of_ms(&r.upgrades.ready).p50 - Summary::of_ms(&r.floor).p50
+            };
+            let _ = writeln!(
+                out,
+                "| {mib} | handover cost: median ready − median floor | {} | | | {} | | | |",
+                f(over(t)),
+                f(over(e))
+            );
+            let rss = |r: &BallastResult| {
+                kib_to_mib(median_of(r.rss_kib.iter().map(|&k| k as f64)))
+            };
+            let _ = writeln!(
+                out,
+                "| {mib} | RSS of the new generation, MiB (median) | {:.1} | | | {:.1} | | | |",
+                rss(t),
+                rss(e)
+            );
+        }
+        out.push('\n');
     }
 
     fn load_table(&self, out: &mut String) {

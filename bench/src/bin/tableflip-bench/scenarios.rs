@@ -1,6 +1,7 @@
-//! The measurements: upgrade latency and the exec floor, load during
-//! upgrades, scale (listeners, open connections, many upgrades), and
-//! overhead against plain tokio.
+//! The measurements: upgrade latency and the exec floor, upgrade latency
+//! against the service's memory size, load during upgrades, scale
+//! (listeners, open connections, many upgrades), and overhead against
+//! plain tokio.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -40,6 +41,10 @@ pub(crate) struct Config {
     pub(crate) overhead_rounds: usize,
     /// Requests sent before the "loaded" RSS reading.
     pub(crate) overhead_requests: usize,
+    /// Memory sizes of the ballast test (MiB held by every generation),
+    /// and upgrades (each after a fresh start) of each library at each.
+    pub(crate) ballast_mib: Vec<usize>,
+    pub(crate) ballast_upgrades: usize,
 }
 
 impl Config {
@@ -58,6 +63,8 @@ impl Config {
                 many_upgrades: 100,
                 overhead_rounds: 4,
                 overhead_requests: 500,
+                ballast_mib: vec![0, 256],
+                ballast_upgrades: 5,
             }
         } else {
             Config {
@@ -72,6 +79,8 @@ impl Config {
                 many_upgrades: 1000,
                 overhead_rounds: 20,
                 overhead_requests: 5000,
+                ballast_mib: vec![0, 256, 1024],
+                ballast_upgrades: 20,
             }
         }
     }
@@ -209,6 +218,89 @@ pub(crate) fn latency(lab: &Lab, cfg: &Config) -> Result<Vec<LatencyResult>, Err
         svc.stop(Duration::from_secs(10))?;
     }
     Ok(results)
+}
+
+/// Upgrade latency at one memory size, for one library.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct BallastResult {
+    pub(crate) kind: Kind,
+    /// MiB allocated and touched by every generation before readiness.
+    pub(crate) ballast_mib: usize,
+    pub(crate) upgrades: Timings,
+    /// Fresh starts with the same ballast (spawn → `READY=1`), in ms: the
+    /// exec floor at this size.
+    pub(crate) floor: Vec<f64>,
+    /// RSS of each new generation once it serves alone, KiB.
+    pub(crate) rss_kib: Vec<u64>,
+}
+
+/// `/proc/meminfo`'s `MemAvailable`, KiB.
+fn mem_available_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Upgrade latency against the service's memory size: at each size of
+/// `cfg.ballast_mib`, `cfg.ballast_upgrades` rounds; in each round, each
+/// library in turn is started fresh (the exec floor at that size), upgraded
+/// once, and stopped. One library's service at a time, so at most two
+/// generations, twice the ballast, exist at once.
+pub(crate) fn ballast(lab: &Lab, cfg: &Config) -> Result<Vec<BallastResult>, Error> {
+    let largest = cfg.ballast_mib.iter().copied().max().unwrap_or(0);
+    // Two generations during an upgrade, and 1 GiB to spare.
+    let needed_kib = (2 * largest as u64 + 1024) * 1024;
+    match mem_available_kib() {
+        Some(kib) if kib < needed_kib => {
+            return Err(Error::msg(format!(
+                "the ballast test needs {} MiB available (two generations of {largest} MiB, and 1 GiB to spare); \
+                 MemAvailable is {} MiB",
+                needed_kib / 1024,
+                kib / 1024
+            )));
+        }
+        _ => {}
+    }
+    let mut all = Vec::new();
+    for &mib in &cfg.ballast_mib {
+        let mut results: Vec<BallastResult> = [Kind::Tableflip, Kind::Ecdysis]
+            .into_iter()
+            .map(|kind| BallastResult {
+                kind,
+                ballast_mib: mib,
+                upgrades: Timings::default(),
+                floor: Vec::new(),
+                rss_kib: Vec::new(),
+            })
+            .collect();
+        for done in 1..=cfg.ballast_upgrades {
+            for result in &mut results {
+                let (mut svc, start) =
+                    Service::start_with(lab, result.kind, local(free_port()?), 1, mib)?;
+                result.floor.push(ms(start.ready));
+                settle(&svc, 0)?;
+                // A moment between the fresh generation's readiness and
+                // its SIGHUP, as an upgrade would find it.
+                std::thread::sleep(Duration::from_millis(50));
+                let u = svc.upgrade()?;
+                result.upgrades.push(&u);
+                result.rss_kib.push(settle(&svc, 1)?.usage.rss_kib);
+                svc.stop(Duration::from_secs(10))?;
+            }
+            eprint!(
+                "\r  ballast {mib} MiB: {done}/{} upgrades of each library",
+                cfg.ballast_upgrades
+            );
+        }
+        eprintln!();
+        all.extend(results);
+    }
+    Ok(all)
 }
 
 /// One upgrade under load, in microseconds since the load's epoch.
