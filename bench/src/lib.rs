@@ -16,7 +16,9 @@
 //! - `BENCH_LISTENERS`: how many listeners to serve in all (default 1);
 //!   the extra ones are [`extra_listeners`];
 //! - `BENCH_BALLAST_MIB`: how many MiB of memory to allocate and touch
-//!   before becoming ready (default 0), see [`hold_ballast`].
+//!   before becoming ready (default 0), see [`hold_ballast`];
+//! - `BENCH_ANNOUNCE_START`: when set, the service tells `NOTIFY_SOCKET`
+//!   as soon as its own code runs, see [`announce_start`].
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -135,7 +137,7 @@ pub fn hold_ballast() -> Result<usize, String> {
         return Ok(0);
     }
     BALLAST
-        .set(touched(bytes)?)
+        .set(touched_memory(bytes)?)
         .map_err(|_| "hold_ballast called twice".to_owned())?;
     Ok(bytes)
 }
@@ -156,13 +158,18 @@ fn ballast_bytes(value: Option<&std::ffi::OsStr>) -> Result<usize, String> {
         .ok_or_else(|| format!("BENCH_BALLAST_MIB={mib}: too large to address"))
 }
 
-/// `bytes` of memory, every page of it written once.
+/// `bytes` of memory, every page of it written once: resident until the
+/// returned `Vec` is dropped.
 ///
 /// The memory is the spare capacity of a `Vec` (reserved with
 /// `try_reserve_exact`, so a size the system refuses is an error rather
 /// than an abort), written page by page: the kernel faults in one zeroed
 /// page per write, and nothing writes the rest of each page again.
-fn touched(bytes: usize) -> Result<Vec<u8>, String> {
+///
+/// # Errors
+///
+/// When the memory cannot be reserved.
+pub fn touched_memory(bytes: usize) -> Result<Vec<u8>, String> {
     let mut ballast: Vec<u8> = Vec::new();
     ballast.try_reserve_exact(bytes).map_err(|e| {
         format!(
@@ -176,6 +183,18 @@ fn touched(bytes: usize) -> Result<Vec<u8>, String> {
     // Keep the writes and the allocation observable.
     std::hint::black_box(&mut ballast);
     Ok(ballast)
+}
+
+/// With `BENCH_ANNOUNCE_START` set, sends `BENCH_STARTED=1` and
+/// `MAINPID=<pid>` to `NOTIFY_SOCKET`: called first thing by each service,
+/// it tells the driver when the process (a new generation, or a fresh
+/// start) runs its own code, after the spawn and exec and before the
+/// ballast, so that the spawn's cost can be seen apart from the
+/// initialisation's. Not a systemd message; only the driver reads it.
+pub fn announce_start() {
+    if std::env::var_os("BENCH_ANNOUNCE_START").is_some() {
+        sd_notify(&format!("BENCH_STARTED=1\nMAINPID={}", std::process::id()));
+    }
 }
 
 /// Sends one systemd-style notification (`READY=1`…) to `NOTIFY_SOCKET`, if
@@ -228,7 +247,7 @@ mod tests {
                 .unwrap_or(0)
         }
         let before = rss_kib();
-        let ballast = touched(32 << 20).unwrap();
+        let ballast = touched_memory(32 << 20).unwrap();
         let after = rss_kib();
         assert!(after >= before + 31 * 1024, "{before} → {after} KiB");
         drop(ballast);

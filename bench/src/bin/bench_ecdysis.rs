@@ -39,6 +39,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    tableflip_bench::announce_start();
     let addr: SocketAddr = tableflip_bench::main_addr().parse()?;
     let mut builder = TokioEcdysisBuilder::new(SignalKind::hangup())?;
     builder.stop_on_signal(SignalKind::terminate())?;

@@ -27,6 +27,7 @@ fn options() -> Options {
 
 #[tableflip::main(options = options, drain_timeout = "30s", upgrade_timeout = "30s")]
 async fn main(cx: Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    tableflip_bench::announce_start();
     serve(&cx, HTTP.take()?);
     for (name, addr) in tableflip_bench::extra_listeners()? {
         let spec = ListenSpec::new(name, "tcp", addr.to_string());

@@ -23,6 +23,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    tableflip_bench::announce_start();
     let mut term = signal(SignalKind::terminate())?;
     let mut listeners = vec![TcpListener::bind(tableflip_bench::main_addr()).await?];
     for (_, addr) in tableflip_bench::extra_listeners()? {

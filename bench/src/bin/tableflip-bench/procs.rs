@@ -182,6 +182,8 @@ impl Reaper {
 pub(crate) struct Notification {
     pub(crate) at: Instant,
     pub(crate) ready: bool,
+    /// The bench's own `BENCH_STARTED=1` (see `tableflip_bench::announce_start`).
+    pub(crate) started: bool,
     pub(crate) main_pid: Option<u32>,
 }
 
@@ -224,10 +226,12 @@ fn listen_notify(path: &Path, stop: Arc<AtomicBool>) -> Result<Arc<Log<Notificat
                 let at = Instant::now();
                 let text = String::from_utf8_lossy(&buf[..n]);
                 let mut ready = false;
+                let mut started = false;
                 let mut main_pid = None;
                 for line in text.lines() {
                     match line.split_once('=') {
                         Some(("READY", "1")) => ready = true,
+                        Some(("BENCH_STARTED", "1")) => started = true,
                         Some(("MAINPID", pid)) => main_pid = pid.trim().parse().ok(),
                         _ => {}
                     }
@@ -235,6 +239,7 @@ fn listen_notify(path: &Path, stop: Arc<AtomicBool>) -> Result<Arc<Log<Notificat
                 out.push(Notification {
                     at,
                     ready,
+                    started,
                     main_pid,
                 });
             }
@@ -370,6 +375,9 @@ pub(crate) fn free_port() -> Result<u16, Error> {
 pub(crate) struct Start {
     /// From just before `spawn` to `READY=1` on the notify socket.
     pub(crate) ready: Duration,
+    /// From just before `spawn` to the service's `BENCH_STARTED=1` (its
+    /// own code runs), when it was asked to announce it.
+    pub(crate) started: Option<Duration>,
 }
 
 /// How one upgrade went, each duration from the `SIGHUP`.
@@ -384,6 +392,9 @@ pub(crate) struct Upgrade {
     pub(crate) pid_file: Option<Duration>,
     /// The old generation was reaped.
     pub(crate) gone: Duration,
+    /// The new generation's own code runs (`BENCH_STARTED=1`), when it was
+    /// asked to announce it.
+    pub(crate) started: Option<Duration>,
 }
 
 /// A running service: its current generation and the ones before.
@@ -412,19 +423,20 @@ impl Service {
         addr: SocketAddr,
         listeners: usize,
     ) -> Result<(Service, Start), Error> {
-        Service::start_with(lab, kind, addr, listeners, 0)
+        Service::start_with(lab, kind, addr, listeners, None)
     }
 
-    /// As [`Service::start`], the service (and every generation after it,
-    /// which inherits its environment) holding `ballast_mib` MiB of touched
-    /// memory from before its readiness on (`BENCH_BALLAST_MIB`; unset
-    /// when 0).
+    /// As [`Service::start`]; with `Some(ballast_mib)`, the service (and
+    /// every generation after it, which inherits its environment) holds
+    /// `ballast_mib` MiB of touched memory from before its readiness on
+    /// (`BENCH_BALLAST_MIB`), and announces when its own code starts
+    /// (`BENCH_ANNOUNCE_START`). With `None`, neither variable is set.
     pub(crate) fn start_with(
         lab: &Lab,
         kind: Kind,
         addr: SocketAddr,
         listeners: usize,
-        ballast_mib: usize,
+        ballast_mib: Option<usize>,
     ) -> Result<(Service, Start), Error> {
         let dir = lab.next_dir(kind)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -444,12 +456,14 @@ impl Service {
             .env("NOTIFY_SOCKET", &notify_path)
             .env_remove("RUST_LOG")
             .env_remove("BENCH_BALLAST_MIB")
+            .env_remove("BENCH_ANNOUNCE_START")
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        if ballast_mib > 0 {
-            cmd.env("BENCH_BALLAST_MIB", ballast_mib.to_string());
+        if let Some(mib) = ballast_mib {
+            cmd.env("BENCH_BALLAST_MIB", mib.to_string())
+                .env("BENCH_ANNOUNCE_START", "1");
         }
         let mark = notify.mark();
         let started = Instant::now();
@@ -477,10 +491,18 @@ impl Service {
             .wait(mark, deadline, |n| n.ready && n.main_pid == Some(pid))
             .ok_or_else(|| service.failure(&format!("pid {pid} never became ready")))?;
         service.stopped = false;
+        // Sent before `READY=1`, so received by now if at all.
+        let announced = service
+            .notify
+            .wait(mark, Instant::now(), |n| {
+                n.started && n.main_pid == Some(pid)
+            })
+            .map(|n| n.at - started);
         Ok((
             service,
             Start {
                 ready: ready.at - started,
+                started: announced,
             },
         ))
     }
@@ -517,11 +539,18 @@ impl Service {
             .pid_file
             .wait(pid_mark, Instant::now(), |e| e.pid == new)
             .map(|e| e.at - hup_at);
+        let started = self
+            .notify
+            .wait(notify_mark, Instant::now(), |n| {
+                n.started && n.main_pid == Some(new)
+            })
+            .map(|n| n.at - hup_at);
         Ok(Upgrade {
             hup_at,
             ready: ready.at - hup_at,
             pid_file,
             gone: gone.at - hup_at,
+            started,
         })
     }
 

@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use crate::procs::Kind;
 use crate::scenarios::{
-    BallastResult, Config, DrainLoad, DrainResult, LatencyResult, ListenersResult, LoadResult, ManyResult,
-    OverheadResult,
+    BallastResult, Config, DrainLoad, DrainResult, LatencyResult, ListenersResult, LoadResult,
+    ManyResult, OverheadResult,
 };
 use crate::stats::Summary;
 
@@ -345,6 +345,7 @@ impl Report {
         );
         let mut sizes: Vec<usize> = self.ballast.iter().map(|b| b.ballast_mib).collect();
         sizes.dedup();
+        let p50 = |v: &[f64]| Summary::of_ms(v).p50;
         for mib in sizes {
             let get = |k: Kind| {
                 self.ballast
@@ -354,20 +355,7 @@ impl Report {
             let (Some(t), Some(e)) = (get(Kind::Tableflip), get(Kind::Ecdysis)) else {
                 continue;
             };
-            let rows: [(&str, &Vec<f64>, &Vec<f64>); 3] = [
-                (
-                    "SIGHUP → new generation ready",
-                    &t.upgrades.ready,
-                    &e.upgrades.ready,
-                ),
-                (
-                    "SIGHUP → old generation gone",
-                    &t.upgrades.gone,
-                    &e.upgrades.gone,
-                ),
-                ("exec floor: fresh start → ready", &t.floor, &e.floor),
-            ];
-            for (name, a, b) in rows {
+            let row = |out: &mut String, name: &str, a: &[f64], b: &[f64]| {
                 let (a, b) = (Summary::of_ms(a), Summary::of_ms(b));
                 let _ = writeln!(
                     out,
@@ -380,19 +368,49 @@ impl Report {
                     f(b.max),
                     ratio(a.p50, b.p50)
                 );
-            }
-            let over = |r: &BallastResult| {
-                Summary::of_ms(&r.upgrades.ready).p50 - Summary::of_ms(&r.floor).p50
             };
-            let _ = writeln!(
+            let difference = |out: &mut String, name: &str, a: f64, b: f64| {
+                let _ = writeln!(out, "| {mib} | {name} | {} | | | {} | | | |", f(a), f(b));
+            };
+            row(
                 out,
-                "| {mib} | handover cost: median ready − median floor | {} | | | {} | | | |",
-                f(over(t)),
-                f(over(e))
+                "SIGHUP → new generation ready",
+                &t.upgrades.ready,
+                &e.upgrades.ready,
             );
-            let rss = |r: &BallastResult| {
-                kib_to_mib(median_of(r.rss_kib.iter().map(|&k| k as f64)))
-            };
+            row(
+                out,
+                "SIGHUP → old generation gone",
+                &t.upgrades.gone,
+                &e.upgrades.gone,
+            );
+            row(out, "exec floor: fresh start → ready", &t.floor, &e.floor);
+            difference(
+                out,
+                "handover cost: median ready − median floor",
+                p50(&t.upgrades.ready) - p50(&t.floor),
+                p50(&e.upgrades.ready) - p50(&e.floor),
+            );
+            row(
+                out,
+                "SIGHUP → new generation's own code runs (spawn + exec, before its ballast)",
+                &t.upgrades.started,
+                &e.upgrades.started,
+            );
+            row(
+                out,
+                "fresh start → own code runs",
+                &t.floor_started,
+                &e.floor_started,
+            );
+            difference(
+                out,
+                "spawn cost: median SIGHUP → code runs − median fresh start → code runs",
+                p50(&t.upgrades.started) - p50(&t.floor_started),
+                p50(&e.upgrades.started) - p50(&e.floor_started),
+            );
+            let rss =
+                |r: &BallastResult| kib_to_mib(median_of(r.rss_kib.iter().map(|&k| k as f64)));
             let _ = writeln!(
                 out,
                 "| {mib} | RSS of the new generation, MiB (median) | {:.1} | | | {:.1} | | | |",
