@@ -28,15 +28,23 @@ enum Kind {
 }
 
 impl Child {
-    /// A child started by `posix_spawn`, with its pidfd. Needs a tokio
-    /// runtime (the pidfd is watched by its reactor).
-    pub(crate) fn from_pidfd(pid: u32, pidfd: OwnedFd) -> io::Result<Child> {
-        let pidfd = crate::sys::watch_pidfd(pidfd)?;
-        Ok(Child(Kind::Pidfd {
-            pid,
-            pidfd,
-            status: None,
-        }))
+    /// The child `pid`, just started by `posix_spawn`, watched through a
+    /// pidfd. Needs a tokio runtime (the pidfd is watched by its reactor).
+    /// If it cannot be watched, it is killed and reaped at once: a child
+    /// nobody watches would be left behind.
+    pub(crate) fn spawned(pid: u32) -> io::Result<Child> {
+        match crate::sys::watch_process(pid) {
+            Ok(pidfd) => Ok(Child(Kind::Pidfd {
+                pid,
+                pidfd,
+                status: None,
+            })),
+            Err(e) => {
+                let _ = nix::sys::signal::kill(pid_of(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = reap(pid, false);
+                Err(e)
+            }
+        }
     }
 
     /// A child started by tokio.

@@ -243,10 +243,11 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Registers a pidfd (from [`pidfd_open`]) with the tokio reactor, to
-/// await the process's exit. Must run inside a tokio runtime.
+/// A pidfd for the child `pid`, registered with the tokio reactor:
+/// readable once the process has exited. Must run inside a tokio runtime.
 #[cfg(target_os = "linux")]
-pub(crate) fn watch_pidfd(pidfd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+pub(crate) fn watch_process(pid: u32) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    let pidfd = pidfd_open(pid)?;
     // SAFETY: an `OwnedFd` owns one open fd, `as_raw_fd` always returns
     // that same fd, and it is closed only when the `AsyncFd` drops it.
     unsafe {
@@ -255,9 +256,9 @@ pub(crate) fn watch_pidfd(pidfd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd
     .map_err(io::Error::from)
 }
 
-/// No pidfds here (`spawn_inheriting` never returns one off Linux).
+/// No pidfds here (`spawn_inheriting` never starts a process off Linux).
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn watch_pidfd(_pidfd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+pub(crate) fn watch_process(_pid: u32) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
@@ -275,7 +276,7 @@ pub(crate) struct SpawnSpec<'a> {
 /// Starts the next generation with `posix_spawn` (no `fork`: glibc uses
 /// `clone(CLONE_VM | CLONE_VFORK)`, whose cost does not grow with this
 /// process's memory, unlike `fork`'s page-table copy), and returns its PID
-/// and a pidfd to watch it. `None` when this system lacks what it needs
+/// (watch it with [`watch_process`]). `None` when this system lacks what it needs
 /// (see `fast_spawn`): the caller then uses `std::process::Command`.
 ///
 /// In the child: every fd of `inherit` stays open across `exec` (a
@@ -283,19 +284,19 @@ pub(crate) struct SpawnSpec<'a> {
 /// only), the working directory is `cwd`, the signal mask is empty and
 /// `SIGPIPE` has its default action (as `std::process::Command` does).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub(crate) fn spawn_inheriting(spec: &SpawnSpec<'_>) -> Option<io::Result<(u32, OwnedFd)>> {
+pub(crate) fn spawn_inheriting(spec: &SpawnSpec<'_>) -> Option<io::Result<u32>> {
     let addchdir = fast_spawn()?;
     Some(posix_spawn(spec, addchdir))
 }
 
 /// `spawn_inheriting` where it is not available.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub(crate) fn spawn_inheriting(_spec: &SpawnSpec<'_>) -> Option<io::Result<(u32, OwnedFd)>> {
+pub(crate) fn spawn_inheriting(_spec: &SpawnSpec<'_>) -> Option<io::Result<u32>> {
     None
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn posix_spawn(spec: &SpawnSpec<'_>, addchdir: AddChdir) -> io::Result<(u32, OwnedFd)> {
+fn posix_spawn(spec: &SpawnSpec<'_>, addchdir: AddChdir) -> io::Result<u32> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
 
@@ -379,17 +380,7 @@ fn posix_spawn(spec: &SpawnSpec<'_>, addchdir: AddChdir) -> io::Result<(u32, Own
             envp_ptrs.as_ptr(),
         )
     })?;
-    let pid = u32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    match pidfd_open(pid) {
-        Ok(pidfd) => Ok((pid, pidfd)),
-        Err(e) => {
-            // Without a pidfd the child cannot be watched: end it now.
-            let target = nix::unistd::Pid::from_raw(libc::pid_t::try_from(pid).unwrap_or(0));
-            let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(target, None);
-            Err(e)
-        }
-    }
+    u32::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))
 }
 
 /// `posix_spawn_file_actions_t`, destroyed on drop.

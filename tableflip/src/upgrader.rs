@@ -595,18 +595,9 @@ impl Upgrader {
                 source,
             };
             let child = match sys::spawn_inheriting(&spec) {
-                Some(Ok((pid, pidfd))) => Child::from_pidfd(pid, pidfd).map_err(|e| {
-                    // Cannot be watched: do not leave it running.
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                    let _ = nix::sys::wait::waitpid(
-                        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
-                        None,
-                    );
-                    Error::io("cannot watch the new process", e)
-                })?,
+                Some(Ok(pid)) => {
+                    Child::spawned(pid).map_err(|e| Error::io("cannot watch the new process", e))?
+                }
                 Some(Err(source)) => return Err(spawn_error(source)),
                 None => {
                     // fork + exec, the fds made inheritable in the child.
