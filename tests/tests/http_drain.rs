@@ -207,8 +207,13 @@ fn fresh_connections_are_answered_and_idle_ones_closed_cleanly() {
     wait_until("the second generation is ready", || {
         pid_file_pid(&pid_file).is_some_and(|p| p != first)
     });
-    // The old generation is draining now; the fresh connection's first
-    // request arrives.
+    // The PID file names the new generation a moment before the old one
+    // has read its readiness: wait until the old one drains, which shows
+    // as its accept loop dropping its handle of the listening socket.
+    wait_until("the first generation drains", || {
+        socket_count(first) <= before
+    });
+    // The fresh connection's first request arrives during the drain.
     let reply = tableflip_tests::http1::request(&mut fresh, "/", true)
         .expect("the fresh connection is answered");
     assert_eq!(reply.status, 200);
