@@ -665,8 +665,10 @@ impl Upgrader {
                 }
                 () = self.inner.stop.cancelled() => {
                     // Committed already (the readiness byte is there)?
-                    // Then the new generation stays in charge.
-                    if ready_open && matches!(ready.try_read(&mut byte), Ok(1)) {
+                    // Then the new generation stays in charge. Read the
+                    // pipe itself (it is non-blocking), not through tokio,
+                    // whose cached readiness may not know of the byte yet.
+                    if ready_open && matches!(nix::unistd::read(ready.as_fd(), &mut byte), Ok(1)) {
                         tracing::info!(child_pid = pid, "stop requested as the new generation became ready: it stays in charge");
                         break;
                     }
