@@ -635,11 +635,13 @@ impl Upgrader {
         tokio::pin!(deadline);
         let mut ready_open = true;
         let mut byte = [0u8; 1];
-        loop {
+        // `None` once the child is ready; the error otherwise (the child
+        // has then been reaped).
+        let failure = loop {
             tokio::select! {
                 biased;
                 read = ready.read(&mut byte), if ready_open => match read {
-                    Ok(1) => break,
+                    Ok(1) => break None,
                     Ok(_) => ready_open = false,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
@@ -648,8 +650,7 @@ impl Upgrader {
                     }
                 },
                 status = child.get().wait() => {
-                    self.reclaim_pid_file(pid);
-                    return Err(match status {
+                    break Some(match status {
                         Ok(s) => match (s.code(), s.signal()) {
                             (_, Some(signal)) => Error::ChildKilled { pid, signal },
                             (Some(code), None) => Error::ChildExited { pid, code },
@@ -660,8 +661,7 @@ impl Upgrader {
                 }
                 () = &mut deadline => {
                     kill_and_reap(child.get(), pid).await;
-                    self.reclaim_pid_file(pid);
-                    return Err(Error::Timeout { pid, timeout });
+                    break Some(Error::Timeout { pid, timeout });
                 }
                 () = self.inner.stop.cancelled() => {
                     // Committed already (the readiness byte is there)?
@@ -670,13 +670,16 @@ impl Upgrader {
                     // whose cached readiness may not know of the byte yet.
                     if ready_open && matches!(nix::unistd::read(ready.as_fd(), &mut byte), Ok(1)) {
                         tracing::info!(child_pid = pid, "stop requested as the new generation became ready: it stays in charge");
-                        break;
+                        break None;
                     }
                     kill_and_reap(child.get(), pid).await;
-                    self.reclaim_pid_file(pid);
-                    return Err(Error::Stopped);
+                    break Some(Error::Stopped);
                 }
             }
+        };
+        if let Some(e) = failure {
+            self.reclaim_pid_file(pid);
+            return Err(e);
         }
         // The write end of the parent pipe must stay open until this
         // process exits: its closing is how the child learns that its

@@ -372,6 +372,11 @@ impl Service {
         self.history.iter().position(pred)
     }
 
+    /// The PIDs of [`pids`](Self::pids) still running (not zombies).
+    pub fn alive_pids(&self) -> Vec<u32> {
+        self.pids().into_iter().filter(|p| is_alive(*p)).collect()
+    }
+
     /// Every PID that printed an event.
     pub fn pids(&self) -> Vec<u32> {
         let mut pids: Vec<u32> = self.history.iter().map(|e| e.pid).collect();
@@ -744,4 +749,22 @@ pub fn spawn_ready(cmd: Command, pid_file: &Path) -> Service {
         pid_file_pid(pid_file) == Some(first)
     });
     svc
+}
+
+/// The PID that answers a TCP request at `addr` (the `svc` protocol);
+/// panics naming the address if nothing serves.
+pub fn serves(addr: &str) -> u32 {
+    reply_pid(&tcp_get(addr).unwrap_or_else(|e| panic!("{addr} does not serve: {e}")))
+}
+
+/// After a successful upgrade of the first generation `first` to
+/// `second`: the first generation exits cleanly, and `second` alone
+/// serves at `addr`.
+pub fn finish_upgrade(svc: &mut Service, first: u32, second: u32, addr: &str) {
+    svc.wait_kind("exit", Some(first));
+    assert!(
+        svc.wait_first().success(),
+        "the old generation exits with 0"
+    );
+    assert_eq!(serves(addr), second);
 }

@@ -34,10 +34,6 @@ fn start(exe: &str, ctl: &Scratch, envs: &[(&str, &str)]) -> (Service, u32, Stri
     (svc, first, addr)
 }
 
-fn serves(addr: &str) -> u32 {
-    reply_pid(&tcp_get(addr).unwrap_or_else(|e| panic!("{addr} does not serve: {e}")))
-}
-
 /// The number of fds `pid` has open (its `stats` event, on `SIGUSR1`).
 fn fd_count(svc: &mut Service, pid: u32) -> usize {
     signal(pid, Signal::SIGUSR1);
@@ -199,9 +195,7 @@ fn broken_binaries_on_disk_fail_the_upgrade_and_the_old_generation_serves_on() {
     // The real binary is back: the next upgrade succeeds.
     install_exe(SVC, &exe, 0);
     let second = svc.upgrade(first);
-    svc.wait_kind("exit", Some(first));
-    assert!(svc.wait_first().success());
-    assert_eq!(serves(&addr), second);
+    finish_upgrade(&mut svc, first, second, &addr);
     assert_eq!(
         pid_file_pid(&ctl.path().join("svc.pid")),
         Some(second),
@@ -321,9 +315,7 @@ fn child_sigkilled_before_it_read_the_handover_fails_the_upgrade() {
 
     ctl.remove("prenew");
     let second = svc.upgrade(first);
-    svc.wait_kind("exit", Some(first));
-    assert!(svc.wait_first().success());
-    assert_eq!(serves(&addr), second);
+    finish_upgrade(&mut svc, first, second, &addr);
     svc.stop(second);
 }
 
@@ -420,7 +412,7 @@ fn fd_limit_nearly_reached_fails_the_upgrade_cleanly() {
     let ctl = Scratch::new("f-nofile");
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     // A small limit keeps filling it quick.
-    let mut cmd = Service::command(&which("prlimit"), &ctl, &[("RUST_LOG", "info")]);
+    let mut cmd = Service::command("prlimit", &ctl, &[("RUST_LOG", "info")]);
     cmd.args(["--nofile=128:128", "--", SVC]);
     let mut svc = Service::spawn(cmd);
     let first = svc.first_pid();
@@ -464,9 +456,7 @@ fn fd_limit_nearly_reached_fails_the_upgrade_cleanly() {
     }
 
     let second = svc.upgrade(first);
-    svc.wait_kind("exit", Some(first));
-    assert!(svc.wait_first().success());
-    assert_eq!(serves(&addr), second);
+    finish_upgrade(&mut svc, first, second, &addr);
     svc.stop(second);
     assert_eq!(stray_children(), Vec::<u32>::new(), "processes left behind");
 }
@@ -488,16 +478,6 @@ fn children_of(pid: u32) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The absolute path of `program` in `PATH`.
-fn which(program: &str) -> String {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{program} is not installed (util-linux)"))
-        .display()
-        .to_string()
 }
 
 /// A PID file that cannot be written in the new generation (its directory
@@ -735,9 +715,7 @@ fn the_fork_and_exec_path_hands_over_too() {
         );
     }
     assert_eq!(listening(&mut svc, second, "sock").get("ino"), sock_ino);
-    svc.wait_kind("exit", Some(first));
-    assert!(svc.wait_first().success());
-    assert_eq!(serves(web.get("addr")), second);
+    finish_upgrade(&mut svc, first, second, web.get("addr"));
     assert_eq!(reply_pid(&udp_get(dns.get("addr")).expect("udp")), second);
     svc.wait_kind("parent-exited", Some(second));
     let third = svc.upgrade(second);

@@ -544,7 +544,7 @@ fn one_generation_left(m: &mut Macro, what: &str) -> u32 {
     let mut last = 0;
     wait_until(what, || {
         m.svc.poll_events();
-        let alive: Vec<u32> = m.svc.pids().into_iter().filter(|p| is_alive(*p)).collect();
+        let alive = m.svc.alive_pids();
         last = alive.first().copied().unwrap_or(0);
         alive.len() == 1 && read_pid_file(&m.pid_file) == Some(last)
     });
@@ -593,7 +593,7 @@ fn sighup_storms_never_fail_a_request_and_stay_bounded() {
         send_sighup(target);
         sent += 1;
         m.svc.poll_events();
-        let alive = m.svc.pids().into_iter().filter(|p| is_alive(*p)).count();
+        let alive = m.svc.alive_pids().len();
         most_alive = most_alive.max(alive);
         std::thread::sleep(std::time::Duration::from_micros(1500));
     }
@@ -617,7 +617,7 @@ fn sighup_storms_never_fail_a_request_and_stay_bounded() {
     let mut stopped = std::collections::HashSet::new();
     wait_until("every generation stopped", || {
         m.svc.poll_events();
-        let alive: Vec<u32> = m.svc.pids().into_iter().filter(|p| is_alive(*p)).collect();
+        let alive = m.svc.alive_pids();
         for pid in &alive {
             if stopped.insert(*pid) {
                 signal(*pid, Signal::SIGTERM);

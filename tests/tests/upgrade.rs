@@ -80,21 +80,6 @@ fn start_web(ctl: &Scratch, envs: &[(&str, &str)]) -> (Service, u32, String) {
     (svc, first, addr)
 }
 
-fn serves(addr: &str) -> u32 {
-    reply_pid(&tcp_get(addr).unwrap_or_else(|e| panic!("{addr} does not serve: {e}")))
-}
-
-/// After a successful upgrade to `second`: the first generation exits
-/// cleanly, and `second` alone serves.
-fn finish_upgrade(svc: &mut Service, first: u32, second: u32, addr: &str) {
-    svc.wait_kind("exit", Some(first));
-    assert!(
-        svc.wait_first().success(),
-        "the old generation exits with 0"
-    );
-    assert_eq!(serves(addr), second);
-}
-
 /// Stops the service, checks that nothing of it is left.
 fn stop(svc: &mut Service, pid: u32) {
     svc.stop(pid);
