@@ -93,16 +93,35 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
         None => quote! {
             async move {
                 #call.await;
-                ::core::result::Result::<(), ::core::convert::Infallible>::Ok(())
+                ::core::result::Result::<(), ::std::string::String>::Ok(())
             }
         },
-        // Through a trait implemented for `Result<(), E: Debug>` only, so
-        // that another return type, or an error type without `Debug`, is
-        // one error, on that type, that says what to write. (The error is
-        // boxed so that `run`'s own `E: Debug` holds whatever `E` is.)
-        Some(ty) => quote_spanned! {ty.span()=>
-            async move { <#ty as __InitOutput<'_>>::into_result(#call.await) }
-        },
+        // Checked through a trait implemented for `Result<(), E: Debug>`
+        // only, so that another return type, or an error type without
+        // `Debug`, is one error, on that type, that says what to write.
+        // The error is rendered here, where its type is concrete, so that
+        // the best form is chosen: `Display` and its sources, `Debug` only
+        // when there is nothing else (see `tableflip::__private::report`;
+        // its catch-all keeps a wrong type to the one error above).
+        Some(ty) => {
+            let check = quote_spanned! {ty.span()=>
+                <#ty as __InitOutput>::check();
+            };
+            quote! {
+                async move {
+                    let __result = #call.await;
+                    #check
+                    #[allow(unused_imports)]
+                    use #krate::__private::report::{
+                        ViaBoxedError as _, ViaDebug as _, ViaDisplay as _, ViaError as _,
+                        ViaNothing as _,
+                    };
+                    #[allow(clippy::needless_borrow)]
+                    let __rendered = (&&&&&#krate::__private::report::Report(__result)).tableflip_result();
+                    __rendered
+                }
+            }
+        }
     };
     let output_trait = check.map(|_| {
         quote! {
@@ -110,18 +129,10 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
                 message = "`#[tableflip::main]` function returns `{Self}`, not `()` or `Result<(), E>` with `E: Debug`",
                 label = "expected `()` or `Result<(), E>` with `E: Debug`"
             )]
-            trait __InitOutput<'a> {
-                fn into_result(
-                    self,
-                ) -> ::core::result::Result<(), ::std::boxed::Box<dyn ::core::fmt::Debug + 'a>>;
+            trait __InitOutput {
+                fn check() {}
             }
-            impl<'a, E: ::core::fmt::Debug + 'a> __InitOutput<'a> for ::core::result::Result<(), E> {
-                fn into_result(
-                    self,
-                ) -> ::core::result::Result<(), ::std::boxed::Box<dyn ::core::fmt::Debug + 'a>> {
-                    self.map_err(|e| ::std::boxed::Box::new(e) as ::std::boxed::Box<dyn ::core::fmt::Debug + 'a>)
-                }
-            }
+            impl<E: ::core::fmt::Debug> __InitOutput for ::core::result::Result<(), E> {}
         }
     });
     let span = Span::call_site();

@@ -2,14 +2,14 @@
 //! a socket on under the requested name.
 
 use std::io;
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
 use socket2::{Domain, SockAddr, Socket};
 
 use crate::network::{Address, Network};
+use crate::unixfile::{self, SocketFile};
 
 /// A hook that configures a freshly created socket before it is bound
 /// (socket options such as `SO_REUSEPORT`, buffer sizes, `TCP_FASTOPEN`…).
@@ -22,21 +22,37 @@ pub type SetupHook = Arc<dyn Fn(&Socket, &ListenSpec) -> io::Result<()> + Send +
 ///
 /// # Unix socket files
 ///
+/// A relative path is resolved once, against the directory the service
+/// started in, when the socket is bound: an application that changes
+/// directory later (during its initialisation, say) still has its socket
+/// where it expects it, and the same path is handed to the next
+/// generation.
+///
 /// When a fresh Unix socket is bound to a path where a file exists:
 ///
 /// - a socket file nobody listens on (left by a run that crashed) is
-///   removed and the path bound again;
+///   removed and the path bound again. The stale file is moved into a
+///   private directory and deleted only if it is the very file found
+///   stale, so two instances starting at once never delete each other's
+///   live socket;
 /// - a socket somebody listens on (even one whose accept queue is full)
 ///   is left alone, and binding fails with "address in use", naming the
 ///   path;
 /// - anything else (a regular file, a directory, a symlink) is never
 ///   removed: binding fails with "`<path>` exists and is not a socket".
 ///
+/// [`mode`](Self::mode): on Linux the file is created with at most these
+/// permissions (the socket's own mode is set before `bind`; the umask can
+/// only narrow it), and a mode the umask narrowed is then set exactly,
+/// through an fd opened without following symlinks and checked to be this
+/// socket's file (device and inode, from the kernel's `sock_diag(7)` where
+/// available). No path that another user could swap for a symlink is ever
+/// `chmod`ed. On other systems the mode is set after `bind`.
+///
 /// The file is removed when the service stops for good (never at an
-/// upgrade, and never for a socket systemd passed). [`mode`](Self::mode)
-/// is applied right after `bind`: for a moment the file has the umask's
-/// permissions (for a stream socket harmless, since nobody can connect
-/// before `listen`).
+/// upgrade, and never for a socket systemd passed), and only if it still
+/// is the file this socket was bound to (same device and inode): a file
+/// another process has put at the path since is left alone.
 ///
 /// # Examples
 ///
@@ -145,14 +161,25 @@ pub(crate) fn sock_addr(address: &Address) -> io::Result<SockAddr> {
     }
 }
 
+/// A freshly bound socket, and the Unix socket file it created.
+pub(crate) struct Bound {
+    pub(crate) fd: OwnedFd,
+    pub(crate) file: Option<SocketFile>,
+}
+
 /// Creates, configures, binds and (for stream networks) listens.
+///
+/// `address` is what to bind; for a Unix path that is relative (a path too
+/// long to bind in absolute form, bound from the start directory),
+/// `file_path` is its absolute form, recorded for removal.
 pub(crate) fn bind(
     network: Network,
     address: &Address,
+    file_path: Option<&Path>,
     spec: &ListenSpec,
     backlog: u32,
     setup: Option<&SetupHook>,
-) -> io::Result<OwnedFd> {
+) -> io::Result<Bound> {
     let addr = sock_addr(address)?;
     let domain = match address {
         Address::Inet(a) if a.is_ipv6() => Domain::IPV6,
@@ -171,74 +198,51 @@ pub(crate) fn bind(
             socket.set_only_v6(v6only)?;
         }
     }
+    let path = match address {
+        Address::Path(p) => Some(p.as_path()),
+        _ => None,
+    };
+    if let (Some(mode), Some(_)) = (spec.mode, path) {
+        // Linux creates the socket file with the socket's own mode (less
+        // the umask): set it first, so the file is never more open than
+        // asked, not even for an instant.
+        nix::sys::stat::fchmod(
+            socket.as_fd(),
+            nix::sys::stat::Mode::from_bits_truncate(mode & 0o777),
+        )?;
+    }
     if let Some(hook) = setup {
         hook(&socket, spec)?;
     }
     match socket.bind(&addr) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let Address::Path(path) = address else {
+            let Some(p) = path else {
                 return Err(e);
             };
-            if !remove_stale_socket(path, network)? {
+            if !unixfile::remove_stale(p, network)? {
                 return Err(e);
             }
             socket.bind(&addr)?;
         }
         Err(e) => return Err(e),
     }
-    if let (Some(mode), Address::Path(path)) = (spec.mode, address) {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    let file =
+        path.map(|p| SocketFile::bound(file_path.unwrap_or(p).to_owned(), p, socket.as_fd()));
+    if let (Some(mode), Some(p), Some(file)) = (spec.mode, path, &file) {
+        if let Err(e) = unixfile::set_mode(p, socket.as_fd(), file.id, mode) {
+            // Never leave a socket file behind that was not configured as
+            // asked: nobody can connect to it before `listen` anyway.
+            file.remove();
+            return Err(e);
+        }
     }
     if network.is_stream() {
         let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
         socket.listen(backlog)?;
     }
-    Ok(socket.into())
-}
-
-/// A Unix socket file left behind by a process that crashed is removed, so
-/// that binding works again; a socket somebody still listens on, and
-/// anything that is not a socket, are left alone.
-fn remove_stale_socket(path: &Path, network: Network) -> io::Result<bool> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(_) => return Ok(false),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!(
-                "{} exists and is not a socket; refusing to remove it",
-                path.display()
-            ),
-        ));
-    }
-    let probe = Socket::new(Domain::UNIX, network.socket_type(), None)?;
-    // Non-blocking: a blocking connect to a live listener whose accept
-    // queue is full (a wedged or stopped process) would wait for room,
-    // possibly forever. `EAGAIN` then means, like success, "alive".
-    probe.set_nonblocking(true)?;
-    match probe.connect(&SockAddr::unix(path)?) {
-        Err(e) if e.raw_os_error() == Some(nix::libc::ECONNREFUSED) => {
-            tracing::info!(path = %path.display(), "removing stale Unix socket file left by an earlier run");
-            std::fs::remove_file(path)?;
-            Ok(true)
-        }
-        _ => Ok(false),
-    }
-}
-
-/// Removes the Unix socket file at `path`, if it still is a socket.
-pub(crate) fn unlink_socket(path: &Path) {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove Unix socket file");
-            } else {
-                tracing::debug!(path = %path.display(), "removed Unix socket file");
-            }
-        }
-        _ => {}
-    }
+    Ok(Bound {
+        fd: socket.into(),
+        file,
+    })
 }

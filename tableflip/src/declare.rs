@@ -19,8 +19,8 @@ enum Slot {
     Pending,
     /// Opened at startup: the fd and the address it was opened with.
     Open(OwnedFd, String),
-    /// Taken by the program.
-    Taken,
+    /// Taken by the program; the address it was opened with.
+    Taken(String),
 }
 
 /// The non-generic part of a declared listener, registered with
@@ -118,14 +118,15 @@ impl<T: FromFd> DeclaredListener<T> {
         self.decl.address
     }
 
-    /// The address in effect: once the socket is open, its real address
-    /// (the port the kernel picked for port 0, the address of the socket
-    /// unit under socket activation); before, the declared one with the
-    /// `env` override applied.
+    /// The address in effect: once the socket is open (and after
+    /// [`take`](Self::take)), its real address (the port the kernel picked
+    /// for port 0, the address of the socket unit under socket
+    /// activation); before, the declared one with the `env` override
+    /// applied.
     pub fn address(&self) -> String {
         match &*self.decl.lock() {
-            Slot::Open(_, address) => address.clone(),
-            _ => self.decl.effective_address().0,
+            Slot::Open(_, address) | Slot::Taken(address) => address.clone(),
+            Slot::Pending => self.decl.effective_address().0,
         }
     }
 
@@ -144,23 +145,26 @@ impl<T: FromFd> DeclaredListener<T> {
             });
         }
         let mut slot = self.decl.lock();
-        match std::mem::replace(&mut *slot, Slot::Taken) {
-            Slot::Open(fd, _) => socket::convert(fd).map_err(|e| {
-                Error::io(format!("cannot use listener {name} as {}", T::TYPE_NAME), e)
-            }),
-            Slot::Taken => Err(Error::io(
-                format!("listener {name}"),
-                std::io::Error::other("it was already taken; take() hands the socket out once"),
-            )),
-            Slot::Pending => {
-                *slot = Slot::Pending;
+        match std::mem::replace(&mut *slot, Slot::Pending) {
+            Slot::Open(fd, address) => {
+                *slot = Slot::Taken(address);
+                socket::convert(fd).map_err(|e| {
+                    Error::io(format!("cannot use listener {name} as {}", T::TYPE_NAME), e)
+                })
+            }
+            Slot::Taken(address) => {
+                *slot = Slot::Taken(address);
                 Err(Error::io(
                     format!("listener {name}"),
-                    std::io::Error::other(
-                        "it is not open: declared listeners are opened by #[tableflip::main] at startup",
-                    ),
+                    std::io::Error::other("it was already taken; take() hands the socket out once"),
                 ))
             }
+            Slot::Pending => Err(Error::io(
+                format!("listener {name}"),
+                std::io::Error::other(
+                    "it is not open: declared listeners are opened by #[tableflip::main] at startup",
+                ),
+            )),
         }
     }
 
@@ -230,8 +234,7 @@ impl ListenerDecl {
             Kind::Packet
         };
         let (fd, inherited) = fds.open_fd(&spec, network, kind)?;
-        let actual =
-            crate::fds::describe_socket(self.name, fd.as_fd(), kind).map_or(address, |(_, a)| a);
+        let actual = socket::inspect(fd.as_fd(), kind).map_or(address, |(_, a)| a);
         *slot = Slot::Open(fd, actual.clone());
         Ok(Some((inherited, actual)))
     }
@@ -264,7 +267,7 @@ pub(crate) fn open_all(fds: &Fds) -> Result<()> {
             });
         }
     }
-    for d in decls {
+    for d in &decls {
         match d.open(fds)? {
             Some((true, address)) => {
                 tracing::info!(listener = d.name, network = d.network, %address, "inherited listener")
@@ -274,6 +277,27 @@ pub(crate) fn open_all(fds: &Fds) -> Result<()> {
             }
             None => {}
         }
+    }
+    // Sockets systemd passed without a name that no listener's address
+    // matched: the unit and the program disagree, and binding instead
+    // would fight the socket unit for the address.
+    let unmatched = fds.unclaimed_unnamed();
+    if !unmatched.is_empty() {
+        let sockets: Vec<String> = unmatched
+            .iter()
+            .map(|(name, what)| format!("{what} (passed as {name:?})"))
+            .collect();
+        let listeners: Vec<String> = decls
+            .iter()
+            .map(|d| format!("{} ({} {})", d.name, d.network, d.effective_address().0))
+            .collect();
+        return Err(Error::SocketActivation {
+            reason: format!(
+                "systemd passed {} that match no listener by name or address; set FileDescriptorName= in the socket unit to the name of the listener each is for (one of: {}), or --fdname= for systemd-socket-activate",
+                sockets.join(", "),
+                listeners.join(", ")
+            ),
+        });
     }
     Ok(())
 }

@@ -102,6 +102,24 @@ pub enum Error {
         what: &'static str,
     },
 
+    /// This generation already listens on that address (under the name
+    /// `by`): a second socket on the same address is refused rather than
+    /// handed out twice. Port 0 is exempt: it asks for a new port each
+    /// time.
+    #[error(
+        "cannot listen on {network} {address} (listener {name:?}): this generation already listens there (listener {by:?}); use that socket, or port 0 for another one"
+    )]
+    AlreadyListening {
+        /// The listener asked for.
+        name: String,
+        /// The network.
+        network: String,
+        /// The address.
+        address: String,
+        /// The listener that already has it.
+        by: String,
+    },
+
     /// A tokio socket type was requested outside a tokio runtime.
     #[error("{name:?}: converting to a tokio type needs a running tokio runtime with I/O enabled")]
     NoRuntime {
@@ -144,6 +162,17 @@ pub enum Error {
         /// The executable.
         path: PathBuf,
         /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The directory the service started in, where the next generation
+    /// starts too, is gone (or is no longer a directory).
+    #[error("cannot start the next generation in {path}, the directory the service started in: {source}", path = path.display())]
+    StartDirectory {
+        /// The directory, as it was named when the service started.
+        path: PathBuf,
+        /// What is wrong with it, naming the missing component.
         #[source]
         source: io::Error,
     },
@@ -229,7 +258,9 @@ impl Error {
 impl From<Error> for io::Error {
     fn from(err: Error) -> Self {
         let kind = match &err {
-            Error::Listen { source, .. } | Error::Spawn { source, .. } => source.kind(),
+            Error::Listen { source, .. }
+            | Error::Spawn { source, .. }
+            | Error::StartDirectory { source, .. } => source.kind(),
             Error::Io { source, .. } | Error::PidFile { source, .. } => source.kind(),
             Error::InvalidAddress { .. } | Error::UnknownNetwork { .. } => {
                 io::ErrorKind::InvalidInput

@@ -1,26 +1,80 @@
 //! The named fds a generation hands to the next: listeners, packet
 //! sockets, connections and files.
+//!
+//! # Who holds which fd
+//!
+//! A listener (or packet socket) costs one fd while the service runs: the
+//! application's. The registry keeps only its number and what it must
+//! still be (the socket's inode and address), and makes its own copy when
+//! it needs one: at an upgrade, when it duplicates the number and checks
+//! that the duplicate is still that socket. So a service with a thousand
+//! listeners holds a thousand fds, not two thousand; and a number the
+//! application closed and reused for something else is never handed on.
+//! The copy is kept after a successful upgrade (the sockets then outlive
+//! the application's handles while it drains, for a replacement of a
+//! successor that dies) and dropped after a failed one.
+//!
+//! A connection or file is handed out in a [`Handover`] guard, and the
+//! registry keeps a copy of its own: what is handed on is exactly what was
+//! registered, whatever the application does with the value in the guard.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::bind::{self, ListenSpec, SetupHook};
 use crate::error::{Error, Result};
+use crate::launch::FileId;
 use crate::network::{Address, Network};
-use crate::protocol::EntryMeta;
-use crate::socket::{self, Conn, File, FromFd, Kind, Listener, PacketConn};
+use crate::protocol::{EntryMeta, Inherited};
+use crate::socket::{self, Conn, File, FromFd, Kind, Listener, PacketConn, SockId};
+use crate::sys;
+use crate::unixfile::SocketFile;
 
 /// How an entry holds its fd.
 #[derive(Debug)]
 enum Slot {
-    /// The registry owns this fd (listeners and packet sockets keep their
-    /// own duplicate; unclaimed inherited entries of every kind).
+    /// The registry holds the fd; the application none (an inherited entry
+    /// not claimed yet), or one of its own (a connection or file in a
+    /// guard; a listener after the application asked for a second handle).
     Owned(OwnedFd),
-    /// The application owns the fd through a [`Handover`] guard, which
-    /// removes the entry (under the registry lock) before it closes the fd.
-    Lent { raw: RawFd },
+    /// The application holds the only fd.
+    Lent(Lent),
+    /// The application's fd, and the registry's copy (made for an
+    /// upgrade).
+    Shared { own: OwnedFd, lent: Lent },
+}
+
+/// An fd number the application owns, and what it must still be.
+#[derive(Debug, Clone)]
+struct Lent {
+    raw: RawFd,
+    id: SockId,
+}
+
+impl Lent {
+    fn of(fd: &OwnedFd) -> std::io::Result<Lent> {
+        Ok(Lent {
+            raw: fd.as_raw_fd(),
+            id: SockId::of(fd.as_fd())?,
+        })
+    }
+
+    /// A copy of the application's fd, if the number still refers to the
+    /// socket it was lent as (`Ok(None)`: closed, or reused for something
+    /// else). The number is duplicated first and the duplicate checked, so
+    /// nothing can change between check and use.
+    fn copy(&self) -> std::io::Result<Option<OwnedFd>> {
+        let dup = match sys::dup_number(self.raw) {
+            Ok(dup) => dup,
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBADF) => return Ok(None),
+            // EMFILE and the like say nothing about the socket.
+            Err(e) => return Err(e),
+        };
+        Ok((SockId::of(dup.as_fd()).ok() == Some(self.id.clone())).then_some(dup))
+    }
 }
 
 #[derive(Debug)]
@@ -31,32 +85,49 @@ struct Entry {
     slot: Slot,
     /// Inherited and not yet asked for by this generation.
     unclaimed: bool,
-    /// A Unix socket file this generation created itself.
+    /// Created by this generation (a fresh bind).
     created_here: bool,
     /// Passed by socket activation: matched by name, whatever the address.
     activated: bool,
-    /// Identifies a lent entry, so a guard never removes a newer entry
-    /// that reuses the name.
+    /// Passed by socket activation under a name systemd made up (no
+    /// `FileDescriptorName=`): matched by address instead.
+    unnamed: bool,
+    /// A connection or file the application holds in a guard.
+    guarded: bool,
+    /// The Unix socket file this entry's socket is bound to.
+    file: Option<SocketFile>,
+    /// Identifies the entry, so a guard never removes a newer entry that
+    /// reuses the name.
     id: u64,
 }
 
 impl Entry {
-    fn raw_fd(&self) -> RawFd {
-        match &self.slot {
-            Slot::Owned(fd) => fd.as_raw_fd(),
-            Slot::Lent { raw } => *raw,
+    fn new(kind: Kind, network: Option<Network>, address: Option<String>, slot: Slot) -> Entry {
+        Entry {
+            kind,
+            network,
+            address,
+            slot,
+            unclaimed: false,
+            created_here: false,
+            activated: false,
+            unnamed: false,
+            guarded: false,
+            file: None,
+            id: 0,
         }
     }
 
-    fn unix_path(&self) -> Option<PathBuf> {
-        let network = self.network?;
-        if !network.is_unix() {
-            return None;
+    /// The fd to hand to the next generation, if the entry still has one.
+    fn raw_fd(&self) -> Option<RawFd> {
+        match &self.slot {
+            Slot::Owned(fd) | Slot::Shared { own: fd, .. } => Some(fd.as_raw_fd()),
+            Slot::Lent(_) => None,
         }
-        match network.parse_address(self.address.as_deref()?) {
-            Ok(Address::Path(p)) => Some(p),
-            _ => None,
-        }
+    }
+
+    fn resolved(&self) -> Option<Address> {
+        self.network?.parse_address(self.address.as_deref()?).ok()
     }
 }
 
@@ -65,8 +136,17 @@ pub(crate) struct Registry {
     entries: HashMap<String, Entry>,
     /// Inherited entries replaced by a socket of the same name but another
     /// address; closed at readiness.
-    stale: Vec<Entry>,
+    stale: Vec<(String, Entry)>,
     next_id: u64,
+}
+
+impl Registry {
+    fn insert(&mut self, name: String, mut entry: Entry) -> u64 {
+        self.next_id += 1;
+        entry.id = self.next_id;
+        self.entries.insert(name, entry);
+        self.next_id
+    }
 }
 
 /// The named sockets and files this generation holds, and will hand to the
@@ -75,14 +155,15 @@ pub(crate) struct Registry {
 /// Obtained from [`Upgrader::fds`](crate::Upgrader::fds). Cheap to clone;
 /// all clones share one registry.
 ///
-/// Listeners and packet sockets: the registry keeps its own duplicate of
-/// each, so the application may close its handle at any time (for example
-/// while draining) without affecting the next generation, and without ever
-/// unlinking a Unix socket path.
+/// Listeners and packet sockets: the application's handle is the only fd
+/// while the service runs; the registry duplicates it for an upgrade (and
+/// keeps that copy after a successful one, while the application drains
+/// and drops its handles). Closing the application's handle before an
+/// upgrade stops handing the socket on.
 ///
-/// Connections and files: the registry keeps no duplicate. They come wrapped
-/// in a [`Handover`] guard; dropping the guard really closes the fd (and
-/// stops handing it on), so a peer sees the connection close.
+/// Connections and files come wrapped in a [`Handover`] guard; dropping the
+/// guard stops handing the value on and really closes it, so a peer sees
+/// the connection close.
 #[derive(Debug, Clone)]
 pub struct Fds {
     pub(crate) registry: Arc<Mutex<Registry>>,
@@ -92,21 +173,17 @@ pub struct Fds {
 pub(crate) struct Defaults {
     pub(crate) backlog: u32,
     pub(crate) setup: Option<SetupHook>,
+    /// Relative Unix socket paths are resolved against it.
+    pub(crate) start_dir: PathBuf,
 }
 
 impl std::fmt::Debug for Defaults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Defaults")
             .field("backlog", &self.backlog)
+            .field("start_dir", &self.start_dir)
             .finish_non_exhaustive()
     }
-}
-
-/// One inherited entry, checked, with its fd owned.
-pub(crate) struct Inherited {
-    pub(crate) meta: EntryMeta,
-    pub(crate) network: Option<Network>,
-    pub(crate) fd: OwnedFd,
 }
 
 /// What the handover needs of the registry while the child is spawned.
@@ -139,48 +216,73 @@ fn convert<T: FromFd>(name: &str, fd: OwnedFd) -> Result<T> {
 }
 
 fn dup(name: &str, fd: &OwnedFd) -> Result<OwnedFd> {
-    // `try_clone_to_owned` duplicates with F_DUPFD_CLOEXEC.
+    // `try_clone` duplicates with F_DUPFD_CLOEXEC.
     fd.try_clone()
         .map_err(|e| Error::io(format!("cannot duplicate the fd of {name:?}"), e))
 }
 
+/// Hands the application the registry's fd of an entry it owns alone,
+/// keeping its number and identity (the entry becomes lent).
+fn lend(name: &str, entry: &mut Entry) -> Result<OwnedFd> {
+    let Slot::Owned(fd) = &entry.slot else {
+        return Err(Error::DuplicateName {
+            name: name.to_owned(),
+            what: entry.kind.describe(),
+        });
+    };
+    let lent = Lent::of(fd).map_err(|e| Error::io(format!("cannot inspect {name:?}"), e))?;
+    let Slot::Owned(fd) = std::mem::replace(&mut entry.slot, Slot::Lent(lent)) else {
+        unreachable!("checked above");
+    };
+    Ok(fd)
+}
+
+/// The largest Unix socket path `bind` takes (`sun_path` less its NUL).
+const MAX_UNIX_PATH: usize = 107;
+
 impl Fds {
-    pub(crate) fn new(inherited: Vec<Inherited>, backlog: u32, setup: Option<SetupHook>) -> Self {
+    pub(crate) fn new(inherited: Vec<Inherited>, defaults: Defaults) -> Self {
         let mut reg = Registry::default();
         for item in inherited {
-            reg.next_id += 1;
-            let entry = Entry {
-                kind: item.meta.kind,
-                network: item.network,
-                address: item.meta.address.clone(),
-                slot: Slot::Owned(item.fd),
-                unclaimed: true,
-                created_here: false,
-                activated: item.meta.activated,
-                id: reg.next_id,
-            };
-            reg.entries.insert(item.meta.name, entry);
+            let mut entry = Entry::new(
+                item.meta.kind,
+                item.network,
+                item.meta.address.clone(),
+                Slot::Owned(item.fd),
+            );
+            entry.unclaimed = true;
+            entry.activated = item.meta.activated;
+            entry.unnamed = item.unnamed;
+            if !item.meta.activated && item.network.is_some_and(Network::is_unix) {
+                entry.file = inherited_file(&entry, &item.meta, &defaults.start_dir);
+            }
+            reg.insert(item.meta.name, entry);
         }
         Fds {
             registry: Arc::new(Mutex::new(reg)),
-            defaults: Arc::new(Defaults { backlog, setup }),
+            defaults: Arc::new(defaults),
         }
     }
 
     /// Returns the listener handed on under the name `"{network}:{address}"`,
     /// or creates it. Go tableflip's `Fds.Listen`.
     ///
+    /// A second call with the same non-zero address is refused with
+    /// [`Error::AlreadyListening`] (one socket per address; keep the one
+    /// you have). Port 0 means "any free port", so each call with port 0
+    /// gets a socket of its own (named `"{network}:{address}"`, then
+    /// `"…#2"`, `"…#3"`…), and the next generation inherits them in the
+    /// same order.
+    ///
     /// # Errors
     ///
     /// An unknown network, an invalid address, a type that cannot serve the
-    /// network (e.g. `UnixListener` for `tcp`), a bind failure, or a tokio
-    /// type requested outside a runtime.
+    /// network (e.g. `UnixListener` for `tcp`), a bind failure, a second
+    /// claim of the same address, or a tokio type requested outside a
+    /// runtime.
     pub fn listen<T: Listener>(&self, network: &str, address: &str) -> Result<T> {
-        self.listen_with(&ListenSpec::new(
-            format!("{network}:{address}"),
-            network,
-            address,
-        ))
+        let name = self.default_name(network, address);
+        self.listen_with(&ListenSpec::new(name, network, address))
     }
 
     /// Returns the listener handed on under `spec.name`, or creates it as
@@ -190,28 +292,31 @@ impl Fds {
     /// address match `spec` (the address as configured, or the socket's
     /// actual address, so `127.0.0.1:0` is inherited with the port the first
     /// generation got). Otherwise a fresh socket is bound and the inherited
-    /// one is closed at readiness.
+    /// one is closed at readiness. A socket passed by systemd's socket
+    /// activation is used when its name is `spec.name`, or when systemd
+    /// gave it no name of its own (no `FileDescriptorName=`) and its
+    /// address is `spec`'s.
     ///
     /// # Errors
     ///
     /// As [`listen`](Self::listen); also [`Error::DuplicateName`] when the
-    /// name is already used by this generation for something else.
+    /// name is already used by this generation, and
+    /// [`Error::AlreadyListening`] when this generation already listens on
+    /// that (non-zero) address under another name.
     pub fn listen_with<T: Listener>(&self, spec: &ListenSpec) -> Result<T> {
         self.open(spec, Kind::Listener)
     }
 
     /// Returns the packet socket handed on under `"{network}:{address}"`, or
-    /// creates it. Go tableflip's `Fds.ListenPacket`.
+    /// creates it. Go tableflip's `Fds.ListenPacket`. Same rules as
+    /// [`listen`](Self::listen).
     ///
     /// # Errors
     ///
     /// As [`listen`](Self::listen).
     pub fn listen_packet<T: PacketConn>(&self, network: &str, address: &str) -> Result<T> {
-        self.listen_packet_with(&ListenSpec::new(
-            format!("{network}:{address}"),
-            network,
-            address,
-        ))
+        let name = self.default_name(network, address);
+        self.listen_packet_with(&ListenSpec::new(name, network, address))
     }
 
     /// Returns the packet socket handed on under `spec.name`, or creates it.
@@ -221,6 +326,28 @@ impl Fds {
     /// As [`listen_with`](Self::listen_with).
     pub fn listen_packet_with<T: PacketConn>(&self, spec: &ListenSpec) -> Result<T> {
         self.open(spec, Kind::Packet)
+    }
+
+    /// `"{network}:{address}"`; for port 0, the first such name that this
+    /// generation has not claimed yet (`…#2`, `…#3`…).
+    fn default_name(&self, network: &str, address: &str) -> String {
+        let base = format!("{network}:{address}");
+        let port_zero = network
+            .parse::<Network>()
+            .ok()
+            .and_then(|n| n.parse_address(address).ok())
+            .is_some_and(|a| matches!(a, Address::Inet(a) if a.port() == 0));
+        if !port_zero {
+            return base;
+        }
+        let reg = lock(&self.registry);
+        let mut name = base.clone();
+        let mut n = 1;
+        while reg.entries.get(&name).is_some_and(|e| !e.unclaimed) {
+            n += 1;
+            name = format!("{base}#{n}");
+        }
+        name
     }
 
     fn open<T: FromFd>(&self, spec: &ListenSpec, kind: Kind) -> Result<T> {
@@ -249,102 +376,211 @@ impl Fds {
         convert(&spec.name, fd)
     }
 
-    /// Finds the inherited socket for `spec`, or binds one; returns a
-    /// duplicate for the caller and whether it was inherited.
+    /// Finds the inherited socket for `spec`, or binds one; returns the
+    /// application's fd (the registry keeps its number) and whether it was
+    /// inherited.
     pub(crate) fn open_fd(
         &self,
         spec: &ListenSpec,
         network: Network,
         kind: Kind,
     ) -> Result<(OwnedFd, bool)> {
-        let address = network.parse_address(&spec.address)?;
-        let mut reg = lock(&self.registry);
-        if let Some(entry) = reg.entries.get_mut(&spec.name) {
-            if entry.activated {
-                return take_activated(entry, spec, network, kind);
+        let parsed = network.parse_address(&spec.address)?;
+        let (address, bind_address) = self.resolve_unix(network, &spec.address, parsed)?;
+        let listen_error = |source| Error::Listen {
+            name: spec.name.clone(),
+            network: network.to_string(),
+            address: spec.address.clone(),
+            source,
+        };
+        let (backlog, setup) = {
+            let mut reg = lock(&self.registry);
+            if let Some(found) = self.claim_existing(&mut reg, spec, network, kind, &address)? {
+                return Ok(found);
             }
-            let matches = entry.kind == kind
-                && entry.network == Some(network)
-                && address_matches(entry, &spec.address, &address);
-            match (&entry.slot, matches) {
-                (Slot::Owned(fd), true) => {
-                    if entry.unclaimed {
-                        tracing::debug!(name = %spec.name, %network, address = %spec.address, "inherited");
-                    }
-                    let inherited = entry.unclaimed;
+            if let Some(key) = unnamed_activated(&reg, network, kind, &address) {
+                if let Some(mut entry) = reg.entries.remove(&key) {
+                    tracing::info!(listener = %spec.name, passed_as = %key, address = ?entry.address, "using the socket systemd passed without a name: its address is this listener's");
+                    entry.unnamed = false;
+                    let fd = lend(&spec.name, &mut entry)?;
                     entry.unclaimed = false;
-                    return Ok((dup(&spec.name, fd)?, inherited));
-                }
-                _ if entry.unclaimed => {
-                    tracing::info!(
-                        name = %spec.name,
-                        inherited = ?entry.address,
-                        configured = %spec.address,
-                        "address changed since the previous generation; binding afresh, the old socket closes at readiness"
-                    );
-                    if let Some(old) = reg.entries.remove(&spec.name) {
-                        reg.stale.push(old);
-                    }
-                }
-                _ => {
-                    return Err(Error::DuplicateName {
-                        name: spec.name.clone(),
-                        what: entry.kind.describe(),
-                    });
+                    reg.insert(spec.name.clone(), entry);
+                    return Ok((fd, true));
                 }
             }
-        }
-        let backlog = spec.backlog.unwrap_or(self.defaults.backlog);
-        let setup = spec.setup.as_ref().or(self.defaults.setup.as_ref());
-        let fd = bind::bind(network, &address, spec, backlog, setup).map_err(|source| {
-            Error::Listen {
-                name: spec.name.clone(),
-                network: network.to_string(),
-                address: spec.address.clone(),
-                source,
+            if let Some(other) = listening_on(&reg, network, &address) {
+                return Err(Error::AlreadyListening {
+                    name: spec.name.clone(),
+                    network: network.to_string(),
+                    address: spec.address.clone(),
+                    by: other,
+                });
             }
+            (
+                spec.backlog.unwrap_or(self.defaults.backlog),
+                spec.setup.clone().or_else(|| self.defaults.setup.clone()),
+            )
+        };
+        // Bound without the registry locked: a socket-setup hook may call
+        // back into the registry.
+        let file_path = match &address {
+            Address::Path(p) => Some(p.as_path()),
+            _ => None,
+        };
+        let bound = bind::bind(
+            network,
+            &bind_address,
+            file_path,
+            spec,
+            backlog,
+            setup.as_ref(),
+        )
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                let reg = lock(&self.registry);
+                if let Some(why) = explain_in_use(&reg, network, &address) {
+                    return listen_error(std::io::Error::new(e.kind(), why));
+                }
+            }
+            listen_error(e)
         })?;
         // Record the real address, so that port 0 is handed on as the port
         // the kernel picked.
-        let recorded = match (&address, socket2::SockRef::from(&fd).local_addr()) {
+        let recorded = match (&address, socket2::SockRef::from(&bound.fd).local_addr()) {
             (Address::Inet(_), Ok(local)) => local
                 .as_socket()
-                .map_or_else(|| spec.address.clone(), |a| a.to_string()),
-            _ => spec.address.clone(),
+                .map_or_else(|| address.to_string(), |a| a.to_string()),
+            _ => address.to_string(),
         };
         tracing::debug!(name = %spec.name, %network, address = %recorded, "bound");
-        let handle = dup(&spec.name, &fd)?;
-        reg.next_id += 1;
-        let id = reg.next_id;
-        reg.entries.insert(
-            spec.name.clone(),
-            Entry {
-                kind,
-                network: Some(network),
-                address: Some(recorded),
-                slot: Slot::Owned(fd),
-                unclaimed: false,
-                created_here: true,
-                activated: false,
-                id,
-            },
+        let lent = Lent::of(&bound.fd)
+            .map_err(|e| Error::io(format!("cannot inspect {:?}", spec.name), e))?;
+        let mut entry = Entry::new(kind, Some(network), Some(recorded), Slot::Lent(lent));
+        entry.created_here = true;
+        entry.file = bound.file;
+        let mut reg = lock(&self.registry);
+        if reg.entries.contains_key(&spec.name) {
+            // Claimed by another thread while this one was binding.
+            if let Some(file) = &entry.file {
+                file.remove();
+            }
+            return Err(Error::DuplicateName {
+                name: spec.name.clone(),
+                what: kind.describe(),
+            });
+        }
+        reg.insert(spec.name.clone(), entry);
+        Ok((bound.fd, false))
+    }
+
+    /// A relative Unix path, resolved once against the start directory:
+    /// `(address to record and match, address to bind)`. The two differ
+    /// only when the absolute path is too long to bind and the process is
+    /// still in its start directory.
+    fn resolve_unix(
+        &self,
+        network: Network,
+        given: &str,
+        parsed: Address,
+    ) -> Result<(Address, Address)> {
+        let Address::Path(rel) = &parsed else {
+            return Ok((parsed.clone(), parsed));
+        };
+        if rel.is_absolute() {
+            return Ok((parsed.clone(), parsed));
+        }
+        let abs = self.defaults.start_dir.join(rel);
+        if abs.as_os_str().len() <= MAX_UNIX_PATH {
+            return Ok((Address::Path(abs.clone()), Address::Path(abs)));
+        }
+        let in_start_dir = matches!(
+            (FileId::of_path(Path::new(".")), FileId::of_path(&self.defaults.start_dir)),
+            (Ok(a), Ok(b)) if a == b
         );
-        Ok((handle, false))
+        if in_start_dir {
+            return Ok((Address::Path(abs), parsed));
+        }
+        Err(Error::InvalidAddress {
+            network: network.to_string(),
+            address: given.to_owned(),
+            reason: format!(
+                "relative to the start directory it is {}, longer than {MAX_UNIX_PATH} bytes, and the process has left that directory",
+                abs.display()
+            ),
+        })
+    }
+
+    /// The entry already registered under `spec.name`, claimed for the
+    /// caller if it fits `spec`. `Ok(None)`: nothing usable (a stale
+    /// inherited entry is moved aside), bind afresh.
+    fn claim_existing(
+        &self,
+        reg: &mut Registry,
+        spec: &ListenSpec,
+        network: Network,
+        kind: Kind,
+        address: &Address,
+    ) -> Result<Option<(OwnedFd, bool)>> {
+        let Some(entry) = reg.entries.get_mut(&spec.name) else {
+            return Ok(None);
+        };
+        if entry.activated {
+            return take_activated(entry, spec, network, kind).map(Some);
+        }
+        let matches = entry.kind == kind
+            && entry.network == Some(network)
+            && address_matches(entry, &spec.address, address);
+        if matches && entry.unclaimed {
+            tracing::debug!(name = %spec.name, %network, address = %spec.address, "inherited");
+            let fd = lend(&spec.name, entry)?;
+            entry.unclaimed = false;
+            return Ok(Some((fd, true)));
+        }
+        if matches {
+            return Err(Error::AlreadyListening {
+                name: spec.name.clone(),
+                network: network.to_string(),
+                address: spec.address.clone(),
+                by: spec.name.clone(),
+            });
+        }
+        if !entry.unclaimed {
+            return Err(Error::DuplicateName {
+                name: spec.name.clone(),
+                what: entry.kind.describe(),
+            });
+        }
+        tracing::info!(
+            name = %spec.name,
+            inherited = ?entry.address,
+            configured = %spec.address,
+            "address changed since the previous generation; binding afresh, the old socket closes at readiness"
+        );
+        if let Some(old) = reg.entries.remove(&spec.name) {
+            reg.stale.push((spec.name.clone(), old));
+        }
+        Ok(None)
     }
 
     /// The listener handed on (or opened in this generation) under `name`,
     /// without creating one. Returns `Ok(None)` when there is none.
     ///
+    /// An inherited listener nobody has claimed is handed over as it is
+    /// (it then costs one fd); asking again for one the application
+    /// already holds gives another handle, and the registry then keeps a
+    /// copy of its own.
+    ///
     /// # Errors
     ///
     /// When the entry is not a listener, its network cannot be served by `T`,
-    /// or duplicating the fd fails.
+    /// the application closed the handle it had, or duplicating the fd
+    /// fails.
     pub fn listener<T: Listener>(&self, name: &str) -> Result<Option<T>> {
         self.lookup_shared(name, Kind::Listener)
     }
 
     /// The packet socket handed on (or opened) under `name`, without creating
-    /// one.
+    /// one; as [`listener`](Self::listener).
     ///
     /// # Errors
     ///
@@ -360,10 +596,27 @@ impl Fds {
             return Ok(None);
         };
         check_entry::<T>(name, entry, kind)?;
-        let Slot::Owned(fd) = &entry.slot else {
-            return Ok(None);
+        let fd = match &entry.slot {
+            Slot::Owned(_) if entry.unclaimed => lend(name, entry)?,
+            Slot::Owned(own) | Slot::Shared { own, .. } => dup(name, own)?,
+            Slot::Lent(lent) => {
+                let copy = lent
+                    .copy()
+                    .map_err(|e| Error::io(format!("cannot duplicate the fd of {name:?}"), e))?;
+                let Some(own) = copy else {
+                    return Err(Error::io(
+                        format!("cannot hand out {name:?} again"),
+                        std::io::Error::other("the application closed the handle it had"),
+                    ));
+                };
+                let handle = dup(name, &own)?;
+                entry.slot = Slot::Shared {
+                    own,
+                    lent: lent.clone(),
+                };
+                handle
+            }
         };
-        let fd = dup(name, fd)?;
         entry.unclaimed = false;
         drop(reg);
         convert(name, fd).map(Some)
@@ -377,7 +630,7 @@ impl Fds {
     ///
     /// As [`listener`](Self::listener).
     pub fn conn<T: Conn>(&self, name: &str) -> Result<Option<Handover<T>>> {
-        self.lookup_lent(name, Kind::Conn)
+        self.lookup_guarded(name, Kind::Conn)
     }
 
     /// Takes the file handed on under `name`; as [`conn`](Self::conn).
@@ -386,10 +639,14 @@ impl Fds {
     ///
     /// As [`listener`](Self::listener).
     pub fn file<T: File>(&self, name: &str) -> Result<Option<Handover<T>>> {
-        self.lookup_lent(name, Kind::File)
+        self.lookup_guarded(name, Kind::File)
     }
 
-    fn lookup_lent<T: FromFd + AsFd>(&self, name: &str, kind: Kind) -> Result<Option<Handover<T>>> {
+    fn lookup_guarded<T: FromFd + AsFd>(
+        &self,
+        name: &str,
+        kind: Kind,
+    ) -> Result<Option<Handover<T>>> {
         check_runtime::<T>(name)?;
         let mut reg = lock(&self.registry);
         let Some(entry) = reg.entries.get_mut(name) else {
@@ -406,45 +663,40 @@ impl Fds {
         } else {
             check_entry::<T>(name, entry, kind)?;
         }
-        if !matches!(entry.slot, Slot::Owned(_)) {
+        let Slot::Owned(own) = &entry.slot else {
+            return Err(mismatch(name, kind, "it is a shared socket".to_owned()));
+        };
+        if entry.guarded {
             return Err(Error::DuplicateName {
                 name: name.to_owned(),
                 what: "connection or file already taken",
             });
         }
-        let raw = entry.raw_fd();
-        let Slot::Owned(fd) = std::mem::replace(&mut entry.slot, Slot::Lent { raw }) else {
-            return Ok(None);
-        };
+        let fd = dup(name, own)?;
+        entry.guarded = true;
         entry.unclaimed = false;
         let id = entry.id;
-        match socket::convert::<T>(fd) {
-            Ok(value) => Ok(Some(Handover {
-                value: Some(value),
-                registry: Arc::clone(&self.registry),
-                name: name.to_owned(),
-                id,
-            })),
-            Err(e) => {
-                // The fd was consumed by the failed conversion: forget it.
-                reg.entries.remove(name);
-                Err(Error::io(
-                    format!("cannot use {name:?} as {}", T::TYPE_NAME),
-                    e,
-                ))
-            }
-        }
+        drop(reg);
+        let value = socket::convert::<T>(fd)
+            .map_err(|e| Error::io(format!("cannot use {name:?} as {}", T::TYPE_NAME), e))?;
+        Ok(Some(Handover {
+            value: Some(value),
+            registry: Arc::clone(&self.registry),
+            name: name.to_owned(),
+            id,
+        }))
     }
 
-    /// Hands `listener` on to the next generation under `name`. The registry
-    /// keeps a duplicate; `listener` stays the caller's.
+    /// Hands `listener` on to the next generation under `name`. The
+    /// registry keeps its number, not an fd of its own (see
+    /// [`Fds`]): closing `listener` stops handing it on.
     ///
     /// # Errors
     ///
     /// [`Error::DuplicateName`] if `name` is taken; an error if the socket is
     /// not a listening socket of a supported network.
     pub fn add_listener<T: Listener + AsFd>(&self, name: &str, listener: &T) -> Result<()> {
-        self.add_shared(name, listener.as_fd().try_clone_to_owned(), Kind::Listener)
+        self.add_shared(name, listener.as_fd(), Kind::Listener)
     }
 
     /// Hands `socket` on to the next generation under `name`; as
@@ -454,14 +706,17 @@ impl Fds {
     ///
     /// As [`add_listener`](Self::add_listener).
     pub fn add_packet_conn<T: PacketConn + AsFd>(&self, name: &str, socket: &T) -> Result<()> {
-        self.add_shared(name, socket.as_fd().try_clone_to_owned(), Kind::Packet)
+        self.add_shared(name, socket.as_fd(), Kind::Packet)
     }
 
-    fn add_shared(&self, name: &str, fd: std::io::Result<OwnedFd>, kind: Kind) -> Result<()> {
-        let fd = fd.map_err(|e| Error::io(format!("cannot duplicate the fd of {name:?}"), e))?;
-        let (network, address) = describe_socket(name, fd.as_fd(), kind)?;
-        self.insert(name, kind, Some(network), Some(address), Slot::Owned(fd))
-            .map(|_| ())
+    fn add_shared(&self, name: &str, fd: std::os::fd::BorrowedFd<'_>, kind: Kind) -> Result<()> {
+        let (network, address) = socket::inspect(fd, kind).map_err(|r| mismatch(name, kind, r))?;
+        let lent = Lent {
+            raw: fd.as_raw_fd(),
+            id: SockId::of(fd).map_err(|e| Error::io(format!("cannot inspect {name:?}"), e))?,
+        };
+        let entry = Entry::new(kind, Some(network), Some(address), Slot::Lent(lent));
+        self.insert(name, entry).map(|_| ())
     }
 
     /// Hands `conn` on to the next generation under `name`. The guard owns
@@ -473,16 +728,15 @@ impl Fds {
     /// [`Error::DuplicateName`] if `name` is taken; an error if `conn` is not
     /// a connected socket of a supported network.
     pub fn add_conn<T: Conn>(&self, name: &str, conn: T) -> Result<Handover<T>> {
-        let fd = conn.as_fd();
-        let raw = fd.as_raw_fd();
-        let (network, address) = describe_socket(name, fd, Kind::Conn)?;
-        let id = self.insert(
-            name,
-            Kind::Conn,
-            Some(network),
-            Some(address),
-            Slot::Lent { raw },
-        )?;
+        let (network, address) =
+            socket::inspect(conn.as_fd(), Kind::Conn).map_err(|r| mismatch(name, Kind::Conn, r))?;
+        let own = conn
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io(format!("cannot duplicate the fd of {name:?}"), e))?;
+        let mut entry = Entry::new(Kind::Conn, Some(network), Some(address), Slot::Owned(own));
+        entry.guarded = true;
+        let id = self.insert(name, entry)?;
         Ok(Handover {
             value: Some(conn),
             registry: Arc::clone(&self.registry),
@@ -499,10 +753,15 @@ impl Fds {
     /// [`Error::DuplicateName`] if `name` is taken; an error if `file` is a
     /// socket.
     pub fn add_file<T: File>(&self, name: &str, file: T) -> Result<Handover<T>> {
-        let raw = file.as_fd().as_raw_fd();
         socket::check_fd(file.as_fd(), Kind::File, None)
             .map_err(|r| mismatch(name, Kind::File, r))?;
-        let id = self.insert(name, Kind::File, None, None, Slot::Lent { raw })?;
+        let own = file
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io(format!("cannot duplicate the fd of {name:?}"), e))?;
+        let mut entry = Entry::new(Kind::File, None, None, Slot::Owned(own));
+        entry.guarded = true;
+        let id = self.insert(name, entry)?;
         Ok(Handover {
             value: Some(file),
             registry: Arc::clone(&self.registry),
@@ -511,14 +770,7 @@ impl Fds {
         })
     }
 
-    fn insert(
-        &self,
-        name: &str,
-        kind: Kind,
-        network: Option<Network>,
-        address: Option<String>,
-        slot: Slot,
-    ) -> Result<u64> {
+    fn insert(&self, name: &str, entry: Entry) -> Result<u64> {
         let mut reg = lock(&self.registry);
         if let Some(existing) = reg.entries.get(name) {
             if !existing.unclaimed {
@@ -530,30 +782,15 @@ impl Fds {
             // An unclaimed inherited entry is replaced by what the
             // application hands on now.
             if let Some(old) = reg.entries.remove(name) {
-                reg.stale.push(old);
+                reg.stale.push((name.to_owned(), old));
             }
         }
-        reg.next_id += 1;
-        let id = reg.next_id;
-        reg.entries.insert(
-            name.to_owned(),
-            Entry {
-                kind,
-                network,
-                address,
-                slot,
-                unclaimed: false,
-                created_here: false,
-                activated: false,
-                id,
-            },
-        );
-        Ok(id)
+        Ok(reg.insert(name.to_owned(), entry))
     }
 
-    /// Stops handing `name` on. A listener or packet socket held by the
-    /// registry is closed (the application's own handles stay open).
-    /// Returns whether there was such an entry.
+    /// Stops handing `name` on. A listener or packet socket the registry
+    /// holds a copy of is closed (the application's own handles stay
+    /// open). Returns whether there was such an entry.
     pub fn remove(&self, name: &str) -> bool {
         lock(&self.registry).entries.remove(name).is_some()
     }
@@ -566,8 +803,9 @@ impl Fds {
     }
 
     /// Closes inherited entries nobody claimed, and stale replaced ones.
-    /// Returns the Unix socket paths that may be removed.
-    pub(crate) fn close_unclaimed(&self) -> Vec<PathBuf> {
+    /// Returns the Unix socket files to remove once the handover has
+    /// committed (until then the previous generation still serves on them).
+    pub(crate) fn close_unclaimed(&self) -> Vec<SocketFile> {
         let mut reg = lock(&self.registry);
         let names: Vec<String> = reg
             .entries
@@ -575,22 +813,50 @@ impl Fds {
             .filter(|(_, e)| e.unclaimed)
             .map(|(n, _)| n.clone())
             .collect();
-        let mut closed: Vec<Entry> = std::mem::take(&mut reg.stale);
+        let mut closed: Vec<(String, Entry)> = std::mem::take(&mut reg.stale);
         for name in names {
             if let Some(entry) = reg.entries.remove(&name) {
-                tracing::info!(name = %name, kind = entry.kind.describe(), "closing inherited fd nobody claimed");
-                closed.push(entry);
+                if entry.unnamed {
+                    tracing::warn!(passed_as = %name, address = ?entry.address, "closing a socket systemd passed without a name that matches no listener's address; name it after its listener with FileDescriptorName= in the socket unit");
+                } else {
+                    tracing::info!(name = %name, kind = entry.kind.describe(), "closing inherited fd nobody claimed");
+                }
+                closed.push((name, entry));
             }
         }
-        let in_use: Vec<PathBuf> = reg.entries.values().filter_map(Entry::unix_path).collect();
+        let in_use: Vec<&Path> = reg
+            .entries
+            .values()
+            .filter_map(|e| e.file.as_ref().map(|f| f.path.as_path()))
+            .collect();
         closed
             .iter()
-            // The file of a socket systemd passed belongs to its socket unit.
-            .filter(|e| !e.activated)
-            .filter_map(Entry::unix_path)
-            .filter(|p| !in_use.contains(p))
+            .filter_map(|(_, e)| e.file.clone())
+            .filter(|f| !in_use.contains(&f.path.as_path()))
             .collect()
         // `closed` drops here, closing the fds.
+    }
+
+    /// The activated sockets systemd passed without a name of ours that
+    /// nothing has claimed: `(how systemd named it, its network and
+    /// address)`.
+    pub(crate) fn unclaimed_unnamed(&self) -> Vec<(String, String)> {
+        let reg = lock(&self.registry);
+        let mut out: Vec<(String, String)> = reg
+            .entries
+            .iter()
+            .filter(|(_, e)| e.unnamed && e.unclaimed)
+            .map(|(n, e)| {
+                let network = e.network.map_or("?", Network::as_str);
+                let address = e.address.as_deref().unwrap_or("?");
+                (
+                    n.split('#').next().unwrap_or(n).to_owned(),
+                    format!("{network} {address}"),
+                )
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// Closes the registry's own handles of listeners and packet sockets:
@@ -599,15 +865,15 @@ impl Fds {
     /// application's handles stay open until it drops them.
     pub(crate) fn close_shared(&self) {
         let mut reg = lock(&self.registry);
-        reg.entries.retain(|_, e| {
-            !(matches!(e.kind, Kind::Listener | Kind::Packet) && matches!(e.slot, Slot::Owned(_)))
-        });
+        reg.entries
+            .retain(|_, e| !matches!(e.kind, Kind::Listener | Kind::Packet));
         reg.stale.clear();
     }
 
-    /// The Unix socket paths this generation is responsible for removing
-    /// when the service really stops.
-    pub(crate) fn owned_unix_paths(&self, ready: bool) -> Vec<PathBuf> {
+    /// The Unix socket files this generation is responsible for removing
+    /// when the service really stops: those of every socket once it is
+    /// ready, only those it created itself before.
+    pub(crate) fn owned_unix_files(&self, ready: bool) -> Vec<SocketFile> {
         lock(&self.registry)
             .entries
             .values()
@@ -615,39 +881,105 @@ impl Fds {
             // The file of a socket systemd passed belongs to its socket unit.
             .filter(|e| !e.activated)
             .filter(|e| matches!(e.kind, Kind::Listener | Kind::Packet))
-            .filter_map(Entry::unix_path)
+            .filter_map(|e| e.file.clone())
             .collect()
     }
 
     /// Locks the registry and describes every entry for the next
     /// generation. The lock is held until the snapshot is dropped, so no fd
     /// named in it can be closed while the child is spawned.
-    pub(crate) fn snapshot(&self) -> Snapshot<'_> {
-        let guard = lock(&self.registry);
-        let mut entries = Vec::with_capacity(guard.entries.len());
-        let mut fds = Vec::with_capacity(guard.entries.len());
-        let mut names: Vec<&String> = guard.entries.keys().collect();
+    ///
+    /// Each socket the application holds is duplicated now, and the copy
+    /// checked to still be that socket (the registry keeps the copy: see
+    /// [`release_copies`](Self::release_copies)); one the application has
+    /// closed is no longer handed on.
+    pub(crate) fn snapshot(&self) -> Result<Snapshot<'_>> {
+        let mut guard = lock(&self.registry);
+        let reg = &mut *guard;
+        let mut closed = Vec::new();
+        for (name, entry) in &mut reg.entries {
+            if let Slot::Lent(lent) = &entry.slot {
+                let copy = lent
+                    .copy()
+                    .map_err(|e| Error::io(format!("cannot duplicate the fd of {name:?}"), e))?;
+                match copy {
+                    Some(own) => {
+                        entry.slot = Slot::Shared {
+                            own,
+                            lent: lent.clone(),
+                        };
+                    }
+                    None => closed.push(name.clone()),
+                }
+            }
+        }
+        for name in closed {
+            tracing::info!(name = %name, "the application closed this socket; it is no longer handed on");
+            reg.entries.remove(&name);
+        }
+        let mut names: Vec<&String> = reg.entries.keys().collect();
         names.sort();
+        let mut entries = Vec::with_capacity(names.len());
+        let mut fds = Vec::with_capacity(names.len());
         for name in names {
-            let Some(e) = guard.entries.get(name) else {
+            let Some(e) = reg.entries.get(name) else {
+                continue;
+            };
+            let Some(fd) = e.raw_fd() else {
                 continue;
             };
             entries.push(EntryMeta {
                 name: name.clone(),
                 kind: e.kind,
-                fd: e.raw_fd(),
+                fd,
                 network: e.network.map(|n| n.to_string()),
                 address: e.address.clone(),
                 activated: e.activated,
+                file_dev: e.file.as_ref().and_then(|f| f.id).map(|id| id.dev),
+                file_ino: e.file.as_ref().and_then(|f| f.id).map(|id| id.ino),
             });
-            fds.push(e.raw_fd());
+            fds.push(fd);
         }
-        Snapshot {
+        Ok(Snapshot {
             _guard: guard,
             entries,
             fds,
+        })
+    }
+
+    /// After a failed upgrade: drops the copies [`snapshot`](Self::snapshot)
+    /// made of the sockets the application still holds, so the service is
+    /// back to one fd per listener.
+    pub(crate) fn release_copies(&self) {
+        let mut reg = lock(&self.registry);
+        for entry in reg.entries.values_mut() {
+            if let Slot::Shared { lent, .. } = &entry.slot {
+                if matches!(lent.copy(), Ok(Some(_))) {
+                    entry.slot = Slot::Lent(lent.clone());
+                }
+            }
         }
     }
+}
+
+/// The file an inherited Unix socket is bound to: its path from the socket
+/// itself (never from the metadata, which could name any file), its
+/// identity from the kernel, else as the parent recorded it.
+fn inherited_file(entry: &Entry, meta: &EntryMeta, start_dir: &Path) -> Option<SocketFile> {
+    let fd = match &entry.slot {
+        Slot::Owned(fd) => fd.as_fd(),
+        _ => return None,
+    };
+    let path = start_dir.join(socket::unix_path(fd)?);
+    let mut file = SocketFile::bound(path.clone(), &path, fd);
+    if file.id.is_none() {
+        // No word from the kernel: as the parent recorded it.
+        file.id = match (meta.file_dev, meta.file_ino) {
+            (Some(dev), Some(ino)) => Some(FileId { dev, ino }),
+            _ => None,
+        };
+    }
+    Some(file)
 }
 
 fn mismatch(name: &str, kind: Kind, reason: String) -> Error {
@@ -678,6 +1010,12 @@ fn check_entry<T: FromFd>(name: &str, entry: &Entry, kind: Kind) -> Result<()> {
     Ok(())
 }
 
+/// Whether two networks' sockets are of one kind: same family (Unix or
+/// IP) and type (stream, datagram, seqpacket).
+fn same_family(a: Network, b: Network) -> bool {
+    a.is_unix() == b.is_unix() && a.socket_type() == b.socket_type()
+}
+
 /// A socket passed by systemd under the listener's name: the socket unit
 /// decides the address, so only the kind of socket must agree.
 fn take_activated(
@@ -687,10 +1025,7 @@ fn take_activated(
     kind: Kind,
 ) -> Result<(OwnedFd, bool)> {
     let have = entry.network.map_or("?", Network::as_str);
-    let same_family = entry.network.is_some_and(|n| {
-        n.is_unix() == network.is_unix() && n.socket_type() == network.socket_type()
-    });
-    if entry.kind != kind || !same_family {
+    if entry.kind != kind || !entry.network.is_some_and(|n| same_family(n, network)) {
         return Err(Error::InheritMismatch {
             what: kind.describe(),
             name: spec.name.clone(),
@@ -700,13 +1035,13 @@ fn take_activated(
             ),
         });
     }
-    let Slot::Owned(fd) = &entry.slot else {
+    if !entry.unclaimed {
         return Err(Error::DuplicateName {
             name: spec.name.clone(),
             what: entry.kind.describe(),
         });
-    };
-    if entry.unclaimed && entry.address.as_deref() != Some(spec.address.as_str()) {
+    }
+    if entry.address.as_deref() != Some(spec.address.as_str()) {
         tracing::info!(
             name = %spec.name,
             address = ?entry.address,
@@ -714,85 +1049,128 @@ fn take_activated(
             "using the socket systemd passed; its socket unit sets the address"
         );
     }
-    let inherited = entry.unclaimed;
+    let fd = lend(&spec.name, entry)?;
     entry.unclaimed = false;
-    Ok((dup(&spec.name, fd)?, inherited))
+    Ok((fd, true))
+}
+
+/// The key of an unclaimed activated socket that systemd passed without a
+/// name of ours, of the right kind, bound to `address`.
+fn unnamed_activated(
+    reg: &Registry,
+    network: Network,
+    kind: Kind,
+    address: &Address,
+) -> Option<String> {
+    let mut keys: Vec<&String> = reg
+        .entries
+        .iter()
+        .filter(|(_, e)| e.unnamed && e.unclaimed && e.kind == kind)
+        .filter(|(_, e)| e.network.is_some_and(|n| same_family(n, network)))
+        .filter(|(_, e)| {
+            e.resolved()
+                .is_some_and(|have| same_address(&have, address))
+        })
+        .map(|(k, _)| k)
+        .collect();
+    keys.sort();
+    keys.first().map(|k| (*k).clone())
+}
+
+/// Two addresses that name the same socket address: equal, or both the
+/// wildcard address of one port (`0.0.0.0:80` and `[::]:80`: systemd's
+/// `ListenStream=80` binds the dual-stack wildcard).
+fn same_address(a: &Address, b: &Address) -> bool {
+    match (a, b) {
+        (Address::Inet(x), Address::Inet(y)) => {
+            x == y || (x.port() == y.port() && x.ip().is_unspecified() && y.ip().is_unspecified())
+        }
+        _ => a == b,
+    }
+}
+
+/// Two IP socket addresses that the kernel will not bind both (for
+/// sockets without `SO_REUSEPORT`): one port, and the same IP or a
+/// wildcard on either side.
+fn overlapping(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// The name of a claimed entry of this generation already on `address`
+/// (same family and type); never for port 0, which asks for a new port
+/// each time.
+fn listening_on(reg: &Registry, network: Network, address: &Address) -> Option<String> {
+    if matches!(address, Address::Inet(a) if a.port() == 0) {
+        return None;
+    }
+    let mut names: Vec<&String> = reg
+        .entries
+        .iter()
+        .filter(|(_, e)| !e.unclaimed && matches!(e.kind, Kind::Listener | Kind::Packet))
+        .filter(|(_, e)| e.network.is_some_and(|n| same_family(n, network)))
+        .filter(|(_, e)| e.resolved().is_some_and(|have| have == *address))
+        .map(|(n, _)| n)
+        .collect();
+    names.sort();
+    names.first().map(|n| (*n).clone())
+}
+
+/// Why binding `address` failed with "address in use", when an entry of
+/// the registry is the reason.
+fn explain_in_use(reg: &Registry, network: Network, address: &Address) -> Option<String> {
+    let all = reg
+        .entries
+        .iter()
+        .map(|(n, e)| (n.as_str(), e))
+        .chain(reg.stale.iter().map(|(n, e)| (n.as_str(), e)));
+    for (name, e) in all {
+        if !e.network.is_some_and(|n| same_family(n, network)) {
+            continue;
+        }
+        let Some(have) = e.resolved() else {
+            continue;
+        };
+        let clash = match (&have, address) {
+            (Address::Inet(h), Address::Inet(w)) => overlapping(h, w),
+            (h, w) => h == w,
+        };
+        if !clash {
+            continue;
+        }
+        let name = name.split('#').next().unwrap_or(name);
+        if e.activated {
+            return Some(format!(
+                "systemd passed a socket on {have} (as {name:?}) that no listener claimed; name it after the listener it is for with FileDescriptorName= in its socket unit (or --fdname= for systemd-socket-activate)"
+            ));
+        }
+        if !e.created_here {
+            let port = match &have {
+                Address::Inet(h) => format!("port {}", h.port()),
+                other => other.to_string(),
+            };
+            return Some(format!(
+                "{port} is still held by the socket the previous generation handed over on {have} (listener {name:?}), which stays open until that generation exits. A listener cannot move to an overlapping address on the same port with an upgrade: restart the service instead, or have both releases set SO_REUSEPORT (Options::socket_setup)"
+            ));
+        }
+        return Some(format!(
+            "this generation already listens on {have} (listener {name:?})"
+        ));
+    }
+    None
 }
 
 fn address_matches(entry: &Entry, configured: &str, resolved: &Address) -> bool {
     if entry.address.as_deref() == Some(configured) {
         return true;
     }
-    let (Some(network), Some(recorded)) = (entry.network, entry.address.as_deref()) else {
-        return false;
-    };
-    match (network.parse_address(recorded), resolved) {
+    match (entry.resolved(), resolved) {
         // Port 0 asks for any port: the one already picked matches.
-        (Ok(Address::Inet(have)), Address::Inet(want)) => {
+        (Some(Address::Inet(have)), Address::Inet(want)) => {
             have == *want || (want.port() == 0 && have.ip() == want.ip())
         }
-        (Ok(have), want) => have == *want,
+        (Some(have), want) => have == *want,
         _ => false,
     }
-}
-
-/// Works out the network and address of a socket the application hands on.
-pub(crate) fn describe_socket(
-    name: &str,
-    fd: BorrowedFd<'_>,
-    kind: Kind,
-) -> Result<(Network, String)> {
-    let sock = socket2::SockRef::from(&fd);
-    let bad = |reason: String| mismatch(name, kind, reason);
-    let ty = sock
-        .r#type()
-        .map_err(|e| bad(format!("it is not a socket ({e})")))?;
-    let local = sock
-        .local_addr()
-        .map_err(|e| bad(format!("cannot read its address: {e}")))?;
-    let (network, address) = if let Some(inet) = local.as_socket() {
-        let network = match (ty, inet.is_ipv6()) {
-            (socket2::Type::STREAM, false) => Network::Tcp4,
-            (socket2::Type::STREAM, true) => Network::Tcp6,
-            (socket2::Type::DGRAM, false) => Network::Udp4,
-            (socket2::Type::DGRAM, true) => Network::Udp6,
-            _ => return Err(bad("unsupported IP socket type".to_owned())),
-        };
-        // Record the generic network: a dual-stack v6 socket is `tcp`.
-        let generic = match network {
-            Network::Tcp4 | Network::Tcp6 => Network::Tcp,
-            _ => Network::Udp,
-        };
-        (generic, inet.to_string())
-    } else if local.is_unix() {
-        let network = match ty {
-            socket2::Type::STREAM => Network::Unix,
-            socket2::Type::DGRAM => Network::Unixgram,
-            socket2::Type::SEQPACKET => Network::Unixpacket,
-            _ => return Err(bad("unsupported Unix socket type".to_owned())),
-        };
-        let address = if let Some(path) = local.as_pathname() {
-            path.display().to_string()
-        } else {
-            abstract_name(&local).map_or_else(|| "@".to_owned(), |n| format!("@{n}"))
-        };
-        (network, address)
-    } else {
-        return Err(bad("unsupported address family".to_owned()));
-    };
-    socket::check_fd(fd.as_fd(), kind, Some(network)).map_err(bad)?;
-    Ok((network, address))
-}
-
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn abstract_name(addr: &socket2::SockAddr) -> Option<String> {
-    addr.as_abstract_namespace()
-        .map(|n| String::from_utf8_lossy(n).into_owned())
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn abstract_name(_: &socket2::SockAddr) -> Option<String> {
-    None
 }
 
 /// A connection or file registered for handover, owned by the application.
@@ -801,6 +1179,11 @@ fn abstract_name(_: &socket2::SockAddr) -> Option<String> {
 /// value on and then closes it, so a connection really closes (Go
 /// tableflip's issue #74). [`into_inner`](Self::into_inner) stops handing it
 /// on and returns the value.
+///
+/// The registry keeps a copy of the fd that was registered, and that is
+/// what the next generation gets: replacing the value through
+/// `DerefMut` (`std::mem::replace`) changes what this process uses, never
+/// what is handed on.
 #[derive(Debug)]
 pub struct Handover<T: AsFd> {
     value: Option<T>,
@@ -860,12 +1243,9 @@ impl<T: AsFd> Drop for Handover<T> {
         if self.value.is_none() {
             return;
         }
-        // Close the fd while the registry is locked: an upgrade snapshots
-        // the registry under the same lock, so it never passes a number that
-        // was just closed (and possibly reused).
-        let mut reg = lock(&self.registry);
-        unregister(&mut reg, &self.name, self.id);
+        // The registry's copy first, then the application's: the
+        // connection really closes (unless a next generation has it).
+        self.unregister();
         drop(self.value.take());
-        drop(reg);
     }
 }

@@ -48,15 +48,18 @@ mod error;
 mod fds;
 #[cfg(feature = "http")]
 pub mod http;
+mod launch;
 mod network;
 mod options;
 mod pidfile;
 mod protocol;
+mod report;
 mod service;
 mod socket;
 mod sys;
 mod systemd;
 pub mod testing;
+mod unixfile;
 mod upgrader;
 
 pub use bind::{ListenSpec, SetupHook};
@@ -292,6 +295,13 @@ pub mod __private {
     pub use crate::service::{Flavor, MainConfig, run};
     pub use inventory;
     pub use tokio;
+
+    /// How the init function's error is logged (see `report.rs`).
+    pub mod report {
+        pub use crate::report::{
+            Report, ViaBoxedError, ViaDebug, ViaDisplay, ViaError, ViaNothing,
+        };
+    }
 
     /// `Duration::from_millis`, spelled for generated code.
     pub const fn millis(ms: u64) -> ::core::time::Duration {

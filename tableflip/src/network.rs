@@ -131,29 +131,61 @@ impl Network {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let v6only = matches!(self, Network::Tcp6 | Network::Udp6);
         let v4only = matches!(self, Network::Tcp4 | Network::Udp4);
-        let candidates: Vec<SocketAddr> = if host.is_empty() {
-            // Go's ":80": every interface of the network's family.
-            if v6only {
-                vec![SocketAddr::from(([0u16; 8], port))]
-            } else {
-                vec![SocketAddr::from(([0u8; 4], port))]
-            }
-        } else {
-            (host, port)
-                .to_socket_addrs()
-                .map_err(|e| invalid(&format!("cannot resolve host {host:?}: {e}")))?
-                .collect()
-        };
-        let pick = candidates
-            .into_iter()
-            .find(|a| (!v4only || a.is_ipv4()) && (!v6only || a.is_ipv6()));
-        match pick {
+        if host.is_empty() {
+            // As Go's `net.Listen`: an empty host listens on every address
+            // of the system: `tcp` on the dual-stack IPv6 wildcard (IPv4
+            // clients too), unless the system has no IPv6.
+            let any6 = SocketAddr::from(([0u16; 8], port));
+            let any4 = SocketAddr::from(([0u8; 4], port));
+            return Ok(Address::Inet(match (v4only, v6only) {
+                (true, _) => any4,
+                (_, true) => any6,
+                _ if ipv6_available() => any6,
+                _ => any4,
+            }));
+        }
+        let candidates: Vec<SocketAddr> = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| invalid(&format!("cannot resolve host {host:?}: {e}")))?
+            .collect();
+        match pick_listen_address(&candidates, v4only, v6only) {
             Some(addr) => Ok(Address::Inet(addr)),
             None if v4only => Err(invalid("the host has no IPv4 address")),
             None if v6only => Err(invalid("the host has no IPv6 address")),
             None => Err(invalid("the host resolves to no address")),
         }
     }
+}
+
+/// Which of a host name's addresses to listen on, as Go's `net.Listen`
+/// does (`addrList.first(isIPv4)`): the first IPv4 address, else the
+/// first address. So `localhost` is 127.0.0.1 even where the resolver
+/// returns `::1` first (Debian's `/etc/hosts`, RFC 6724 ordering), and
+/// IPv4 clients, the common case, can connect.
+pub(crate) fn pick_listen_address(
+    candidates: &[SocketAddr],
+    v4only: bool,
+    v6only: bool,
+) -> Option<SocketAddr> {
+    if v4only {
+        return candidates.iter().copied().find(SocketAddr::is_ipv4);
+    }
+    if v6only {
+        return candidates.iter().copied().find(SocketAddr::is_ipv6);
+    }
+    candidates
+        .iter()
+        .copied()
+        .find(SocketAddr::is_ipv4)
+        .or_else(|| candidates.first().copied())
+}
+
+/// Whether this system can create IPv6 sockets (checked once).
+fn ipv6_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).is_ok()
+    })
 }
 
 impl fmt::Display for Network {
@@ -224,6 +256,33 @@ mod tests {
         for bad in ["", "127.0.0.1", "127.0.0.1:", "127.0.0.1:65536", "x:y"] {
             assert!(Network::Tcp.parse_address(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn host_names_listen_on_ipv4_first_as_go_does() {
+        let v6: SocketAddr = "[::1]:80".parse().unwrap_or_else(|_| unreachable!());
+        let v4: SocketAddr = "127.0.0.1:80".parse().unwrap_or_else(|_| unreachable!());
+        // Debian's /etc/hosts, sorted by RFC 6724: ::1 first.
+        assert_eq!(pick_listen_address(&[v6, v4], false, false), Some(v4));
+        assert_eq!(pick_listen_address(&[v6], false, false), Some(v6));
+        assert_eq!(pick_listen_address(&[v6, v4], false, true), Some(v6));
+        assert_eq!(pick_listen_address(&[v6], true, false), None);
+    }
+
+    #[test]
+    fn an_empty_host_is_every_address() {
+        let a = Network::Tcp.parse_address(":8080").ok();
+        let Some(Address::Inet(a)) = a else {
+            panic!("{a:?}");
+        };
+        assert!(a.ip().is_unspecified() && a.port() == 8080);
+        if ipv6_available() {
+            assert!(a.is_ipv6(), "dual-stack wildcard");
+        }
+        assert!(matches!(
+            Network::Tcp4.parse_address(":1"),
+            Ok(Address::Inet(SocketAddr::V4(_)))
+        ));
     }
 
     #[test]

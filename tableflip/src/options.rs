@@ -52,10 +52,21 @@ pub struct Options {
     /// bound (never on inherited sockets). Default: none.
     pub socket_setup: Option<SetupHook>,
     /// The executable to run as the next generation. Default: `None`, which
-    /// resolves `argv[0]` at upgrade time (against the initial working
-    /// directory, or `PATH` for a bare name), so a binary replaced on disk
-    /// is what runs next.
+    /// runs the path that named this program's executable when it
+    /// started (the path given to `execve`, else `argv[0]` resolved
+    /// against the start directory or `PATH`, but only if it names the
+    /// running binary; else the running binary's own path), resolved again
+    /// at upgrade time, so a binary replaced at that path is what runs
+    /// next. A relative path is relative to the start directory.
     pub executable: Option<PathBuf>,
+    /// Raise the soft limit of open files (`RLIMIT_NOFILE`) to the hard
+    /// limit when the upgrader is created, as Go's runtime does since Go
+    /// 1.19: an upgrade briefly needs a second fd for each listener (see
+    /// [`Fds`](crate::Fds)), and the usual soft limit of 1024 would cap a
+    /// service at about 500 listeners. The raised limit is inherited by
+    /// processes the service starts; turn this off for a program that
+    /// uses `select(2)` or starts such programs. Default: `true`.
+    pub raise_fd_limit: bool,
 }
 
 impl Options {
@@ -79,6 +90,7 @@ impl Default for Options {
             backlog: DEFAULT_BACKLOG,
             socket_setup: None,
             executable: None,
+            raise_fd_limit: true,
         }
     }
 }
@@ -92,6 +104,7 @@ impl std::fmt::Debug for Options {
             .field("backlog", &self.backlog)
             .field("socket_setup", &self.socket_setup.as_ref().map(|_| "Fn"))
             .field("executable", &self.executable)
+            .field("raise_fd_limit", &self.raise_fd_limit)
             .finish()
     }
 }

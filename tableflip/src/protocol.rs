@@ -42,7 +42,7 @@
 //! read; a build accepts every version up to its own and rejects newer ones
 //! with an error that names both.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -52,13 +52,21 @@ use nix::sys::stat::{SFlag, fstat};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fds::Inherited;
 use crate::network::Network;
 use crate::socket::{self, Kind};
 use crate::sys;
 
 /// The environment variable that carries the handover to the child.
 pub const ENV_HANDOVER: &str = "TABLEFLIP_HANDOVER";
+
+/// The environment variable that names the pipes of the handover by
+/// inode (`<parent-pipe-inode>:<ready-pipe-inode>`), so that only the
+/// process that holds them takes the handover: a subprocess of the
+/// application that inherits the environment (it is not edited while the
+/// process may run threads) finds other fds, or none, at those numbers,
+/// and ignores it. Optional: a build that predates it neither sends nor
+/// checks it.
+pub(crate) const ENV_HANDOVER_ID: &str = "TABLEFLIP_HANDOVER_ID";
 
 /// The newest protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -95,6 +103,23 @@ pub(crate) struct EntryMeta {
     /// socket unit decides its address, so it is matched by name alone.
     #[serde(default, skip_serializing_if = "is_false")]
     pub(crate) activated: bool,
+    /// The device and inode of a Unix socket's file, as recorded when it
+    /// was bound: the file is removed at a real stop only while it is
+    /// still that file. Absent from builds before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) file_dev: Option<u64>,
+    /// See [`file_dev`](Self::file_dev).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) file_ino: Option<u64>,
+}
+
+/// One inherited entry, checked, with its fd owned.
+pub(crate) struct Inherited {
+    pub(crate) meta: EntryMeta,
+    pub(crate) network: Option<Network>,
+    pub(crate) fd: OwnedFd,
+    /// Passed by socket activation under a name systemd made up.
+    pub(crate) unnamed: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -113,6 +138,36 @@ pub(crate) struct Handover {
 /// The value of [`ENV_HANDOVER`] for the given protocol fds.
 pub(crate) fn env_value(parent_fd: RawFd, ready_fd: RawFd) -> String {
     format!("{VERSION}:{parent_fd}:{ready_fd}")
+}
+
+/// The value of [`ENV_HANDOVER_ID`] for the two pipe ends.
+pub(crate) fn id_value(parent: BorrowedFd<'_>, ready: BorrowedFd<'_>) -> Result<String> {
+    let ino = |fd: BorrowedFd<'_>| {
+        fstat(fd)
+            .map(|st| st.st_ino)
+            .map_err(|e| Error::io("cannot fstat a handover pipe", e))
+    };
+    Ok(format!("{}:{}", ino(parent)?, ino(ready)?))
+}
+
+/// Whether the fds `parent_fd` and `ready_fd` are the pipes that
+/// `ENV_HANDOVER_ID` names; `true` when the variable is absent (a parent
+/// built before it existed).
+fn meant_for_this_process(id: Option<&OsStr>, parent_fd: RawFd, ready_fd: RawFd) -> bool {
+    let Some(id) = id else {
+        return true;
+    };
+    let inode = |fd: RawFd| {
+        sys::borrow_inherited(fd)
+            .ok()
+            .and_then(|b| fstat(b).ok())
+            .map(|st| st.st_ino.to_string())
+    };
+    let want: Vec<&str> = id.to_str().unwrap_or("").split(':').collect();
+    matches!(
+        (want.as_slice(), inode(parent_fd), inode(ready_fd)),
+        ([p, r], Some(have_p), Some(have_r)) if *p == have_p && *r == have_r
+    )
 }
 
 /// Encodes the metadata as the parent writes it.
@@ -232,13 +287,17 @@ fn borrow_pipe(fd: RawFd, what: &str, readable: bool) -> Result<BorrowedFd<'stat
 
 /// Reads the handover, if this process was started by a tableflip parent.
 ///
-/// Removes [`ENV_HANDOVER`] from the environment in every case. Every fd is
-/// checked while only borrowed; ownership is taken only once the whole
-/// handover is valid, so a hostile handover never closes an fd that belongs
-/// to someone else.
+/// Removes [`ENV_HANDOVER`] and [`ENV_HANDOVER_ID`] from the environment
+/// when that is safe (see [`sys::remove_env`]). Every fd is checked while
+/// only borrowed; ownership is taken only once the whole handover is valid,
+/// so a hostile handover never closes an fd that belongs to someone else.
+/// A handover whose [`ENV_HANDOVER_ID`] names pipes this process does not
+/// hold was meant for another process (the application's parent, whose
+/// environment a subprocess inherited): it is ignored.
 pub(crate) fn receive() -> Result<Option<Handover>> {
     let value = std::env::var_os(ENV_HANDOVER);
-    sys::remove_env(ENV_HANDOVER);
+    let id = std::env::var_os(ENV_HANDOVER_ID);
+    sys::remove_env(&[ENV_HANDOVER, ENV_HANDOVER_ID]);
     let Some(value) = value else {
         return Ok(None);
     };
@@ -246,6 +305,12 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
         .into_string()
         .map_err(|v: OsString| Error::handover(format!("{ENV_HANDOVER}={v:?} is not UTF-8")))?;
     let (parent_fd, ready_fd) = parse_env(&value)?;
+    if !meant_for_this_process(id.as_deref(), parent_fd, ready_fd) {
+        tracing::debug!(
+            "{ENV_HANDOVER} in the environment names pipes this process does not hold: it was meant for another process; ignored"
+        );
+        return Ok(None);
+    }
     let parent = borrow_pipe(parent_fd, "parent", true)?;
     borrow_pipe(ready_fd, "ready", false)?;
     let raw = read_metadata(parent)?;
@@ -272,7 +337,12 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
                 Error::handover(format!("cannot make fd {} non-blocking: {e}", meta.fd))
             })?;
         }
-        entries.push(Inherited { meta, network, fd });
+        entries.push(Inherited {
+            meta,
+            network,
+            fd,
+            unnamed: false,
+        });
     }
     Ok(Some(Handover {
         parent_pid: meta.parent_pid,

@@ -1,7 +1,6 @@
 //! The service lifecycle that `#[tableflip::main]` generates: runtime,
 //! upgrader, declared listeners, signals, init, readiness, drain.
 
-use std::fmt::Debug;
 use std::future::Future;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -192,22 +191,26 @@ fn default_subscriber() {
     }
 }
 
+/// How long the init function may run before a warning says that the
+/// service is not ready until it returns.
+const SLOW_INIT_WARNING: Duration = Duration::from_secs(5);
+
 /// Runs a service: what `#[tableflip::main]` expands to. Not public API.
 ///
 /// Steps, in order: runtime, upgrader, declared listeners, signals, init,
-/// readiness, wait for the exit, drain.
+/// readiness, wait for the exit, drain. `init`'s error is the text to log
+/// (the generated code renders the application's error type).
 #[doc(hidden)]
-pub fn run<F, Fut, E>(config: MainConfig, init: F) -> ExitCode
+pub fn run<F, Fut>(config: MainConfig, init: F) -> ExitCode
 where
     F: FnOnce(Context) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-    E: Debug,
+    Fut: Future<Output = Result<(), String>>,
 {
     default_subscriber();
     let opts = config.build_options();
     let drain_timeout = opts.drain_timeout;
-    // The upgrader takes the handover and edits the environment: before
-    // the runtime starts any thread.
+    // The upgrader takes the handover and tidies the environment, which it
+    // can do only before the runtime starts threads.
     let upgrader = match Upgrader::new(opts) {
         Ok(u) => u,
         Err(e) => {
@@ -245,19 +248,28 @@ where
         }
         Ok(signals)
     });
-    let Ok(signals) = outcome else {
+    let Ok(mut signals) = outcome else {
         upgrader.stop();
         return ExitCode::FAILURE;
     };
     let started = Instant::now();
     let init_result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        runtime.block_on(init(cx.clone()))
+        runtime.block_on(run_init(init(cx.clone()), &mut signals))
     }));
     match init_result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::error!(error = ?e, "initialisation failed; exiting (a parent generation keeps serving)");
+        Ok(Init::Done(Ok(()))) => {}
+        Ok(Init::Done(Err(e))) => {
+            tracing::error!(error = %e, "initialisation failed; exiting (a parent generation keeps serving)");
             return ExitCode::FAILURE;
+        }
+        Ok(Init::Stopped(signal)) => {
+            return runtime.block_on(stop_during_init(
+                &upgrader,
+                &cx,
+                signals,
+                signal,
+                drain_timeout,
+            ));
         }
         Err(_) => {
             tracing::error!("initialisation panicked; exiting (a parent generation keeps serving)");
@@ -273,6 +285,74 @@ where
         "initialised"
     );
     runtime.block_on(lifecycle(upgrader, cx, signals, drain_timeout))
+}
+
+/// How the init function ended.
+enum Init {
+    /// It returned.
+    Done(Result<(), String>),
+    /// A stop signal (named) arrived first; the function was dropped.
+    Stopped(&'static str),
+}
+
+/// Runs the init function until it returns or a stop signal arrives
+/// (`SIGHUP` meanwhile stays pending, for the lifecycle). Warns once if it
+/// runs for [`SLOW_INIT_WARNING`]: a server awaited in `main` never lets
+/// the service become ready.
+async fn run_init(init: impl Future<Output = Result<(), String>>, signals: &mut Signals) -> Init {
+    tokio::pin!(init);
+    let slow = tokio::time::sleep(SLOW_INIT_WARNING);
+    tokio::pin!(slow);
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            result = &mut init => return Init::Done(result),
+            _ = signals.term.recv() => return Init::Stopped("SIGTERM"),
+            _ = signals.int.recv() => return Init::Stopped("SIGINT"),
+            () = &mut slow, if !warned => {
+                warned = true;
+                tracing::warn!(
+                    elapsed_s = SLOW_INIT_WARNING.as_secs(),
+                    "the main function has not returned after {} s, so the service is not ready: readiness is signalled when it returns. Start servers with cx.spawn(…) and return; a server awaited in main (such as axum::serve(…).await) never returns",
+                    SLOW_INIT_WARNING.as_secs()
+                );
+            }
+        }
+    }
+}
+
+/// A stop signal arrived during the initialisation: the init function has
+/// been dropped; the service never becomes ready (no PID file, the parent
+/// is not told). The tasks it started get the drain; a second stop signal
+/// exits at once.
+async fn stop_during_init(
+    upgrader: &Upgrader,
+    cx: &Context,
+    mut signals: Signals,
+    signal: &'static str,
+    drain_timeout: Duration,
+) -> ExitCode {
+    tracing::info!(
+        "{signal} during initialisation: stopping without becoming ready (a second one exits at once)"
+    );
+    upgrader.stop();
+    let drain = cx.drain(drain_timeout);
+    tokio::pin!(drain);
+    tokio::select! {
+        abandoned = &mut drain => {
+            if abandoned > 0 {
+                tracing::warn!(abandoned, "drain timeout passed; exiting with tasks still running");
+            }
+            ExitCode::SUCCESS
+        }
+        _ = signals.term.recv() => second_stop(),
+        _ = signals.int.recv() => second_stop(),
+    }
+}
+
+fn second_stop() -> ExitCode {
+    tracing::warn!("second stop signal: exiting at once");
+    ExitCode::from(130)
 }
 
 struct Signals {
@@ -362,8 +442,7 @@ async fn lifecycle(
             _ = signals.hup.recv() => forward_upgrade_request(&upgrader),
         }
     }
-    tracing::warn!("second stop signal: exiting at once");
-    ExitCode::from(130)
+    second_stop()
 }
 
 /// A `SIGHUP` that reaches a generation draining after an upgrade (a

@@ -204,7 +204,7 @@ pub(crate) fn check_fd(
         .r#type()
         .map_err(|e| format!("cannot read its socket type: {e}"))?;
     let unix = socket_is_unix(&sock)?;
-    let actual = describe_socket(unix, ty);
+    let actual = socket_kind_name(unix, ty);
     let expected_ty = network.socket_type();
     if unix != network.is_unix() || ty != expected_ty {
         return Err(format!(
@@ -244,7 +244,7 @@ pub(crate) fn check_fd(
     Ok(())
 }
 
-fn describe_socket(unix: bool, ty: socket2::Type) -> &'static str {
+fn socket_kind_name(unix: bool, ty: socket2::Type) -> &'static str {
     match (unix, ty) {
         (false, socket2::Type::STREAM) => "TCP socket",
         (false, socket2::Type::DGRAM) => "UDP socket",
@@ -284,5 +284,81 @@ fn is_listening(sock: &socket2::SockRef<'_>) -> Option<bool> {
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn is_listening(_: &socket2::SockRef<'_>) -> Option<bool> {
+    None
+}
+
+/// Works out the network and address of a socket (the generic network: a
+/// TCP socket, IPv4 or IPv6, is `tcp`), and checks that it is what an
+/// entry of `kind` must be. Returns why not.
+pub(crate) fn inspect(fd: BorrowedFd<'_>, kind: Kind) -> Result<(Network, String), String> {
+    let sock = socket2::SockRef::from(&fd);
+    let ty = sock
+        .r#type()
+        .map_err(|e| format!("it is not a socket ({e})"))?;
+    let local = sock
+        .local_addr()
+        .map_err(|e| format!("cannot read its address: {e}"))?;
+    let (network, address) = if let Some(inet) = local.as_socket() {
+        let network = match ty {
+            socket2::Type::STREAM => Network::Tcp,
+            socket2::Type::DGRAM => Network::Udp,
+            _ => return Err("unsupported IP socket type".to_owned()),
+        };
+        (network, inet.to_string())
+    } else if local.is_unix() {
+        let network = match ty {
+            socket2::Type::STREAM => Network::Unix,
+            socket2::Type::DGRAM => Network::Unixgram,
+            socket2::Type::SEQPACKET => Network::Unixpacket,
+            _ => return Err("unsupported Unix socket type".to_owned()),
+        };
+        let address = if let Some(path) = local.as_pathname() {
+            path.display().to_string()
+        } else {
+            abstract_name(&local).map_or_else(|| "@".to_owned(), |n| format!("@{n}"))
+        };
+        (network, address)
+    } else {
+        return Err("unsupported address family".to_owned());
+    };
+    check_fd(fd, kind, Some(network))?;
+    Ok((network, address))
+}
+
+/// The path a Unix socket is bound to (`None` for an abstract or unbound
+/// one, or another family).
+pub(crate) fn unix_path(fd: BorrowedFd<'_>) -> Option<std::path::PathBuf> {
+    socket2::SockRef::from(&fd)
+        .local_addr()
+        .ok()?
+        .as_pathname()
+        .map(std::path::Path::to_owned)
+}
+
+/// What a socket is, to tell whether an fd number still refers to the
+/// socket it referred to: the socket's inode (unique among live sockets)
+/// and its local address (against the rare reuse of an inode number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SockId {
+    ino: u64,
+    local: Option<socket2::SockAddr>,
+}
+
+impl SockId {
+    pub(crate) fn of(fd: BorrowedFd<'_>) -> io::Result<SockId> {
+        let ino = fstat(fd)?.st_ino;
+        let local = socket2::SockRef::from(&fd).local_addr().ok();
+        Ok(SockId { ino, local })
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn abstract_name(addr: &socket2::SockAddr) -> Option<String> {
+    addr.as_abstract_namespace()
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn abstract_name(_: &socket2::SockAddr) -> Option<String> {
     None
 }

@@ -58,6 +58,93 @@ pub(crate) fn borrow_inherited(fd: RawFd) -> io::Result<BorrowedFd<'static>> {
     Ok(unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
+/// The path `execve` was called with to start this program (the
+/// auxiliary vector's `AT_EXECFN`): the path that named the executable,
+/// symlinks and all, whatever `argv[0]` says. `None` where unknown.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn exec_fn() -> Option<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: `getauxval` only reads the auxiliary vector the kernel
+    // passed; it returns 0 for an entry that is absent.
+    let addr = unsafe { libc::getauxval(libc::AT_EXECFN) };
+    if addr == 0 {
+        return None;
+    }
+    // SAFETY: a non-zero `AT_EXECFN` is the address of the NUL-terminated
+    // file name the kernel copied onto the initial stack at `execve`
+    // (fs/exec.c); that memory stays mapped and is never freed for the
+    // life of the process. The bytes are copied out at once.
+    let name = unsafe { std::ffi::CStr::from_ptr(addr as *const libc::c_char) };
+    Some(OsStr::from_bytes(name.to_bytes()).to_owned())
+}
+
+/// `AT_EXECFN` exists on Linux only.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn exec_fn() -> Option<std::ffi::OsString> {
+    None
+}
+
+/// Duplicates whatever the fd number `fd` refers to now into a new,
+/// close-on-exec fd of the caller's. Used on numbers the application
+/// owns: the duplicate is the caller's to check (it cannot change once
+/// made), and the original is not touched.
+pub(crate) fn dup_number(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: `fcntl(F_DUPFD_CLOEXEC)` reads the fd table and creates a new
+    // fd; on a closed or invalid number it fails with EBADF and creates
+    // nothing. It never affects the fd it duplicates.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just created `new` for this call; nothing else in
+    // the process knows the number.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// `write(2)` that never raises `SIGPIPE`, whatever the application did
+/// with the signal's disposition: a reader that is gone gives `EPIPE`,
+/// nothing more. (A write to a pipe without readers sends `SIGPIPE` to
+/// the writing thread; it is blocked for the call, and the one this write
+/// raised is taken back before the mask is restored.)
+pub(crate) fn write_no_sigpipe(fd: BorrowedFd<'_>, buf: &[u8]) -> nix::Result<usize> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let mut pipe = SigSet::empty();
+    pipe.add(Signal::SIGPIPE);
+    let old = pipe.thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+    let already_pending = pending_sigpipe();
+    let result = nix::unistd::write(fd, buf);
+    if result == Err(nix::errno::Errno::EPIPE) && !already_pending {
+        take_pending_sigpipe();
+    }
+    // Restores exactly the mask there was.
+    let _ = old.thread_set_mask();
+    result
+}
+
+/// Whether a `SIGPIPE` is pending for this thread or the process.
+fn pending_sigpipe() -> bool {
+    // SAFETY: `sigpending` fills the set it is given; the set is a plain
+    // value initialised by `sigemptyset` first.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigpending(&mut set) == 0 && libc::sigismember(&set, libc::SIGPIPE) == 1
+    }
+}
+
+/// Takes the pending `SIGPIPE` (blocked in this thread) that a write
+/// just raised.
+fn take_pending_sigpipe() {
+    use nix::sys::signal::{SigSet, Signal};
+    if !pending_sigpipe() {
+        return;
+    }
+    let mut pipe = SigSet::empty();
+    pipe.add(Signal::SIGPIPE);
+    // Returns at once: the signal is pending.
+    let _ = pipe.wait();
+}
+
 /// A pipe whose two ends are close-on-exec: `(read end, write end)`.
 #[cfg(not(any(target_os = "macos", target_os = "ios")))]
 pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -96,6 +183,8 @@ pub(crate) fn prefill_pipe(fd: BorrowedFd<'_>, data: &[u8]) -> usize {
     }
     let mut written = 0;
     while written < data.len() {
+        // The read end is still open here (the child does not exist yet):
+        // no SIGPIPE possible.
         match nix::unistd::write(fd, &data[written..]) {
             Ok(n) => written += n,
             Err(nix::errno::Errno::EINTR) => {}
@@ -126,22 +215,51 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes a variable from the process environment.
-///
-/// tableflip removes its protocol variables once, when the `Upgrader` is
-/// created, which the docs ask to do at startup.
-pub(crate) fn remove_env(key: &str) {
-    if std::env::var_os(key).is_none() {
-        return;
+/// Whether this process runs exactly one thread, the calling one (Linux:
+/// the `Threads:` line of `/proc/self/status`). `false` wherever that
+/// cannot be proven.
+fn single_threaded() -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .is_some_and(|n| n.trim() == "1")
+        })
     }
-    // SAFETY: `remove_var` is unsound only when another thread reads or
-    // writes the environment at the same moment. It runs once per process,
-    // from `Upgrader::new` (and socket activation), which the documentation
-    // requires to be called at startup, before the program starts threads
-    // that touch the environment; `#[tableflip::main]` does so before it
-    // builds the tokio runtime. Rust's own `env::var` calls take the
-    // standard library's environment lock, which `remove_var` takes too.
-    unsafe { std::env::remove_var(OsStr::new(key)) };
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        false
+    }
+}
+
+/// Removes the variables `keys` from the process environment, if this
+/// process provably runs a single thread; otherwise leaves the environment
+/// alone (another thread could be reading it: `getenv` in C code is not
+/// synchronised with Rust's environment lock). Returns whether they were
+/// removed.
+///
+/// Nothing depends on the removal for correctness: the next generation's
+/// environment is built from a filtered copy, and a subprocess that sees
+/// the handover variable ignores it (it names pipes the subprocess does
+/// not hold). It only keeps the environment tidy for the application.
+pub(crate) fn remove_env(keys: &[&str]) -> bool {
+    if keys.iter().all(|k| std::env::var_os(k).is_none()) {
+        return true;
+    }
+    if !single_threaded() {
+        return false;
+    }
+    for key in keys {
+        // SAFETY: `remove_var` is unsound only when another thread reads
+        // or writes the environment at the same moment. This process has
+        // exactly one thread (checked just above), the caller's, which is
+        // busy here; only this thread could start another, and it does
+        // not do so during the call.
+        unsafe { std::env::remove_var(OsStr::new(key)) };
+    }
+    true
 }
 
 /// Arranges for `fds` to survive the `exec` of `cmd`: after `fork`, in the

@@ -21,9 +21,8 @@ use std::os::unix::ffi::OsStrExt;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::error::{Error, Result};
-use crate::fds::{Inherited, describe_socket};
-use crate::protocol::{EntryMeta, borrow_handed_on};
-use crate::socket::Kind;
+use crate::protocol::{EntryMeta, Inherited, borrow_handed_on};
+use crate::socket::{self, Kind};
 use crate::sys;
 
 /// Sends notifications to the service manager, if `$NOTIFY_SOCKET` is set.
@@ -55,12 +54,13 @@ impl Notifier {
         Notifier { target: None }
     }
 
-    /// Sends `message` (lines `KEY=value`). Failures are logged, never
-    /// fatal: the service works without its manager hearing from it.
-    pub(crate) fn send(&self, message: &str) {
+    /// Sends `message`. Failures are logged, never fatal: the service
+    /// works without its manager hearing from it.
+    pub(crate) fn send(&self, message: &Message) {
         let Some((addr, shown)) = &self.target else {
             return;
         };
+        let message = message.text.as_str();
         let sent = Socket::new(Domain::UNIX, Type::DGRAM, None)
             .and_then(|s| s.send_to(message.as_bytes(), addr));
         match sent {
@@ -71,6 +71,66 @@ impl Notifier {
                 tracing::warn!(notify_socket = %shown, error = %e, "cannot notify the service manager")
             }
         }
+    }
+}
+
+/// One notification: `KEY=value` lines, built only through the methods
+/// below, so that the keys are fixed and no value can add a line of its
+/// own (a newline in a path or an error message would otherwise inject,
+/// say, `STOPPING=1`).
+#[derive(Debug, Default)]
+pub(crate) struct Message {
+    text: String,
+}
+
+impl Message {
+    pub(crate) fn new() -> Message {
+        Message::default()
+    }
+
+    fn line(mut self, key: &str, value: &str) -> Message {
+        if !self.text.is_empty() {
+            self.text.push('\n');
+        }
+        self.text.push_str(key);
+        self.text.push('=');
+        // sd_notify(3): one assignment per line; control characters
+        // (newlines above all) become spaces.
+        self.text
+            .extend(value.chars().map(|c| if c.is_control() { ' ' } else { c }));
+        self
+    }
+
+    /// `READY=1`: startup, or a reload, is complete.
+    pub(crate) fn ready(self) -> Message {
+        self.line("READY", "1")
+    }
+
+    /// `RELOADING=1` with `MONOTONIC_USEC=` (systemd 253's
+    /// `Type=notify-reload` requires both).
+    pub(crate) fn reloading(self) -> Message {
+        let usec = monotonic_usec().to_string();
+        self.line("RELOADING", "1").line("MONOTONIC_USEC", &usec)
+    }
+
+    /// `STOPPING=1`: the service is stopping for good.
+    pub(crate) fn stopping(self) -> Message {
+        self.line("STOPPING", "1")
+    }
+
+    /// `MAINPID=`: the service's main process is now `pid`.
+    pub(crate) fn main_pid(self, pid: u32) -> Message {
+        self.line("MAINPID", &pid.to_string())
+    }
+
+    /// `STATUS=`: a line of text for `systemctl status`.
+    pub(crate) fn status(self, text: &str) -> Message {
+        self.line("STATUS", text)
+    }
+
+    #[cfg(test)]
+    fn text(&self) -> &str {
+        &self.text
     }
 }
 
@@ -117,9 +177,7 @@ const SD_LISTEN_FDS_START: RawFd = 3;
 pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
     let var = |k: &str| std::env::var_os(k);
     let (pid, count, names) = (var("LISTEN_PID"), var("LISTEN_FDS"), var("LISTEN_FDNAMES"));
-    for k in LISTEN_VARS {
-        sys::remove_env(k);
-    }
+    sys::remove_env(&LISTEN_VARS);
     let Some(count) = count else {
         return Ok(Vec::new());
     };
@@ -136,7 +194,8 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
     {
         Some(Ok(p)) if p == me => {}
         Some(Ok(p)) => {
-            tracing::warn!(
+            // A subprocess of a service that received them sees them too.
+            tracing::debug!(
                 listen_pid = p,
                 pid = me,
                 "ignoring LISTEN_FDS: they were passed to another process"
@@ -171,23 +230,32 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
             Ok(_) => Kind::Listener,
             Err(e) => return Err(bad(format!("{name:?} (fd {fd}) is not a socket ({e})"))),
         };
-        let (network, address) = describe_socket(name, borrowed, kind).map_err(|e| {
+        let (network, address) = socket::inspect(borrowed, kind).map_err(|e| {
             bad(format!(
                 "{name:?} (fd {fd}): {e}; a socket unit with Accept=yes is not supported"
             ))
         })?;
+        let unnamed = is_default_name(name);
+        // Sockets named by systemd's defaults (one name for every socket
+        // of a unit) are told apart by position; they are matched to
+        // listeners by address.
+        let key = if unnamed {
+            format!("{name}#{i}")
+        } else {
+            name.clone()
+        };
         if checked
             .iter()
-            .any(|(n, ..): &(String, _, _, _, _)| n == name)
+            .any(|(n, ..): &(String, _, _, _, _, _)| *n == key)
         {
             return Err(bad(format!(
-                "two sockets are named {name:?}; give each a FileDescriptorName="
+                "two sockets are named {name:?}; give each a FileDescriptorName= of its own (the name of the listener it is for)"
             )));
         }
-        checked.push((name.clone(), fd, kind, network, address));
+        checked.push((key, fd, kind, network, address, unnamed));
     }
     let mut out = Vec::with_capacity(checked.len());
-    for (name, fd, kind, network, address) in checked {
+    for (name, fd, kind, network, address, unnamed) in checked {
         let owned =
             sys::take_inherited_fd(fd).map_err(|e| bad(format!("{name:?} (fd {fd}): {e}")))?;
         sys::set_nonblocking(owned.as_fd()).map_err(|e| bad(format!("{name:?} (fd {fd}): {e}")))?;
@@ -200,12 +268,23 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
                 network: Some(network.to_string()),
                 address: Some(address),
                 activated: true,
+                file_dev: None,
+                file_ino: None,
             },
             network: Some(network),
             fd: owned,
+            unnamed,
         });
     }
     Ok(out)
+}
+
+/// Whether systemd made the name up: `unknown` when nothing named the fd
+/// (`sd_listen_fds_with_names(3)`; `systemd-socket-activate` without
+/// `--fdname`), or the socket unit's own name, the default of
+/// `FileDescriptorName=` (`systemd.socket(5)`).
+fn is_default_name(name: &str) -> bool {
+    name == "unknown" || name.ends_with(".socket")
 }
 
 #[cfg(test)]
@@ -219,6 +298,20 @@ mod tests {
         for bad in ["", "relative", "@"] {
             assert!(notify_addr(OsStr::new(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn values_cannot_add_lines() {
+        let m = Message::new()
+            .ready()
+            .status("cannot start /srv/x\nSTOPPING=1\r\0end");
+        assert_eq!(
+            m.text(),
+            "READY=1\nSTATUS=cannot start /srv/x STOPPING=1  end"
+        );
+        assert_eq!(m.text().lines().count(), 2);
+        let r = Message::new().reloading();
+        assert!(r.text().starts_with("RELOADING=1\nMONOTONIC_USEC="));
     }
 
     #[test]

@@ -1,10 +1,9 @@
 //! The [`Upgrader`]: one per process, it receives the sockets of the
 //! previous generation, and starts and hands over to the next one.
 
-use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -15,11 +14,13 @@ use tokio_util::sync::CancellationToken;
 use crate::bind::ListenSpec;
 use crate::child::Child;
 use crate::error::{Error, Result};
-use crate::fds::{Fds, Inherited};
+use crate::fds::{Defaults, Fds};
+use crate::launch::Launch;
 use crate::options::Options;
+use crate::protocol::Inherited;
 use crate::socket::{Listener, PacketConn};
-use crate::systemd::{self, Notifier};
-use crate::{bind, pidfile, protocol, sys};
+use crate::systemd::{self, Message, Notifier};
+use crate::{pidfile, protocol, sys};
 
 static CREATED: AtomicBool = AtomicBool::new(false);
 
@@ -100,14 +101,6 @@ struct Inner {
 /// must not make the old generation spawn it in a loop).
 const MAX_REPLACEMENTS: u32 = 3;
 
-/// How this process was started; the next generation starts the same way.
-#[derive(Debug)]
-struct Launch {
-    args: Vec<OsString>,
-    env: Vec<(OsString, OsString)>,
-    cwd: PathBuf,
-}
-
 #[derive(Debug)]
 struct ParentLink {
     pid: u32,
@@ -144,6 +137,9 @@ impl Upgrader {
                 pid: std::process::id(),
             });
         }
+        if opts.raise_fd_limit {
+            raise_fd_limit();
+        }
         let handover = protocol::receive()?;
         let parent_exited = CancellationToken::new();
         let (parent, generation, inherited) = match handover {
@@ -162,9 +158,7 @@ impl Upgrader {
                     ready_pipe: Mutex::new(Some(h.ready_pipe)),
                 };
                 // Socket activation concerns the first generation only.
-                for var in systemd::LISTEN_VARS {
-                    sys::remove_env(var);
-                }
+                sys::remove_env(&systemd::LISTEN_VARS);
                 (Some(link), h.generation, h.entries)
             }
             None => {
@@ -190,14 +184,15 @@ impl Upgrader {
         parent_exited: CancellationToken,
         stub: bool,
     ) -> Result<Upgrader> {
-        let cwd = std::env::current_dir()
-            .map_err(|e| Error::io("cannot read the current working directory", e))?;
-        let launch = Launch {
-            args: std::env::args_os().collect(),
-            env: std::env::vars_os().collect(),
-            cwd,
-        };
-        let fds = Fds::new(inherited, opts.backlog, opts.socket_setup.clone());
+        let launch = Launch::capture(opts.executable.as_deref())?;
+        let fds = Fds::new(
+            inherited,
+            Defaults {
+                backlog: opts.backlog,
+                setup: opts.socket_setup.clone(),
+                start_dir: launch.start_dir.clone(),
+            },
+        );
         let notify = if stub {
             Notifier::none()
         } else {
@@ -349,9 +344,10 @@ impl Upgrader {
         if state.ready {
             return Ok(());
         }
-        for path in self.inner.fds.close_unclaimed() {
-            bind::unlink_socket(&path);
-        }
+        // Closed now, but their files are removed only once the handover
+        // has committed: until then the parent serves on them, and keeps
+        // serving if this fails.
+        let leftovers = self.inner.fds.close_unclaimed();
         if let Some(path) = self.pid_file() {
             pidfile::write(&path, std::process::id())?;
         }
@@ -362,21 +358,27 @@ impl Upgrader {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take();
             if let Some(pipe) = pipe {
-                if let Err(e) = nix::unistd::write(&pipe, b"1") {
+                if let Err(e) = sys::write_no_sigpipe(pipe.as_fd(), b"1") {
                     // The parent is gone; this process carries on alone.
                     tracing::warn!(parent_pid = parent.pid, error = %e, "cannot tell the parent we are ready; it has probably exited");
                 }
             }
         }
         state.ready = true;
+        // Committed: the files of sockets no generation serves any more go.
+        for file in leftovers {
+            file.remove();
+        }
         if self.inner.parent.is_none() {
             // The first generation is systemd's main process; later ones
             // are announced by their parent (see `upgrade`).
             let pid = std::process::id();
-            self.inner.notify.send(&format!(
-                "READY=1\nMAINPID={pid}\nSTATUS=serving: generation {}, pid {pid}",
-                self.inner.generation
-            ));
+            self.inner
+                .notify
+                .send(&Message::new().ready().main_pid(pid).status(&format!(
+                    "serving: generation {}, pid {pid}",
+                    self.inner.generation
+                )));
         }
         tracing::info!(
             pid = std::process::id(),
@@ -387,12 +389,7 @@ impl Upgrader {
     }
 
     fn pid_file(&self) -> Option<PathBuf> {
-        let path = self.inner.opts.pid_file.as_ref()?;
-        Some(if path.is_relative() {
-            self.inner.launch.cwd.join(path)
-        } else {
-            path.clone()
-        })
+        self.inner.pid_file()
     }
 
     /// A future that resolves when this process should exit: after a
@@ -500,15 +497,16 @@ impl Upgrader {
         let _upgrading = UpgradingFlag(self);
         let started = Instant::now();
         tracing::info!(
-            generation = self.inner.generation + 1,
+            generation = self.inner.generation.saturating_add(1),
             "upgrade: starting the next generation"
         );
         let me = std::process::id();
-        let next = self.inner.generation + 1;
-        self.inner.notify.send(&format!(
-            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=upgrading: starting generation {next}",
-            systemd::monotonic_usec()
-        ));
+        let next = self.inner.generation.saturating_add(1);
+        self.inner.notify.send(
+            &Message::new()
+                .reloading()
+                .status(&format!("upgrading: starting generation {next}")),
+        );
         let result = self.run_upgrade().await;
         let mut state = self.state();
         state.upgrading = None;
@@ -518,9 +516,9 @@ impl Upgrader {
                 drop(state);
                 let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 // Still the main process: hand systemd over to the child.
-                self.inner.notify.send(&format!(
-                    "MAINPID={pid}\nREADY=1\nSTATUS=serving: generation {next}, pid {pid} (upgraded from pid {me} in {elapsed_ms} ms)"
-                ));
+                self.inner.notify.send(&Message::new().main_pid(*pid).ready().status(&format!(
+                    "serving: generation {next}, pid {pid} (upgraded from pid {me} in {elapsed_ms} ms)"
+                )));
                 tracing::info!(
                     child_pid = pid,
                     elapsed_ms,
@@ -530,12 +528,16 @@ impl Upgrader {
             }
             Err(e) => {
                 drop(state);
+                // Back to one fd per listener.
+                self.inner.fds.release_copies();
                 if !matches!(e, Error::Stopped) {
                     // Ends the reload: systemd offers no way to fail it.
                     let generation = self.inner.generation;
-                    self.inner.notify.send(&format!(
-                        "READY=1\nSTATUS=serving: generation {generation}, pid {me}; the last upgrade failed: {e}"
-                    ));
+                    self.inner
+                        .notify
+                        .send(&Message::new().ready().status(&format!(
+                        "serving: generation {generation}, pid {me}; the last upgrade failed: {e}"
+                    )));
                 }
                 tracing::warn!(error = %e, "upgrade failed; this process keeps serving");
             }
@@ -544,36 +546,34 @@ impl Upgrader {
     }
 
     async fn run_upgrade(&self) -> Result<u32> {
-        let exe = self.executable()?;
+        let launch = &self.inner.launch;
+        let exe = launch.executable()?;
         let pipe = || sys::pipe_cloexec().map_err(|e| Error::io("cannot create a pipe", e));
         let (parent_r, parent_w) = pipe()?;
         let (ready_r, ready_w) = pipe()?;
-        let launch = &self.inner.launch;
         let handover = protocol::env_value(parent_r.as_raw_fd(), ready_w.as_raw_fd());
+        let handover_id = protocol::id_value(parent_r.as_fd(), ready_w.as_fd())?;
         let mut argv = launch.args.clone();
         if argv.is_empty() {
             argv.push(exe.clone().into_os_string());
         }
-        let mut env: Vec<(OsString, OsString)> = launch
-            .env
-            .iter()
-            .filter(|(k, _)| k != protocol::ENV_HANDOVER)
-            .cloned()
-            .collect();
+        // `launch.env` holds no protocol variable.
+        let mut env = launch.env.clone();
         env.push((protocol::ENV_HANDOVER.into(), handover.into()));
+        env.push((protocol::ENV_HANDOVER_ID.into(), handover_id.into()));
 
         let (mut child, payload) = {
             // The registry stays locked until the child is spawned, so no fd
             // named in the snapshot can be closed (and its number reused) in
             // between.
-            let snapshot = self.inner.fds.snapshot();
+            let snapshot = self.inner.fds.snapshot()?;
             let mut inherit = snapshot.fds.clone();
             inherit.push(parent_r.as_raw_fd());
             inherit.push(ready_w.as_raw_fd());
             let meta = protocol::Metadata {
                 version: protocol::VERSION,
                 parent_pid: std::process::id(),
-                generation: self.inner.generation + 1,
+                generation: self.inner.generation.saturating_add(1),
                 entries: snapshot.entries.clone(),
             };
             let mut payload = protocol::encode(&meta)?;
@@ -587,7 +587,7 @@ impl Upgrader {
                 exe: &exe,
                 argv: &argv,
                 env: &env,
-                cwd: &launch.cwd,
+                cwd: &launch.start_dir,
                 inherit: &inherit,
             };
             let spawn_error = |source| Error::Spawn {
@@ -608,7 +608,7 @@ impl Upgrader {
                     cmd.args(argv.iter().skip(1))
                         .env_clear()
                         .envs(env.iter().map(|(k, v)| (k, v)))
-                        .current_dir(&launch.cwd);
+                        .current_dir(&launch.start_dir);
                     sys::inherit_across_exec(&mut cmd, inherit);
                     let mut cmd = tokio::process::Command::from(cmd);
                     cmd.kill_on_drop(false);
@@ -712,47 +712,15 @@ impl Upgrader {
             }
         }
     }
-
-    /// The executable for the next generation, resolved now.
-    fn executable(&self) -> Result<PathBuf> {
-        let launch = &self.inner.launch;
-        let not_found = |path: PathBuf, what: &str| Error::Spawn {
-            path,
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, what.to_owned()),
-        };
-        if let Some(exe) = &self.inner.opts.executable {
-            return Ok(launch.cwd.join(exe));
-        }
-        let Some(argv0) = launch.args.first().filter(|a| !a.is_empty()) else {
-            return Err(not_found(
-                PathBuf::new(),
-                "argv[0] is empty; set Options::executable",
-            ));
-        };
-        let argv0 = Path::new(argv0);
-        if argv0.as_os_str().as_encoded_bytes().contains(&b'/') {
-            return Ok(launch.cwd.join(argv0));
-        }
-        let path_var = launch
-            .env
-            .iter()
-            .find(|(k, _)| k == OsStr::new("PATH"))
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default();
-        for dir in std::env::split_paths(&path_var) {
-            let candidate = launch.cwd.join(dir).join(argv0);
-            if is_executable(&candidate) {
-                return Ok(candidate);
-            }
-        }
-        Err(not_found(
-            argv0.to_owned(),
-            "not found in PATH; set Options::executable",
-        ))
-    }
 }
 
 impl Inner {
+    /// The PID file, a relative path resolved against the start directory.
+    fn pid_file(&self) -> Option<PathBuf> {
+        let path = self.opts.pid_file.as_ref()?;
+        Some(self.launch.resolve(path))
+    }
+
     /// What a real stop (no successor in charge) does besides resolving
     /// `exit`: tell systemd, remove owned files, close shared sockets.
     fn stop_serving(&self, ready: bool) {
@@ -761,19 +729,20 @@ impl Inner {
         // announced, and its STOPPING=1 would stop the service under
         // NotifyAccess=all; after a handover, the successor is the main one.
         if ready || self.parent.is_none() {
-            self.notify.send("STOPPING=1\nSTATUS=stopping");
+            self.notify
+                .send(&Message::new().stopping().status("stopping"));
         }
         self.remove_owned_files(ready);
         self.fds.close_shared();
     }
 
     fn remove_owned_files(&self, ready: bool) {
-        for path in self.fds.owned_unix_paths(ready) {
-            bind::unlink_socket(&path);
+        for file in self.fds.owned_unix_files(ready) {
+            file.remove();
         }
         if ready {
-            if let Some(path) = &self.opts.pid_file {
-                pidfile::remove_if_ours(&self.launch.cwd.join(path), std::process::id());
+            if let Some(path) = self.pid_file() {
+                pidfile::remove_if_ours(&path, std::process::id());
             }
         }
     }
@@ -952,11 +921,6 @@ fn replace_successor(
     })
 }
 
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 async fn kill_and_reap(child: &mut Child, pid: u32) {
     if let Err(e) = child.kill().await {
         tracing::warn!(child_pid = pid, error = %e, "cannot kill the new process");
@@ -971,7 +935,7 @@ fn send_metadata(pipe: Arc<OwnedFd>, payload: Vec<u8>, pid: u32) {
         .spawn(move || {
             let mut rest = payload.as_slice();
             while !rest.is_empty() {
-                match nix::unistd::write(pipe.as_fd(), rest) {
+                match sys::write_no_sigpipe(pipe.as_fd(), rest) {
                     Ok(n) => rest = &rest[n..],
                     Err(nix::errno::Errno::EINTR) => {}
                     Err(nix::errno::Errno::EAGAIN) => {
@@ -987,6 +951,28 @@ fn send_metadata(pipe: Arc<OwnedFd>, payload: Vec<u8>, pid: u32) {
         });
     if let Err(e) = spawned {
         tracing::warn!(child_pid = pid, error = %e, "cannot start the thread that sends the handover");
+    }
+}
+
+/// Raises the soft limit of open files to the hard limit (capped at
+/// `OPEN_MAX` on macOS, whose `setrlimit` refuses more).
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    #[cfg(target_os = "macos")]
+    let hard = hard.min(10_240);
+    if soft >= hard {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => tracing::debug!(
+            from = soft,
+            to = hard,
+            "raised the soft limit of open files to the hard limit (Options::raise_fd_limit)"
+        ),
+        Err(e) => tracing::debug!(error = %e, "cannot raise the soft limit of open files"),
     }
 }
 

@@ -46,7 +46,8 @@
 //! Every event is one line: `EVENT <pid> <kind> [key=value…]`.
 //!
 //! With the single argument `--probe`, prints the fds it has open (besides
-//! 0, 1, 2) and the names of `TABLEFLIP_*`/`LISTEN_*` variables, then exits:
+//! 0, 1, 2), the names of `TABLEFLIP_*`/`LISTEN_*` variables, and what an
+//! `Upgrader` created then takes (`has_parent= gen= names=`), then exits:
 //! used to check what a subprocess inherits.
 
 use std::io::Write;
@@ -189,7 +190,18 @@ fn probe() {
         .filter_map(|(k, _)| k.into_string().ok())
         .filter(|k| k.starts_with("TABLEFLIP") || k.starts_with("LISTEN_"))
         .collect();
-    println!("fds={} vars={}", fds.join(","), vars.join(","));
+    // A tableflip program, as a subprocess: whatever its environment
+    // holds, it must not take a handover or sockets meant for its parent.
+    let took = match Upgrader::new(Options::default()) {
+        Ok(u) => format!(
+            "has_parent={} gen={} names={}",
+            u.has_parent(),
+            u.generation(),
+            u.fds().names().join(",")
+        ),
+        Err(e) => format!("upgrader-error={}", quote(&e.to_string())),
+    };
+    println!("fds={} vars={} {took}", fds.join(","), vars.join(","));
 }
 
 fn nonblocking(fd: impl AsFd) -> bool {

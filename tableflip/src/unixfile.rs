@@ -1,0 +1,479 @@
+//! Unix socket files: given their mode without a path another user could
+//! redirect, removed only when they are still the file this service's
+//! socket is bound to, and stale ones cleared without ever deleting a
+//! live socket of another process.
+//!
+//! The directory of a socket file may be writable by other users (`/tmp`,
+//! a group-writable run directory), who can rename, replace or symlink
+//! anything in it between two system calls of ours. So:
+//!
+//! - the file is created with its final permissions at most: the socket's
+//!   own mode is set before `bind` (Linux creates the file with it, minus
+//!   the umask); a mode the umask narrowed is then widened through an
+//!   `O_PATH` fd opened without following symlinks and checked to be this
+//!   socket's file (by the kernel's `sock_diag`, or failing that by type,
+//!   owner and link count), never by path;
+//! - removal compares device and inode with the file recorded when it was
+//!   bound (or that the kernel names for the socket);
+//! - a stale file is first moved into a private directory, and deleted
+//!   only if what was moved is the file that was probed.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use socket2::{Domain, SockAddr, Socket};
+
+use crate::launch::FileId;
+use crate::network::Network;
+
+/// A Unix socket file this process is responsible for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SocketFile {
+    /// Absolute, or relative to the start directory.
+    pub(crate) path: PathBuf,
+    /// The file's identity when known; removal requires it to match.
+    pub(crate) id: Option<FileId>,
+    /// When the file was created, when known: inode numbers are reused
+    /// (a file removed and bound again often gets the same one), birth
+    /// times are not.
+    pub(crate) born: Option<SystemTime>,
+}
+
+impl SocketFile {
+    /// The file of a socket bound at `path` (`lookup` is how to reach it
+    /// from the current directory, when that differs).
+    pub(crate) fn bound(path: PathBuf, lookup: &Path, fd: BorrowedFd<'_>) -> SocketFile {
+        let id = identify(lookup, fd);
+        let born = std::fs::symlink_metadata(lookup)
+            .ok()
+            .filter(|m| Some(FileId::of(m)) == id)
+            .and_then(|m| m.created().ok());
+        SocketFile { path, id, born }
+    }
+
+    /// Removes the file if it is still this socket's file: a socket with
+    /// the recorded device and inode (or, when none was recorded, any
+    /// socket, as before this check existed). Logged, never fatal.
+    pub(crate) fn remove(&self) {
+        let Ok(meta) = std::fs::symlink_metadata(&self.path) else {
+            return;
+        };
+        if !meta.file_type().is_socket() {
+            return;
+        }
+        let same_inode = self.id.is_none_or(|id| FileId::of(&meta) == id);
+        let same_birth = match (self.born, meta.created()) {
+            (Some(a), Ok(b)) => a == b,
+            _ => true,
+        };
+        if !same_inode || !same_birth {
+            tracing::info!(path = %self.path.display(), "not removing the Unix socket file: it is not the one this service bound (replaced since)");
+            return;
+        }
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => tracing::debug!(path = %self.path.display(), "removed Unix socket file"),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove Unix socket file")
+            }
+        }
+    }
+}
+
+/// The file the Unix socket `fd` is bound to, as the kernel knows it
+/// (Linux `sock_diag`, `UNIX_DIAG_VFS`): exact, whatever happened to the
+/// path since. `None` when the socket has no file (abstract, unbound) or
+/// the kernel cannot say (no `unix_diag` support).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn bound_file(fd: BorrowedFd<'_>) -> Option<FileId> {
+    diag::bound_file(fd).ok().flatten()
+}
+
+/// No `sock_diag` here.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn bound_file(_fd: BorrowedFd<'_>) -> Option<FileId> {
+    None
+}
+
+/// The identity of the file a socket was just bound to at `path`: from
+/// the kernel, or, failing that, from the file at `path` if it looks like
+/// a fresh socket file of ours (a socket, owned by this user, one link).
+pub(crate) fn identify(path: &Path, fd: BorrowedFd<'_>) -> Option<FileId> {
+    if let Some(id) = bound_file(fd) {
+        return Some(id);
+    }
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    looks_fresh(&meta).then(|| FileId::of(&meta))
+}
+
+fn looks_fresh(meta: &std::fs::Metadata) -> bool {
+    meta.file_type().is_socket()
+        && meta.uid() == nix::unistd::geteuid().as_raw()
+        && meta.nlink() == 1
+}
+
+/// Gives the socket file at `path`, just bound by `fd` and identified as
+/// `id`, exactly the permissions `mode`, without operating on a path that
+/// another user could redirect.
+pub(crate) fn set_mode(
+    path: &Path,
+    fd: BorrowedFd<'_>,
+    id: Option<FileId>,
+    mode: u32,
+) -> io::Result<()> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::{Mode, fstat};
+    let refuse = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: not setting the mode of the socket file: {why}",
+                path.display()
+            ),
+        )
+    };
+    // An fd on whatever is at `path` now; a symlink is opened as itself.
+    let file = open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let st = fstat(file.as_fd())?;
+    let is_socket = st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFSOCK;
+    if !is_socket {
+        return Err(refuse("the path no longer names a socket (replaced)"));
+    }
+    let found = FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    };
+    match id.or_else(|| bound_file(fd)) {
+        Some(expected) if expected != found => {
+            return Err(refuse(
+                "the path names another socket than the one just bound (replaced)",
+            ));
+        }
+        Some(_) => {}
+        None => {
+            let meta = std::fs::symlink_metadata(path)?;
+            if FileId::of(&meta) != found || !looks_fresh(&meta) {
+                return Err(refuse("cannot prove it is the socket just bound"));
+            }
+        }
+    }
+    if st.st_mode & 0o7777 == mode {
+        return Ok(());
+    }
+    chmod_fd(file.as_fd(), mode)
+}
+
+/// `chmod` of the inode an `O_PATH` fd refers to: through
+/// `/proc/self/fd/N`, which names exactly that inode (`fchmod` refuses
+/// `O_PATH` fds).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        std::fs::Permissions::from_mode(mode),
+    )
+}
+
+/// Elsewhere: by path, after the checks above (a short window remains).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn chmod_fd(_fd: BorrowedFd<'_>, _mode: u32) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// A Unix socket file left behind by a process that crashed is removed, so
+/// that binding works again. Returns `Ok(true)` when it was removed,
+/// `Ok(false)` when somebody listens on it (or it changed meanwhile), and
+/// an error when the path is not a socket.
+///
+/// Race-free against a second instance starting at the same moment: the
+/// file is moved into a private directory first, and deleted only if what
+/// was moved is the very file that was probed; anything else is moved
+/// back, untouched.
+pub(crate) fn remove_stale(path: &Path, network: Network) -> io::Result<bool> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        // Gone meanwhile: binding again may work.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; refusing to remove it",
+                path.display()
+            ),
+        ));
+    }
+    if alive(path, network)? {
+        return Ok(false);
+    }
+    let probed = FileId::of(&meta);
+    let Some(dir) = private_dir(path) else {
+        // No private directory here: compare, then unlink (a window of two
+        // system calls remains).
+        return match std::fs::symlink_metadata(path) {
+            Ok(now) if FileId::of(&now) == probed => {
+                std::fs::remove_file(path)?;
+                log_removed(path);
+                Ok(true)
+            }
+            _ => Ok(false),
+        };
+    };
+    let moved = dir.path.join("stale");
+    let result = match std::fs::rename(path, &moved) {
+        Ok(()) => match std::fs::symlink_metadata(&moved) {
+            Ok(m) if FileId::of(&m) == probed => {
+                std::fs::remove_file(&moved)?;
+                log_removed(path);
+                Ok(true)
+            }
+            _ => {
+                // Another process put its file there after the probe: give
+                // it back.
+                if let Err(e) = rename_noreplace(&moved, path) {
+                    tracing::error!(path = %path.display(), kept = %moved.display(), error = %e, "cannot move another process's socket file back");
+                    std::mem::forget(dir);
+                    return Ok(false);
+                }
+                Ok(false)
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e),
+    };
+    drop(dir);
+    result
+}
+
+fn log_removed(path: &Path) {
+    tracing::info!(path = %path.display(), "removed a stale Unix socket file left by an earlier run");
+}
+
+/// Whether somebody listens on the socket file at `path`.
+fn alive(path: &Path, network: Network) -> io::Result<bool> {
+    let probe = Socket::new(Domain::UNIX, network.socket_type(), None)?;
+    // Non-blocking: a blocking connect to a live listener whose accept
+    // queue is full (a wedged or stopped process) would wait for room,
+    // possibly forever. `EAGAIN` then means, like success, "alive".
+    probe.set_nonblocking(true)?;
+    Ok(!matches!(
+        probe.connect(&SockAddr::unix(path)?),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ECONNREFUSED)
+    ))
+}
+
+/// A directory only this user can enter, next to `path` (same file
+/// system, so a rename between them is atomic); removed on drop.
+struct PrivateDir {
+    path: PathBuf,
+}
+
+fn private_dir(next_to: &Path) -> Option<PrivateDir> {
+    let parent = match next_to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // mkdtemp creates it with mode 0700 and an unpredictable name.
+    nix::unistd::mkdtemp(&parent.join(".tableflip-XXXXXX"))
+        .ok()
+        .map(|path| PrivateDir { path })
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// `rename` that fails if `to` exists (Linux `renameat2`), or a plain
+/// `link` + `unlink` elsewhere, which also never replaces.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+        renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE)
+            .map_err(io::Error::from)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        std::fs::hard_link(from, to)?;
+        std::fs::remove_file(from)
+    }
+}
+
+/// `sock_diag(7)` for Unix sockets: which file a socket is bound to.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod diag {
+    use std::io::{self, Read, Write};
+    use std::os::fd::BorrowedFd;
+
+    use socket2::{Domain, Protocol, Socket, Type};
+
+    use crate::launch::FileId;
+
+    const NETLINK_SOCK_DIAG: i32 = 4;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLMSG_ERROR: u16 = 2;
+    const UDIAG_SHOW_VFS: u32 = 0x2;
+    const UNIX_DIAG_VFS: u16 = 1;
+
+    /// `Ok(None)`: the kernel answered, and the socket has no file.
+    pub(super) fn bound_file(fd: BorrowedFd<'_>) -> io::Result<Option<FileId>> {
+        let ino = nix::sys::stat::fstat(fd)?.st_ino;
+        let ino = u32::try_from(ino).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+        let nl = Socket::new(
+            Domain::from(nix::libc::AF_NETLINK),
+            Type::RAW,
+            Some(Protocol::from(NETLINK_SOCK_DIAG)),
+        )?;
+        nl.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+        // struct nlmsghdr, then struct unix_diag_req (linux/unix_diag.h).
+        let mut req = Vec::with_capacity(40);
+        req.extend_from_slice(&40u32.to_ne_bytes()); // nlmsg_len
+        req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes()); // nlmsg_type
+        req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes()); // nlmsg_flags
+        req.extend_from_slice(&1u32.to_ne_bytes()); // nlmsg_seq
+        req.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid
+        req.push(u8::try_from(nix::libc::AF_UNIX).unwrap_or(1)); // sdiag_family
+        req.push(0); // sdiag_protocol
+        req.extend_from_slice(&0u16.to_ne_bytes()); // pad
+        req.extend_from_slice(&u32::MAX.to_ne_bytes()); // udiag_states: all
+        req.extend_from_slice(&ino.to_ne_bytes()); // udiag_ino
+        req.extend_from_slice(&UDIAG_SHOW_VFS.to_ne_bytes()); // udiag_show
+        req.extend_from_slice(&u32::MAX.to_ne_bytes()); // udiag_cookie: any
+        req.extend_from_slice(&u32::MAX.to_ne_bytes());
+        (&nl).write_all(&req)?;
+        let mut buf = [0u8; 1024];
+        let n = (&nl).read(&mut buf)?;
+        parse(&buf[..n], ino)
+    }
+
+    /// `st_dev` as `stat` reports it for `major:minor` (glibc's
+    /// `makedev`).
+    fn user_dev(major: u64, minor: u64) -> u64 {
+        ((major & 0xffff_f000) << 32)
+            | ((major & 0x0000_0fff) << 8)
+            | ((minor & 0xffff_ff00) << 12)
+            | (minor & 0x0000_00ff)
+    }
+
+    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+        Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    }
+
+    fn parse(msg: &[u8], ino: u32) -> io::Result<Option<FileId>> {
+        let bad = || io::Error::from(io::ErrorKind::InvalidData);
+        let len = usize::try_from(u32_at(msg, 0).ok_or_else(bad)?).map_err(|_| bad())?;
+        let kind = u16_at(msg, 4).ok_or_else(bad)?;
+        let msg = msg.get(..len).ok_or_else(bad)?;
+        if kind == NLMSG_ERROR {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        if kind != SOCK_DIAG_BY_FAMILY {
+            return Err(bad());
+        }
+        // struct unix_diag_msg: family, type, state, pad, ino, cookie[2].
+        if u32_at(msg, 16 + 4) != Some(ino) {
+            return Err(bad());
+        }
+        let mut at = 16 + 16;
+        while let (Some(alen), Some(atype)) = (u16_at(msg, at), u16_at(msg, at + 2)) {
+            let alen = usize::from(alen);
+            if alen < 4 {
+                break;
+            }
+            if atype == UNIX_DIAG_VFS {
+                // struct unix_diag_vfs: udiag_vfs_ino, udiag_vfs_dev (the
+                // kernel's dev_t: major << 20 | minor).
+                let vino = u32_at(msg, at + 4).ok_or_else(bad)?;
+                let kdev = u32_at(msg, at + 8).ok_or_else(bad)?;
+                let dev = user_dev(u64::from(kdev >> 20), u64::from(kdev & 0xf_ffff));
+                return Ok(Some(FileId {
+                    dev,
+                    ino: u64::from(vino),
+                }));
+            }
+            at += (alen + 3) & !3;
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tf-ux-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(std::fs::create_dir_all(&dir).is_ok());
+        dir
+    }
+
+    #[test]
+    fn the_kernel_names_the_bound_file() {
+        let dir = scratch("diag");
+        let path = dir.join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).ok();
+        let Some(listener) = listener else {
+            panic!("cannot bind {}", path.display());
+        };
+        let expected = FileId::of_path(&path).ok();
+        assert_eq!(identify(&path, listener.as_fd()), expected);
+        // Moved away and replaced by another file: identify by the kernel
+        // still names the original.
+        if let Some(kernel) = bound_file(listener.as_fd()) {
+            assert_eq!(Some(kernel), expected);
+            assert!(std::fs::rename(&path, dir.join("moved")).is_ok());
+            assert!(std::fs::write(&path, "x").is_ok());
+            assert_eq!(bound_file(listener.as_fd()), expected);
+            let refused = set_mode(&path, listener.as_fd(), None, 0o666);
+            assert!(refused.is_err(), "a replaced path is refused");
+            let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777);
+            assert_ne!(mode.ok(), Some(0o666));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_the_recorded_file_is_removed() {
+        let dir = scratch("remove");
+        let path = dir.join("s.sock");
+        let first = std::os::unix::net::UnixListener::bind(&path).ok();
+        let file = first
+            .as_ref()
+            .map(|l| SocketFile::bound(path.clone(), &path, l.as_fd()));
+        let Some(file) = file else {
+            panic!("cannot bind {}", path.display());
+        };
+        drop(first);
+        assert!(std::fs::remove_file(&path).is_ok());
+        let second = std::os::unix::net::UnixListener::bind(&path).ok();
+        file.remove();
+        assert!(path.exists(), "another socket at the same path is kept");
+        let own = second
+            .as_ref()
+            .map(|l| SocketFile::bound(path.clone(), &path, l.as_fd()));
+        let Some(own) = own else {
+            panic!("cannot bind {} again", path.display());
+        };
+        own.remove();
+        assert!(!path.exists(), "its own file is removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
