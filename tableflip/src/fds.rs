@@ -94,6 +94,11 @@ struct Entry {
     unnamed: bool,
     /// A connection or file the application holds in a guard.
     guarded: bool,
+    /// Set by a snapshot when the socket was in blocking mode: the next
+    /// generation makes it non-blocking (the flag belongs to the open file
+    /// description, which both processes share), so a failed upgrade puts
+    /// it back.
+    was_blocking: bool,
     /// The Unix socket file this entry's socket is bound to.
     file: Option<SocketFile>,
     /// Identifies the entry, so a guard never removes a newer entry that
@@ -113,8 +118,17 @@ impl Entry {
             activated: false,
             unnamed: false,
             guarded: false,
+            was_blocking: false,
             file: None,
             id: 0,
+        }
+    }
+
+    /// The registry's own fd, if it has one.
+    fn borrowed_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match &self.slot {
+            Slot::Owned(fd) | Slot::Shared { own: fd, .. } => Some(fd.as_fd()),
+            Slot::Lent(_) => None,
         }
     }
 
@@ -917,6 +931,12 @@ impl Fds {
             tracing::info!(name = %name, "the application closed this socket; it is no longer handed on");
             reg.entries.remove(&name);
         }
+        for entry in reg.entries.values_mut() {
+            if let Some(fd) = entry.borrowed_fd() {
+                entry.was_blocking =
+                    entry.kind != Kind::File && sys::is_nonblocking(fd).is_ok_and(|nb| !nb);
+            }
+        }
         let mut names: Vec<&String> = reg.entries.keys().collect();
         names.sort();
         let mut entries = Vec::with_capacity(names.len());
@@ -949,10 +969,18 @@ impl Fds {
 
     /// After a failed upgrade: drops the copies [`snapshot`](Self::snapshot)
     /// made of the sockets the application still holds, so the service is
-    /// back to one fd per listener.
+    /// back to one fd per listener, and puts sockets that were in blocking
+    /// mode back in it.
     pub(crate) fn release_copies(&self) {
         let mut reg = lock(&self.registry);
         for entry in reg.entries.values_mut() {
+            if std::mem::take(&mut entry.was_blocking) {
+                if let Some(fd) = entry.borrowed_fd() {
+                    if let Err(e) = sys::set_blocking(fd) {
+                        tracing::debug!(error = %e, "cannot make a socket blocking again");
+                    }
+                }
+            }
             if let Slot::Shared { lent, .. } = &entry.slot {
                 if matches!(lent.copy(), Ok(Some(_))) {
                     entry.slot = Slot::Lent(lent.clone());

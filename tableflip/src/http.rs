@@ -16,7 +16,17 @@
 //!   bare TCP connect, a port scan) is closed without a request.
 //! * Every HTTP/1 response written during the drain carries
 //!   `Connection: close`, so a keep-alive client finishes its exchange and
-//!   opens its next connection, which the new generation accepts.
+//!   opens its next connection, which the new generation accepts. A
+//!   response that switches the connection to another protocol is left as
+//!   the application made it: `101 Switching Protocols` (a WebSocket
+//!   handshake, whose `Connection: upgrade` must reach the client) and a
+//!   2xx answer to `CONNECT` (a tunnel).
+//! * A connection switched to another protocol (WebSocket, `CONNECT`
+//!   tunnel) belongs to the application from then on, but stays a task of
+//!   the [`Context`]: the drain waits until the application has dropped it
+//!   (up to the drain timeout, as any task). To end such connections when
+//!   the drain starts (a WebSocket close frame, say), the application
+//!   watches [`Context::draining`].
 //! * A keep-alive connection that is idle is closed only after it has been
 //!   idle for the *linger* time (default 2 s): an active client sends its
 //!   next request well within it and gets `Connection: close`; closing
@@ -25,24 +35,26 @@
 //! * HTTP/2 connections get GOAWAY at once and finish their open streams;
 //!   the protocol makes that race-free.
 //!
-//! Limits: a request that takes longer than the drain timeout is cut when
-//! the process exits; a client that opens a connection and stays silent for
-//! longer than the linger sees it closed.
+//! Limits: a request or a switched connection that lasts longer than the
+//! drain timeout is cut when the process exits; a keep-alive client that
+//! stays silent for longer than the linger sees its connection closed.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::{Body, Incoming};
 use hyper::header::{CONNECTION, HeaderValue};
 use hyper::service::Service;
-use hyper::{Request, Response, Version};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Notify;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, oneshot};
 
 use crate::service::Context;
 
@@ -168,7 +180,31 @@ impl Server {
     }
 
     /// Serves one connection (already accepted) with the drain rules.
+    /// Returns when the connection is over: closed, or, if a response
+    /// switched it to another protocol, dropped by the application.
     pub async fn serve_connection<I, S, B>(&self, cx: &Context, io: I, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let (io, released) = Tracked::new(io);
+        self.drive_connection(cx, io, service).await;
+        // hyper has let go of the connection. If it was switched to another
+        // protocol, the application holds it now (axum runs a WebSocket in
+        // a task of its own): this task, which the drain waits for, ends
+        // only when the application drops it.
+        let _ = released.await;
+    }
+
+    /// Runs hyper's side of one connection with the drain rules, until
+    /// hyper is done with it (closed, or handed to the application by a
+    /// protocol switch).
+    async fn drive_connection<I, S, B>(&self, cx: &Context, io: I, service: S)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
@@ -224,6 +260,71 @@ impl Server {
 fn log_end(result: Result<(), BoxError>) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// A connection's transport, which closes a channel when it is dropped.
+///
+/// A connection switched to another protocol outlives hyper's connection
+/// future: hyper hands the transport to the application (inside
+/// `hyper::upgrade::Upgraded`), so its drop is the one event that says the
+/// connection is over.
+#[derive(Debug)]
+struct Tracked<I> {
+    io: I,
+    /// Never sent on: dropped with the transport.
+    _alive: oneshot::Sender<Infallible>,
+}
+
+impl<I> Tracked<I> {
+    /// Wraps `io`; the receiver resolves (with an error) when the wrapper
+    /// is dropped.
+    fn new(io: I) -> (Tracked<I>, oneshot::Receiver<Infallible>) {
+        let (alive, released) = oneshot::channel();
+        (Tracked { io, _alive: alive }, released)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -292,7 +393,8 @@ impl Drop for InFlight {
 }
 
 /// Wraps the application's service: tracks requests in flight and adds
-/// `Connection: close` to HTTP/1 responses during the drain.
+/// `Connection: close` to HTTP/1 responses during the drain, except to
+/// those that switch protocols.
 #[derive(Debug, Clone)]
 struct DrainService<S> {
     inner: S,
@@ -313,12 +415,16 @@ where
         if !http1 {
             self.state.http2.store(true, Ordering::Release);
         }
+        let connect = req.method() == Method::CONNECT;
         self.state.begin();
         let guard = InFlight(Arc::clone(&self.state));
         let future = self.inner.call(req);
         Box::pin(async move {
             let mut response = future.await?;
-            if http1 && guard.0.draining.is_cancelled() {
+            if http1
+                && guard.0.draining.is_cancelled()
+                && !switches_protocols(connect, response.status())
+            {
                 response
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -326,5 +432,36 @@ where
             drop(guard);
             Ok(response)
         })
+    }
+}
+
+/// Whether a response with `status` to a request (a `CONNECT` one if
+/// `connect`) turns the connection into something other than HTTP: a
+/// protocol switch (`101`, RFC 9110 §15.2.2) or a tunnel (a 2xx answer to
+/// `CONNECT`, RFC 9110 §9.3.6). Its headers belong to that handshake: a
+/// `Connection: close` would break it (a WebSocket client rejects a 101
+/// without `Connection: upgrade`).
+fn switches_protocols(connect: bool, status: StatusCode) -> bool {
+    status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_switches_are_recognised_by_kind() {
+        assert!(switches_protocols(false, StatusCode::SWITCHING_PROTOCOLS));
+        assert!(switches_protocols(true, StatusCode::SWITCHING_PROTOCOLS));
+        for code in [200, 201, 204, 299] {
+            let status = StatusCode::from_u16(code).expect("status");
+            assert!(switches_protocols(true, status), "CONNECT {code}");
+            assert!(!switches_protocols(false, status), "{code}");
+        }
+        for code in [100, 102, 103, 300, 301, 400, 407, 500, 502] {
+            let status = StatusCode::from_u16(code).expect("status");
+            assert!(!switches_protocols(true, status), "CONNECT {code}");
+            assert!(!switches_protocols(false, status), "{code}");
+        }
     }
 }

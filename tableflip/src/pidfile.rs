@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// Writes `pid` to `path` atomically: a temporary file in the same
-/// directory (mode 0644), fsync, rename over `path`, fsync of the directory.
+/// directory (mode 0644, a name no other user can predict, created
+/// exclusively), fsync, rename over `path`, fsync of the directory.
 ///
 /// A reader sees either the old or the new content, never a partial one.
 /// `rename` replaces a symlink at `path` rather than following it, so a
@@ -18,29 +19,35 @@ pub(crate) fn write(path: &Path, pid: u32) -> Result<()> {
         path: path.to_owned(),
         source,
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let dir = directory_of(path);
     let file_name = path.file_name().ok_or_else(|| {
         fail(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "the path names no file",
         ))
     })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".{pid}.tmp"));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        // A leftover from a crashed attempt of this PID is replaced.
-        let _ = fs::remove_file(&tmp);
-        let mut file = OpenOptions::new()
+    let mut attempts = 0;
+    let (tmp, mut file) = loop {
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(file_name);
+        tmp_name.push(format!(".{:016x}.tmp", random()));
+        let tmp = dir.join(tmp_name);
+        let opened = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o644)
             .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&tmp)?;
+            .open(&tmp);
+        match opened {
+            Ok(file) => break (tmp, file),
+            // Someone made that name meanwhile: another one.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 8 => {
+                attempts += 1;
+            }
+            Err(e) => return Err(fail(e)),
+        }
+    };
+    let result = (|| {
         // The umask may have narrowed the mode: set it exactly.
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
         writeln!(file, "{pid}")?;
@@ -52,6 +59,76 @@ pub(crate) fn write(path: &Path, pid: u32) -> Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result.map_err(fail)
+}
+
+fn directory_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// 64 unpredictable bits, from the standard library's randomly seeded
+/// hasher (no dependency for a file name).
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
+    }
+    h.finish()
+}
+
+/// Checks that this process will be able to replace the PID file at
+/// `path`, for the conditions that never go away by themselves: a
+/// directory this user cannot write (privileges dropped, a root-owned
+/// `/run`), or a file another user owns in a sticky directory such as
+/// `/tmp` (planted there first, it would make every `ready()` fail). A
+/// missing directory is not checked here: it may yet be created.
+///
+/// # Errors
+///
+/// [`Error::PidFile`], saying which condition holds and what to do.
+pub(crate) fn check(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let fail = |why: String| Error::PidFile {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, why),
+    };
+    let dir = directory_of(path);
+    let Ok(dir_meta) = fs::metadata(&dir) else {
+        return Ok(());
+    };
+    if !dir_meta.is_dir() {
+        return Ok(());
+    }
+    let euid = nix::unistd::geteuid();
+    let access = nix::unistd::faccessat(
+        nix::fcntl::AT_FDCWD,
+        &dir,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+        nix::fcntl::AtFlags::AT_EACCESS,
+    );
+    if access.is_err() {
+        return Err(fail(format!(
+            "its directory {} is not writable by this process (uid {euid}), so the PID file can never be replaced; if the service drops privileges after it starts, give that user a directory of its own (systemd's RuntimeDirectory=, /run/<service>/)",
+            dir.display()
+        )));
+    }
+    const S_ISVTX: u32 = 0o1000;
+    let sticky = dir_meta.mode() & S_ISVTX != 0;
+    if let Ok(file) = fs::symlink_metadata(path) {
+        let mine = file.uid() == euid.as_raw() || dir_meta.uid() == euid.as_raw();
+        if sticky && !mine && !euid.is_root() {
+            return Err(fail(format!(
+                "it belongs to uid {} in the sticky directory {}, where this process (uid {euid}) can never replace it; remove it, or use a directory of the service's own (systemd's RuntimeDirectory=, /run/<service>/) rather than a shared one such as /tmp",
+                file.uid(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the PID file at `path` names `pid`.
@@ -93,6 +170,10 @@ mod tests {
         assert_eq!(fs::read_to_string(&path).ok().as_deref(), Some("99\n"));
         let leftovers = fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
         assert_eq!(leftovers, 1, "no temporary file is left behind");
+        // A temporary name someone planted does not stop the write.
+        for _ in 0..3 {
+            assert!(write(&path, 5).is_ok());
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -234,6 +234,20 @@ fn single_threaded() -> bool {
     }
 }
 
+/// Whether the open file description behind `fd` is non-blocking.
+pub(crate) fn is_nonblocking(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?).contains(OFlag::O_NONBLOCK))
+}
+
+/// Puts the open file description behind `fd` into blocking mode.
+pub(crate) fn set_blocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    if flags.contains(OFlag::O_NONBLOCK) {
+        fcntl(fd, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
 /// Removes the variables `keys` from the process environment, if this
 /// process provably runs a single thread; otherwise leaves the environment
 /// alone (another thread could be reading it: `getenv` in C code is not
@@ -361,6 +375,29 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Sends `signal` to the process a pidfd refers to: never to another
+/// process that reused its PID.
+#[cfg(target_os = "linux")]
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `pidfd_send_signal(pidfd, sig, NULL, 0)` takes an fd, a
+    // signal number, a null `siginfo` (allowed: the kernel fills in one as
+    // `kill` would) and no flags; it reads nothing through pointers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A pidfd for the child `pid`, registered with the tokio reactor:
 /// readable once the process has exited. Must run inside a tokio runtime.
 #[cfg(target_os = "linux")]
@@ -399,8 +436,10 @@ pub(crate) struct SpawnSpec<'a> {
 ///
 /// In the child: every fd of `inherit` stays open across `exec` (a
 /// `dup2(fd, fd)` file action clears its close-on-exec flag, in the child
-/// only), the working directory is `cwd`, the signal mask is empty and
-/// `SIGPIPE` has its default action (as `std::process::Command` does).
+/// only), the working directory is `cwd`, the signal mask is empty,
+/// `SIGPIPE` has its default action (as `std::process::Command` does), and
+/// the child leads a process group of its own (it rejoins its parent's
+/// once it is ready).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub(crate) fn spawn_inheriting(spec: &SpawnSpec<'_>) -> Option<io::Result<u32>> {
     let addchdir = fast_spawn()?;
@@ -477,7 +516,12 @@ fn posix_spawn(spec: &SpawnSpec<'_>, addchdir: AddChdir) -> io::Result<u32> {
         libc::sigaddset(&mut default, libc::SIGPIPE);
         check(libc::posix_spawnattr_setsigmask(&mut attr.0, &empty))?;
         check(libc::posix_spawnattr_setsigdefault(&mut attr.0, &default))?;
-        let flags = libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+        // A process group of its own (its PID): what it starts during its
+        // initialisation dies with it if the upgrade fails.
+        check(libc::posix_spawnattr_setpgroup(&mut attr.0, 0))?;
+        let flags = libc::POSIX_SPAWN_SETSIGMASK
+            | libc::POSIX_SPAWN_SETSIGDEF
+            | libc::POSIX_SPAWN_SETPGROUP;
         check(libc::posix_spawnattr_setflags(
             &mut attr.0,
             libc::c_short::try_from(flags).unwrap_or(0),

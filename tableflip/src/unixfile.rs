@@ -189,8 +189,9 @@ fn chmod_fd(_fd: BorrowedFd<'_>, _mode: u32) -> io::Result<()> {
 
 /// A Unix socket file left behind by a process that crashed is removed, so
 /// that binding works again. Returns `Ok(true)` when it was removed,
-/// `Ok(false)` when somebody listens on it (or it changed meanwhile), and
-/// an error when the path is not a socket.
+/// `Ok(false)` when somebody listens on it, a socket is bound to it (one
+/// bound a moment ago refuses connections until it listens), or it
+/// changed meanwhile; an error when the path is not a socket.
 ///
 /// Race-free against a second instance starting at the same moment: the
 /// file is moved into a private directory first, and deleted only if what
@@ -212,15 +213,19 @@ pub(crate) fn remove_stale(path: &Path, network: Network) -> io::Result<bool> {
             ),
         ));
     }
-    if alive(path, network)? {
+    let probed = FileId::of(&meta);
+    if alive(path, network)? || bound(probed) {
         return Ok(false);
     }
-    let probed = FileId::of(&meta);
+    // Inode numbers are reused at once (a file removed and a socket bound
+    // again often get the same one): the birth time tells them apart.
+    let born = meta.created().ok();
+    let is_probed = |m: &std::fs::Metadata| FileId::of(m) == probed && m.created().ok() == born;
     let Some(dir) = private_dir(path) else {
         // No private directory here: compare, then unlink (a window of two
         // system calls remains).
         return match std::fs::symlink_metadata(path) {
-            Ok(now) if FileId::of(&now) == probed => {
+            Ok(now) if is_probed(&now) => {
                 std::fs::remove_file(path)?;
                 log_removed(path);
                 Ok(true)
@@ -231,7 +236,7 @@ pub(crate) fn remove_stale(path: &Path, network: Network) -> io::Result<bool> {
     let moved = dir.path.join("stale");
     let result = match std::fs::rename(path, &moved) {
         Ok(()) => match std::fs::symlink_metadata(&moved) {
-            Ok(m) if FileId::of(&m) == probed => {
+            Ok(m) if is_probed(&m) => {
                 std::fs::remove_file(&moved)?;
                 log_removed(path);
                 Ok(true)
@@ -256,6 +261,21 @@ pub(crate) fn remove_stale(path: &Path, network: Network) -> io::Result<bool> {
 
 fn log_removed(path: &Path) {
     tracing::info!(path = %path.display(), "removed a stale Unix socket file left by an earlier run");
+}
+
+/// Whether a live socket is bound to the file `file`, as far as the
+/// kernel can tell (Linux `sock_diag`; elsewhere, or without it, `false`:
+/// the connection probe decides alone).
+fn bound(file: FileId) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        diag::any_bound_to(file).unwrap_or(false)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = file;
+        false
+    }
 }
 
 /// Whether somebody listens on the socket file at `path`.
@@ -331,6 +351,52 @@ mod diag {
     pub(super) fn bound_file(fd: BorrowedFd<'_>) -> io::Result<Option<FileId>> {
         let ino = nix::sys::stat::fstat(fd)?.st_ino;
         let ino = u32::try_from(ino).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+        let nl = request(NLM_F_REQUEST, ino)?;
+        let mut buf = [0u8; 1024];
+        let n = (&nl).read(&mut buf)?;
+        let msg = buf
+            .get(..n)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?;
+        match parse(msg)? {
+            Reply::Socket { ino: got, file } if got == ino => Ok(file),
+            _ => Err(io::Error::from(io::ErrorKind::InvalidData)),
+        }
+    }
+
+    /// Whether any Unix socket (of this network namespace) is bound to the
+    /// file `file`: a socket file without one is stale, whatever a
+    /// connection attempt says (a socket bound a moment ago, not yet
+    /// listening, refuses connections too).
+    pub(super) fn any_bound_to(file: FileId) -> io::Result<bool> {
+        const NLM_F_DUMP: u16 = 0x300;
+        let nl = request(NLM_F_REQUEST | NLM_F_DUMP, 0)?;
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let n = (&nl).read(&mut buf)?;
+            let mut rest = buf
+                .get(..n)
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?;
+            if rest.is_empty() {
+                return Ok(false);
+            }
+            while rest.len() >= 16 {
+                let len = u32_at(rest, 0)
+                    .and_then(|l| usize::try_from(l).ok())
+                    .filter(|l| *l >= 16 && *l <= rest.len())
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?;
+                match parse(&rest[..len])? {
+                    Reply::Done => return Ok(false),
+                    Reply::Socket { file: Some(f), .. } if f == file => return Ok(true),
+                    Reply::Socket { .. } => {}
+                }
+                rest = &rest[((len + 3) & !3).min(rest.len())..];
+            }
+        }
+    }
+
+    /// Sends a `SOCK_DIAG_BY_FAMILY` request for Unix sockets (`ino` 0
+    /// with `NLM_F_DUMP`: all of them), asking for their files.
+    fn request(flags: u16, ino: u32) -> io::Result<Socket> {
         let nl = Socket::new(
             Domain::from(nix::libc::AF_NETLINK),
             Type::RAW,
@@ -341,7 +407,7 @@ mod diag {
         let mut req = Vec::with_capacity(40);
         req.extend_from_slice(&40u32.to_ne_bytes()); // nlmsg_len
         req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes()); // nlmsg_type
-        req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes()); // nlmsg_flags
+        req.extend_from_slice(&flags.to_ne_bytes()); // nlmsg_flags
         req.extend_from_slice(&1u32.to_ne_bytes()); // nlmsg_seq
         req.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid
         req.push(u8::try_from(nix::libc::AF_UNIX).unwrap_or(1)); // sdiag_family
@@ -353,9 +419,12 @@ mod diag {
         req.extend_from_slice(&u32::MAX.to_ne_bytes()); // udiag_cookie: any
         req.extend_from_slice(&u32::MAX.to_ne_bytes());
         (&nl).write_all(&req)?;
-        let mut buf = [0u8; 1024];
-        let n = (&nl).read(&mut buf)?;
-        parse(&buf[..n], ino)
+        Ok(nl)
+    }
+
+    enum Reply {
+        Socket { ino: u32, file: Option<FileId> },
+        Done,
     }
 
     /// `st_dev` as `stat` reports it for `major:minor` (glibc's
@@ -375,21 +444,21 @@ mod diag {
         Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
     }
 
-    fn parse(msg: &[u8], ino: u32) -> io::Result<Option<FileId>> {
+    /// One netlink message: a socket and its file, or the end of a dump.
+    fn parse(msg: &[u8]) -> io::Result<Reply> {
+        const NLMSG_DONE: u16 = 3;
         let bad = || io::Error::from(io::ErrorKind::InvalidData);
         let len = usize::try_from(u32_at(msg, 0).ok_or_else(bad)?).map_err(|_| bad())?;
         let kind = u16_at(msg, 4).ok_or_else(bad)?;
         let msg = msg.get(..len).ok_or_else(bad)?;
-        if kind == NLMSG_ERROR {
-            return Err(io::Error::from(io::ErrorKind::Unsupported));
-        }
-        if kind != SOCK_DIAG_BY_FAMILY {
-            return Err(bad());
+        match kind {
+            NLMSG_DONE => return Ok(Reply::Done),
+            NLMSG_ERROR => return Err(io::Error::from(io::ErrorKind::Unsupported)),
+            SOCK_DIAG_BY_FAMILY => {}
+            _ => return Err(bad()),
         }
         // struct unix_diag_msg: family, type, state, pad, ino, cookie[2].
-        if u32_at(msg, 16 + 4) != Some(ino) {
-            return Err(bad());
-        }
+        let ino = u32_at(msg, 16 + 4).ok_or_else(bad)?;
         let mut at = 16 + 16;
         while let (Some(alen), Some(atype)) = (u16_at(msg, at), u16_at(msg, at + 2)) {
             let alen = usize::from(alen);
@@ -402,14 +471,17 @@ mod diag {
                 let vino = u32_at(msg, at + 4).ok_or_else(bad)?;
                 let kdev = u32_at(msg, at + 8).ok_or_else(bad)?;
                 let dev = user_dev(u64::from(kdev >> 20), u64::from(kdev & 0xf_ffff));
-                return Ok(Some(FileId {
-                    dev,
-                    ino: u64::from(vino),
-                }));
+                return Ok(Reply::Socket {
+                    ino,
+                    file: Some(FileId {
+                        dev,
+                        ino: u64::from(vino),
+                    }),
+                });
             }
             at += (alen + 3) & !3;
         }
-        Ok(None)
+        Ok(Reply::Socket { ino, file: None })
     }
 }
 
@@ -446,6 +518,32 @@ mod tests {
             assert!(refused.is_err(), "a replaced path is refused");
             let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777);
             assert_ne!(mode.ok(), Some(0o666));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_kernel_tells_a_bound_file_from_a_stale_one() {
+        let dir = scratch("bound");
+        let path = dir.join("s.sock");
+        let socket = Socket::new(Domain::UNIX, socket2::Type::STREAM, None);
+        let Ok(socket) = socket else {
+            panic!("socket");
+        };
+        assert!(
+            socket
+                .bind(&SockAddr::unix(&path).unwrap_or_else(|_| unreachable!()))
+                .is_ok()
+        );
+        let id = FileId::of_path(&path).ok();
+        let Some(id) = id else {
+            panic!("stat");
+        };
+        if bound_file(socket.as_fd()).is_some() {
+            // Bound, not listening: refuses connections, yet not stale.
+            assert!(diag::any_bound_to(id).unwrap_or(false));
+            drop(socket);
+            assert!(!diag::any_bound_to(id).unwrap_or(true));
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

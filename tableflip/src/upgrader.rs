@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::bind::ListenSpec;
-use crate::child::Child;
+use crate::child::{Child, Signaller};
 use crate::error::{Error, Result};
 use crate::fds::{Defaults, Fds};
 use crate::launch::Launch;
@@ -94,6 +94,15 @@ struct Inner {
     replacing: tokio::sync::watch::Sender<bool>,
     /// How many dead successors this process has replaced.
     replacements: AtomicU32,
+    /// The successor in charge, as long as it has not been reaped, and
+    /// how to signal it (by pidfd where there is one).
+    successor: Mutex<Option<(u32, Option<Signaller>)>>,
+}
+
+/// Locks `m`; a panic while it was held leaves the data usable (every
+/// update is one assignment).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// How many times one process replaces a successor that died after it took
@@ -105,6 +114,11 @@ const MAX_REPLACEMENTS: u32 = 3;
 struct ParentLink {
     pid: u32,
     ready_pipe: Mutex<Option<OwnedFd>>,
+    /// The parent's process group, read at startup: the parent starts
+    /// each generation in a group of its own (so that a failed upgrade
+    /// kills what it started too); once ready, it rejoins this one, where
+    /// a terminal's Ctrl-C and a supervisor's group signals reach it.
+    group: Option<nix::unistd::Pid>,
 }
 
 #[derive(Debug, Default)]
@@ -153,9 +167,14 @@ impl Upgrader {
                     h.parent_pid
                 );
                 watch_parent(h.parent_pipe, h.parent_pid, parent_exited.clone())?;
+                let group = i32::try_from(h.parent_pid)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .and_then(|p| nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(p))).ok());
                 let link = ParentLink {
                     pid: h.parent_pid,
                     ready_pipe: Mutex::new(Some(h.ready_pipe)),
+                    group,
                 };
                 // Socket activation concerns the first generation only.
                 sys::remove_env(&systemd::LISTEN_VARS);
@@ -166,7 +185,11 @@ impl Upgrader {
                 (None, 1, systemd::listen_fds()?)
             }
         };
-        Self::build(opts, parent, generation, inherited, parent_exited, false)
+        let upgrader = Self::build(opts, parent, generation, inherited, parent_exited, false)?;
+        if let Some(path) = upgrader.pid_file() {
+            pidfile::check(&path)?;
+        }
+        Ok(upgrader)
     }
 
     /// The `testing` stub: no handover, never forks.
@@ -213,15 +236,13 @@ impl Upgrader {
                 parent_exited,
                 replacing: tokio::sync::watch::Sender::new(false),
                 replacements: AtomicU32::new(0),
+                successor: Mutex::new(None),
             }),
         })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.inner.state)
     }
 
     /// The named fds this generation holds and will hand on.
@@ -292,6 +313,38 @@ impl Upgrader {
         self.state().upgraded
     }
 
+    /// Sends `signal` to the generation this process handed over to, and
+    /// returns its PID. Through a pidfd where the system has them (Linux
+    /// 5.3 and later), so that a successor that has exited is reported as
+    /// such (`ESRCH`) instead of its PID, possibly reused by now, being
+    /// signalled.
+    pub(crate) fn signal_successor(
+        &self,
+        signal: nix::sys::signal::Signal,
+    ) -> std::io::Result<u32> {
+        let gone = || std::io::Error::from_raw_os_error(nix::libc::ESRCH);
+        let successor = lock(&self.inner.successor).clone();
+        let Some((pid, signaller)) = successor else {
+            return Err(gone());
+        };
+        match signaller {
+            Some(s) => s.send(signal).map(|()| pid),
+            // No pidfd on this system: by PID, which is still the
+            // successor's: it has not been reaped (`watch_successor`
+            // forgets it before it reaps).
+            None => {
+                let target = i32::try_from(pid)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .map(nix::unistd::Pid::from_raw)
+                    .ok_or_else(gone)?;
+                nix::sys::signal::kill(target, signal)
+                    .map(|()| pid)
+                    .map_err(std::io::Error::from)
+            }
+        }
+    }
+
     /// Whether the parent process has exited (true when there was none).
     pub fn parent_exited(&self) -> bool {
         self.inner.parent_exited.is_cancelled()
@@ -352,6 +405,13 @@ impl Upgrader {
             pidfile::write(&path, std::process::id())?;
         }
         if let Some(parent) = &self.inner.parent {
+            if let Some(group) = parent.group {
+                if nix::unistd::getpgrp() != group {
+                    if let Err(e) = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), group) {
+                        tracing::debug!(error = %e, "cannot rejoin the parent's process group");
+                    }
+                }
+            }
             let pipe = parent
                 .ready_pipe
                 .lock()
@@ -528,8 +588,6 @@ impl Upgrader {
             }
             Err(e) => {
                 drop(state);
-                // Back to one fd per listener.
-                self.inner.fds.release_copies();
                 if !matches!(e, Error::Stopped) {
                     // Ends the reload: systemd offers no way to fail it.
                     let generation = self.inner.generation;
@@ -548,6 +606,12 @@ impl Upgrader {
     async fn run_upgrade(&self) -> Result<u32> {
         let launch = &self.inner.launch;
         let exe = launch.executable()?;
+        // The next generation writes the PID file as this process's user:
+        // refused now, with the reason, if it cannot (privileges dropped
+        // since the start, say).
+        if let Some(path) = self.pid_file() {
+            pidfile::check(&path)?;
+        }
         let pipe = || sys::pipe_cloexec().map_err(|e| Error::io("cannot create a pipe", e));
         let (parent_r, parent_w) = pipe()?;
         let (ready_r, ready_w) = pipe()?;
@@ -605,6 +669,8 @@ impl Upgrader {
                     if let Some(arg0) = argv.first() {
                         cmd.arg0(arg0);
                     }
+                    // A process group of its own, as posix_spawn does.
+                    cmd.process_group(0);
                     cmd.args(argv.iter().skip(1))
                         .env_clear()
                         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -689,6 +755,7 @@ impl Upgrader {
         // The child outlives us. While we live (draining), we watch it: if
         // it dies, the sockets we still hold go to a replacement.
         if let Some(child) = child.disarm() {
+            *lock(&self.inner.successor) = Some((pid, child.signaller()));
             tokio::spawn(watch_successor(Arc::downgrade(&self.inner), child, pid));
         }
         Ok(pid)
@@ -774,6 +841,10 @@ impl Drop for UpgradingFlag<'_> {
             (state.stopped, state.upgraded.is_some(), state.ready)
         };
         let inner = &self.0.inner;
+        if !upgraded {
+            // Back to one fd per listener, blocking sockets blocking again.
+            inner.fds.release_copies();
+        }
         if stopped && !inner.exit.is_cancelled() {
             if !upgraded {
                 inner.stop_serving(ready);
@@ -803,21 +874,16 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
+        if let Some(mut child) = self.0.take() {
             if child.try_wait().ok().flatten().is_none() {
                 tracing::warn!(
                     child_pid = child.id(),
                     "upgrade cancelled; killing the new process"
                 );
-                let _ = child.start_kill();
-                // Reap it now if it goes quickly (it normally does): when
-                // this drop happens because the process is exiting, tokio
-                // would not get the chance to, and the killed child would
-                // be left to the init process as a zombie.
-                let deadline = Instant::now() + Duration::from_millis(200);
-                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+                // Reaped by a thread of its own, however long its exit takes
+                // (a process with much memory to free), never blocking the
+                // thread that dropped the upgrade.
+                child.kill_and_forget();
             }
         }
     }
@@ -833,7 +899,25 @@ impl Drop for ChildGuard {
 /// (connections meanwhile wait in the listen backlog). Not after
 /// [`Upgrader::stop`], and at most [`MAX_REPLACEMENTS`] times.
 async fn watch_successor(inner: Weak<Inner>, mut child: Child, pid: u32) {
-    let status = child.wait().await;
+    // Until it exits; then it is forgotten before it is reaped, so that
+    // its PID is never signalled once it may name another process.
+    let forget = |inner: &Weak<Inner>| {
+        if let Some(inner) = inner.upgrade() {
+            let mut successor = lock(&inner.successor);
+            if successor.as_ref().is_some_and(|(p, _)| *p == pid) {
+                *successor = None;
+            }
+        }
+    };
+    let status = match child.exited().await {
+        Ok(true) => {
+            forget(&inner);
+            child.wait().await
+        }
+        Ok(false) => child.wait().await,
+        Err(e) => Err(e),
+    };
+    forget(&inner);
     let Some(inner) = inner.upgrade() else {
         return;
     };

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -767,4 +767,69 @@ pub fn finish_upgrade(svc: &mut Service, first: u32, second: u32, addr: &str) {
         "the old generation exits with 0"
     );
     assert_eq!(serves(addr), second);
+}
+
+/// A process run to its end, stdout and stderr captured; killed if the
+/// test fails first.
+#[derive(Debug)]
+pub struct Captured {
+    child: Child,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+impl Captured {
+    /// Starts `cmd` with stdout and stderr piped.
+    pub fn spawn(mut cmd: Command) -> Captured {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let drain = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_string(&mut s);
+                }
+                s
+            })
+        };
+        let out = drain(child.stdout.take().map(|s| Box::new(s) as _));
+        let err = drain(child.stderr.take().map(|s| Box::new(s) as _));
+        Captured { child, out, err }
+    }
+
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (within [`DEADLINE`]) for the exit; returns the status,
+    /// stdout and stderr.
+    pub fn finish(mut self) -> (ExitStatus, String, String) {
+        let deadline = Instant::now() + DEADLINE;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => wait_a_little(),
+                other => panic!("{} did not exit: {other:?}", self.child.id()),
+            }
+        };
+        let out = std::mem::replace(&mut self.out, std::thread::spawn(String::new));
+        let err = std::mem::replace(&mut self.err, std::thread::spawn(String::new));
+        (
+            status,
+            out.join().unwrap_or_default(),
+            err.join().unwrap_or_default(),
+        )
+    }
+}
+
+impl Drop for Captured {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -556,9 +556,9 @@ impl Drop for Mount {
 /// The PID file's file system is full (a 16 KiB tmpfs): the new
 /// generation cannot write its PID file, the upgrade fails, the old PID
 /// file is intact and no temporary file is left; once there is room, the
-/// upgrade succeeds. Needs the right to mount (root in CI); without it
-/// the test says so and checks nothing.
+/// upgrade succeeds.
 #[test]
+#[ignore = "needs root: mounts a 16 KiB tmpfs"]
 fn full_pid_file_directory_fails_the_upgrade_cleanly() {
     let _serial = serial();
     adopt_orphans();
@@ -570,10 +570,7 @@ fn full_pid_file_directory_fails_the_upgrade_cleanly() {
         .arg(&dir)
         .status()
         .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs CAP_SYS_ADMIN)");
-        return;
-    }
+    assert!(mounted, "cannot mount a tmpfs (this test needs root)");
     let _mount = Mount(dir.clone());
     let pid_file = dir.join("svc.pid");
     let pid_file_str = pid_file.to_str().expect("utf-8 path");
@@ -629,22 +626,13 @@ fn full_pid_file_directory_fails_the_upgrade_cleanly() {
 /// As PID 1 of its PID namespace (a container started without an init),
 /// the service refuses to upgrade, with an error that says why and what
 /// to do: its exit after the handover would end the namespace, the new
-/// generation with it. It serves on. Needs the right to create a PID
-/// namespace (root in CI); without it the test says so and checks
-/// nothing.
+/// generation with it. It serves on.
 #[test]
+#[ignore = "needs root: creates a PID namespace (unshare --pid)"]
 fn as_pid_1_an_upgrade_is_refused_with_advice() {
     let _serial = serial();
     adopt_orphans();
     let ctl = Scratch::new("f-pid1");
-    let works = std::process::Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !works {
-        eprintln!("SKIPPED: cannot create a PID namespace here (needs CAP_SYS_ADMIN)");
-        return;
-    }
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     let mut cmd = Service::command("unshare", &ctl, &[]);
     cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child", "--", SVC]);

@@ -265,6 +265,15 @@ fn subprocess_of_a_child_generation_inherits_nothing() {
             );
         }
     }
+    // Generation 2 created its upgrader with threads running: it left its
+    // environment as it was (unsetenv there could race a getenv of another
+    // thread), so the subprocess sees the handover variables, and ignores
+    // them (above).
+    assert!(
+        probe.get("vars").contains("TABLEFLIP_HANDOVER"),
+        "the environment was edited while threads ran: {}",
+        probe.line
+    );
     assert_eq!(
         probe_fds(&probe),
         probe_fds(&baseline),

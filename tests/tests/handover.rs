@@ -935,3 +935,293 @@ async fn testing_stubs_bind_plainly_and_refuse_to_upgrade() {
             .expect("a stopped stub's exit() resolves");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Values that must not be trusted.
+
+/// A handover that claims generation `u64::MAX`: the service starts, and
+/// its upgrade (the next generation's number computed from it) neither
+/// panics (debug builds used to: "attempt to add with overflow") nor
+/// fails.
+#[test]
+fn generation_u64_max_never_overflows() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("genmax");
+    ctl.write("listen", "web tcp 127.0.0.1:0\n");
+    let mut run = Hand::new()
+        .make("web", "tcp-listener")
+        .meta(concat!(
+            r#"{"version":1,"parent_pid":%pid%,"generation":18446744073709551615,"entries":["#,
+            r#"{"name":"web","kind":"listener","fd":%web%,"network":"tcp","address":"%web.addr%"}]}"#,
+        ))
+        .eof()
+        .start(&ctl, &[]);
+    let parent = run.first_pid();
+    let child: u32 = run
+        .wait_kind("hc-spawned", Some(parent))
+        .get("child")
+        .parse()
+        .expect("child pid");
+    let start = run.wait_kind("start", Some(child));
+    assert_eq!(start.get("gen"), "18446744073709551615", "{}", start.line);
+    run.wait_kind("ready", Some(child));
+    let grandchild = run.upgrade(child);
+    let next = run.wait_kind("start", Some(grandchild));
+    assert_eq!(next.get("gen"), "18446744073709551615", "{}", next.line);
+    run.wait_kind("exit", Some(child));
+    wait_gone(child);
+    run.stop(grandchild);
+}
+
+/// Hostile metadata names a victim's socket file as the address of an
+/// inherited Unix listener that the service does not claim: closing it at
+/// readiness removes (at most) the file that socket is really bound to,
+/// never the path the metadata names. (The path used to come from the
+/// metadata.)
+#[test]
+fn metadata_cannot_name_a_socket_file_for_removal() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("victim");
+    let victim_path = ctl.path().join("victim.sock");
+    let victim = std::os::unix::net::UnixListener::bind(&victim_path).expect("bind the victim");
+    drop(victim);
+    assert!(victim_path.exists(), "a socket file nobody listens on");
+    ctl.write("listen", "web tcp 127.0.0.1:0\n");
+    let mut run = Hand::new()
+        .make("u", "unix-listener")
+        .meta(&format!(
+            concat!(
+                r#"{{"version":1,"parent_pid":%pid%,"generation":2,"entries":["#,
+                r#"{{"name":"admin","kind":"listener","fd":%u%,"network":"unix","address":"{}"}}]}}"#,
+            ),
+            victim_path.display()
+        ))
+        .start(&ctl, &[]);
+    let parent = run.first_pid();
+    let child: u32 = run
+        .wait_kind("hc-spawned", Some(parent))
+        .get("child")
+        .parse()
+        .expect("child pid");
+    run.wait_kind("ready", Some(child));
+    run.wait_kind("hc-ready", Some(parent));
+    assert!(
+        victim_path.exists(),
+        "the file the metadata named was removed"
+    );
+    signal(child, Signal::SIGTERM);
+    run.wait_kind("exit", Some(child));
+    run.wait_all_exited();
+}
+
+// ---------------------------------------------------------------------------
+// Random and mutated handovers.
+
+mod fuzz {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+    use super::*;
+
+    /// The kinds of resources a case may hand on.
+    const KINDS: &[&str] = &[
+        "tcp-listener",
+        "tcp-bound",
+        "tcp-stream",
+        "udp",
+        "unix-listener",
+        "unix-stream",
+        "unixgram",
+        "file",
+        "pipe-r",
+        "pipe-w",
+        "closed",
+    ];
+
+    /// One entry of the metadata, as a JSON template over resources
+    /// `r0`…`r{n-1}`.
+    fn entry(n: usize) -> impl Strategy<Value = String> {
+        let name = prop_oneof![
+            3 => Just("web".to_owned()),
+            3 => (0..9u8).prop_map(|i| format!("n{i}")),
+            1 => Just(String::new()),
+            1 => "[a-z\\\\\"\\u{0}-\\u{7f}]{0,12}",
+        ];
+        let kind = prop_oneof![
+            Just("listener"),
+            Just("packet"),
+            Just("conn"),
+            Just("file"),
+            Just("bogus"),
+        ];
+        let fd = prop_oneof![
+            8 => (0..n.max(1)).prop_map(|i| format!("%r{i}%")),
+            1 => Just("%parent%".to_owned()),
+            1 => Just("%ready%".to_owned()),
+            1 => Just("%childfd%".to_owned()),
+            1 => any::<i32>().prop_map(|v| v.to_string()),
+            1 => Just("\"7\"".to_owned()),
+        ];
+        let network = prop_oneof![
+            Just(None),
+            Just(Some("tcp")),
+            Just(Some("udp")),
+            Just(Some("unix")),
+            Just(Some("unixgram")),
+            Just(Some("unixpacket")),
+            Just(Some("tcp6")),
+            Just(Some("carrier-pigeon")),
+        ];
+        let address = prop_oneof![
+            Just(None),
+            (0..n.max(1)).prop_map(|i| Some(format!("%r{i}.addr%"))),
+            Just(Some("127.0.0.1:1".to_owned())),
+            Just(Some("/tmp/tableflip-fuzz-victim.sock".to_owned())),
+            "[ -~]{0,20}".prop_map(Some),
+        ];
+        (name, kind, fd, network, address).prop_map(|(name, kind, fd, network, address)| {
+            let mut e = format!(
+                r#"{{"name":{},"kind":"{kind}","fd":{fd}"#,
+                serde_json::Value::String(name)
+            );
+            if let Some(n) = network {
+                e.push_str(&format!(r#","network":"{n}""#));
+            }
+            if let Some(a) = address {
+                e.push_str(&format!(r#","address":{}"#, serde_json::Value::String(a)));
+            }
+            e.push('}');
+            e
+        })
+    }
+
+    /// A whole case: the resources, then framed metadata (maybe mutated).
+    fn case() -> impl Strategy<Value = (Vec<&'static str>, String, Option<(usize, u8)>, bool)> {
+        prop::collection::vec(prop::sample::select(KINDS), 0..4).prop_flat_map(|kinds| {
+            let n = kinds.len();
+            let version = prop_oneof![12 => Just(1u64), 1 => Just(0), 1 => Just(2), 1 => any::<u64>()];
+            let meta = (
+                version,
+                any::<u32>(),
+                any::<u64>(),
+                prop::collection::vec(entry(n), 0..4),
+                any::<bool>(),
+            )
+                .prop_map(|(v, pid, generation, entries, extra)| {
+                    let extra = if extra { r#","future":[1,{"x":null}]"# } else { "" };
+                    format!(
+                        r#"{{"version":{v},"parent_pid":{pid},"generation":{generation},"entries":[{}]{extra}}}"#,
+                        entries.join(",")
+                    )
+                });
+            // A printable byte written over one position, sometimes.
+            let mutation = prop::option::weighted(0.2, (any::<usize>(), 0x20u8..0x7f));
+            (Just(kinds), meta, mutation, prop::bool::weighted(0.3))
+        })
+    }
+
+    /// Runs one case through `handcraft` and `svc`: whatever the input,
+    /// `svc` either rejects it (an `error` event, exit status 2, every fd
+    /// it was handed still open) or accepts it (ready, then stops cleanly
+    /// on SIGTERM); never a panic, a signal, or a hang.
+    fn run_case(kinds: &[&str], meta: &str, mutation: Option<(usize, u8)>, truncate: bool) {
+        let ctl = Scratch::new("fuzz");
+        ctl.write("listen", "web tcp 127.0.0.1:0\n");
+        let mut hand = Hand::new();
+        for (i, kind) in kinds.iter().enumerate() {
+            hand = hand.make(&format!("r{i}"), kind);
+        }
+        let mut meta = meta.as_bytes().to_vec();
+        if let Some((at, byte)) = mutation {
+            let at = at % meta.len().max(1);
+            if let Some(b) = meta.get_mut(at) {
+                *b = byte;
+            }
+        }
+        if truncate && mutation.is_some() {
+            let keep = meta.len() / 2;
+            meta.truncate(keep);
+        }
+        let meta = String::from_utf8(meta).unwrap_or_default();
+        let hand = if truncate {
+            // The header announces the whole; the body is cut short.
+            hand.raw(&format!("{}\n{meta}", meta.len() * 2 + 1))
+        } else {
+            hand.meta(&meta)
+        }
+        .eof();
+        let mut run = hand.start(&ctl, &[("TF_FDS_ON_ERROR", "1"), ("RUST_LOG", "warn")]);
+        let fds = run.wait_kind("hc-fds", None);
+        let child: u32 = run
+            .wait_kind("hc-spawned", None)
+            .get("child")
+            .parse()
+            .expect("child pid");
+        let outcome = run.wait_for("the outcome", |e| {
+            (e.pid == child && (e.kind == "error" || e.kind == "ready")) || e.kind == "hc-exit"
+        });
+        let context =
+            |run: &Service| format!("kinds {kinds:?}, metadata {meta:?}: {:#?}", run.lines());
+        match outcome.kind.as_str() {
+            "error" => {
+                let open = run.wait_kind("error-fds", Some(child));
+                let open: Vec<&str> = open.get("fds").split(',').collect();
+                for name in (0..kinds.len())
+                    .filter(|i| kinds[*i] != "closed")
+                    .map(|i| format!("r{i}"))
+                    .chain(["parent".to_owned(), "ready".to_owned()])
+                {
+                    let fd = fds.get(&name);
+                    assert!(
+                        open.contains(&fd),
+                        "fd {fd} ({name}) was closed; {}",
+                        context(&run)
+                    );
+                }
+                let exit = run.wait_kind("hc-exit", None);
+                assert_eq!(exit.get("code"), "2", "{}", context(&run));
+            }
+            "ready" => {
+                signal(child, Signal::SIGTERM);
+                let exit = run.wait_kind("hc-exit", None);
+                assert_eq!(exit.get("code"), "0", "{}", context(&run));
+            }
+            _ => panic!(
+                "svc died without a word: {}; {}",
+                outcome.line,
+                context(&run)
+            ),
+        }
+        run.wait_all_exited();
+    }
+
+    /// Random and mutated metadata over resources of every kind, through
+    /// the real child path. A fixed seed and 96 cases keep it bounded and
+    /// repeatable; `TABLEFLIP_FUZZ_CASES` runs more.
+    #[test]
+    fn random_and_mutated_handovers_never_panic_close_or_hang() {
+        let _serial = serial();
+        adopt_orphans();
+        let cases = std::env::var("TABLEFLIP_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(96);
+        let config = Config {
+            cases,
+            failure_persistence: None,
+            max_shrink_iters: 64,
+            ..Config::default()
+        };
+        let mut runner =
+            TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+        let result = runner.run(&case(), |(kinds, meta, mutation, truncate)| {
+            run_case(&kinds, &meta, mutation, truncate);
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+    }
+}

@@ -17,12 +17,17 @@ use tableflip_tests::*;
 const AXUM: &str = env!("CARGO_BIN_EXE_axum_svc");
 
 fn start(ctl: &Scratch) -> (Service, String, std::path::PathBuf) {
+    start_with(ctl, &[])
+}
+
+fn start_with(ctl: &Scratch, envs: &[(&str, &str)]) -> (Service, String, std::path::PathBuf) {
     let addr = format!("127.0.0.1:{}", free_port());
     let pid_file = ctl.path().join("axum.pid");
     let mut cmd = Command::new(AXUM);
     cmd.env("AX_ADDR", &addr)
         .env("PID_FILE", &pid_file)
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        .envs(envs.iter().copied());
     let svc = spawn_ready(cmd, &pid_file);
     (svc, addr, pid_file)
 }
@@ -204,15 +209,11 @@ fn fresh_connections_are_answered_and_idle_ones_closed_cleanly() {
         socket_count(first) > before
     });
     signal(first, Signal::SIGHUP);
-    wait_until("the second generation is ready", || {
-        pid_file_pid(&pid_file).is_some_and(|p| p != first)
-    });
     // The PID file names the new generation a moment before the old one
-    // has read its readiness: wait until the old one drains, which shows
-    // as its accept loop dropping its handle of the listening socket.
-    wait_until("the first generation drains", || {
-        socket_count(first) <= before
-    });
+    // has read its readiness: wait until the old one drains. (Its socket
+    // count cannot tell: the upgrader keeps its own handle of the
+    // listening socket through the drain.)
+    svc.wait_kind("draining", Some(first));
     // The fresh connection's first request arrives during the drain.
     let reply = tableflip_tests::http1::request(&mut fresh, "/", true)
         .expect("the fresh connection is answered");
@@ -239,4 +240,175 @@ fn fresh_connections_are_answered_and_idle_ones_closed_cleanly() {
     assert_eq!(reply_pid(&reply.body), second);
     signal(second, Signal::SIGTERM);
     svc.wait_all_exited();
+}
+
+/// What a WebSocket client saw on `/ws`: the handshake's response, then the
+/// reply to one text message.
+#[derive(Debug)]
+struct WsExchange {
+    status: u16,
+    /// The handshake response's `Connection` header(s), joined.
+    connection: String,
+    reply: String,
+}
+
+/// Runs a real WebSocket client (tokio-tungstenite) on `stream`, an open
+/// connection to `addr`: the handshake for `/ws`, one text message and
+/// its reply, then a clean close. Each step has the [`DEADLINE`].
+fn websocket_exchange(
+    stream: std::net::TcpStream,
+    addr: &str,
+    text: &str,
+) -> Result<WsExchange, String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::time::timeout;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| format!("set_nonblocking: {e}"))?;
+        let stream =
+            tokio::net::TcpStream::from_std(stream).map_err(|e| format!("from_std: {e}"))?;
+        let (mut ws, response) = timeout(
+            DEADLINE,
+            tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream),
+        )
+        .await
+        .map_err(|_| "no handshake response within the deadline".to_owned())?
+        .map_err(|e| format!("handshake: {e}"))?;
+        let connection = response
+            .headers()
+            .get_all("connection")
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+            .join(", ");
+        timeout(DEADLINE, ws.send(Message::text(text)))
+            .await
+            .map_err(|_| "cannot send within the deadline".to_owned())?
+            .map_err(|e| format!("send: {e}"))?;
+        let reply = loop {
+            match timeout(DEADLINE, ws.next()).await {
+                Err(_) => return Err("no reply within the deadline".to_owned()),
+                Ok(None) => return Err("the connection ended before the reply".to_owned()),
+                Ok(Some(Err(e))) => return Err(format!("receive: {e}")),
+                Ok(Some(Ok(Message::Text(reply)))) => break reply.as_str().to_owned(),
+                Ok(Some(Ok(_))) => {}
+            }
+        };
+        // A clean close: ours, then the server's answer, then the end.
+        timeout(DEADLINE, ws.close(None))
+            .await
+            .map_err(|_| "cannot close within the deadline".to_owned())?
+            .map_err(|e| format!("close: {e}"))?;
+        while let Some(next) = timeout(DEADLINE, ws.next())
+            .await
+            .map_err(|_| "the server did not close within the deadline".to_owned())?
+        {
+            if let Err(e) = next {
+                return Err(format!("after close: {e}"));
+            }
+        }
+        Ok(WsExchange {
+            status: response.status().as_u16(),
+            connection,
+            reply,
+        })
+    })
+}
+
+/// The text message each WebSocket test sends.
+const HELLO: &str = "hello during the drain";
+
+/// Checks a WebSocket exchange run during `pid`'s drain: the handshake is
+/// intact (a `101` with `Connection: upgrade`, no `close`), and the
+/// message makes the round trip through the draining generation.
+fn assert_websocket_served(exchange: Result<WsExchange, String>, pid: u32) {
+    let exchange = exchange.unwrap_or_else(|e| panic!("WebSocket during the drain of {pid}: {e}"));
+    assert_eq!(exchange.status, 101, "{exchange:?}");
+    let connection = exchange.connection.to_ascii_lowercase();
+    assert!(
+        connection.contains("upgrade") && !connection.contains("close"),
+        "the handshake's Connection header is left alone: {exchange:?}"
+    );
+    let (echo, served_by) = exchange
+        .reply
+        .split_once('\n')
+        .unwrap_or_else(|| panic!("not `<text>\\npid <N>`: {exchange:?}"));
+    assert_eq!(echo, HELLO, "{exchange:?}");
+    assert_eq!(reply_pid(served_by), pid, "{exchange:?}");
+}
+
+/// After a WebSocket exchange with the first generation during its drain:
+/// it exits cleanly (the drain waited for the WebSocket), and the new
+/// generation serves alone, then stops on SIGTERM.
+fn finish_after_websocket(svc: &mut Service, pid_file: &std::path::Path, addr: &str) {
+    assert!(
+        svc.wait_first().success(),
+        "the old generation exits 0 once its WebSocket is closed"
+    );
+    let second = pid_file_pid(pid_file).expect("pid file");
+    assert_eq!(reply_pid(&tcp_http_get(addr)), second);
+    signal(second, Signal::SIGTERM);
+    svc.wait_all_exited();
+}
+
+/// The WebSocket tests' service: a linger far above anything a loaded
+/// machine takes between two steps of a test, so the drain never closes
+/// the idle keep-alive connection before its next request.
+fn start_for_websockets(ctl: &Scratch) -> (Service, String, std::path::PathBuf) {
+    start_with(ctl, &[("AX_LINGER_MS", "60000")])
+}
+
+/// A keep-alive connection that served `GET /` before the upgrade sends a
+/// WebSocket handshake while its generation drains: the `101` keeps its
+/// `Connection: upgrade` (the drain's `Connection: close` is for responses
+/// that go on speaking HTTP), and the WebSocket works, on the old
+/// generation, until the client closes it.
+#[test]
+fn websocket_handshake_on_a_keep_alive_connection_during_the_drain() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("ws-ka");
+    let (mut svc, addr, pid_file) = start_for_websockets(&ctl);
+    let first = svc.first_pid();
+    let mut conn = tableflip_tests::http1::connect(&addr).expect("connect");
+    let reply = tableflip_tests::http1::request(&mut conn, "/", true).expect("request");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply_pid(&reply.body), first);
+    assert!(!reply.close, "{reply:?}");
+    assert!(
+        conn.buffer().is_empty(),
+        "nothing follows the first response"
+    );
+    signal(first, Signal::SIGHUP);
+    svc.wait_kind("draining", Some(first));
+    assert_websocket_served(websocket_exchange(conn.into_inner(), &addr, HELLO), first);
+    finish_after_websocket(&mut svc, &pid_file, &addr);
+}
+
+/// A connection the old generation accepted just before the drain, whose
+/// first request is a WebSocket handshake sent during the drain: the
+/// handshake succeeds and the WebSocket works.
+#[test]
+fn websocket_handshake_as_the_first_request_during_the_drain() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("ws-fresh");
+    let (mut svc, addr, pid_file) = start_for_websockets(&ctl);
+    let first = svc.first_pid();
+    let before = socket_count(first);
+    let fresh = std::net::TcpStream::connect(&addr).expect("connect");
+    wait_until("the first generation accepted the fresh connection", || {
+        socket_count(first) > before
+    });
+    signal(first, Signal::SIGHUP);
+    svc.wait_kind("draining", Some(first));
+    assert_websocket_served(websocket_exchange(fresh, &addr, HELLO), first);
+    finish_after_websocket(&mut svc, &pid_file, &addr);
 }

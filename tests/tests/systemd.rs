@@ -18,7 +18,7 @@ use std::io::{IoSliceMut, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Instant;
 
 use nix::sys::signal::Signal;
@@ -984,7 +984,12 @@ fn activate_cmd(
     for l in listen {
         cmd.arg(format!("--listen={l}"));
     }
-    cmd.arg(format!("--fdname={}", names.join(":")));
+    // No names: systemd-socket-activate passes none (`LISTEN_FDNAMES`
+    // unset), as a socket unit without `FileDescriptorName=` passes its
+    // own name.
+    if !names.is_empty() {
+        cmd.arg(format!("--fdname={}", names.join(":")));
+    }
     for (k, v) in env {
         cmd.arg(format!("--setenv={k}={v}"));
     }
@@ -1232,68 +1237,6 @@ fn socket_activation_of_a_datagram_socket() {
     signal(second, Signal::SIGTERM);
     svc.wait_all_exited();
     wait_gone(second);
-}
-
-/// A process run to its end, stdout and stderr captured; killed if the
-/// test fails first.
-struct Captured {
-    child: Child,
-    out: std::thread::JoinHandle<String>,
-    err: std::thread::JoinHandle<String>,
-}
-
-impl Captured {
-    fn spawn(mut cmd: Command) -> Captured {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let drain = |r: Option<Box<dyn Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut s = String::new();
-                if let Some(mut r) = r {
-                    let _ = r.read_to_string(&mut s);
-                }
-                s
-            })
-        };
-        let out = drain(child.stdout.take().map(|s| Box::new(s) as _));
-        let err = drain(child.stderr.take().map(|s| Box::new(s) as _));
-        Captured { child, out, err }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits (within [`DEADLINE`]) for the exit; returns the status,
-    /// stdout and stderr.
-    fn finish(mut self) -> (ExitStatus, String, String) {
-        let deadline = Instant::now() + DEADLINE;
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(s)) => break s,
-                Ok(None) if Instant::now() < deadline => wait_a_little(),
-                other => panic!("{} did not exit: {other:?}", self.child.id()),
-            }
-        };
-        let out = std::mem::replace(&mut self.out, std::thread::spawn(String::new));
-        let err = std::mem::replace(&mut self.err, std::thread::spawn(String::new));
-        (
-            status,
-            out.join().unwrap_or_default(),
-            err.join().unwrap_or_default(),
-        )
-    }
-}
-
-impl Drop for Captured {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// A stream socket passed under the name of the UDP listener: the service
@@ -1569,6 +1512,144 @@ fn a_subprocess_of_an_activated_service_inherits_no_activation() {
             probe.line
         );
     }
+    signal(first, Signal::SIGTERM);
+    svc.wait_kind("exit", Some(first));
+    svc.wait_all_exited();
+    assert!(svc.wait_first().success());
+}
+
+// ---------------------------------------------------------------------------
+// Sockets passed without names.
+
+/// `systemd-socket-activate` without `--fdname` (and a socket unit
+/// without `FileDescriptorName=`) passes sockets under a name systemd
+/// makes up: each is used for the listener whose address it has. (The
+/// service used to bind the address itself, fail with EADDRINUSE against
+/// its own inherited socket, and reset the first client.) The next
+/// generation inherits it under the listener's name.
+#[test]
+fn socket_activation_without_names_matches_listeners_by_address() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("sa-unnamed");
+    let tcp = format!("127.0.0.1:{}", free_port());
+    ctl.write("listen", &format!("web tcp {tcp}\n"));
+    let p = |p: &Path| p.display().to_string();
+    let mut svc = Service::spawn(activate_cmd(
+        std::slice::from_ref(&tcp),
+        &[],
+        false,
+        &[("TF_CTL", p(ctl.path())), ("RUST_LOG", "info".to_owned())],
+        RT_SVC,
+    ));
+    let first = svc.first_pid();
+    let early = connect_when_listening(&tcp);
+    let ev = svc.wait_for("web listening", |e| {
+        e.pid == first && e.kind == "listening" && e.get("name") == "web"
+    });
+    assert_eq!(ev.get("addr"), tcp);
+    svc.wait_kind("ready", Some(first));
+    assert_eq!(
+        reply_pid(&request(early, "")),
+        first,
+        "the first client is served"
+    );
+    let second = svc.upgrade(first);
+    finish_upgrade(&mut svc, first, second, &tcp);
+    let ev2 = svc.wait_for("web listening in generation 2", |e| {
+        e.pid == second && e.kind == "listening"
+    });
+    assert_eq!(ev2.get("ino"), ev.get("ino"), "the same socket, inherited");
+    svc.stop(second);
+}
+
+/// A socket passed without a name whose address no declared listener
+/// has: the service refuses to start, naming the socket's address and
+/// the setting that fixes it; and with the address declared, it serves.
+#[test]
+fn an_unnamed_activated_socket_is_matched_by_address_or_named_in_the_error() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("sa-unnamed-macro");
+    let tcp = format!("127.0.0.1:{}", free_port());
+    let p = |p: &Path| p.display().to_string();
+    let env = |declared: &str| {
+        vec![
+            ("TF_CTL", p(ctl.path())),
+            ("MS_UNIX", p(&ctl.path().join("u.sock"))),
+            ("MS_TCP", declared.to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ]
+    };
+    let run = Captured::spawn(activate_cmd(
+        std::slice::from_ref(&tcp),
+        &[],
+        false,
+        &env("127.0.0.1:0"),
+        SVC,
+    ));
+    let _trigger = connect_when_listening(&tcp);
+    let (status, stdout, stderr) = run.finish();
+    assert_eq!(status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    for part in [tcp.as_str(), "FileDescriptorName=", "TCP"] {
+        assert!(stderr.contains(part), "{part:?} missing: {stderr}");
+    }
+    assert!(!stdout.contains("init-done"), "{stdout}");
+
+    let mut svc = Service::spawn(activate_cmd(
+        std::slice::from_ref(&tcp),
+        &[],
+        false,
+        &env(&tcp),
+        SVC,
+    ));
+    let first = svc.first_pid();
+    let early = connect_when_listening(&tcp);
+    svc.wait_kind("init-done", Some(first));
+    assert_eq!(reply_pid(&request(early, "GET")), first);
+    signal(first, Signal::SIGTERM);
+    svc.wait_all_exited();
+    assert!(svc.wait_first().success());
+}
+
+/// A newline in a value sent to systemd (here the executable's path,
+/// named by the failed upgrade's `STATUS=`) adds no field: every value is
+/// one line. (A path containing `\nSTOPPING=1` used to inject it.)
+#[test]
+fn a_newline_in_a_value_adds_no_notification_field() {
+    let _serial = serial();
+    adopt_orphans();
+    let ctl = Scratch::new("sd-newline");
+    let mut n = Notify::at_path(&ctl);
+    let dir = ctl.path().join("x\nSTOPPING=1");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let exe = dir.join("svc");
+    install_exe(RT_SVC, &exe, 0);
+    ctl.write("listen", "web tcp 127.0.0.1:0\n");
+    let mut cmd = Command::new(&exe);
+    cmd.env("TF_CTL", ctl.path())
+        .env("RUST_LOG", "info")
+        .env("NOTIFY_SOCKET", &n.env);
+    let mut svc = Service::spawn(cmd);
+    let first = svc.first_pid();
+    svc.wait_kind("ready", Some(first));
+    n.next("READY=1");
+    std::fs::remove_file(&exe).expect("remove the binary");
+    let err = svc.upgrade_err(first);
+    assert_eq!(err.get("kind"), "Spawn", "{}", err.line);
+    n.next("RELOADING=1");
+    let done = n.next("READY=1 after the failure");
+    assert!(done.has("READY"), "{:?}", done.raw);
+    assert!(
+        !done.has("STOPPING"),
+        "a value injected a field: {:?}",
+        done.raw
+    );
+    assert!(
+        done.get("STATUS").is_some_and(|s| s.contains("STOPPING=1")),
+        "the path is in STATUS, on its one line: {:?}",
+        done.raw
+    );
     signal(first, Signal::SIGTERM);
     svc.wait_kind("exit", Some(first));
     svc.wait_all_exited();

@@ -17,7 +17,8 @@
 //! ```
 //!
 //! Kinds: `tcp-listener`, `tcp-bound` (bound, not listening), `tcp-stream`
-//! (connected), `udp`, `unix-stream` (one end of a connected pair),
+//! (connected), `udp`, `unix-listener` (bound to a path in the temporary
+//! directory, its address), `unix-stream` (one end of a connected pair),
 //! `unixgram`, `file` (a regular file), `pipe-r` / `pipe-w` (read / write end
 //! of a pipe), `closed` (an fd number that is open in neither process;
 //! nothing is handed on).
@@ -147,6 +148,19 @@ fn make(kind: &str, keep: &mut Keep) -> (Option<OwnedFd>, Option<String>) {
             let s = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| io("bind", e));
             let addr = s.local_addr().map(|a| a.to_string()).ok();
             (Some(s.into()), addr)
+        }
+        "unix-listener" => {
+            // Bound to a path of its own, which the handover's metadata may
+            // then misname.
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "hc-{}-{}.sock",
+                std::process::id(),
+                N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ));
+            let _ = std::fs::remove_file(&path);
+            let l = std::os::unix::net::UnixListener::bind(&path).unwrap_or_else(|e| io("bind", e));
+            (Some(l.into()), Some(path.display().to_string()))
         }
         "unix-stream" => {
             let (a, b) = UnixStream::pair().unwrap_or_else(|e| io("socketpair", e));

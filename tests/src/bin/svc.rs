@@ -11,7 +11,9 @@
 //!   (event `error-fds`).
 //!
 //! Control files, read by each generation when it starts:
-//! - `listen`: lines `NAME NETWORK ADDRESS`: sockets to open;
+//! - `listen`: lines `NAME NETWORK ADDRESS`: sockets to open (`NAME` `-`
+//!   for a TCP listener opened with `Upgrader::listen`, named after its
+//!   address);
 //! - `init`: `ok` (default), `exit N`, `panic`, `hang`, `sigkill`, `abort`:
 //!   what happens after the sockets are opened, instead of `ready()`; or
 //!   `block`: event `blocked`, then wait until the file `unblock` exists,
@@ -35,7 +37,8 @@
 //! `SIGTERM` stops, `SIGUSR1` prints `stats`, `SIGUSR2` runs the actions
 //! in the control file `usr2` (same syntax as `actions`).
 //!
-//! Main events: `start gen= has_parent= parent=`, `listening name= network=
+//! Main events: `start gen= has_parent= parent= cwd= exe_size=` (`cwd`: the
+//! working directory as the kernel resolves it), `listening name= network=
 //! addr= nonblock= cloexec= ino=` (`ino`: the socket's inode, the same in
 //! every process sharing it), `ready fds= rss_kb= exe_size=`, `upgrade-ok
 //! child=`, `upgrade-err kind= msg= [child=]`, `stopping`, `lingering`,
@@ -51,7 +54,7 @@
 //! used to check what a subprocess inherits.
 
 use std::io::Write;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -90,6 +93,9 @@ fn error_kind(e: &Error) -> &'static str {
         Error::PidFile { .. } => "PidFile",
         Error::NotSupported => "NotSupported",
         Error::Pid1 => "Pid1",
+        Error::AlreadyListening { .. } => "AlreadyListening",
+        Error::StartDirectory { .. } => "StartDirectory",
+        Error::SocketActivation { .. } => "SocketActivation",
         _ => "Other",
     }
 }
@@ -234,6 +240,9 @@ fn cloexec(fd: impl AsFd) -> bool {
 struct Held {
     conns: Vec<Handover<std::net::TcpStream>>,
     files: Vec<Handover<std::fs::File>>,
+    extra: Vec<std::fs::File>,
+    children: Vec<std::process::Child>,
+    ballast: Vec<Vec<u8>>,
 }
 
 async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
@@ -242,12 +251,61 @@ async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
     };
     for line in spec.lines().filter(|l| !l.trim().is_empty()) {
         let parts: Vec<&str> = line.split_whitespace().collect();
-        let [name, network, address] = parts.as_slice() else {
-            event("bad-ctl", &format!("line={}", quote(line)));
-            continue;
+        let (name, network, address, mode) = match parts.as_slice() {
+            [n, net, a] => (n, net, a, None),
+            [n, net, a, m] => (n, net, a, u32::from_str_radix(m, 8).ok()),
+            _ => {
+                event("bad-ctl", &format!("line={}", quote(line)));
+                continue;
+            }
         };
-        let spec = tableflip::ListenSpec::new(*name, *network, *address);
+        let mut spec = tableflip::ListenSpec::new(*name, *network, *address);
+        if let Some(mode) = mode {
+            spec = spec.mode(mode);
+        }
         match *network {
+            // A std listener in blocking mode, served by a thread's
+            // blocking accept loop (events `accepted`, `accept-err`).
+            "stdtcp" => {
+                let spec = tableflip::ListenSpec::new(*name, "tcp", *address);
+                let l: std::net::TcpListener = upg.listen_with(&spec)?;
+                let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let _ = l.set_nonblocking(false);
+                event(
+                    "listening",
+                    &format!("name={name} network={network} addr={addr} {}", fd_info(&l)),
+                );
+                std::thread::spawn(move || {
+                    loop {
+                        match l.accept() {
+                            Ok((mut s, _)) => {
+                                event("accepted", "");
+                                let _ = s.write_all(&reply());
+                            }
+                            Err(e) => {
+                                event("accept-err", &format!("msg={}", quote(&e.to_string())));
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                        }
+                    }
+                });
+            }
+            // `-`: the listener Go's API opens, named after its address.
+            "tcp" | "tcp4" | "tcp6" if *name == "-" => {
+                let l: tokio::net::TcpListener = upg.listen(network, address)?;
+                let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                event(
+                    "listening",
+                    &format!("name={name} network={network} addr={addr} {}", fd_info(&l)),
+                );
+                let exit = upg.exit();
+                TRACKER.spawn(async move {
+                    tokio::select! {
+                        () = serve_tcp(l) => {}
+                        () = exit => {}
+                    }
+                });
+            }
             "tcp" | "tcp4" | "tcp6" => {
                 let l: tokio::net::TcpListener = upg.listen_with(&spec)?;
                 let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -401,7 +459,13 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
         ["take-file", name] => match upg.fds().file::<std::fs::File>(name) {
             Ok(Some(mut f)) => {
                 let _ = writeln!(*f, "written by {}", std::process::id());
-                event("took-file", &format!("name={name} {}", fd_info(&*f)));
+                let path = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                event(
+                    "took-file",
+                    &format!("name={name} path={} {}", quote(&path), fd_info(&*f)),
+                );
             }
             Ok(None) => event("took-file", &format!("name={name} missing=true")),
             Err(e) => event(
@@ -479,6 +543,86 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
                 &format!("action=chdir msg={}", quote(&e.to_string())),
             ),
         },
+        // Replaces the value in the guard of file NAME by PATH opened
+        // anew, closes the original, and opens PATH once more (likely at
+        // the original's fd number): what is handed on must still be the
+        // file that was registered.
+        ["swap-file", name, path] => {
+            let Some(guard) = held.files.iter_mut().find(|f| f.name() == *name) else {
+                event(
+                    "action-err",
+                    &format!("action=swap-file msg={}", quote("no such file")),
+                );
+                return;
+            };
+            match std::fs::File::open(path) {
+                Ok(other) => {
+                    let original = std::mem::replace(&mut **guard, other);
+                    drop(original);
+                    if let Ok(again) = std::fs::File::open(path) {
+                        held.extra.push(again);
+                    }
+                    event("swapped-file", &format!("name={name}"));
+                }
+                Err(e) => event(
+                    "action-err",
+                    &format!("action=swap-file msg={}", quote(&e.to_string())),
+                ),
+            }
+        }
+        // The application restores SIGPIPE's default action (fatal).
+        ["default-sigpipe"] => {
+            // SAFETY (test service): installing the default disposition
+            // runs no handler code.
+            #[allow(unsafe_code)]
+            let restored = unsafe {
+                nix::sys::signal::signal(
+                    nix::sys::signal::Signal::SIGPIPE,
+                    nix::sys::signal::SigHandler::SigDfl,
+                )
+            };
+            event("default-sigpipe", &format!("ok={}", restored.is_ok()));
+        }
+        // A process this generation starts (event `grandchild pid=`).
+        ["spawn-grandchild"] => match std::process::Command::new("sleep").arg("600").spawn() {
+            Ok(child) => {
+                event("grandchild", &format!("pid={}", child.id()));
+                held.children.push(child);
+            }
+            Err(e) => event(
+                "action-err",
+                &format!("action=spawn-grandchild msg={}", quote(&e.to_string())),
+            ),
+        },
+        // Drops privileges (root tests).
+        ["setuid", uid] => {
+            let uid = nix::unistd::Uid::from_raw(uid.parse().unwrap_or(65534));
+            let gid = nix::unistd::Gid::from_raw(uid.as_raw());
+            let done = nix::unistd::setresgid(gid, gid, gid)
+                .and_then(|()| nix::unistd::setresuid(uid, uid, uid));
+            event("setuid", &format!("ok={}", done.is_ok()));
+        }
+        // An upgrade given up (its future dropped) when the control file
+        // NAME appears; runs in a task of its own.
+        ["upgrade-until", name] => {
+            let (u, name) = (upg.clone(), (*name).to_owned());
+            TRACKER.spawn(async move {
+                tokio::select! {
+                    result = u.upgrade() => report_upgrade(result),
+                    () = wait_for_ctl_file(&name) => event("upgrade-cancelled", ""),
+                }
+            });
+        }
+        // MB megabytes of resident memory, kept.
+        ["ballast", mb] => {
+            let mb: usize = mb.parse().unwrap_or(0);
+            let mut v = vec![0u8; mb << 20];
+            for page in v.chunks_mut(4096) {
+                page[0] = 1;
+            }
+            held.ballast.push(v);
+            event("ballast", &format!("mb={mb}"));
+        }
         ["probe-child"] => {
             let exe = std::env::current_exe().unwrap_or_default();
             match tokio::process::Command::new(exe)
@@ -617,13 +761,18 @@ async fn svc_main() {
         }
     };
     new_twice();
+    let cwd = std::env::current_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
     event(
         "start",
         &format!(
-            "gen={} has_parent={} parent={}",
+            "gen={} has_parent={} parent={} cwd={} exe_size={}",
             upg.generation(),
             upg.has_parent(),
-            upg.parent_pid().unwrap_or(0)
+            upg.parent_pid().unwrap_or(0),
+            quote(&cwd),
+            exe_size()
         ),
     );
     if let Err(e) = open_listeners(&upg).await {

@@ -2,13 +2,15 @@
 //! `macro_svc_moved`): they differ only in their listener declarations.
 //!
 //! Environment: `TF_CTL` (control directory; its `init` file says what the
-//! init function does: `ok`, `err`, `panic`, `hang`, `block` (until an
-//! `unblock` file appears), `exit N`),
+//! init function does: `ok`, `err`, `err-env` (an `io::Error` around
+//! `VarError::NotPresent`), `panic`, `hang`, `hang-task` (a task that never
+//! ends, then hang), `block` (until an `unblock` file appears), `exit N`),
 //! `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`, `MS_DRAIN_MS` (read by
 //! [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout:
 //! `start gen= has_parent=`, `listening name= addr=` for each listener
 //! (for the Unix one, `addr` is the declared address and `local` the path
 //! the socket is really bound to, which differs when systemd passed it),
+//! `address name= addr=` (what the TCP declaration reports after `take`),
 //! `second-take msg=`, `hanging`, `blocked`, `init-done`, `slow ms=` (a
 //! `SLOW` request was read and is being served), `draining` (after an
 //! upgrade or a stop: this generation has stopped accepting).
@@ -108,6 +110,11 @@ pub(crate) async fn init(
     if let Err(e) = tcp.take() {
         event("second-take", &format!("msg={:?}", e.to_string()));
     }
+    // What the declaration reports once its socket is taken.
+    event(
+        "address",
+        &format!("name={} addr={}", tcp.name(), tcp.address()),
+    );
 
     let (c, d) = (cx.clone(), cx.draining());
     cx.spawn(async move {
@@ -150,6 +157,14 @@ pub(crate) async fn init(
     match what.trim() {
         "" | "ok" => {}
         "err" => return Err("init failed on purpose".into()),
+        // An error whose Debug form says nothing a user can read.
+        "err-env" => return Err(std::io::Error::other(std::env::VarError::NotPresent).into()),
+        // A task that ignores the drain, then an init that never returns.
+        "hang-task" => {
+            cx.spawn(std::future::pending::<()>());
+            event("hanging", "");
+            std::future::pending::<()>().await;
+        }
         "panic" => panic!("init panicked on purpose"),
         "hang" => {
             event("hanging", "");
