@@ -134,9 +134,18 @@ impl Upgrader {
     /// Creates the process's upgrader, taking over whatever a parent
     /// generation handed on.
     ///
-    /// Call it once, early in `main`, before the program starts threads
-    /// that read or write the environment: it removes tableflip's protocol
-    /// variable from the environment, so subprocesses never see it.
+    /// Call it once, early in `main`. Called while the process runs a
+    /// single thread (before a multi-thread runtime starts, as
+    /// `#[tableflip::main]` does), it also removes the protocol's
+    /// environment variables; with threads running (inside
+    /// `#[tokio::main]`, say) it leaves the environment alone, since
+    /// editing it could race another thread's `getenv`. Either way a
+    /// subprocess that inherits the variables ignores them (they name pipes
+    /// it does not hold), and inherits none of the protocol's fds.
+    ///
+    /// It also raises the soft limit of open files to the hard limit,
+    /// unless [`Options::raise_fd_limit`] is off, and checks that the PID
+    /// file, if any, can be replaced by this process.
     ///
     /// # Errors
     ///
@@ -144,7 +153,10 @@ impl Upgrader {
     /// if the first failed: the handover can only be taken once);
     /// [`Error::InvalidHandover`] or [`Error::InheritMismatch`] when the
     /// handover is malformed, names fds that are not open, or names fds that
-    /// are not what they claim to be.
+    /// are not what they claim to be; [`Error::SocketActivation`] for
+    /// unusable `LISTEN_FDS`; [`Error::PidFile`] when the PID file can never
+    /// be replaced by this process (another user's file in a sticky
+    /// directory, a directory it cannot write).
     pub fn new(opts: Options) -> Result<Upgrader> {
         if CREATED.swap(true, Ordering::SeqCst) {
             return Err(Error::AlreadyCreated {
