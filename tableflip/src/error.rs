@@ -139,10 +139,10 @@ pub enum Error {
     },
 
     /// `upgrade()` called while another upgrade runs.
-    #[error("cannot upgrade: an upgrade is already in progress (child pid {child_pid})")]
+    #[error("cannot upgrade: an upgrade is already in progress{}", child_pid.map(|p| format!(" (child pid {p})")).unwrap_or_default())]
     UpgradeInProgress {
-        /// The child being started, or 0 if not spawned yet.
-        child_pid: u32,
+        /// The child being started; `None` while it is being spawned.
+        child_pid: Option<u32>,
     },
 
     /// `upgrade()` called after a successful upgrade.

@@ -26,11 +26,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::bind::{self, ListenSpec, SetupHook};
 use crate::error::{Error, Result};
-use crate::launch::FileId;
 use crate::network::{Address, Network};
 use crate::protocol::{EntryMeta, Inherited};
 use crate::socket::{self, Conn, File, FromFd, Kind, Listener, PacketConn, SockId};
 use crate::sys;
+use crate::unixfile::FileId;
 use crate::unixfile::SocketFile;
 
 /// How an entry holds its fd.

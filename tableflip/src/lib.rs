@@ -42,13 +42,11 @@
 #![cfg(unix)]
 
 mod bind;
-mod child;
 mod declare;
 mod error;
 mod fds;
 #[cfg(feature = "http")]
 pub mod http;
-mod launch;
 mod network;
 mod options;
 mod pidfile;
@@ -60,7 +58,7 @@ mod sys;
 mod systemd;
 pub mod testing;
 mod unixfile;
-mod upgrader;
+mod upgrade;
 
 pub use bind::{ListenSpec, SetupHook};
 pub use declare::DeclaredListener;
@@ -71,7 +69,7 @@ pub use options::{DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT, DEFAULT_UPGRADE_TIMEOU
 pub use protocol::{ENV_HANDOVER, VERSION as PROTOCOL_VERSION};
 pub use service::Context;
 pub use socket::{Conn, File, FromFd, Kind, Listener, PacketConn};
-pub use upgrader::Upgrader;
+pub use upgrade::Upgrader;
 
 /// Re-exported so that socket-setup hooks can name its types.
 pub use socket2;

@@ -47,7 +47,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::stat::{SFlag, fstat};
 use serde::{Deserialize, Serialize};
 
@@ -158,9 +158,9 @@ fn meant_for_this_process(id: Option<&OsStr>, parent_fd: RawFd, ready_fd: RawFd)
         return true;
     };
     let inode = |fd: RawFd| {
-        sys::borrow_inherited(fd)
+        sys::inspect_received(fd, |b| fstat(b).ok())
             .ok()
-            .and_then(|b| fstat(b).ok())
+            .flatten()
             .map(|st| st.st_ino.to_string())
     };
     let want: Vec<&str> = id.to_str().unwrap_or("").split(':').collect();
@@ -234,55 +234,45 @@ fn check_version(version: u32) -> Result<()> {
     Ok(())
 }
 
-/// Borrows `fd`, a number the parent says it handed on, after checking that
-/// it is open and really came across `exec`.
-///
-/// An fd that survived `exec` has `FD_CLOEXEC` clear (or it would have been
-/// closed), and nothing in this process touched it before the handover is
-/// read; every fd this process opened itself (its runtime's, the standard
-/// library's) is close-on-exec. So a close-on-exec fd is not the parent's to
-/// hand on: taking it would close it under its real owner.
-pub(crate) fn borrow_handed_on(fd: RawFd) -> Result<BorrowedFd<'static>, String> {
+/// Runs `f` on `fd`, a number the parent (or systemd) says it handed on,
+/// borrowed for the call, after checking that it is open and really came
+/// across `exec` (see [`sys::inspect_received`]): a close-on-exec fd was
+/// opened by this process, and is not the parent's to hand on. The error
+/// starts with `fd <n>`.
+pub(crate) fn inspect_handed_on<R>(
+    fd: RawFd,
+    f: impl FnOnce(BorrowedFd<'_>) -> Result<R, String>,
+) -> Result<R, String> {
     if fd < 0 {
         return Err(format!("fd {fd} is not a valid fd number"));
     }
-    let borrowed = sys::borrow_inherited(fd).map_err(|e| format!("fd {fd} is not open ({e})"))?;
-    let flags = fcntl(borrowed, FcntlArg::F_GETFD)
-        .map_err(|e| format!("cannot read the flags of fd {fd}: {e}"))?;
-    if FdFlag::from_bits_retain(flags).contains(FdFlag::FD_CLOEXEC) {
-        return Err(format!(
-            "fd {fd} was not inherited: it is close-on-exec, so this process opened it itself"
-        ));
-    }
-    Ok(borrowed)
+    sys::inspect_received(fd, f).map_err(|e| format!("fd {fd} {e}"))?
 }
 
 /// Checks that `fd` is an inherited pipe end of the right direction
-/// (`readable`: the read end), and borrows it.
-fn borrow_pipe(fd: RawFd, what: &str, readable: bool) -> Result<BorrowedFd<'static>> {
-    // `e` starts with `fd <n>`.
-    let borrowed = borrow_handed_on(fd).map_err(|e| Error::handover(format!("the {what} {e}")))?;
-    let st = fstat(borrowed)
-        .map_err(|e| Error::handover(format!("cannot fstat the {what} fd {fd}: {e}")))?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
-        return Err(Error::handover(format!("the {what} fd {fd} is not a pipe")));
-    }
-    let mode = fcntl(borrowed, FcntlArg::F_GETFL)
-        .map(|f| OFlag::from_bits_retain(f) & OFlag::O_ACCMODE)
-        .map_err(|e| {
-            Error::handover(format!("cannot read the flags of the {what} fd {fd}: {e}"))
-        })?;
-    let (wrong, end, expected) = if readable {
-        (OFlag::O_WRONLY, "write", "read")
-    } else {
-        (OFlag::O_RDONLY, "read", "write")
-    };
-    if mode == wrong {
-        return Err(Error::handover(format!(
-            "the {what} fd {fd} is the {end} end of a pipe, expected the {expected} end"
-        )));
-    }
-    Ok(borrowed)
+/// (`readable`: the read end).
+fn check_pipe(fd: RawFd, what: &str, readable: bool) -> Result<()> {
+    inspect_handed_on(fd, |borrowed| {
+        let st = fstat(borrowed).map_err(|e| format!("fd {fd}: cannot fstat it: {e}"))?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFIFO {
+            return Err(format!("fd {fd} is not a pipe"));
+        }
+        let mode = fcntl(borrowed, FcntlArg::F_GETFL)
+            .map(|f| OFlag::from_bits_retain(f) & OFlag::O_ACCMODE)
+            .map_err(|e| format!("fd {fd}: cannot read its flags: {e}"))?;
+        let (wrong, end, expected) = if readable {
+            (OFlag::O_WRONLY, "write", "read")
+        } else {
+            (OFlag::O_RDONLY, "read", "write")
+        };
+        if mode == wrong {
+            return Err(format!(
+                "fd {fd} is the {end} end of a pipe, expected the {expected} end"
+            ));
+        }
+        Ok(())
+    })
+    .map_err(|e| Error::handover(format!("the {what} {e}")))
 }
 
 /// Reads the handover, if this process was started by a tableflip parent.
@@ -311,9 +301,10 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
         );
         return Ok(None);
     }
-    let parent = borrow_pipe(parent_fd, "parent", true)?;
-    borrow_pipe(ready_fd, "ready", false)?;
-    let raw = read_metadata(parent)?;
+    check_pipe(parent_fd, "parent", true)?;
+    check_pipe(ready_fd, "ready", false)?;
+    let raw = sys::inspect_received(parent_fd, read_metadata)
+        .map_err(|e| Error::handover(format!("the parent fd {parent_fd} {e}")))??;
     let meta: Metadata = serde_json::from_slice(&raw)
         .map_err(|e| Error::handover(format!("the metadata is not valid: {e}")))?;
     check_version(meta.version)?;
@@ -321,8 +312,8 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
 
     // Everything is valid: take ownership.
     let take = |fd: RawFd, what: &str| {
-        sys::take_inherited_fd(fd)
-            .map_err(|e| Error::handover(format!("cannot take the {what} fd {fd}: {e}")))
+        sys::claim_received(fd)
+            .map_err(|e| Error::handover(format!("cannot take the {what}: fd {fd} {e}")))
     };
     let parent_pipe = take(parent_fd, "parent")?;
     let ready_pipe = take(ready_fd, "ready")?;
@@ -511,8 +502,10 @@ fn check_entries(
         if matches!(e.kind, Kind::Listener | Kind::Packet) && e.address.is_none() {
             return Err(bad("the entry names no address".to_owned()));
         }
-        let fd = borrow_handed_on(e.fd).map_err(bad)?;
-        socket::check_fd(fd, e.kind, network).map_err(|r| bad(format!("fd {}: {r}", e.fd)))?;
+        inspect_handed_on(e.fd, |fd| {
+            socket::check_fd(fd, e.kind, network).map_err(|r| format!("fd {}: {r}", e.fd))
+        })
+        .map_err(bad)?;
         out.push((e.clone(), network));
     }
     Ok(out)

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::options::Options;
-use crate::upgrader::Upgrader;
+use crate::upgrade::Upgrader;
 
 /// What the init function of a `#[tableflip::main]` service gets: the
 /// upgrader, task tracking for the drain, and the drain signal.

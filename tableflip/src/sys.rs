@@ -11,51 +11,126 @@ use std::os::unix::process::CommandExt;
 
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 
-/// Takes ownership of `fd`, an fd number named by the handover or by
-/// `LISTEN_FDS`, after checking that it is open.
-///
-/// The caller guarantees that nothing else in this process owns `fd`: the
-/// handover parser rejects duplicate fd numbers and the protocol's own fds,
-/// and every number is taken at most once, before any other code of the
-/// process could have opened or closed it.
-pub(crate) fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    if fd < 0 {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
+/// A system call's result: `-1` (or any negative value) means failure,
+/// with the reason in `errno` (the C convention; std's private `cvt`).
+trait MinusOne: Copy + PartialOrd + Default {}
+impl MinusOne for libc::c_int {}
+impl MinusOne for libc::c_long {}
+
+fn cvt<T: MinusOne>(rc: T) -> io::Result<T> {
+    if rc < T::default() {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
     }
-    // SAFETY: `fcntl(F_GETFD)` only reads the fd table; on a closed or
-    // invalid fd it fails with EBADF and touches nothing.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the fd is open (checked above) and, per this function's
-    // contract, owned by nobody else in the process, so wrapping it in an
-    // `OwnedFd` (which closes it on drop) cannot double-close.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    set_cloexec(owned.as_fd())?;
-    Ok(owned)
 }
 
-/// Borrows `fd`, an fd number named by an inherited handover, after
-/// checking that it is open, so it can be inspected before anything takes
-/// ownership of it.
-///
-/// The borrow is only used during `Upgrader::new`, while the handover is
-/// checked: nothing in this crate closes an inherited fd before the checks
-/// end, and the program has not been handed any of these numbers.
-pub(crate) fn borrow_inherited(fd: RawFd) -> io::Result<BorrowedFd<'static>> {
+/// The fd numbers this process has claimed among those it received across
+/// `exec` (named by a handover or by `LISTEN_FDS`), and the lock that
+/// serialises inspecting and claiming them.
+static CLAIMED: std::sync::Mutex<std::collections::BTreeSet<RawFd>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Why a received fd number cannot be inspected or claimed.
+#[derive(Debug)]
+pub(crate) enum NotReceived {
+    /// Not open (or not a valid number).
+    Closed(io::Error),
+    /// Close-on-exec: it did not come across `exec` (every fd that did has
+    /// the flag clear), so this process opened it, and it is not ours to
+    /// take.
+    CloseOnExec,
+    /// Claimed already, in this process.
+    Claimed,
+}
+
+impl std::fmt::Display for NotReceived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReceived::Closed(e) => write!(f, "is not open ({e})"),
+            NotReceived::CloseOnExec => f.write_str(
+                "was not inherited: it is close-on-exec, so this process opened it itself",
+            ),
+            NotReceived::Claimed => f.write_str("was claimed already"),
+        }
+    }
+}
+
+/// Checks, under the [`CLAIMED`] lock, that `fd` can be a received fd:
+/// a valid number, open, not close-on-exec, not claimed before.
+fn check_received(
+    fd: RawFd,
+    claimed: &std::collections::BTreeSet<RawFd>,
+) -> Result<(), NotReceived> {
     if fd < 0 {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
+        return Err(NotReceived::Closed(io::Error::from_raw_os_error(
+            libc::EBADF,
+        )));
     }
-    // SAFETY: `fcntl(F_GETFD)` only reads the fd table; an invalid fd fails
-    // with EBADF.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(io::Error::last_os_error());
+    if claimed.contains(&fd) {
+        return Err(NotReceived::Claimed);
     }
-    // SAFETY: the fd is open (checked above) and, as documented, stays open
-    // for as long as the borrow is used: the handover checks run before any
-    // code closes or takes ownership of an inherited fd.
-    Ok(unsafe { BorrowedFd::borrow_raw(fd) })
+    // SAFETY: `fcntl(F_GETFD)` only reads the fd table; on a closed or
+    // invalid number it fails with EBADF and touches nothing.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) }).map_err(NotReceived::Closed)?;
+    if flags & libc::FD_CLOEXEC != 0 {
+        return Err(NotReceived::CloseOnExec);
+    }
+    Ok(())
+}
+
+fn claimed() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<RawFd>> {
+    CLAIMED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs `f` on `fd`, an fd number this process received across `exec`
+/// (see [`claim_received`]), borrowed for the call only, so that it can be
+/// inspected before anything takes ownership of it.
+///
+/// # Errors
+///
+/// [`NotReceived`] when the number cannot be a received fd.
+pub(crate) fn inspect_received<R>(
+    fd: RawFd,
+    f: impl FnOnce(BorrowedFd<'_>) -> R,
+) -> Result<R, NotReceived> {
+    let claimed = claimed();
+    check_received(fd, &claimed)?;
+    // SAFETY: `fd` is open (checked above) and unclaimed, and stays so
+    // while the borrow lives: the borrow cannot leave `f`, and the lock
+    // held meanwhile keeps this crate from claiming (and so from closing)
+    // any received fd. The number is not close-on-exec, so it was not
+    // opened by std, tokio or this crate, whose fds all are: it is one of
+    // the fds the parent (or systemd) passed across `exec`, which nobody
+    // in this process owns until claimed.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    Ok(f(borrowed))
+}
+
+/// Takes ownership of `fd`, an fd number named by the handover or by
+/// `LISTEN_FDS`: once per number and process, only if it is open and not
+/// close-on-exec (as every fd that came across `exec` is, and no fd this
+/// process opened through std, tokio or this crate is). The fd is made
+/// close-on-exec, so that no subprocess inherits it.
+///
+/// # Errors
+///
+/// [`NotReceived`] when the number cannot be a received fd, or was
+/// claimed already; `Closed` also when close-on-exec cannot be set.
+pub(crate) fn claim_received(fd: RawFd) -> Result<OwnedFd, NotReceived> {
+    let mut claimed = claimed();
+    check_received(fd, &claimed)?;
+    claimed.insert(fd);
+    // SAFETY: the fd is open, was passed across `exec` (not close-on-exec:
+    // nothing in this process opened it through std, tokio or this crate),
+    // and has not been claimed before (the set above, under its lock): no
+    // other `OwnedFd` of this crate owns it, so this one is the only owner
+    // and its drop the only close.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(owned.as_fd()).map_err(NotReceived::Closed)?;
+    Ok(owned)
 }
 
 /// The path `execve` was called with to start this program (the
@@ -92,10 +167,7 @@ pub(crate) fn dup_number(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: `fcntl(F_DUPFD_CLOEXEC)` reads the fd table and creates a new
     // fd; on a closed or invalid number it fails with EBADF and creates
     // nothing. It never affects the fd it duplicates.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if new < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
     // SAFETY: the kernel just created `new` for this call; nothing else in
     // the process knows the number.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
@@ -286,15 +358,10 @@ pub(crate) fn inherit_across_exec(cmd: &mut std::process::Command, fds: Vec<RawF
             // async-signal-safe functions may run; `fcntl` is one, and the
             // loop neither allocates nor takes locks (`fds` was built before
             // the fork).
-            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-            if flags < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
             // SAFETY: as above; clearing FD_CLOEXEC changes the child's fd
             // table only.
-            if unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) })?;
         }
         Ok(())
     };
@@ -366,10 +433,7 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
     // SAFETY: `pidfd_open(pid, 0)` takes plain integers and returns a new
     // fd (close-on-exec, as the kernel always makes pidfds) or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
     let fd = RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -383,7 +447,7 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> i
     // SAFETY: `pidfd_send_signal(pidfd, sig, NULL, 0)` takes an fd, a
     // signal number, a null `siginfo` (allowed: the kernel fills in one as
     // `kill` would) and no flags; it reads nothing through pointers.
-    let rc = unsafe {
+    cvt(unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd.as_raw_fd(),
@@ -391,11 +455,8 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> i
             std::ptr::null::<libc::siginfo_t>(),
             0,
         )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    })
+    .map(|_| ())
 }
 
 /// A pidfd for the child `pid`, registered with the tokio reactor:

@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::error::{Error, Result};
-use crate::protocol::{EntryMeta, Inherited, borrow_handed_on};
+use crate::protocol::{EntryMeta, Inherited, inspect_handed_on};
 use crate::socket::{self, Kind};
 use crate::sys;
 
@@ -223,18 +223,18 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
     let mut checked = Vec::with_capacity(names.len());
     for (i, name) in names.iter().enumerate() {
         let fd = SD_LISTEN_FDS_START + RawFd::from(u16::try_from(i).unwrap_or(u16::MAX));
-        let borrowed =
-            borrow_handed_on(fd).map_err(|reason| bad(format!("{name:?} (fd {fd}): {reason}")))?;
-        let kind = match socket2::SockRef::from(&borrowed).r#type() {
-            Ok(Type::DGRAM) => Kind::Packet,
-            Ok(_) => Kind::Listener,
-            Err(e) => return Err(bad(format!("{name:?} (fd {fd}) is not a socket ({e})"))),
-        };
-        let (network, address) = socket::inspect(borrowed, kind).map_err(|e| {
-            bad(format!(
-                "{name:?} (fd {fd}): {e}; a socket unit with Accept=yes is not supported"
-            ))
-        })?;
+        let (kind, network, address) = inspect_handed_on(fd, |borrowed| {
+            let kind = match socket2::SockRef::from(&borrowed).r#type() {
+                Ok(Type::DGRAM) => Kind::Packet,
+                Ok(_) => Kind::Listener,
+                Err(e) => return Err(format!("fd {fd} is not a socket ({e})")),
+            };
+            let (network, address) = socket::inspect(borrowed, kind).map_err(|e| {
+                format!("fd {fd}: {e}; a socket unit with Accept=yes is not supported")
+            })?;
+            Ok((kind, network, address))
+        })
+        .map_err(|reason| bad(format!("{name:?} (fd {fd}): {reason}")))?;
         let unnamed = is_default_name(name);
         // Sockets named by systemd's defaults (one name for every socket
         // of a unit) are told apart by position; they are matched to
@@ -257,7 +257,7 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
     let mut out = Vec::with_capacity(checked.len());
     for (name, fd, kind, network, address, unnamed) in checked {
         let owned =
-            sys::take_inherited_fd(fd).map_err(|e| bad(format!("{name:?} (fd {fd}): {e}")))?;
+            sys::claim_received(fd).map_err(|e| bad(format!("{name:?} (fd {fd}): fd {fd} {e}")))?;
         sys::set_nonblocking(owned.as_fd()).map_err(|e| bad(format!("{name:?} (fd {fd}): {e}")))?;
         tracing::info!(name = %name, fd, %network, %address, "socket-activated");
         out.push(Inherited {

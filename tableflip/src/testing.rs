@@ -18,7 +18,7 @@
 
 use crate::error::Result;
 use crate::options::Options;
-use crate::upgrader::Upgrader;
+use crate::upgrade::Upgrader;
 
 /// Creates a stub [`Upgrader`].
 ///

@@ -26,8 +26,28 @@ use std::time::SystemTime;
 
 use socket2::{Domain, SockAddr, Socket};
 
-use crate::launch::FileId;
 use crate::network::Network;
+
+/// A file's identity: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileId {
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+}
+
+impl FileId {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> FileId {
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    /// The identity of what `path` names now (symlinks followed).
+    pub(crate) fn of_path(path: &Path) -> io::Result<FileId> {
+        std::fs::metadata(path).map(|m| FileId::of(&m))
+    }
+}
 
 /// A Unix socket file this process is responsible for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,7 +358,7 @@ mod diag {
 
     use socket2::{Domain, Protocol, Socket, Type};
 
-    use crate::launch::FileId;
+    use super::FileId;
 
     const NETLINK_SOCK_DIAG: i32 = 4;
     const SOCK_DIAG_BY_FAMILY: u16 = 20;

@@ -110,7 +110,9 @@ fn report_upgrade(result: Result<u32, Error>) {
                 Error::ChildExited { pid, .. }
                 | Error::ChildKilled { pid, .. }
                 | Error::Timeout { pid, .. } => format!(" child={pid}"),
-                Error::UpgradeInProgress { child_pid } => format!(" child={child_pid}"),
+                Error::UpgradeInProgress {
+                    child_pid: Some(child_pid),
+                } => format!(" child={child_pid}"),
                 _ => String::new(),
             };
             event(

@@ -1,21 +1,26 @@
 //! The [`Upgrader`]: one per process, it receives the sockets of the
 //! previous generation, and starts and hands over to the next one.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+mod child;
+mod launch;
+mod spawn;
+mod state;
+mod successor;
+
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
-use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
+use self::child::Signaller;
+use self::launch::Launch;
+use self::state::{Phase, Refusal, StopEffect};
 use crate::bind::ListenSpec;
-use crate::child::{Child, Signaller};
 use crate::error::{Error, Result};
 use crate::fds::{Defaults, Fds};
-use crate::launch::Launch;
 use crate::options::Options;
 use crate::protocol::Inherited;
 use crate::socket::{Listener, PacketConn};
@@ -85,7 +90,7 @@ struct Inner {
     generation: u64,
     stub: bool,
     notify: Notifier,
-    state: Mutex<State>,
+    phase: Mutex<Phase>,
     exit: CancellationToken,
     stop: CancellationToken,
     parent_exited: CancellationToken,
@@ -119,15 +124,6 @@ struct ParentLink {
     /// kills what it started too); once ready, it rejoins this one, where
     /// a terminal's Ctrl-C and a supervisor's group signals reach it.
     group: Option<nix::unistd::Pid>,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    ready: bool,
-    /// `Some(0)` while the child is being spawned.
-    upgrading: Option<u32>,
-    upgraded: Option<u32>,
-    stopped: bool,
 }
 
 impl Upgrader {
@@ -242,7 +238,7 @@ impl Upgrader {
                 generation,
                 stub,
                 notify,
-                state: Mutex::new(State::default()),
+                phase: Mutex::new(Phase::Starting),
                 exit: CancellationToken::new(),
                 stop: CancellationToken::new(),
                 parent_exited,
@@ -253,8 +249,8 @@ impl Upgrader {
         })
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        lock(&self.inner.state)
+    fn phase(&self) -> MutexGuard<'_, Phase> {
+        lock(&self.inner.phase)
     }
 
     /// The named fds this generation holds and will hand on.
@@ -322,7 +318,7 @@ impl Upgrader {
     /// The PID of the generation this process handed over to, after a
     /// successful [`upgrade`](Self::upgrade).
     pub fn successor_pid(&self) -> Option<u32> {
-        self.state().upgraded
+        self.phase().successor()
     }
 
     /// Sends `signal` to the generation this process handed over to, and
@@ -364,7 +360,7 @@ impl Upgrader {
 
     /// Whether [`ready`](Self::ready) has succeeded.
     pub fn is_ready(&self) -> bool {
-        self.state().ready
+        self.phase().is_ready()
     }
 
     /// Resolves when the parent process has exited (at once when there is
@@ -402,12 +398,11 @@ impl Upgrader {
     /// then not told, so it keeps serving and the upgrade fails (or times
     /// out). [`Error::Stopped`] after [`stop`](Self::stop).
     pub fn ready(&self) -> Result<()> {
-        let mut state = self.state();
-        if state.stopped {
-            return Err(Error::Stopped);
-        }
-        if state.ready {
-            return Ok(());
+        let mut phase = self.phase();
+        match phase.check_ready() {
+            Err(refusal) => return Err(refused(refusal)),
+            Ok(false) => return Ok(()),
+            Ok(true) => {}
         }
         // Closed now, but their files are removed only once the handover
         // has committed: until then the parent serves on them, and keeps
@@ -436,7 +431,7 @@ impl Upgrader {
                 }
             }
         }
-        state.ready = true;
+        phase.became_ready();
         // Committed: the files of sockets no generation serves any more go.
         for file in leftovers {
             file.remove();
@@ -494,28 +489,21 @@ impl Upgrader {
     /// that has already taken over and named itself in the PID file would
     /// leave the service down with a stale PID file.
     pub fn stop(&self) {
-        let (ready, upgraded, upgrading) = {
-            let mut state = self.state();
-            if state.stopped {
-                return;
-            }
-            state.stopped = true;
-            (
-                state.ready,
-                state.upgraded.is_some(),
-                state.upgrading.is_some(),
-            )
-        };
-        tracing::debug!("upgrader stopped");
-        self.inner.stop.cancel();
-        if upgrading {
-            // The upgrade in flight ends the stop (see `UpgradingFlag`).
+        let effect = self.phase().stop();
+        if effect == StopEffect::Nothing {
             return;
         }
-        if !upgraded {
-            self.inner.stop_serving(ready);
+        tracing::debug!("upgrader stopped");
+        self.inner.stop.cancel();
+        match effect {
+            // The upgrade in flight ends the stop (see `UpgradingFlag`).
+            StopEffect::UpgradeDecides | StopEffect::Nothing => {}
+            StopEffect::StopServing { ready } => {
+                self.inner.stop_serving(ready);
+                self.inner.exit.cancel();
+            }
+            StopEffect::ExitOnly => self.inner.exit.cancel(),
         }
-        self.inner.exit.cancel();
     }
 
     /// Starts the next generation and hands everything over.
@@ -541,32 +529,16 @@ impl Upgrader {
         if self.inner.stub {
             return Err(Error::NotSupported);
         }
-        {
-            let mut state = self.state();
-            if state.stopped {
-                return Err(Error::Stopped);
-            }
-            if let Some(child_pid) = state.upgraded {
-                return Err(Error::AlreadyUpgraded { child_pid });
-            }
-            if let Some(child_pid) = state.upgrading {
-                return Err(Error::UpgradeInProgress { child_pid });
-            }
-            if !state.ready {
-                return Err(Error::NotReady);
-            }
-            if std::process::id() == 1 {
-                return Err(Error::Pid1);
-            }
-            if !self.inner.parent_exited.is_cancelled() {
-                return Err(Error::ParentAlive {
-                    parent_pid: self.parent_pid().unwrap_or(0),
-                });
-            }
-            state.upgrading = Some(0);
-        }
-        // Clears `upgrading` however this future ends, dropped included.
-        let _upgrading = UpgradingFlag(self);
+        let parent_alive =
+            (!self.inner.parent_exited.is_cancelled()).then(|| self.parent_pid().unwrap_or(0));
+        self.phase()
+            .begin_upgrade(std::process::id() == 1, parent_alive)
+            .map_err(refused)?;
+        // Ends the upgrade however this future ends, dropped included.
+        let mut upgrading = UpgradingFlag {
+            upgrader: self,
+            successor: None,
+        };
         let started = Instant::now();
         tracing::info!(
             generation = self.inner.generation.saturating_add(1),
@@ -580,12 +552,9 @@ impl Upgrader {
                 .status(&format!("upgrading: starting generation {next}")),
         );
         let result = self.run_upgrade().await;
-        let mut state = self.state();
-        state.upgrading = None;
         match &result {
             Ok(pid) => {
-                state.upgraded = Some(*pid);
-                drop(state);
+                upgrading.successor = Some(*pid);
                 let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 // Still the main process: hand systemd over to the child.
                 self.inner.notify.send(&Message::new().main_pid(*pid).ready().status(&format!(
@@ -596,10 +565,8 @@ impl Upgrader {
                     elapsed_ms,
                     "upgrade: the new generation is ready; this process will exit"
                 );
-                self.inner.exit.cancel();
             }
             Err(e) => {
-                drop(state);
                 if !matches!(e, Error::Stopped) {
                     // Ends the reload: systemd offers no way to fail it.
                     let generation = self.inner.generation;
@@ -612,184 +579,8 @@ impl Upgrader {
                 tracing::warn!(error = %e, "upgrade failed; this process keeps serving");
             }
         }
+        drop(upgrading);
         result
-    }
-
-    async fn run_upgrade(&self) -> Result<u32> {
-        let launch = &self.inner.launch;
-        let exe = launch.executable()?;
-        // The next generation writes the PID file as this process's user:
-        // refused now, with the reason, if it cannot (privileges dropped
-        // since the start, say).
-        if let Some(path) = self.pid_file() {
-            pidfile::check(&path)?;
-        }
-        let pipe = || sys::pipe_cloexec().map_err(|e| Error::io("cannot create a pipe", e));
-        let (parent_r, parent_w) = pipe()?;
-        let (ready_r, ready_w) = pipe()?;
-        let handover = protocol::env_value(parent_r.as_raw_fd(), ready_w.as_raw_fd());
-        let handover_id = protocol::id_value(parent_r.as_fd(), ready_w.as_fd())?;
-        let mut argv = launch.args.clone();
-        if argv.is_empty() {
-            argv.push(exe.clone().into_os_string());
-        }
-        // `launch.env` holds no protocol variable.
-        let mut env = launch.env.clone();
-        env.push((protocol::ENV_HANDOVER.into(), handover.into()));
-        env.push((protocol::ENV_HANDOVER_ID.into(), handover_id.into()));
-
-        let (mut child, payload) = {
-            // The registry stays locked until the child is spawned, so no fd
-            // named in the snapshot can be closed (and its number reused) in
-            // between.
-            let snapshot = self.inner.fds.snapshot()?;
-            let mut inherit = snapshot.fds.clone();
-            inherit.push(parent_r.as_raw_fd());
-            inherit.push(ready_w.as_raw_fd());
-            let meta = protocol::Metadata {
-                version: protocol::VERSION,
-                parent_pid: std::process::id(),
-                generation: self.inner.generation.saturating_add(1),
-                entries: snapshot.entries.clone(),
-            };
-            let mut payload = protocol::encode(&meta)?;
-            // Put the metadata into the pipe before the child exists: it is
-            // then complete whatever happens to this process after the
-            // spawn (a SIGKILL included). What does not fit is written by
-            // a thread once the child reads.
-            let written = sys::prefill_pipe(parent_w.as_fd(), &payload);
-            payload.drain(..written);
-            let spec = sys::SpawnSpec {
-                exe: &exe,
-                argv: &argv,
-                env: &env,
-                cwd: &launch.start_dir,
-                inherit: &inherit,
-            };
-            let spawn_error = |source| Error::Spawn {
-                path: exe.clone(),
-                source,
-            };
-            let child = match sys::spawn_inheriting(&spec) {
-                Some(Ok(pid)) => {
-                    Child::spawned(pid).map_err(|e| Error::io("cannot watch the new process", e))?
-                }
-                Some(Err(source)) => return Err(spawn_error(source)),
-                None => {
-                    // fork + exec, the fds made inheritable in the child.
-                    let mut cmd = std::process::Command::new(&exe);
-                    if let Some(arg0) = argv.first() {
-                        cmd.arg0(arg0);
-                    }
-                    // A process group of its own, as posix_spawn does.
-                    cmd.process_group(0);
-                    cmd.args(argv.iter().skip(1))
-                        .env_clear()
-                        .envs(env.iter().map(|(k, v)| (k, v)))
-                        .current_dir(&launch.start_dir);
-                    sys::inherit_across_exec(&mut cmd, inherit);
-                    let mut cmd = tokio::process::Command::from(cmd);
-                    cmd.kill_on_drop(false);
-                    Child::from_tokio(cmd.spawn().map_err(spawn_error)?)
-                }
-            };
-            (ChildGuard(Some(child)), payload)
-        };
-        drop(parent_r);
-        drop(ready_w);
-        let pid = child.get().id();
-        self.state().upgrading = Some(pid);
-        tracing::info!(child_pid = pid, executable = %exe.display(), how = child.get().how(), "upgrade: spawned");
-
-        let parent_w = Arc::new(parent_w);
-        if !payload.is_empty() {
-            send_metadata(Arc::clone(&parent_w), payload, pid);
-        }
-
-        let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_r)
-            .map_err(|e| Error::io("cannot watch the readiness pipe", e))?;
-        let timeout = self.inner.opts.upgrade_timeout;
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
-        let mut ready_open = true;
-        let mut byte = [0u8; 1];
-        // `None` once the child is ready; the error otherwise (the child
-        // has then been reaped).
-        let failure = loop {
-            tokio::select! {
-                biased;
-                read = ready.read(&mut byte), if ready_open => match read {
-                    Ok(1) => break None,
-                    Ok(_) => ready_open = false,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        tracing::debug!(error = %e, "readiness pipe failed");
-                        ready_open = false;
-                    }
-                },
-                status = child.get().wait() => {
-                    break Some(match status {
-                        Ok(s) => match (s.code(), s.signal()) {
-                            (_, Some(signal)) => Error::ChildKilled { pid, signal },
-                            (Some(code), None) => Error::ChildExited { pid, code },
-                            (None, None) => Error::ChildExited { pid, code: -1 },
-                        },
-                        Err(e) => Error::io(format!("cannot wait for the new process (pid {pid})"), e),
-                    });
-                }
-                () = &mut deadline => {
-                    kill_and_reap(child.get(), pid).await;
-                    break Some(Error::Timeout { pid, timeout });
-                }
-                () = self.inner.stop.cancelled() => {
-                    // Committed already (the readiness byte is there)?
-                    // Then the new generation stays in charge. Read the
-                    // pipe itself (it is non-blocking), not through tokio,
-                    // whose cached readiness may not know of the byte yet.
-                    if ready_open && matches!(nix::unistd::read(ready.as_fd(), &mut byte), Ok(1)) {
-                        tracing::info!(child_pid = pid, "stop requested as the new generation became ready: it stays in charge");
-                        break None;
-                    }
-                    kill_and_reap(child.get(), pid).await;
-                    break Some(Error::Stopped);
-                }
-            }
-        };
-        if let Some(e) = failure {
-            self.reclaim_pid_file(pid);
-            return Err(e);
-        }
-        // The write end of the parent pipe must stay open until this
-        // process exits: its closing is how the child learns that its
-        // parent has gone. Leak this reference; the kernel closes the fd at
-        // exit, however the process ends.
-        std::mem::forget(parent_w);
-        // The child outlives us. While we live (draining), we watch it: if
-        // it dies, the sockets we still hold go to a replacement.
-        if let Some(child) = child.disarm() {
-            *lock(&self.inner.successor) = Some((pid, child.signaller()));
-            tokio::spawn(watch_successor(Arc::downgrade(&self.inner), child, pid));
-        }
-        Ok(pid)
-    }
-
-    /// A new process that wrote the PID file but died or was killed before
-    /// it told this process it was ready leaves the file naming it: this
-    /// process, still in charge, names itself again.
-    fn reclaim_pid_file(&self, child: u32) {
-        let Some(path) = self.pid_file() else {
-            return;
-        };
-        if pidfile::names(&path, child) {
-            match pidfile::write(&path, std::process::id()) {
-                Ok(()) => {
-                    tracing::info!(child_pid = child, path = %path.display(), "the PID file named the failed new process; it names this one again")
-                }
-                Err(e) => {
-                    tracing::warn!(child_pid = child, error = %e, "cannot restore the PID file")
-                }
-            }
-        }
     }
 }
 
@@ -829,224 +620,52 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let state = self
-            .state
+        let phase = *self
+            .phase
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !state.stopped && state.upgraded.is_none() && !self.stub {
-            let ready = state.ready;
+        if let (Some(ready), false) = (phase.owns_files(), self.stub) {
             self.remove_owned_files(ready);
         }
     }
 }
 
-/// Clears the `upgrading` state when the upgrade ends, however it ends,
-/// and finishes a [`stop`](Upgrader::stop) that arrived meanwhile: if no
-/// successor took over, the service really stops now.
-struct UpgradingFlag<'a>(&'a Upgrader);
+/// Ends the upgrade in flight when it is dropped, however the upgrade
+/// ends (its future dropped included): the phase moves on, and what the
+/// transition requires is done (`exit()` resolved, a stop that arrived
+/// meanwhile finished, the sockets' copies released after a failure).
+struct UpgradingFlag<'a> {
+    upgrader: &'a Upgrader,
+    /// The new generation, once it has taken over.
+    successor: Option<u32>,
+}
 
 impl Drop for UpgradingFlag<'_> {
     fn drop(&mut self) {
-        let (stopped, upgraded, ready) = {
-            let mut state = self.0.state();
-            state.upgrading = None;
-            (state.stopped, state.upgraded.is_some(), state.ready)
-        };
-        let inner = &self.0.inner;
-        if !upgraded {
+        let end = self.upgrader.phase().end_upgrade(self.successor);
+        let inner = &self.upgrader.inner;
+        if self.successor.is_none() {
             // Back to one fd per listener, blocking sockets blocking again.
             inner.fds.release_copies();
         }
-        if stopped && !inner.exit.is_cancelled() {
-            if !upgraded {
-                inner.stop_serving(ready);
-            }
+        if end.stop_serving {
+            inner.stop_serving(true);
+        }
+        if end.exit {
             inner.exit.cancel();
         }
     }
 }
 
-/// Kills the child if the upgrade future is dropped before the child is
-/// ready (tokio reaps a dropped child in the background), so a cancelled
-/// upgrade never leaves a half-started generation behind.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn get(&mut self) -> &mut Child {
-        match &mut self.0 {
-            Some(c) => c,
-            None => unreachable!("ChildGuard used after disarm"),
-        }
-    }
-
-    fn disarm(mut self) -> Option<Child> {
-        self.0.take()
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            if child.try_wait().ok().flatten().is_none() {
-                tracing::warn!(
-                    child_pid = child.id(),
-                    "upgrade cancelled; killing the new process"
-                );
-                // Reaped by a thread of its own, however long its exit takes
-                // (a process with much memory to free), never blocking the
-                // thread that dropped the upgrade.
-                child.kill_and_forget();
-            }
-        }
-    }
-}
-
-/// Waits for the successor `pid` (ready, in charge) to end while this
-/// process still lives, and replaces it if it died.
-///
-/// A successor that exits with status 0 was stopped on purpose; one that
-/// dies otherwise (a crash, `SIGKILL`, an error exit) right after taking
-/// over would leave the sockets unserved, although this process still
-/// holds them: the same executable is started again and inherits them
-/// (connections meanwhile wait in the listen backlog). Not after
-/// [`Upgrader::stop`], and at most [`MAX_REPLACEMENTS`] times.
-async fn watch_successor(inner: Weak<Inner>, mut child: Child, pid: u32) {
-    // Until it exits; then it is forgotten before it is reaped, so that
-    // its PID is never signalled once it may name another process.
-    let forget = |inner: &Weak<Inner>| {
-        if let Some(inner) = inner.upgrade() {
-            let mut successor = lock(&inner.successor);
-            if successor.as_ref().is_some_and(|(p, _)| *p == pid) {
-                *successor = None;
-            }
-        }
-    };
-    let status = match child.exited().await {
-        Ok(true) => {
-            forget(&inner);
-            child.wait().await
-        }
-        Ok(false) => child.wait().await,
-        Err(e) => Err(e),
-    };
-    forget(&inner);
-    let Some(inner) = inner.upgrade() else {
-        return;
-    };
-    let upgrader = Upgrader { inner };
-    let died = match &status {
-        Ok(s) if s.success() => None,
-        Ok(s) => Some(match (s.code(), s.signal()) {
-            (_, Some(signal)) => format!("killed by signal {signal}"),
-            (Some(code), None) => format!("exited with status {code}"),
-            (None, None) => "ended".to_owned(),
-        }),
-        Err(e) => {
-            tracing::debug!(child_pid = pid, error = %e, "cannot wait for the new generation");
-            None
-        }
-    };
-    let Some(how) = died else {
-        tracing::info!(child_pid = pid, "the new generation has exited");
-        return;
-    };
-    {
-        let mut state = upgrader.state();
-        if state.stopped || state.upgraded != Some(pid) {
-            tracing::info!(
-                child_pid = pid,
-                how,
-                "the new generation has ended; this process is stopping"
-            );
-            return;
-        }
-        if upgrader.inner.replacements.fetch_add(1, Ordering::SeqCst) >= MAX_REPLACEMENTS {
-            tracing::error!(
-                child_pid = pid,
-                how,
-                "the new generation died after it took over, and {MAX_REPLACEMENTS} replacements died already; nothing serves the sockets any more"
-            );
-            return;
-        }
-        state.upgraded = None;
-    }
-    upgrader.inner.replacing.send_replace(true);
-    replace_successor(upgrader, pid, how).await;
-}
-
-/// Starts a replacement for the successor `pid` that died (`how`), retrying
-/// a few times. Boxed: the upgrade it runs spawns [`watch_successor`]
-/// again, and the explicit `Send` breaks that cycle for the compiler.
-fn replace_successor(
-    upgrader: Upgrader,
-    pid: u32,
-    how: String,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(async move {
-        tracing::error!(
-            child_pid = pid,
-            how,
-            "the new generation died after it took over; this process still holds the sockets and starts a replacement"
-        );
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match upgrader.upgrade().await {
-                Ok(_) => break,
-                Err(
-                    Error::Stopped
-                    | Error::AlreadyUpgraded { .. }
-                    | Error::UpgradeInProgress { .. },
-                ) => break,
-                Err(e) => {
-                    if upgrader.inner.replacements.fetch_add(1, Ordering::SeqCst)
-                        >= MAX_REPLACEMENTS
-                    {
-                        tracing::error!(error = %e, "the replacement failed too; nothing serves the sockets any more");
-                        break;
-                    }
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "the replacement failed; trying again");
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = upgrader.inner.stop.cancelled() => break,
-                    }
-                    delay *= 2;
-                }
-            }
-        }
-        upgrader.inner.replacing.send_replace(false);
-    })
-}
-
-async fn kill_and_reap(child: &mut Child, pid: u32) {
-    if let Err(e) = child.kill().await {
-        tracing::warn!(child_pid = pid, error = %e, "cannot kill the new process");
-    }
-}
-
-/// Writes the metadata from a thread: it may exceed the pipe's buffer, and
-/// the child reads it only once it runs.
-fn send_metadata(pipe: Arc<OwnedFd>, payload: Vec<u8>, pid: u32) {
-    let spawned = std::thread::Builder::new()
-        .name("tableflip-handover".into())
-        .spawn(move || {
-            let mut rest = payload.as_slice();
-            while !rest.is_empty() {
-                match sys::write_no_sigpipe(pipe.as_fd(), rest) {
-                    Ok(n) => rest = &rest[n..],
-                    Err(nix::errno::Errno::EINTR) => {}
-                    Err(nix::errno::Errno::EAGAIN) => {
-                        let mut fds = [nix::poll::PollFd::new(pipe.as_fd(), nix::poll::PollFlags::POLLOUT)];
-                        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
-                    }
-                    Err(e) => {
-                        tracing::debug!(child_pid = pid, error = %e, "cannot send the handover metadata");
-                        return;
-                    }
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(child_pid = pid, error = %e, "cannot start the thread that sends the handover");
+/// The error for an upgrade refused before it started.
+fn refused(refusal: Refusal) -> Error {
+    match refusal {
+        Refusal::Stopped => Error::Stopped,
+        Refusal::AlreadyUpgraded(child_pid) => Error::AlreadyUpgraded { child_pid },
+        Refusal::InProgress(child_pid) => Error::UpgradeInProgress { child_pid },
+        Refusal::NotReady => Error::NotReady,
+        Refusal::Pid1 => Error::Pid1,
+        Refusal::ParentAlive(parent_pid) => Error::ParentAlive { parent_pid },
     }
 }
 

@@ -12,32 +12,11 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::unixfile::FileId;
 use crate::{protocol, sys, systemd};
-
-/// A file's identity: device and inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FileId {
-    pub(crate) dev: u64,
-    pub(crate) ino: u64,
-}
-
-impl FileId {
-    pub(crate) fn of(meta: &std::fs::Metadata) -> FileId {
-        FileId {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        }
-    }
-
-    /// The identity of what `path` names now (symlinks followed).
-    pub(crate) fn of_path(path: &Path) -> io::Result<FileId> {
-        std::fs::metadata(path).map(|m| FileId::of(&m))
-    }
-}
 
 /// How this process was started.
 #[derive(Debug)]

@@ -1,0 +1,262 @@
+//! The parent side of the handover: starting the next generation with
+//! the fds and the metadata, and waiting for its readiness, its death or
+//! the timeout.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::sync::Arc;
+
+use tokio::io::AsyncReadExt;
+
+use super::child::Child;
+use super::successor::watch_successor;
+use super::{Upgrader, lock};
+use crate::error::{Error, Result};
+use crate::{pidfile, protocol, sys};
+
+impl Upgrader {
+    pub(super) async fn run_upgrade(&self) -> Result<u32> {
+        let launch = &self.inner.launch;
+        let exe = launch.executable()?;
+        // The next generation writes the PID file as this process's user:
+        // refused now, with the reason, if it cannot (privileges dropped
+        // since the start, say).
+        if let Some(path) = self.pid_file() {
+            pidfile::check(&path)?;
+        }
+        let pipe = || sys::pipe_cloexec().map_err(|e| Error::io("cannot create a pipe", e));
+        let (parent_r, parent_w) = pipe()?;
+        let (ready_r, ready_w) = pipe()?;
+        let handover = protocol::env_value(parent_r.as_raw_fd(), ready_w.as_raw_fd());
+        let handover_id = protocol::id_value(parent_r.as_fd(), ready_w.as_fd())?;
+        let mut argv = launch.args.clone();
+        if argv.is_empty() {
+            argv.push(exe.clone().into_os_string());
+        }
+        // `launch.env` holds no protocol variable.
+        let mut env = launch.env.clone();
+        env.push((protocol::ENV_HANDOVER.into(), handover.into()));
+        env.push((protocol::ENV_HANDOVER_ID.into(), handover_id.into()));
+
+        let (mut child, payload) = {
+            // The registry stays locked until the child is spawned, so no fd
+            // named in the snapshot can be closed (and its number reused) in
+            // between.
+            let snapshot = self.inner.fds.snapshot()?;
+            let mut inherit = snapshot.fds.clone();
+            inherit.push(parent_r.as_raw_fd());
+            inherit.push(ready_w.as_raw_fd());
+            let meta = protocol::Metadata {
+                version: protocol::VERSION,
+                parent_pid: std::process::id(),
+                generation: self.inner.generation.saturating_add(1),
+                entries: snapshot.entries.clone(),
+            };
+            let mut payload = protocol::encode(&meta)?;
+            // Put the metadata into the pipe before the child exists: it is
+            // then complete whatever happens to this process after the
+            // spawn (a SIGKILL included). What does not fit is written by
+            // a thread once the child reads.
+            let written = sys::prefill_pipe(parent_w.as_fd(), &payload);
+            payload.drain(..written);
+            let spec = sys::SpawnSpec {
+                exe: &exe,
+                argv: &argv,
+                env: &env,
+                cwd: &launch.start_dir,
+                inherit: &inherit,
+            };
+            let spawn_error = |source| Error::Spawn {
+                path: exe.clone(),
+                source,
+            };
+            let child = match sys::spawn_inheriting(&spec) {
+                Some(Ok(pid)) => {
+                    Child::spawned(pid).map_err(|e| Error::io("cannot watch the new process", e))?
+                }
+                Some(Err(source)) => return Err(spawn_error(source)),
+                None => {
+                    // fork + exec, the fds made inheritable in the child.
+                    let mut cmd = std::process::Command::new(&exe);
+                    if let Some(arg0) = argv.first() {
+                        cmd.arg0(arg0);
+                    }
+                    // A process group of its own, as posix_spawn does.
+                    cmd.process_group(0);
+                    cmd.args(argv.iter().skip(1))
+                        .env_clear()
+                        .envs(env.iter().map(|(k, v)| (k, v)))
+                        .current_dir(&launch.start_dir);
+                    sys::inherit_across_exec(&mut cmd, inherit);
+                    let mut cmd = tokio::process::Command::from(cmd);
+                    cmd.kill_on_drop(false);
+                    Child::from_tokio(cmd.spawn().map_err(spawn_error)?)
+                }
+            };
+            (ChildGuard(Some(child)), payload)
+        };
+        drop(parent_r);
+        drop(ready_w);
+        let pid = child.get().id();
+        self.phase().spawned(pid);
+        tracing::info!(child_pid = pid, executable = %exe.display(), how = child.get().how(), "upgrade: spawned");
+
+        let parent_w = Arc::new(parent_w);
+        if !payload.is_empty() {
+            send_metadata(Arc::clone(&parent_w), payload, pid);
+        }
+
+        let mut ready = tokio::net::unix::pipe::Receiver::from_owned_fd(ready_r)
+            .map_err(|e| Error::io("cannot watch the readiness pipe", e))?;
+        let timeout = self.inner.opts.upgrade_timeout;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut ready_open = true;
+        let mut byte = [0u8; 1];
+        // `None` once the child is ready; the error otherwise (the child
+        // has then been reaped).
+        let failure = loop {
+            tokio::select! {
+                biased;
+                read = ready.read(&mut byte), if ready_open => match read {
+                    Ok(1) => break None,
+                    Ok(_) => ready_open = false,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "readiness pipe failed");
+                        ready_open = false;
+                    }
+                },
+                status = child.get().wait() => {
+                    break Some(match status {
+                        Ok(s) => match (s.code(), s.signal()) {
+                            (_, Some(signal)) => Error::ChildKilled { pid, signal },
+                            (Some(code), None) => Error::ChildExited { pid, code },
+                            (None, None) => Error::ChildExited { pid, code: -1 },
+                        },
+                        Err(e) => Error::io(format!("cannot wait for the new process (pid {pid})"), e),
+                    });
+                }
+                () = &mut deadline => {
+                    kill_and_reap(child.get(), pid).await;
+                    break Some(Error::Timeout { pid, timeout });
+                }
+                () = self.inner.stop.cancelled() => {
+                    // Committed already (the readiness byte is there)?
+                    // Then the new generation stays in charge. Read the
+                    // pipe itself (it is non-blocking), not through tokio,
+                    // whose cached readiness may not know of the byte yet.
+                    if ready_open && matches!(nix::unistd::read(ready.as_fd(), &mut byte), Ok(1)) {
+                        tracing::info!(child_pid = pid, "stop requested as the new generation became ready: it stays in charge");
+                        break None;
+                    }
+                    kill_and_reap(child.get(), pid).await;
+                    break Some(Error::Stopped);
+                }
+            }
+        };
+        if let Some(e) = failure {
+            self.reclaim_pid_file(pid);
+            return Err(e);
+        }
+        // The write end of the parent pipe must stay open until this
+        // process exits: its closing is how the child learns that its
+        // parent has gone. Leak this reference; the kernel closes the fd at
+        // exit, however the process ends.
+        std::mem::forget(parent_w);
+        // The child outlives us. While we live (draining), we watch it: if
+        // it dies, the sockets we still hold go to a replacement.
+        if let Some(child) = child.disarm() {
+            *lock(&self.inner.successor) = Some((pid, child.signaller()));
+            tokio::spawn(watch_successor(Arc::downgrade(&self.inner), child, pid));
+        }
+        Ok(pid)
+    }
+
+    /// A new process that wrote the PID file but died or was killed before
+    /// it told this process it was ready leaves the file naming it: this
+    /// process, still in charge, names itself again.
+    fn reclaim_pid_file(&self, child: u32) {
+        let Some(path) = self.pid_file() else {
+            return;
+        };
+        if pidfile::names(&path, child) {
+            match pidfile::write(&path, std::process::id()) {
+                Ok(()) => {
+                    tracing::info!(child_pid = child, path = %path.display(), "the PID file named the failed new process; it names this one again")
+                }
+                Err(e) => {
+                    tracing::warn!(child_pid = child, error = %e, "cannot restore the PID file")
+                }
+            }
+        }
+    }
+}
+
+/// Kills the child if the upgrade future is dropped before the child is
+/// ready (tokio reaps a dropped child in the background), so a cancelled
+/// upgrade never leaves a half-started generation behind.
+struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    fn get(&mut self) -> &mut Child {
+        match &mut self.0 {
+            Some(c) => c,
+            None => unreachable!("ChildGuard used after disarm"),
+        }
+    }
+
+    fn disarm(mut self) -> Option<Child> {
+        self.0.take()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                tracing::warn!(
+                    child_pid = child.id(),
+                    "upgrade cancelled; killing the new process"
+                );
+                // Reaped by a thread of its own, however long its exit takes
+                // (a process with much memory to free), never blocking the
+                // thread that dropped the upgrade.
+                child.kill_and_forget();
+            }
+        }
+    }
+}
+
+async fn kill_and_reap(child: &mut Child, pid: u32) {
+    if let Err(e) = child.kill().await {
+        tracing::warn!(child_pid = pid, error = %e, "cannot kill the new process");
+    }
+}
+
+/// Writes the metadata from a thread: it may exceed the pipe's buffer, and
+/// the child reads it only once it runs.
+fn send_metadata(pipe: Arc<OwnedFd>, payload: Vec<u8>, pid: u32) {
+    let spawned = std::thread::Builder::new()
+        .name("tableflip-handover".into())
+        .spawn(move || {
+            let mut rest = payload.as_slice();
+            while !rest.is_empty() {
+                match sys::write_no_sigpipe(pipe.as_fd(), rest) {
+                    Ok(n) => rest = &rest[n..],
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        let mut fds = [nix::poll::PollFd::new(pipe.as_fd(), nix::poll::PollFlags::POLLOUT)];
+                        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
+                    }
+                    Err(e) => {
+                        tracing::debug!(child_pid = pid, error = %e, "cannot send the handover metadata");
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(child_pid = pid, error = %e, "cannot start the thread that sends the handover");
+    }
+}
