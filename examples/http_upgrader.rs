@@ -73,9 +73,9 @@ fn main() -> ExitCode {
         .init();
 
     let addr = env_or("HTTP_ADDR").unwrap_or_else(|| DEFAULT_ADDR.to_owned());
-    let opts = Options {
-        pid_file: env_or("PID_FILE").map(Into::into),
-        ..Options::default()
+    let opts = match env_or("PID_FILE") {
+        Some(path) => Options::new().pid_file(path),
+        None => Options::new(),
     };
 
     // Before any other thread exists: the upgrader takes its handover out

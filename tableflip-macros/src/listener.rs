@@ -360,12 +360,12 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     let span = ty.span();
     let declared = quote_spanned! {span=> #krate::DeclaredListener<#ty> };
     let new = quote_spanned! {span=>
-        #krate::DeclaredListener::<#ty>::__new(
+        #krate::__private::declared_listener::<#ty>(
             #name, #net, #addr, #env, #backlog, #mode, #type_name,
             #krate::__private::serves::<#ty>,
         )
     };
-    let decl_fn = quote_spanned! {span=> || #ident.__decl() };
+    let decl_fn = quote_spanned! {span=> || #krate::__private::declaration(&#ident) };
     quote! {
         #error
         #(#attrs)*

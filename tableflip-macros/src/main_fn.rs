@@ -47,11 +47,18 @@ pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     let config = config(&opts, &krate, &mut errors);
     let param = check_signature(&func.sig, &mut errors);
 
-    let attrs = &func.attrs;
+    // syn gathers the body's inner attributes (`#![allow(…)]` as the first
+    // line of `main`) with the outer ones: they go back into the body,
+    // where they were written (on the outer function rustc rejects them).
+    let (inner_attrs, attrs): (Vec<&syn::Attribute>, Vec<&syn::Attribute>) = func
+        .attrs
+        .iter()
+        .partition(|a| matches!(a.style, syn::AttrStyle::Inner(_)));
+    let stmts = &func.block.stmts;
+    let body = quote!({ #(#inner_attrs)* #(#stmts)* });
     let vis = &func.vis;
     let sig = &func.sig;
     let ident = &sig.ident;
-    let body = &func.block;
     if let Some(err) = errors.take() {
         let err = err.to_compile_error();
         // Still emit a plain function of that name, so that no second

@@ -67,27 +67,24 @@ pub type SetupHook = Arc<dyn Fn(&Socket, &ListenSpec) -> io::Result<()> + Send +
 /// ```
 #[derive(Clone)]
 pub struct ListenSpec {
-    /// The name under which the socket is handed to the next generation.
-    pub name: String,
-    /// The network, as in Go: `tcp`, `tcp4`, `tcp6`, `udp`, `udp4`, `udp6`,
-    /// `unix`, `unixgram`, `unixpacket`.
-    pub network: String,
-    /// The address: `host:port` for IP networks, a path or `@name` (Linux
-    /// abstract address) for Unix networks.
-    pub address: String,
-    /// The `listen(2)` backlog of a fresh stream socket; `None` uses
-    /// [`Options::backlog`](crate::Options::backlog).
-    pub backlog: Option<u32>,
-    /// Permissions of a fresh Unix socket file (e.g. `0o660`); `None` leaves
-    /// them to the umask.
-    pub mode: Option<u32>,
-    /// A hook run on the fresh socket before `bind`; `None` uses
-    /// [`Options::socket_setup`](crate::Options::socket_setup).
-    pub setup: Option<SetupHook>,
+    pub(crate) name: String,
+    pub(crate) network: String,
+    pub(crate) address: String,
+    pub(crate) backlog: Option<u32>,
+    pub(crate) mode: Option<u32>,
+    pub(crate) setup: Option<SetupHook>,
 }
 
 impl ListenSpec {
     /// A spec with the given name, network and address and default options.
+    ///
+    /// - `name`: under which the socket is handed to the next generation;
+    /// - `network`, as in Go: `tcp`, `tcp4`, `tcp6`, `udp`, `udp4`, `udp6`,
+    ///   `unix`, `unixgram`, `unixpacket`;
+    /// - `address`: `host:port` for IP networks (a host name is resolved
+    ///   as Go's `net.Listen` does: its first IPv4 address, else its first
+    ///   one; an empty host is every address), a path or `@name` (Linux
+    ///   abstract address) for Unix networks.
     pub fn new(
         name: impl Into<String>,
         network: impl Into<String>,
@@ -103,21 +100,39 @@ impl ListenSpec {
         }
     }
 
-    /// Sets the backlog.
+    /// The name under which the socket is handed to the next generation.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The network (`tcp`, `unix`…), as given.
+    pub fn network(&self) -> &str {
+        &self.network
+    }
+
+    /// The address, as given.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Sets the `listen(2)` backlog of a fresh stream socket. Default:
+    /// [`Options::backlog`](crate::Options::backlog).
     #[must_use]
     pub fn backlog(mut self, backlog: u32) -> Self {
         self.backlog = Some(backlog);
         self
     }
 
-    /// Sets the permissions of the Unix socket file.
+    /// Sets the permissions of a fresh Unix socket file (e.g. `0o660`; see
+    /// "Unix socket files" above). Default: the umask decides.
     #[must_use]
     pub fn mode(mut self, mode: u32) -> Self {
         self.mode = Some(mode);
         self
     }
 
-    /// Sets the socket-setup hook.
+    /// Sets the hook run on the fresh socket before `bind`. Default:
+    /// [`Options::socket_setup`](crate::Options::socket_setup).
     #[must_use]
     pub fn setup(
         mut self,

@@ -62,43 +62,42 @@ pub struct DeclaredListener<T> {
     _type: PhantomData<fn() -> T>,
 }
 
-impl<T> DeclaredListener<T> {
-    /// Not public API: called by `#[tableflip::listener]`'s expansion.
-    /// `serves` is `__private::serves::<T>`, whose `T: FromFd` bound is
-    /// where an unsupported type is reported.
-    #[doc(hidden)]
-    #[allow(clippy::too_many_arguments)]
-    pub const fn __new(
-        name: &'static str,
-        network: &'static str,
-        address: &'static str,
-        env: Option<&'static str>,
-        backlog: Option<u32>,
-        mode: Option<u32>,
-        type_name: &'static str,
-        serves: fn(Network) -> bool,
-    ) -> Self {
-        DeclaredListener {
-            decl: ListenerDecl {
-                name,
-                network,
-                address,
-                env,
-                backlog,
-                mode,
-                type_name,
-                serves,
-                slot: Mutex::new(Slot::Pending),
-            },
-            _type: PhantomData,
-        }
+/// Not public API: what `#[tableflip::listener]` expands to (through
+/// `__private`). `serves` is `__private::serves::<T>`, whose `T: FromFd`
+/// bound is where an unsupported type is reported.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub const fn declared_listener<T>(
+    name: &'static str,
+    network: &'static str,
+    address: &'static str,
+    env: Option<&'static str>,
+    backlog: Option<u32>,
+    mode: Option<u32>,
+    type_name: &'static str,
+    serves: fn(Network) -> bool,
+) -> DeclaredListener<T> {
+    DeclaredListener {
+        decl: ListenerDecl {
+            name,
+            network,
+            address,
+            env,
+            backlog,
+            mode,
+            type_name,
+            serves,
+            slot: Mutex::new(Slot::Pending),
+        },
+        _type: PhantomData,
     }
+}
 
-    /// Not public API: the declaration, for the inventory registration.
-    #[doc(hidden)]
-    pub fn __decl(&'static self) -> &'static ListenerDecl {
-        &self.decl
-    }
+/// Not public API: the declaration of a declared listener, for its
+/// inventory registration.
+#[doc(hidden)]
+pub fn declaration<T>(listener: &'static DeclaredListener<T>) -> &'static ListenerDecl {
+    &listener.decl
 }
 
 impl<T: FromFd> DeclaredListener<T> {
@@ -154,17 +153,13 @@ impl<T: FromFd> DeclaredListener<T> {
             }
             Slot::Taken(address) => {
                 *slot = Slot::Taken(address);
-                Err(Error::io(
-                    format!("listener {name}"),
-                    std::io::Error::other("it was already taken; take() hands the socket out once"),
-                ))
+                Err(Error::ListenerTaken {
+                    name: name.to_owned(),
+                })
             }
-            Slot::Pending => Err(Error::io(
-                format!("listener {name}"),
-                std::io::Error::other(
-                    "it is not open: declared listeners are opened by #[tableflip::main] at startup",
-                ),
-            )),
+            Slot::Pending => Err(Error::ListenerNotOpen {
+                name: name.to_owned(),
+            }),
         }
     }
 
@@ -241,7 +236,7 @@ impl ListenerDecl {
 }
 
 /// Not public API: whether `T` serves `network`, as a function pointer for
-/// [`DeclaredListener::__new`].
+/// [`declared_listener`].
 #[doc(hidden)]
 pub fn serves<T: FromFd>(network: Network) -> bool {
     T::serves(network)

@@ -9,6 +9,12 @@ use std::time::Duration;
 ///
 /// The enum is `#[non_exhaustive]`: match on the variants you handle and keep
 /// a catch-all arm.
+///
+/// An error caused by another one (an OS error) returns it from
+/// [`source()`](std::error::Error::source) and does not repeat it in its
+/// own message, as the API guidelines ask: print the whole chain (`{:#}`
+/// with `anyhow`, or by walking `source()`), as tableflip's own log lines
+/// do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -80,7 +86,7 @@ pub enum Error {
     },
 
     /// Creating, binding or configuring a fresh socket failed.
-    #[error("cannot listen on {network} {address} (listener {name:?}): {source}")]
+    #[error("cannot listen on {network} {address} (listener {name:?})")]
     Listen {
         /// The listener's name.
         name: String,
@@ -156,8 +162,50 @@ pub enum Error {
     #[error("the upgrader was stopped")]
     Stopped,
 
+    /// No path names this program's executable (see
+    /// [`Options::executable`](crate::Options::executable)).
+    #[error("cannot tell which executable to start: {reason}; set Options::executable")]
+    NoExecutable {
+        /// Why.
+        reason: String,
+    },
+
+    /// A declared listener was taken already.
+    #[error("listener {name} was taken already: take() hands the socket out once")]
+    ListenerTaken {
+        /// The listener's name.
+        name: String,
+    },
+
+    /// A declared listener is not open: declared listeners are opened by
+    /// `#[tableflip::main]` at startup, or by `DeclaredListener::open`.
+    #[error(
+        "listener {name} is not open: declared listeners are opened by #[tableflip::main] at startup (or DeclaredListener::open)"
+    )]
+    ListenerNotOpen {
+        /// The listener's name.
+        name: String,
+    },
+
+    /// A second handle of a socket was asked for after the application
+    /// closed the one it had.
+    #[error(
+        "{name:?}: the application closed the handle it had; the socket is no longer handed on"
+    )]
+    HandleClosed {
+        /// The socket's name.
+        name: String,
+    },
+
+    /// The handover metadata could not be encoded (never expected).
+    #[error("cannot encode the handover metadata: {reason}")]
+    Encode {
+        /// Why.
+        reason: String,
+    },
+
     /// The executable for the next generation could not be found or started.
-    #[error("cannot start {path}: {source}", path = path.display())]
+    #[error("cannot start {path}", path = path.display())]
     Spawn {
         /// The executable.
         path: PathBuf,
@@ -168,7 +216,7 @@ pub enum Error {
 
     /// The directory the service started in, where the next generation
     /// starts too, is gone (or is no longer a directory).
-    #[error("cannot start the next generation in {path}, the directory the service started in: {source}", path = path.display())]
+    #[error("cannot start the next generation in {path}, the directory the service started in", path = path.display())]
     StartDirectory {
         /// The directory, as it was named when the service started.
         path: PathBuf,
@@ -178,12 +226,13 @@ pub enum Error {
     },
 
     /// The new generation exited before it was ready.
-    #[error("the new process (pid {pid}) exited with status {code} before it was ready")]
+    #[error("the new process (pid {pid}) exited{} before it was ready", code.map(|c| format!(" with status {c}")).unwrap_or_default())]
     ChildExited {
         /// The child's PID.
         pid: u32,
-        /// Its exit code.
-        code: i32,
+        /// Its exit status; `None` if the system reported neither a status
+        /// nor a signal.
+        code: Option<i32>,
     },
 
     /// The new generation was killed by a signal before it was ready.
@@ -206,7 +255,7 @@ pub enum Error {
     },
 
     /// Writing the PID file failed.
-    #[error("cannot write pid file {path}: {source}", path = path.display())]
+    #[error("cannot use the PID file {path}", path = path.display())]
     PidFile {
         /// The PID file's path.
         path: PathBuf,
@@ -230,7 +279,7 @@ pub enum Error {
     Pid1,
 
     /// Any other I/O error, with what was being done.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,
@@ -261,6 +310,7 @@ impl From<Error> for io::Error {
             Error::Listen { source, .. }
             | Error::Spawn { source, .. }
             | Error::StartDirectory { source, .. } => source.kind(),
+            Error::NoExecutable { .. } => io::ErrorKind::NotFound,
             Error::Io { source, .. } | Error::PidFile { source, .. } => source.kind(),
             Error::InvalidAddress { .. } | Error::UnknownNetwork { .. } => {
                 io::ErrorKind::InvalidInput

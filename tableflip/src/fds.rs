@@ -618,10 +618,9 @@ impl Fds {
                     .copy()
                     .map_err(|e| Error::io(format!("cannot duplicate the fd of {name:?}"), e))?;
                 let Some(own) = copy else {
-                    return Err(Error::io(
-                        format!("cannot hand out {name:?} again"),
-                        std::io::Error::other("the application closed the handle it had"),
-                    ));
+                    return Err(Error::HandleClosed {
+                        name: name.to_owned(),
+                    });
                 };
                 let handle = dup(name, &own)?;
                 entry.slot = Slot::Shared {

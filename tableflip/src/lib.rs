@@ -25,8 +25,8 @@
 //! Sockets pass by fd inheritance across `exec`: old and new generation
 //! share one kernel socket and one accept queue during the overlap, so
 //! nothing queued is lost, and nothing is ever re-bound. The names and kinds
-//! of the fds travel as versioned metadata (see the protocol description in
-//! the source of `protocol.rs`); readiness travels back over a pipe.
+//! of the fds travel as versioned metadata (the contract between versions:
+//! [`handover_protocol`]); readiness travels back over a pipe.
 //!
 //! # Platform support
 //!
@@ -51,6 +51,11 @@ mod network;
 mod options;
 mod pidfile;
 mod protocol;
+
+/// The handover protocol: what one generation gives the next, and how the
+/// next answers; a contract between versions of this crate.
+#[doc = include_str!("../PROTOCOL.md")]
+pub mod handover_protocol {}
 mod report;
 mod service;
 mod socket;
@@ -64,11 +69,19 @@ pub use bind::{ListenSpec, SetupHook};
 pub use declare::DeclaredListener;
 pub use error::{Error, Result};
 pub use fds::{Fds, Handover};
-pub use network::{Address, NETWORKS, Network};
+pub use network::Network;
 pub use options::{DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT, DEFAULT_UPGRADE_TIMEOUT, Options};
-pub use protocol::{ENV_HANDOVER, VERSION as PROTOCOL_VERSION};
+pub use protocol::ENV_HANDOVER;
 pub use service::Context;
-pub use socket::{Conn, File, FromFd, Kind, Listener, PacketConn};
+
+/// The Rust types tableflip hands out: the traits that say which socket
+/// and file types each call accepts (`TcpListener`, `UdpSocket`,
+/// `UnixListener`, `UnixDatagram`, `TcpStream`, `UnixStream` of std and
+/// tokio, `socket2::Socket`, `std::fs::File`, `tokio::fs::File`). Sealed:
+/// they name, they are not to be implemented.
+pub mod types {
+    pub use crate::socket::{Conn, File, FromFd, Listener, PacketConn};
+}
 pub use upgrade::Upgrader;
 
 /// Re-exported so that socket-setup hooks can name its types.
@@ -153,9 +166,9 @@ pub use socket2;
 ///
 /// ```no_run
 /// fn options() -> tableflip::Options {
-///     tableflip::Options {
-///         pid_file: std::env::var_os("PID_FILE").map(Into::into),
-///         ..tableflip::Options::default()
+///     match std::env::var_os("PID_FILE") {
+///         Some(path) => tableflip::Options::new().pid_file(path),
+///         None => tableflip::Options::new(),
 ///     }
 /// }
 ///
@@ -289,7 +302,7 @@ mod readme_examples {}
 /// release.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::declare::{ListenerDecl, Registration, serves};
+    pub use crate::declare::{ListenerDecl, Registration, declaration, declared_listener, serves};
     pub use crate::service::{Flavor, MainConfig, run};
     pub use inventory;
     pub use tokio;

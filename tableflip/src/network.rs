@@ -32,7 +32,7 @@ pub enum Network {
 }
 
 /// Every network, in the order used by error messages.
-pub const NETWORKS: &[(&str, Network)] = &[
+pub(crate) const NETWORKS: &[(&str, Network)] = &[
     ("tcp", Network::Tcp),
     ("tcp4", Network::Tcp4),
     ("tcp6", Network::Tcp6),
@@ -86,7 +86,7 @@ impl Network {
     ///
     /// [`Error::InvalidAddress`] when the address cannot be valid for the
     /// network, or does not resolve.
-    pub fn parse_address(self, address: &str) -> Result<Address> {
+    pub(crate) fn parse_address(self, address: &str) -> Result<Address> {
         let invalid = |reason: &str| Error::InvalidAddress {
             network: self.as_str().to_owned(),
             address: address.to_owned(),
@@ -211,7 +211,7 @@ impl FromStr for Network {
 /// A resolved address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum Address {
+pub(crate) enum Address {
     /// An IP address and port.
     Inet(SocketAddr),
     /// A Unix socket path.

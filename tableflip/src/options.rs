@@ -19,70 +19,33 @@ pub const DEFAULT_BACKLOG: u32 = 1024;
 
 /// Controls the behaviour of an [`Upgrader`](crate::Upgrader).
 ///
+/// Built from [`Options::new()`] (the defaults) with chained setters, as
+/// tokio's `runtime::Builder`; options added later get a default and a
+/// setter, so such code keeps compiling.
+///
 /// ```
 /// use std::time::Duration;
 /// use tableflip::Options;
 ///
-/// let opts = Options {
-///     upgrade_timeout: Duration::from_secs(10),
-///     pid_file: Some("/run/my-service.pid".into()),
-///     ..Options::default()
-/// };
+/// let opts = Options::new()
+///     .upgrade_timeout(Duration::from_secs(10))
+///     .pid_file("/run/my-service/pid");
 /// # let _ = opts;
 /// ```
-///
-/// Build it with struct-update syntax from [`Options::default()`]; new
-/// fields are added only with a default, so such code keeps compiling.
 #[derive(Clone)]
 pub struct Options {
-    /// How long the new generation has to become ready before it is killed
-    /// and the upgrade fails. Default: 60 s.
-    pub upgrade_timeout: Duration,
-    /// Where to write this process's PID once it is ready, replacing the
-    /// file atomically. A relative path is relative to the directory the
-    /// service started in. Default: none.
-    pub pid_file: Option<PathBuf>,
-    /// How long a `#[tableflip::main]` service waits, once it drains, for
-    /// the tasks it started with `Context::spawn`. Not used by the
-    /// `Upgrader` itself. Default: 30 s.
-    pub drain_timeout: Duration,
-    /// The `listen(2)` backlog of fresh stream sockets. Default: 1024.
-    pub backlog: u32,
-    /// A hook run on every socket this process creates afresh, before it is
-    /// bound (never on inherited sockets). Default: none.
-    pub socket_setup: Option<SetupHook>,
-    /// The executable to run as the next generation. Default: `None`, which
-    /// runs the path that named this program's executable when it
-    /// started (the path given to `execve`, else `argv[0]` resolved
-    /// against the start directory or `PATH`, but only if it names the
-    /// running binary; else the running binary's own path), resolved again
-    /// at upgrade time, so a binary replaced at that path is what runs
-    /// next. A relative path is relative to the start directory.
-    pub executable: Option<PathBuf>,
-    /// Raise the soft limit of open files (`RLIMIT_NOFILE`) to the hard
-    /// limit when the upgrader is created, as Go's runtime does since Go
-    /// 1.19: an upgrade briefly needs a second fd for each listener (see
-    /// [`Fds`](crate::Fds)), and the usual soft limit of 1024 would cap a
-    /// service at about 500 listeners. The raised limit is inherited by
-    /// processes the service starts; turn this off for a program that
-    /// uses `select(2)` or starts such programs. Default: `true`.
-    pub raise_fd_limit: bool,
+    pub(crate) upgrade_timeout: Duration,
+    pub(crate) pid_file: Option<PathBuf>,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) backlog: u32,
+    pub(crate) socket_setup: Option<SetupHook>,
+    pub(crate) executable: Option<PathBuf>,
+    pub(crate) raise_fd_limit: bool,
 }
 
 impl Options {
-    /// Sets [`socket_setup`](Self::socket_setup) from a closure.
-    #[must_use]
-    pub fn with_socket_setup(
-        mut self,
-        hook: impl Fn(&socket2::Socket, &ListenSpec) -> io::Result<()> + Send + Sync + 'static,
-    ) -> Self {
-        self.socket_setup = Some(Arc::new(hook));
-        self
-    }
-}
-
-impl Default for Options {
-    fn default() -> Self {
+    /// The defaults: see each setter.
+    pub fn new() -> Options {
         Options {
             upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
             pid_file: None,
@@ -92,6 +55,121 @@ impl Default for Options {
             executable: None,
             raise_fd_limit: true,
         }
+    }
+
+    /// How long the new generation has to become ready before it is killed
+    /// and the upgrade fails. Default: 60 s ([`DEFAULT_UPGRADE_TIMEOUT`]).
+    #[must_use]
+    pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
+        self.upgrade_timeout = timeout;
+        self
+    }
+
+    /// Where to write this process's PID once it is ready, replacing the
+    /// file atomically; a relative path is relative to the directory the
+    /// service started in. Keep it in a directory of the service's own
+    /// (`/run/<service>/`, systemd's `RuntimeDirectory=`), not a shared
+    /// one such as `/tmp`. Default: none.
+    #[must_use]
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// How long a `#[tableflip::main]` service waits, once it drains, for
+    /// the tasks it started with `Context::spawn`. Not used by the
+    /// `Upgrader` itself. Default: 30 s ([`DEFAULT_DRAIN_TIMEOUT`]).
+    #[must_use]
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// The `listen(2)` backlog of fresh stream sockets. Default: 1024
+    /// ([`DEFAULT_BACKLOG`]).
+    #[must_use]
+    pub fn backlog(mut self, backlog: u32) -> Self {
+        self.backlog = backlog;
+        self
+    }
+
+    /// A hook run on every socket this process creates afresh, before it
+    /// is bound (never on inherited sockets): socket options such as
+    /// `SO_REUSEPORT`, buffer sizes. It may call back into the upgrader.
+    /// Default: none.
+    #[must_use]
+    pub fn socket_setup(
+        mut self,
+        hook: impl Fn(&socket2::Socket, &ListenSpec) -> io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.socket_setup = Some(Arc::new(hook));
+        self
+    }
+
+    /// The executable to run as the next generation; a relative path is
+    /// relative to the start directory. Default: the path that named this
+    /// program's executable when it started (the path given to `execve`,
+    /// else `argv[0]` resolved against the start directory or `PATH`, but
+    /// only if it names the running binary; else the running binary's own
+    /// path), resolved again at each upgrade, so that a binary replaced at
+    /// that path is what runs next.
+    #[must_use]
+    pub fn executable(mut self, path: impl Into<PathBuf>) -> Self {
+        self.executable = Some(path.into());
+        self
+    }
+
+    /// Whether to raise the soft limit of open files (`RLIMIT_NOFILE`) to
+    /// the hard limit when the upgrader is created, as Go's runtime does
+    /// since Go 1.19: an upgrade briefly needs a second fd for each
+    /// listener (see [`Fds`](crate::Fds)), and the usual soft limit of 1024
+    /// would cap a service at about 500 listeners. The raised limit is
+    /// inherited by processes the service starts; turn this off for a
+    /// program that uses `select(2)` or starts such programs. Default: on.
+    #[must_use]
+    pub fn raise_fd_limit(mut self, raise: bool) -> Self {
+        self.raise_fd_limit = raise;
+        self
+    }
+}
+
+/// Reading the options back (as `std::process::Command`'s `get_*`: the
+/// plain names are the setters).
+impl Options {
+    /// See [`upgrade_timeout`](Self::upgrade_timeout).
+    pub fn get_upgrade_timeout(&self) -> Duration {
+        self.upgrade_timeout
+    }
+
+    /// See [`pid_file`](Self::pid_file).
+    pub fn get_pid_file(&self) -> Option<&std::path::Path> {
+        self.pid_file.as_deref()
+    }
+
+    /// See [`drain_timeout`](Self::drain_timeout).
+    pub fn get_drain_timeout(&self) -> Duration {
+        self.drain_timeout
+    }
+
+    /// See [`backlog`](Self::backlog).
+    pub fn get_backlog(&self) -> u32 {
+        self.backlog
+    }
+
+    /// See [`executable`](Self::executable).
+    pub fn get_executable(&self) -> Option<&std::path::Path> {
+        self.executable.as_deref()
+    }
+
+    /// See [`raise_fd_limit`](Self::raise_fd_limit).
+    pub fn get_raise_fd_limit(&self) -> bool {
+        self.raise_fd_limit
+    }
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options::new()
     }
 }
 

@@ -1,46 +1,7 @@
-//! The handover protocol between two generations.
-//!
-//! # Wire format (version 1)
-//!
-//! The parent starts the child with one environment variable,
-//!
-//! ```text
-//! TABLEFLIP_HANDOVER=1:<parent-fd>:<ready-fd>
-//! ```
-//!
-//! and with every fd it hands on left open across `exec`, at the same
-//! numbers it has in the parent:
-//!
-//! * `<parent-fd>` is the read end of a pipe whose write end only the parent
-//!   holds. The parent writes the metadata into it: an ASCII decimal length,
-//!   `\n`, then that many bytes of JSON. It never writes again, and never
-//!   closes the write end: it is closed by the kernel when the parent exits
-//!   (SIGKILL included), and the child reads that as EOF.
-//! * `<ready-fd>` is the write end of a pipe the parent reads. The child
-//!   writes one byte when it is ready, then closes it. EOF without that byte
-//!   means the child died or gave up.
-//!
-//! The metadata:
-//!
-//! ```json
-//! {"version":1,"parent_pid":4242,"generation":3,
-//!  "entries":[{"name":"HTTP","kind":"listener","fd":5,"network":"tcp","address":"127.0.0.1:8080"},
-//!             {"name":"log","kind":"file","fd":6}]}
-//! ```
-//!
-//! The child checks every fd while only borrowing it, and takes ownership
-//! only once the whole handover is valid. An fd named by the handover must
-//! be open and not close-on-exec (any fd that survived `exec` is not; every
-//! fd the child opened itself is), the parent fd must be a pipe's read end
-//! and the ready fd a pipe's write end, and each entry's fd must be the kind
-//! of socket (or file) its `kind` and `network` say.
-//!
-//! Compatibility rules: fields are only ever added, each optional with a
-//! default, and unknown fields are ignored, so any two builds that speak
-//! version 1 can upgrade to each other in both directions (a roll-back
-//! included). `version` is raised only for a change an older build cannot
-//! read; a build accepts every version up to its own and rejects newer ones
-//! with an error that names both.
+//! The handover protocol between two generations: the parent's side
+//! (encoding) and the child's (receiving and checking). The contract
+//! itself is `PROTOCOL.md`, published as [`crate::handover_protocol`] (the public
+//! documentation module).
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
@@ -69,7 +30,7 @@ pub const ENV_HANDOVER: &str = "TABLEFLIP_HANDOVER";
 pub(crate) const ENV_HANDOVER_ID: &str = "TABLEFLIP_HANDOVER_ID";
 
 /// The newest protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 /// The largest metadata a child accepts (a handover of 100 000 sockets fits).
 const MAX_METADATA: usize = 16 << 20;
@@ -172,11 +133,8 @@ fn meant_for_this_process(id: Option<&OsStr>, parent_fd: RawFd, ready_fd: RawFd)
 
 /// Encodes the metadata as the parent writes it.
 pub(crate) fn encode(meta: &Metadata) -> Result<Vec<u8>> {
-    let json = serde_json::to_vec(meta).map_err(|e| {
-        Error::io(
-            "cannot encode the handover metadata",
-            std::io::Error::other(e),
-        )
+    let json = serde_json::to_vec(meta).map_err(|e| Error::Encode {
+        reason: e.to_string(),
     })?;
     let mut out = format!("{}\n", json.len()).into_bytes();
     out.extend_from_slice(&json);

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::options::Options;
+use crate::report::chain;
 use crate::upgrade::Upgrader;
 
 /// What the init function of a `#[tableflip::main]` service gets: the
@@ -227,7 +228,7 @@ where
     let upgrader = match Upgrader::new(opts) {
         Ok(u) => u,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start");
+            tracing::error!(error = %chain(&e), "cannot start");
             return ExitCode::FAILURE;
         }
     };
@@ -256,7 +257,7 @@ where
         // Signals first: SIGHUP's default action would kill the process.
         let signals = Signals::install()?;
         if let Err(e) = crate::declare::open_all(upgrader.fds()) {
-            tracing::error!(error = %e, "cannot open the declared listeners");
+            tracing::error!(error = %chain(&e), "cannot open the declared listeners");
             return Err(());
         }
         Ok(signals)
@@ -290,7 +291,7 @@ where
         }
     }
     if let Err(e) = upgrader.ready() {
-        tracing::error!(error = %e, "cannot signal readiness; exiting (a parent generation keeps serving)");
+        tracing::error!(error = %chain(&e), "cannot signal readiness; exiting (a parent generation keeps serving)");
         return ExitCode::FAILURE;
     }
     tracing::debug!(
@@ -319,6 +320,10 @@ async fn run_init(init: impl Future<Output = Result<(), String>>, signals: &mut 
     let mut warned = false;
     loop {
         tokio::select! {
+            // The init function first: one that has returned is done, even
+            // if a stop signal came meanwhile (that stop then comes after
+            // readiness, through the lifecycle).
+            biased;
             result = &mut init => return Init::Done(result),
             _ = signals.term.recv() => return Init::Stopped("SIGTERM"),
             _ = signals.int.recv() => return Init::Stopped("SIGINT"),

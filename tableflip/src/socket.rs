@@ -14,7 +14,7 @@ use crate::sys;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A listening stream socket (`tcp*`, `unix`, `unixpacket`).
     Listener,
     /// A packet socket (`udp*`, `unixgram`).
@@ -27,7 +27,7 @@ pub enum Kind {
 
 impl Kind {
     /// A human name, as used in error messages.
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Kind::Listener => "listener",
             Kind::Packet => "packet socket",

@@ -54,9 +54,15 @@ impl Notifier {
         Notifier { target: None }
     }
 
-    /// Sends `message`. Failures are logged, never fatal: the service
-    /// works without its manager hearing from it.
-    pub(crate) fn send(&self, message: &Message) {
+    /// Tells the service manager what happened. Failures are logged, never
+    /// fatal: the service works without its manager hearing from it.
+    pub(crate) fn notify(&self, notice: &Notice<'_>) {
+        if self.target.is_some() {
+            self.send(&notice.message());
+        }
+    }
+
+    fn send(&self, message: &Message) {
         let Some((addr, shown)) = &self.target else {
             return;
         };
@@ -74,17 +80,75 @@ impl Notifier {
     }
 }
 
+/// What the service manager is told, and when (see the module's
+/// documentation for who sends what).
+#[derive(Debug)]
+pub(crate) enum Notice<'a> {
+    /// The first generation is ready: `READY=1`, `MAINPID=` (itself).
+    Ready { generation: u64, pid: u32 },
+    /// An upgrade starts: `RELOADING=1` with `MONOTONIC_USEC=`.
+    Reloading { next: u64 },
+    /// The new generation is ready and in charge, said by the old one (the
+    /// main process until then): `MAINPID=` and `READY=1`.
+    HandedOver {
+        generation: u64,
+        pid: u32,
+        from: u32,
+        elapsed_ms: u64,
+    },
+    /// The upgrade failed; `READY=1` ends the reload (the protocol has no
+    /// way to fail one), `STATUS=` says why.
+    UpgradeFailed {
+        generation: u64,
+        pid: u32,
+        error: &'a crate::error::Error,
+    },
+    /// A real stop: `STOPPING=1`.
+    Stopping,
+}
+
+impl Notice<'_> {
+    fn message(&self) -> Message {
+        match self {
+            Notice::Ready { generation, pid } => Message::new()
+                .ready()
+                .main_pid(*pid)
+                .status(&format!("serving: generation {generation}, pid {pid}")),
+            Notice::Reloading { next } => Message::new()
+                .reloading()
+                .status(&format!("upgrading: starting generation {next}")),
+            Notice::HandedOver {
+                generation,
+                pid,
+                from,
+                elapsed_ms,
+            } => Message::new().main_pid(*pid).ready().status(&format!(
+                "serving: generation {generation}, pid {pid} (upgraded from pid {from} in {elapsed_ms} ms)"
+            )),
+            Notice::UpgradeFailed {
+                generation,
+                pid,
+                error,
+            } => Message::new().ready().status(&format!(
+                "serving: generation {generation}, pid {pid}; the last upgrade failed: {}",
+                crate::report::chain(*error)
+            )),
+            Notice::Stopping => Message::new().stopping().status("stopping"),
+        }
+    }
+}
+
 /// One notification: `KEY=value` lines, built only through the methods
 /// below, so that the keys are fixed and no value can add a line of its
 /// own (a newline in a path or an error message would otherwise inject,
 /// say, `STOPPING=1`).
 #[derive(Debug, Default)]
-pub(crate) struct Message {
+struct Message {
     text: String,
 }
 
 impl Message {
-    pub(crate) fn new() -> Message {
+    fn new() -> Message {
         Message::default()
     }
 
@@ -102,29 +166,29 @@ impl Message {
     }
 
     /// `READY=1`: startup, or a reload, is complete.
-    pub(crate) fn ready(self) -> Message {
+    fn ready(self) -> Message {
         self.line("READY", "1")
     }
 
     /// `RELOADING=1` with `MONOTONIC_USEC=` (systemd 253's
     /// `Type=notify-reload` requires both).
-    pub(crate) fn reloading(self) -> Message {
+    fn reloading(self) -> Message {
         let usec = monotonic_usec().to_string();
         self.line("RELOADING", "1").line("MONOTONIC_USEC", &usec)
     }
 
     /// `STOPPING=1`: the service is stopping for good.
-    pub(crate) fn stopping(self) -> Message {
+    fn stopping(self) -> Message {
         self.line("STOPPING", "1")
     }
 
     /// `MAINPID=`: the service's main process is now `pid`.
-    pub(crate) fn main_pid(self, pid: u32) -> Message {
+    fn main_pid(self, pid: u32) -> Message {
         self.line("MAINPID", &pid.to_string())
     }
 
     /// `STATUS=`: a line of text for `systemctl status`.
-    pub(crate) fn status(self, text: &str) -> Message {
+    fn status(self, text: &str) -> Message {
         self.line("STATUS", text)
     }
 

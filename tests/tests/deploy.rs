@@ -155,13 +155,12 @@ fn started_by_absolute_path_through_the_symlink() {
 /// exists), and the service serves on.
 #[test]
 fn a_deleted_start_directory_is_named() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("d-gone");
+    let h = Harness::new("d-gone");
+    let ctl = &h.ctl;
     let work = ctl.path().join("work");
     std::fs::create_dir(&work).expect("mkdir work");
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
-    let mut cmd = Service::command(SVC, &ctl, &[]);
+    let mut cmd = Service::command(SVC, ctl, &[]);
     cmd.current_dir(&work);
     let mut svc = Service::spawn(cmd);
     let first = svc.first_pid();
@@ -188,9 +187,8 @@ fn a_deleted_start_directory_is_named() {
 /// program (which would get the service's sockets and environment).
 #[test]
 fn a_renamed_argv0_never_starts_another_program() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("d-argv0");
+    let h = Harness::new("d-argv0");
+    let ctl = &h.ctl;
     let bin = ctl.path().join("bin");
     std::fs::create_dir(&bin).expect("mkdir bin");
     let impostor = bin.join("my-service");
@@ -214,7 +212,7 @@ fn a_renamed_argv0_never_starts_another_program() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut cmd = Service::command(SVC, &ctl, &[("TF_UPGRADE_TIMEOUT_MS", "10000")]);
+    let mut cmd = Service::command(SVC, ctl, &[("TF_UPGRADE_TIMEOUT_MS", "10000")]);
     std::os::unix::process::CommandExt::arg0(&mut cmd, "my-service");
     cmd.env("PATH", &path);
     let mut svc = Service::spawn(cmd);
@@ -235,9 +233,8 @@ fn a_renamed_argv0_never_starts_another_program() {
 /// the service's path is what runs next.
 #[test]
 fn a_renamed_argv0_upgrades_to_the_binary_replaced_at_its_path() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("d-rename");
+    let h = Harness::new("d-rename");
+    let ctl = &h.ctl;
     let exe = ctl.path().join("svc");
     install_exe(SVC, &exe, 5);
     ctl.write("listen", "web tcp 127.0.0.1:0\n");

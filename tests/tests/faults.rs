@@ -24,7 +24,7 @@ fn start(exe: &str, ctl: &Scratch, envs: &[(&str, &str)]) -> (Service, u32, Stri
     cmd.env("TF_PID_FILE", &pid_file)
         .env("RUST_LOG", "info")
         .stderr(log);
-    let mut svc = Service::spawn(cmd);
+    let mut svc = Service::spawn_keeping_stderr(cmd);
     let first = svc.first_pid();
     let addr = svc
         .wait_kind("listening", Some(first))
@@ -111,13 +111,12 @@ const BROKEN: &[Broken] = &[
 
 #[test]
 fn broken_binaries_on_disk_fail_the_upgrade_and_the_old_generation_serves_on() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("f-broken");
+    let h = Harness::new("f-broken");
+    let ctl = &h.ctl;
     let exe = ctl.path().join("svc-bin");
     install_exe(SVC, &exe, 0);
     let exe_str = exe.to_str().expect("utf-8 path").to_owned();
-    let (mut svc, first, addr) = start(&exe_str, &ctl, &[("TF_UPGRADE_TIMEOUT_MS", "2000")]);
+    let (mut svc, first, addr) = start(&exe_str, ctl, &[("TF_UPGRADE_TIMEOUT_MS", "2000")]);
     let fds = fd_count(&mut svc, first);
 
     for broken in BROKEN {
@@ -165,7 +164,7 @@ fn broken_binaries_on_disk_fail_the_upgrade_and_the_old_generation_serves_on() {
             "{}: the failed upgrade left no fd open",
             broken.what
         );
-        let log = log_of(&ctl);
+        let log = log_of(ctl);
         assert!(
             log.lines()
                 .any(|l| l.contains("upgrade failed; this process keeps serving")
@@ -293,10 +292,9 @@ fn parent_sigkilled_right_after_readiness_leaves_the_child_in_charge() {
 
 #[test]
 fn child_sigkilled_before_it_read_the_handover_fails_the_upgrade() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("f-ck-spawn");
-    let (mut svc, first, addr) = start(SVC, &ctl, &[]);
+    let h = Harness::new("f-ck-spawn");
+    let ctl = &h.ctl;
+    let (mut svc, first, addr) = start(SVC, ctl, &[]);
     let fds = fd_count(&mut svc, first);
     ctl.write("prenew", "block");
     signal(first, Signal::SIGHUP);
@@ -325,11 +323,10 @@ fn child_sigkilled_before_it_read_the_handover_fails_the_upgrade() {
 /// not replaced.
 #[test]
 fn a_successor_killed_after_taking_over_is_replaced_by_the_old_generation() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("f-ck-ready");
+    let h = Harness::new("f-ck-ready");
+    let ctl = &h.ctl;
     let pid_file = ctl.path().join("svc.pid");
-    let (mut svc, first, addr) = start(SVC, &ctl, &[]);
+    let (mut svc, first, addr) = start(SVC, ctl, &[]);
     // The old generation stays alive after the handover, until `release`.
     ctl.write("linger", "");
     let second = svc.upgrade(first);
@@ -350,7 +347,7 @@ fn a_successor_killed_after_taking_over_is_replaced_by_the_old_generation() {
     wait_gone(second);
     assert_eq!(serves(&addr), third, "the replacement serves");
     assert_eq!(pid_file_pid(&pid_file), Some(third));
-    let log = log_of(&ctl);
+    let log = log_of(ctl);
     assert!(
         log.contains("the new generation died after it took over")
             && log.contains("killed by signal 9"),
@@ -374,7 +371,7 @@ fn a_successor_killed_after_taking_over_is_replaced_by_the_old_generation() {
     svc.wait_kind("exit", Some(fourth));
     wait_gone(fourth);
     wait_until("the old generation sees its successor exit", || {
-        log_of(&ctl)
+        log_of(ctl)
             .lines()
             .any(|l| l.contains("the new generation has exited") && l.contains(&fourth.to_string()))
     });
@@ -407,12 +404,11 @@ fn a_successor_killed_after_taking_over_is_replaced_by_the_old_generation() {
 /// fds are free again.
 #[test]
 fn fd_limit_nearly_reached_fails_the_upgrade_cleanly() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("f-nofile");
+    let h = Harness::new("f-nofile");
+    let ctl = &h.ctl;
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     // A small limit keeps filling it quick.
-    let mut cmd = Service::command("prlimit", &ctl, &[("RUST_LOG", "info")]);
+    let mut cmd = Service::command("prlimit", ctl, &[("RUST_LOG", "info")]);
     cmd.args(["--nofile=128:128", "--", SVC]);
     let mut svc = Service::spawn(cmd);
     let first = svc.first_pid();
@@ -487,15 +483,14 @@ fn children_of(pid: u32) -> Vec<u32> {
 /// PID file cannot be written fails at startup, naming the path.
 #[test]
 fn unwritable_pid_file_directory_fails_the_upgrade_cleanly() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("f-piddir");
+    let h = Harness::new("f-piddir");
+    let ctl = &h.ctl;
     let dir = ctl.path().join("run");
     std::fs::create_dir(&dir).expect("mkdir");
     let pid_file = dir.join("svc.pid");
     let pid_file_str = pid_file.to_str().expect("utf-8 path");
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
-    let mut svc = Service::start(SVC, &ctl, &[("TF_PID_FILE", pid_file_str)]);
+    let mut svc = Service::start(SVC, ctl, &[("TF_PID_FILE", pid_file_str)]);
     let first = svc.first_pid();
     let addr = svc
         .wait_kind("listening", Some(first))
@@ -534,7 +529,7 @@ fn unwritable_pid_file_directory_fails_the_upgrade_cleanly() {
     // A first generation fails at startup.
     let missing = ctl.path().join("nowhere").join("svc.pid");
     let missing = missing.to_str().expect("utf-8 path");
-    let mut svc = Service::start(SVC, &ctl, &[("TF_PID_FILE", missing)]);
+    let mut svc = Service::start(SVC, ctl, &[("TF_PID_FILE", missing)]);
     let first = svc.first_pid();
     let err = svc.wait_kind("ready-err", Some(first));
     assert!(err.get("msg").contains(missing), "{}", err.line);
@@ -560,9 +555,8 @@ impl Drop for Mount {
 #[test]
 #[ignore = "needs root: mounts a 16 KiB tmpfs"]
 fn full_pid_file_directory_fails_the_upgrade_cleanly() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("f-pidfull");
+    let h = Harness::new("f-pidfull");
+    let ctl = &h.ctl;
     let dir = ctl.path().join("run");
     std::fs::create_dir(&dir).expect("mkdir");
     let mounted = std::process::Command::new("mount")
@@ -575,7 +569,7 @@ fn full_pid_file_directory_fails_the_upgrade_cleanly() {
     let pid_file = dir.join("svc.pid");
     let pid_file_str = pid_file.to_str().expect("utf-8 path");
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
-    let mut svc = Service::start(SVC, &ctl, &[("TF_PID_FILE", pid_file_str)]);
+    let mut svc = Service::start(SVC, ctl, &[("TF_PID_FILE", pid_file_str)]);
     let first = svc.first_pid();
     let addr = svc
         .wait_kind("listening", Some(first))
@@ -630,11 +624,10 @@ fn full_pid_file_directory_fails_the_upgrade_cleanly() {
 #[test]
 #[ignore = "needs root: creates a PID namespace (unshare --pid)"]
 fn as_pid_1_an_upgrade_is_refused_with_advice() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("f-pid1");
+    let h = Harness::new("f-pid1");
+    let ctl = &h.ctl;
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
-    let mut cmd = Service::command("unshare", &ctl, &[]);
+    let mut cmd = Service::command("unshare", ctl, &[]);
     cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child", "--", SVC]);
     let mut svc = Service::spawn(cmd);
     let addr = svc.wait_kind("listening", Some(1)).get("addr").to_owned();
@@ -663,9 +656,8 @@ fn as_pid_1_an_upgrade_is_refused_with_advice() {
 /// process behind.
 #[test]
 fn the_fork_and_exec_path_hands_over_too() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("f-fork");
+    let h = Harness::new("f-fork");
+    let ctl = &h.ctl;
     let sock = ctl.path().join("s.sock");
     ctl.write(
         "listen",
@@ -675,7 +667,7 @@ fn the_fork_and_exec_path_hands_over_too() {
         ),
     );
     ctl.write("actions", "wait-parent\n");
-    let mut svc = Service::start(SVC, &ctl, &[("TABLEFLIP_SPAWN_WITH_FORK", "1")]);
+    let mut svc = Service::start(SVC, ctl, &[("TABLEFLIP_SPAWN_WITH_FORK", "1")]);
     let first = svc.first_pid();
     let listening = |svc: &mut Service, pid: u32, name: &str| {
         svc.wait_for(&format!("{name} of {pid}"), |e| {

@@ -46,9 +46,8 @@ fn assert_nonblock_cloexec(ev: &Event) {
 
 #[test]
 fn connection_and_file_round_trip_and_really_close() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("connfile");
+    let h = Harness::new("connfile");
+    let ctl = &h.ctl;
     let (l, addr) = peer();
     let log = ctl.path().join("f.log");
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
@@ -56,7 +55,7 @@ fn connection_and_file_round_trip_and_really_close() {
         "actions",
         &format!("add-conn c {addr}\nadd-file f {}\n", log.display()),
     );
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     svc.wait_kind("added-conn", Some(first));
     svc.wait_kind("added-file", Some(first));
@@ -107,13 +106,12 @@ fn connection_and_file_round_trip_and_really_close() {
 
 #[test]
 fn connection_is_passed_through_two_upgrades() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("connkeep");
+    let h = Harness::new("connkeep");
+    let ctl = &h.ctl;
     let (l, addr) = peer();
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     ctl.write("actions", &format!("add-conn c {addr}\nwait-parent\n"));
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     svc.wait_kind("added-conn", Some(first));
     svc.wait_kind("ready", Some(first));
@@ -145,9 +143,8 @@ fn connection_is_passed_through_two_upgrades() {
 
 #[test]
 fn handed_over_fds_are_nonblocking_and_close_on_exec() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("fdflags");
+    let h = Harness::new("fdflags");
+    let ctl = &h.ctl;
     let (l, addr) = peer();
     let p = |n: &str| ctl.path().join(n).display().to_string();
     ctl.write(
@@ -164,7 +161,7 @@ fn handed_over_fds_are_nonblocking_and_close_on_exec() {
         "actions",
         &format!("add-conn c {addr}\nadd-file f {}\n", p("f.log")),
     );
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     svc.wait_kind("ready", Some(first));
     let _conn = accept(&l);
@@ -204,9 +201,8 @@ fn probe_fds(ev: &Event) -> Vec<(String, String)> {
 
 #[test]
 fn subprocess_of_a_child_generation_inherits_nothing() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("probe");
+    let h = Harness::new("probe");
+    let ctl = &h.ctl;
     let (l, addr) = peer();
     let p = |n: &str| ctl.path().join(n).display().to_string();
     ctl.write(
@@ -224,7 +220,7 @@ fn subprocess_of_a_child_generation_inherits_nothing() {
             p("f.log")
         ),
     );
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     let baseline = svc.wait_kind("probe", Some(first));
     svc.wait_kind("ready", Some(first));

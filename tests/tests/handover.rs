@@ -945,9 +945,8 @@ async fn testing_stubs_bind_plainly_and_refuse_to_upgrade() {
 /// fails.
 #[test]
 fn generation_u64_max_never_overflows() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("genmax");
+    let h = Harness::new("genmax");
+    let ctl = &h.ctl;
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     let mut run = Hand::new()
         .make("web", "tcp-listener")
@@ -956,7 +955,7 @@ fn generation_u64_max_never_overflows() {
             r#"{"name":"web","kind":"listener","fd":%web%,"network":"tcp","address":"%web.addr%"}]}"#,
         ))
         .eof()
-        .start(&ctl, &[]);
+        .start(ctl, &[]);
     let parent = run.first_pid();
     let child: u32 = run
         .wait_kind("hc-spawned", Some(parent))
@@ -981,9 +980,8 @@ fn generation_u64_max_never_overflows() {
 /// metadata.)
 #[test]
 fn metadata_cannot_name_a_socket_file_for_removal() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("victim");
+    let h = Harness::new("victim");
+    let ctl = &h.ctl;
     let victim_path = ctl.path().join("victim.sock");
     let victim = std::os::unix::net::UnixListener::bind(&victim_path).expect("bind the victim");
     drop(victim);
@@ -998,7 +996,7 @@ fn metadata_cannot_name_a_socket_file_for_removal() {
             ),
             victim_path.display()
         ))
-        .start(&ctl, &[]);
+        .start(ctl, &[]);
     let parent = run.first_pid();
     let child: u32 = run
         .wait_kind("hc-spawned", Some(parent))

@@ -36,10 +36,9 @@ fn start_with(ctl: &Scratch, envs: &[(&str, &str)]) -> (Service, String, std::pa
 /// under keep-alive and connection-per-request load without a failure.
 #[test]
 fn axum_under_load_fails_no_request_across_upgrades() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("axum");
-    let (mut svc, addr, pid_file) = start(&ctl);
+    let h = Harness::new("axum");
+    let ctl = &h.ctl;
+    let (mut svc, addr, pid_file) = start(ctl);
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..4)
         .map(|i| {
@@ -113,10 +112,9 @@ async fn get(
 /// connection; a new connection reaches the new generation.
 #[test]
 fn http2_streams_in_flight_complete_then_goaway_closes() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("h2");
-    let (mut svc, addr, pid_file) = start(&ctl);
+    let h = Harness::new("h2");
+    let ctl = &h.ctl;
+    let (mut svc, addr, pid_file) = start(ctl);
     let first = svc.first_pid();
     let (tx, rx) = channel();
     let client_addr = addr.clone();
@@ -194,10 +192,9 @@ fn socket_count(pid: u32) -> usize {
 #[test]
 fn fresh_connections_are_answered_and_idle_ones_closed_cleanly() {
     use std::io::{Read, Write};
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("fresh");
-    let (mut svc, addr, pid_file) = start(&ctl);
+    let h = Harness::new("fresh");
+    let ctl = &h.ctl;
+    let (mut svc, addr, pid_file) = start(ctl);
     let first = svc.first_pid();
     let mut idle = tableflip_tests::http1::connect(&addr).expect("connect");
     let reply = tableflip_tests::http1::request(&mut idle, "/", true).expect("request");
@@ -372,10 +369,9 @@ fn start_for_websockets(ctl: &Scratch) -> (Service, String, std::path::PathBuf) 
 /// generation, until the client closes it.
 #[test]
 fn websocket_handshake_on_a_keep_alive_connection_during_the_drain() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("ws-ka");
-    let (mut svc, addr, pid_file) = start_for_websockets(&ctl);
+    let h = Harness::new("ws-ka");
+    let ctl = &h.ctl;
+    let (mut svc, addr, pid_file) = start_for_websockets(ctl);
     let first = svc.first_pid();
     let mut conn = tableflip_tests::http1::connect(&addr).expect("connect");
     let reply = tableflip_tests::http1::request(&mut conn, "/", true).expect("request");
@@ -397,10 +393,9 @@ fn websocket_handshake_on_a_keep_alive_connection_during_the_drain() {
 /// handshake succeeds and the WebSocket works.
 #[test]
 fn websocket_handshake_as_the_first_request_during_the_drain() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("ws-fresh");
-    let (mut svc, addr, pid_file) = start_for_websockets(&ctl);
+    let h = Harness::new("ws-fresh");
+    let ctl = &h.ctl;
+    let (mut svc, addr, pid_file) = start_for_websockets(ctl);
     let first = svc.first_pid();
     let before = socket_count(first);
     let fresh = std::net::TcpStream::connect(&addr).expect("connect");

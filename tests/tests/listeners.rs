@@ -65,10 +65,9 @@ fn the_same_address_twice_is_refused() {
 /// sockets on two ports, and the next generation inherits both, in order.
 #[test]
 fn each_port_zero_listen_is_its_own_socket() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("port0");
-    let (mut svc, gen1) = start(&ctl, "- tcp 127.0.0.1:0\n- tcp 127.0.0.1:0\n", None);
+    let h = Harness::new("port0");
+    let ctl = &h.ctl;
+    let (mut svc, gen1) = start(ctl, "- tcp 127.0.0.1:0\n- tcp 127.0.0.1:0\n", None);
     let first = svc.first_pid();
     assert_eq!(gen1.len(), 2);
     assert_ne!(gen1[0].get("addr"), gen1[1].get("addr"), "two ports");
@@ -91,11 +90,10 @@ fn each_port_zero_listen_is_its_own_socket() {
 /// addresses and says what to do.
 #[test]
 fn a_wider_address_on_the_same_port_names_both() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("wider");
+    let h = Harness::new("wider");
+    let ctl = &h.ctl;
     let port = free_port();
-    let (mut svc, _) = start(&ctl, &format!("web tcp 127.0.0.1:{port}\n"), None);
+    let (mut svc, _) = start(ctl, &format!("web tcp 127.0.0.1:{port}\n"), None);
     let first = svc.first_pid();
     ctl.write("listen", &format!("web tcp 0.0.0.0:{port}\n"));
     let err = svc.upgrade_err(first);
@@ -123,15 +121,14 @@ fn a_wider_address_on_the_same_port_names_both() {
 /// at startup.
 #[test]
 fn six_hundred_listeners_under_a_soft_limit_of_1024() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("many");
+    let h = Harness::new("many");
+    let ctl = &h.ctl;
     let listen: String = (0..600)
         .map(|i| format!("l{i} tcp 127.0.0.1:0\n"))
         .collect();
-    let mut cmd = Service::command("prlimit", &ctl, &[("RUST_LOG", "info")]);
+    let mut cmd = Service::command("prlimit", ctl, &[("RUST_LOG", "info")]);
     cmd.args(["--nofile=1024:4096", "--", SVC]);
-    let (mut svc, gen1) = start(&ctl, &listen, Some(cmd));
+    let (mut svc, gen1) = start(ctl, &listen, Some(cmd));
     let first = svc.first_pid();
     assert_eq!(gen1.len(), 600);
     let ready = svc
@@ -171,9 +168,8 @@ fn unix_serves(path: &Path) -> u32 {
 /// directory the application moved to, alone.
 #[test]
 fn a_relative_unix_path_is_resolved_once_against_the_start_directory() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("relunix");
+    let h = Harness::new("relunix");
+    let ctl = &h.ctl;
     let a = ctl.path().join("a");
     let b = ctl.path().join("b");
     std::fs::create_dir(&a).expect("mkdir a");
@@ -181,9 +177,9 @@ fn a_relative_unix_path_is_resolved_once_against_the_start_directory() {
     // Another program's live socket, where the service will `chdir` to.
     let other = std::os::unix::net::UnixListener::bind(b.join("app.sock")).expect("bind b");
     ctl.write("actions", &format!("chdir {}\n", b.display()));
-    let mut cmd = Service::command(SVC, &ctl, &[]);
+    let mut cmd = Service::command(SVC, ctl, &[]);
     cmd.current_dir(&a);
-    let (mut svc, _) = start(&ctl, "u unix ./app.sock\n", Some(cmd));
+    let (mut svc, _) = start(ctl, "u unix ./app.sock\n", Some(cmd));
     let first = svc.first_pid();
     assert_eq!(unix_serves(&a.join("app.sock")), first);
     let second = svc.upgrade(first);
@@ -203,11 +199,10 @@ fn a_relative_unix_path_is_resolved_once_against_the_start_directory() {
 /// stop: the library removes only the file it bound.
 #[test]
 fn a_socket_file_replaced_since_is_left_alone() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("replaced");
+    let h = Harness::new("replaced");
+    let ctl = &h.ctl;
     let path = ctl.path().join("s.sock");
-    let (mut svc, _) = start(&ctl, &format!("u unix {}\n", path.display()), None);
+    let (mut svc, _) = start(ctl, &format!("u unix {}\n", path.display()), None);
     let first = svc.first_pid();
     assert_eq!(unix_serves(&path), first);
     std::fs::remove_file(&path).expect("remove the service's file");
@@ -227,15 +222,14 @@ fn a_socket_file_replaced_since_is_left_alone() {
 #[test]
 #[ignore = "needs root: a private mount namespace with its own /etc/hosts (unshare -m, mount --bind)"]
 fn localhost_listens_on_ipv4_first() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("localhost");
+    let h = Harness::new("localhost");
+    let ctl = &h.ctl;
     let hosts = ctl.path().join("hosts");
     std::fs::write(&hosts, "::1 localhost ip6-localhost\n127.0.0.1 localhost\n")
         .expect("write hosts");
     let port = free_port();
     ctl.write("listen", &format!("web tcp localhost:{port}\n"));
-    let mut cmd = Service::command("unshare", &ctl, &[]);
+    let mut cmd = Service::command("unshare", ctl, &[]);
     cmd.args([
         "--mount",
         "--propagation",

@@ -91,10 +91,9 @@ fn exit_old(m: &mut Macro, old: u32, first: bool) {
 
 #[test]
 fn sighup_hands_tcp_udp_and_unix_to_a_new_pid() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-basic");
-    let mut m = start(SVC, &ctl, &[]);
+    let h = Harness::new("m-basic");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     let second_take = m.svc.wait_kind("second-take", Some(first));
     assert!(
@@ -160,10 +159,9 @@ fn unix_get_line(path: &str, line: &str) -> String {
 /// old one serving; a later upgrade succeeds.
 #[test]
 fn failed_init_keeps_the_parent_serving() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-fail");
-    let mut m = start(SVC, &ctl, &[]);
+    let h = Harness::new("m-fail");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     for how in ["err", "panic", "exit 7"] {
         ctl.write("init", how);
@@ -190,10 +188,9 @@ fn failed_init_keeps_the_parent_serving() {
 /// reaped; the old one keeps serving.
 #[test]
 fn hanging_init_is_killed_at_the_upgrade_timeout() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-hang");
-    let mut m = start(SVC, &ctl, &[("MS_UPGRADE_TIMEOUT_MS", "300")]);
+    let h = Harness::new("m-hang");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[("MS_UPGRADE_TIMEOUT_MS", "300")]);
     let first = m.svc.first_pid();
     ctl.write("init", "hang");
     signal(first, Signal::SIGHUP);
@@ -227,9 +224,8 @@ fn env_overrides_the_address() {
 /// the inherited socket of that name is closed at readiness.
 #[test]
 fn a_moved_address_is_bound_afresh_and_the_old_one_closed() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-moved");
+    let h = Harness::new("m-moved");
+    let ctl = &h.ctl;
     let exe = ctl.path().join("svc-bin");
     std::fs::copy(SVC, &exe).expect("copy the service binary");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -239,7 +235,7 @@ fn a_moved_address_is_bound_afresh_and_the_old_one_closed() {
     let moved = format!("127.0.0.1:{port}");
     let mut m = start(
         exe.to_str().expect("utf-8 path"),
-        &ctl,
+        ctl,
         &[("MS_TCP_MOVED", &moved)],
     );
     let first = m.svc.first_pid();
@@ -283,10 +279,9 @@ fn duplicate_listener_names_fail_at_startup() {
 /// generation); the drain timeout cuts one that takes too long.
 #[test]
 fn in_flight_requests_complete_and_drain_timeout_is_enforced() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-drain");
-    let mut m = start(SVC, &ctl, &[("MS_DRAIN_MS", "1500")]);
+    let h = Harness::new("m-drain");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[("MS_DRAIN_MS", "1500")]);
     let first = m.svc.first_pid();
     let addr = m.tcp.clone();
     let short = std::thread::spawn({
@@ -335,10 +330,9 @@ fn wait_slow(m: &mut Macro, pid: u32) {
 /// generation.
 #[test]
 fn sighup_during_an_upgrade_is_forwarded_to_the_new_generation() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-twice");
-    let mut m = start(SVC, &ctl, &[]);
+    let h = Harness::new("m-twice");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     ctl.write("init", "block");
     signal(first, Signal::SIGHUP);
@@ -366,10 +360,9 @@ fn sighup_during_an_upgrade_is_forwarded_to_the_new_generation() {
 /// draining waits for the old one to exit, then upgrades.
 #[test]
 fn sighup_while_the_parent_drains_waits_for_it() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-queue");
-    let mut m = start(SVC, &ctl, &[]);
+    let h = Harness::new("m-queue");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     // Keeps the first generation draining for a while.
     let addr = m.tcp.clone();
@@ -428,10 +421,9 @@ fn a_bind_failure_is_reported_before_init_runs() {
 /// at once.
 #[test]
 fn a_draining_generation_keeps_draining_on_its_first_sigterm() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-term");
-    let mut m = start(SVC, &ctl, &[]);
+    let h = Harness::new("m-term");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     let addr = m.tcp.clone();
     let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500"));
@@ -453,10 +445,9 @@ fn a_draining_generation_keeps_draining_on_its_first_sigterm() {
 /// one has exited.
 #[test]
 fn sighup_to_a_draining_generation_reaches_the_new_one() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-fwd");
-    let mut m = start(SVC, &ctl, &[]);
+    let h = Harness::new("m-fwd");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     let addr = m.tcp.clone();
     let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500"));
@@ -479,10 +470,9 @@ fn sighup_to_a_draining_generation_reaches_the_new_one() {
 /// itself in the PID file and serves.
 #[test]
 fn a_parent_sigkilled_during_the_childs_init_leaves_the_child_serving() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-kill");
-    let mut m = start(SVC, &ctl, &[]);
+    let h = Harness::new("m-kill");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     ctl.write("init", "block");
     signal(first, Signal::SIGHUP);
@@ -564,10 +554,9 @@ fn one_generation_left(m: &mut Macro, what: &str) -> u32 {
 /// The service ends with one generation serving, which stops cleanly.
 #[test]
 fn sighup_storms_never_fail_a_request_and_stay_bounded() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-storm");
-    let mut m = start(SVC, &ctl, &[("RUST_LOG", "warn")]);
+    let h = Harness::new("m-storm");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[("RUST_LOG", "warn")]);
     let first = m.svc.first_pid();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = client_loop(m.tcp.clone(), stop.clone());
@@ -638,9 +627,8 @@ fn sighup_storms_never_fail_a_request_and_stay_bounded() {
 /// upgrade runs once the generation is ready (and its parent gone).
 #[test]
 fn a_sighup_during_init_is_run_once_ready() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-hupinit");
+    let h = Harness::new("m-hupinit");
+    let ctl = &h.ctl;
     let pid_file = ctl.path().join("svc.pid");
     ctl.write("init", "block");
     let mut cmd = Command::new(SVC);
@@ -685,10 +673,9 @@ fn a_sighup_during_init_is_run_once_ready() {
 /// serves; the request in flight completes.
 #[test]
 fn a_successor_killed_during_the_drain_is_replaced() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-replace");
-    let mut m = start(SVC, &ctl, &[]);
+    let h = Harness::new("m-replace");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     let addr = m.tcp.clone();
     let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 3000"));
@@ -733,7 +720,7 @@ fn spawn_logged(
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    (Service::spawn(cmd), log)
+    (Service::spawn_keeping_stderr(cmd), log)
 }
 
 fn log_of(path: &std::path::Path) -> String {
@@ -776,10 +763,9 @@ fn a_stop_signal_during_init_stops_at_once() {
 /// even while the drain waits for a task that never ends.
 #[test]
 fn a_second_stop_signal_during_init_exits_at_once() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-stop2-init");
-    let (mut svc, log) = spawn_logged(&ctl, "hang-task", &[("MS_DRAIN_MS", "600000")]);
+    let h = Harness::new("m-stop2-init");
+    let ctl = &h.ctl;
+    let (mut svc, log) = spawn_logged(ctl, "hang-task", &[("MS_DRAIN_MS", "600000")]);
     let pid = svc.first_pid();
     svc.wait_kind("hanging", Some(pid));
     signal(pid, Signal::SIGTERM);
@@ -795,10 +781,9 @@ fn a_second_stop_signal_during_init_exits_at_once() {
 /// ready and what to write instead.
 #[test]
 fn an_init_that_never_returns_is_warned_about() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-slow-init");
-    let (mut svc, log) = spawn_logged(&ctl, "hang", &[]);
+    let h = Harness::new("m-slow-init");
+    let ctl = &h.ctl;
+    let (mut svc, log) = spawn_logged(ctl, "hang", &[]);
     let pid = svc.first_pid();
     svc.wait_kind("hanging", Some(pid));
     wait_until("the warning", || {
@@ -813,10 +798,9 @@ fn an_init_that_never_returns_is_warned_about() {
 /// sources, not by `Debug` (`Custom { kind: Other, error: NotPresent }`).
 #[test]
 fn init_errors_are_logged_by_their_display_and_sources() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-err-display");
-    let (mut svc, log) = spawn_logged(&ctl, "err-env", &[]);
+    let h = Harness::new("m-err-display");
+    let ctl = &h.ctl;
+    let (mut svc, log) = spawn_logged(ctl, "err-env", &[]);
     assert_eq!(svc.wait_first().code(), Some(1));
     let log = log_of(&log);
     assert!(log.contains("environment variable not found"), "{log}");
@@ -827,10 +811,9 @@ fn init_errors_are_logged_by_their_display_and_sources() {
 /// address (the port the kernel picked), not the declared `127.0.0.1:0`.
 #[test]
 fn the_declared_address_after_take_is_the_real_one() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-address");
-    let mut m = start(SVC, &ctl, &[]);
+    let h = Harness::new("m-address");
+    let ctl = &h.ctl;
+    let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     let ev = m.svc.wait_kind("address", Some(first));
     assert_eq!(ev.get("addr"), m.tcp, "{}", ev.line);
@@ -865,9 +848,8 @@ fn process_at_pid(pid: u32) -> std::process::Child {
 #[test]
 #[ignore = "needs root: puts another process at the successor's PID (/proc/sys/kernel/ns_last_pid)"]
 fn a_forwarded_sighup_never_reaches_a_process_that_reused_the_pid() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("m-reuse");
+    let h = Harness::new("m-reuse");
+    let ctl = &h.ctl;
     let log = ctl.path().join("stderr");
     let mut cmd = Command::new(SVC);
     cmd.env("TF_CTL", ctl.path())
@@ -876,7 +858,7 @@ fn a_forwarded_sighup_never_reaches_a_process_that_reused_the_pid() {
         .env("MS_DRAIN_MS", "600000")
         .env("RUST_LOG", "info")
         .stderr(std::fs::File::create(&log).expect("log"));
-    let mut svc = Service::spawn(cmd);
+    let mut svc = Service::spawn_keeping_stderr(cmd);
     let first = svc.first_pid();
     let tcp = svc
         .wait_for("TCP listening", |e| {

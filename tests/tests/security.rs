@@ -110,7 +110,8 @@ fn a_socket_bound_but_not_yet_listening_is_not_stale() {
     let err = upg
         .listen_with::<std::os::unix::net::UnixListener>(&spec)
         .expect_err("the path is another process's");
-    assert!(err.to_string().contains("in use"), "{err}");
+    let text = error_text(&err);
+    assert!(text.contains("in use"), "{text}");
     let after = std::fs::symlink_metadata(&path).expect("the other socket's file is still there");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(before.ino(), after.ino(), "and it is the same file");
@@ -199,9 +200,8 @@ fn a_socket_setup_hook_may_call_into_the_registry() {
 /// before the PID file was written.)
 #[test]
 fn a_failed_upgrade_leaves_the_old_generations_socket_files() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("s-files");
+    let h = Harness::new("s-files");
+    let ctl = &h.ctl;
     let run = ctl.path().join("run");
     std::fs::create_dir(&run).expect("mkdir run");
     let sock = ctl.path().join("admin.sock");
@@ -212,7 +212,7 @@ fn a_failed_upgrade_leaves_the_old_generations_socket_files() {
     let pid_file = run.join("svc.pid");
     let mut svc = Service::start(
         SVC,
-        &ctl,
+        ctl,
         &[("TF_PID_FILE", pid_file.to_str().expect("utf-8"))],
     );
     let first = svc.first_pid();
@@ -244,9 +244,8 @@ fn a_failed_upgrade_leaves_the_old_generations_socket_files() {
 /// whatever held the registered number.)
 #[test]
 fn what_is_handed_on_is_what_was_registered() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("s-swap");
+    let h = Harness::new("s-swap");
+    let ctl = &h.ctl;
     let log = ctl.path().join("app.log");
     let secret = ctl.path().join("secret");
     std::fs::write(&secret, "s3cret").expect("write the secret");
@@ -259,7 +258,7 @@ fn what_is_handed_on_is_what_was_registered() {
             secret.display()
         ),
     );
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     svc.wait_kind("swapped-file", Some(first));
     svc.wait_kind("ready", Some(first));
@@ -278,11 +277,10 @@ fn what_is_handed_on_is_what_was_registered() {
 /// code waited 200 ms on the runtime thread, then gave up.)
 #[test]
 fn a_cancelled_upgrade_leaves_no_zombie() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("s-zombie");
+    let h = Harness::new("s-zombie");
+    let ctl = &h.ctl;
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     svc.wait_kind("ready", Some(first));
     // The next generation takes 4 GiB, then blocks before it is ready.
@@ -316,11 +314,10 @@ fn a_cancelled_upgrade_leaves_no_zombie() {
 /// `EAGAIN` afterwards.
 #[test]
 fn a_failed_upgrade_restores_a_blocking_listener() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("s-blocking");
+    let h = Harness::new("s-blocking");
+    let ctl = &h.ctl;
     ctl.write("listen", "web stdtcp 127.0.0.1:0\n");
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     let addr = svc
         .wait_kind("listening", Some(first))
@@ -352,11 +349,10 @@ fn a_failed_upgrade_restores_a_blocking_listener() {
 /// to raise `SIGPIPE`.)
 #[test]
 fn the_librarys_pipe_writes_never_raise_sigpipe() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("s-sigpipe");
+    let h = Harness::new("s-sigpipe");
+    let ctl = &h.ctl;
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     svc.wait_kind("ready", Some(first));
     ctl.write("actions", "default-sigpipe\n");
@@ -388,11 +384,10 @@ fn the_librarys_pipe_writes_never_raise_sigpipe() {
 /// survive it.)
 #[test]
 fn a_timed_out_upgrade_kills_what_the_child_started() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("s-group");
+    let h = Harness::new("s-group");
+    let ctl = &h.ctl;
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
-    let mut svc = Service::start(SVC, &ctl, &[("TF_UPGRADE_TIMEOUT_MS", "2000")]);
+    let mut svc = Service::start(SVC, ctl, &[("TF_UPGRADE_TIMEOUT_MS", "2000")]);
     let first = svc.first_pid();
     svc.wait_kind("ready", Some(first));
     ctl.write("actions", "spawn-grandchild\n");
@@ -436,9 +431,8 @@ fn chown(path: &Path, id: u32) {
 #[test]
 #[ignore = "needs root: runs the service as another user (setpriv) against files of a third one (chown)"]
 fn a_pid_file_in_a_sticky_directory_cannot_be_blocked_by_another_user() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("s-sticky");
+    let h = Harness::new("s-sticky");
+    let ctl = &h.ctl;
     std::fs::set_permissions(ctl.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let shared = ctl.path().join("shared");
     std::fs::create_dir(&shared).expect("mkdir");
@@ -450,7 +444,7 @@ fn a_pid_file_in_a_sticky_directory_cannot_be_blocked_by_another_user() {
     // Planted first, by uid 65533: a clear error at startup.
     std::fs::write(&pid_file, "1\n").expect("plant");
     chown(&pid_file, 65533);
-    let mut svc = Service::spawn(as_user(&ctl, 65534, &env));
+    let mut svc = Service::spawn(as_user(ctl, 65534, &env));
     let err = svc.wait_for("the start error", |e| {
         e.kind == "error" || e.kind == "ready" || e.kind == "ready-err"
     });
@@ -476,7 +470,7 @@ fn a_pid_file_in_a_sticky_directory_cannot_be_blocked_by_another_user() {
     std::fs::remove_file(&pid_file).expect("rm");
 
     // Planted temporary names for the next PIDs: the upgrade still works.
-    let mut svc = Service::spawn(as_user(&ctl, 65534, &env));
+    let mut svc = Service::spawn(as_user(ctl, 65534, &env));
     let first = svc.wait_kind("ready", None).pid;
     let addr = svc
         .history
@@ -508,9 +502,8 @@ fn a_pid_file_in_a_sticky_directory_cannot_be_blocked_by_another_user() {
 #[test]
 #[ignore = "needs root: the service drops its privileges (setresuid)"]
 fn privileges_dropped_after_the_start_are_named_at_the_upgrade() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("s-setuid");
+    let h = Harness::new("s-setuid");
+    let ctl = &h.ctl;
     std::fs::set_permissions(ctl.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let run = ctl.path().join("run");
     std::fs::create_dir(&run).expect("mkdir");
@@ -518,7 +511,7 @@ fn privileges_dropped_after_the_start_are_named_at_the_upgrade() {
     let pid_file = run.join("svc.pid");
     let mut svc = Service::start(
         SVC,
-        &ctl,
+        ctl,
         &[("TF_PID_FILE", pid_file.to_str().expect("utf-8"))],
     );
     let first = svc.first_pid();

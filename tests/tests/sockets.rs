@@ -41,12 +41,11 @@ fn abstract_name(ctl: &Scratch, tag: &str) -> String {
 
 #[test]
 fn every_socket_kind_is_inherited_in_one_upgrade() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("allkinds");
+    let h = Harness::new("allkinds");
+    let ctl = &h.ctl;
     let p = |n: &str| ctl.path().join(n).display().to_string();
     let (unix, gram, packet) = (p("s.sock"), p("g.sock"), p("p.sock"));
-    let abs = abstract_name(&ctl, "abs");
+    let abs = abstract_name(ctl, "abs");
     let mut listen = format!(
         "tcp tcp 127.0.0.1:0\n\
          udp udp 127.0.0.1:0\n\
@@ -63,7 +62,7 @@ fn every_socket_kind_is_inherited_in_one_upgrade() {
     }
     ctl.write("listen", &listen);
     ctl.write("actions", "wait-parent\n");
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     let gen1 = listening(&mut svc, first);
     let tcp = gen1["tcp"].get("addr").to_owned();
@@ -74,7 +73,7 @@ fn every_socket_kind_is_inherited_in_one_upgrade() {
             ("tcp", tcp_get(&tcp)),
             ("udp", udp_get(&udp)),
             ("unix", unix_get(&unix)),
-            ("unixgram", unixgram_get(&gram, &ctl)),
+            ("unixgram", unixgram_get(&gram, ctl)),
             ("abstract", abstract_get(&abs)),
         ];
         if ipv6 {
@@ -124,12 +123,11 @@ fn every_socket_kind_is_inherited_in_one_upgrade() {
 
 #[test]
 fn port_0_keeps_its_port_across_upgrades() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("port0");
+    let h = Harness::new("port0");
+    let ctl = &h.ctl;
     ctl.write("listen", "web tcp 127.0.0.1:0\ndns udp 127.0.0.1:0\n");
     ctl.write("actions", "wait-parent\n");
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     let gen1 = listening(&mut svc, first);
     let (web, dns) = (gen1["web"].get("addr"), gen1["dns"].get("addr"));
@@ -151,9 +149,8 @@ fn port_0_keeps_its_port_across_upgrades() {
 
 #[test]
 fn unclaimed_sockets_are_closed_and_their_files_removed() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("unclaimed");
+    let h = Harness::new("unclaimed");
+    let ctl = &h.ctl;
     let sock = ctl.path().join("s.sock");
     let gram = ctl.path().join("g.sock");
     ctl.write(
@@ -164,7 +161,7 @@ fn unclaimed_sockets_are_closed_and_their_files_removed() {
             gram.display()
         ),
     );
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     let gen1 = listening(&mut svc, first);
     let (web, old) = (gen1["web"].get("addr"), gen1["old"].get("addr"));
@@ -193,15 +190,14 @@ fn unclaimed_sockets_are_closed_and_their_files_removed() {
 
 #[test]
 fn changed_address_is_bound_afresh_and_the_old_one_closed() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("moved");
+    let h = Harness::new("moved");
+    let ctl = &h.ctl;
     let (a, b) = (ctl.path().join("a.sock"), ctl.path().join("b.sock"));
     ctl.write(
         "listen",
         &format!("web tcp 127.0.0.1:0\nsock unix {}\n", a.display()),
     );
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     let gen1 = listening(&mut svc, first);
     let old = gen1["web"].get("addr").to_owned();
@@ -292,9 +288,8 @@ fn accept_hello(listener: &std::os::unix::net::UnixListener, hello: &[u8]) {
 
 #[test]
 fn stale_socket_files_of_a_crashed_run_are_replaced() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("stale");
+    let h = Harness::new("stale");
+    let ctl = &h.ctl;
     let unix = ctl.path().join("s.sock");
     let gram = ctl.path().join("g.sock");
     let packet = ctl.path().join("p.sock");
@@ -308,7 +303,7 @@ fn stale_socket_files_of_a_crashed_run_are_replaced() {
         ),
     );
     // A run killed while listening: it leaves its socket files behind.
-    let mut crashed = Service::start(SVC, &ctl, &[]);
+    let mut crashed = Service::start(SVC, ctl, &[]);
     let pid = crashed.first_pid();
     crashed.wait_kind("ready", Some(pid));
     signal(pid, Signal::SIGKILL);
@@ -335,7 +330,7 @@ fn stale_socket_files_of_a_crashed_run_are_replaced() {
     assert!(refused(seqpacket_connect(&packet.display().to_string())));
 
     // The next run replaces them and serves on them.
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     let socks = listening(&mut svc, first);
     assert_eq!(socks.len(), 3, "{socks:#?}");
@@ -352,7 +347,7 @@ fn stale_socket_files_of_a_crashed_run_are_replaced() {
         first
     );
     assert_eq!(
-        reply_pid(&unixgram_get(&gram.display().to_string(), &ctl).expect("unixgram serves")),
+        reply_pid(&unixgram_get(&gram.display().to_string(), ctl).expect("unixgram serves")),
         first
     );
     seqpacket_connect(&packet.display().to_string()).expect("unixpacket listens");
@@ -365,9 +360,8 @@ fn stale_socket_files_of_a_crashed_run_are_replaced() {
 #[test]
 fn a_live_socket_at_the_path_is_left_alone_and_startup_fails() {
     use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("live");
+    let h = Harness::new("live");
+    let ctl = &h.ctl;
     // (what the test binds at the path, the network the service wants)
     for (mine, wanted) in [
         ("stream", "unix"),
@@ -400,7 +394,7 @@ fn a_live_socket_at_the_path_is_left_alone_and_startup_fails() {
         let ino = file_ino(&path);
         ctl.write("listen", &format!("taken {wanted} {shown}\n"));
 
-        let err = start_refused(&ctl, &case);
+        let err = start_refused(ctl, &case);
         let msg = err.get("msg");
         assert!(
             msg.contains(&shown),
@@ -439,9 +433,8 @@ fn a_live_socket_at_the_path_is_left_alone_and_startup_fails() {
 
 #[test]
 fn a_path_that_is_not_a_socket_is_never_removed() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("notsock");
+    let h = Harness::new("notsock");
+    let ctl = &h.ctl;
     for wanted in ["unix", "unixgram"] {
         for what in ["regular file", "directory", "symlink"] {
             let case = format!("a {what}, service wants {wanted}");
@@ -467,7 +460,7 @@ fn a_path_that_is_not_a_socket_is_never_removed() {
             let ino = file_ino(&path);
             ctl.write("listen", &format!("file {wanted} {shown}\n"));
 
-            let err = start_refused(&ctl, &case);
+            let err = start_refused(ctl, &case);
             let msg = err.get("msg");
             assert!(
                 msg.contains(&format!("{shown} exists and is not a socket")),
@@ -489,9 +482,8 @@ fn a_path_that_is_not_a_socket_is_never_removed() {
 #[test]
 fn a_live_socket_with_a_full_backlog_does_not_block_startup() {
     use tableflip::socket2::{Domain, SockAddr, Socket, Type};
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("fullq");
+    let h = Harness::new("fullq");
+    let ctl = &h.ctl;
     let path = ctl.path().join("full.sock");
     let shown = path.display().to_string();
     let addr = SockAddr::unix(&path).expect("addr");
@@ -514,7 +506,7 @@ fn a_live_socket_with_a_full_backlog_does_not_block_startup() {
     let ino = file_ino(&path);
     ctl.write("listen", &format!("full unix {shown}\n"));
 
-    let err = start_refused(&ctl, "a live socket with a full accept queue");
+    let err = start_refused(ctl, "a live socket with a full accept queue");
     let msg = err.get("msg");
     assert!(msg.contains(&shown) && msg.contains("in use"), "{msg}");
     assert_eq!(file_ino(&path), ino, "the socket file is untouched");

@@ -14,301 +14,18 @@
 //! `RELOADING=1` carries `MONOTONIC_USEC=` and is ended by exactly one
 //! `READY=1`, and nothing follows `STOPPING=1`.
 
-use std::io::{IoSliceMut, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixDatagram;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Instant;
 
 use nix::sys::signal::Signal;
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixCredentials, recvmsg, setsockopt};
+use tableflip_tests::notify::*;
 use tableflip_tests::*;
 
 const SVC: &str = env!("CARGO_BIN_EXE_macro_svc");
 const MOVED: &str = env!("CARGO_BIN_EXE_macro_svc_moved");
 const RT_SVC: &str = env!("CARGO_BIN_EXE_svc");
-
-// ---------------------------------------------------------------------------
-// The fake NOTIFY_SOCKET.
-
-/// One notification: its `KEY=value` lines, and who sent it.
-#[derive(Debug, Clone)]
-struct Notice {
-    /// The sending process, from `SCM_CREDENTIALS`.
-    sender: u32,
-    /// The lines, in order.
-    fields: Vec<(String, String)>,
-    raw: String,
-}
-
-impl Notice {
-    fn parse(sender: u32, raw: &str) -> Notice {
-        let fields = raw
-            .split('\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| {
-                let (k, v) = l
-                    .split_once('=')
-                    .unwrap_or_else(|| panic!("not a KEY=value line: {l:?} in {raw:?}"));
-                (k.to_owned(), v.to_owned())
-            })
-            .collect();
-        Notice {
-            sender,
-            fields,
-            raw: raw.to_owned(),
-        }
-    }
-
-    fn get(&self, key: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn has(&self, key: &str) -> bool {
-        self.get(key).is_some()
-    }
-
-    /// `sender: KEY=value …`, with the values that vary from run to run
-    /// (`STATUS`, `MONOTONIC_USEC`) elided: checked one by one instead.
-    fn summary(&self) -> String {
-        let fields: Vec<String> = self
-            .fields
-            .iter()
-            .map(|(k, v)| match k.as_str() {
-                "STATUS" | "MONOTONIC_USEC" => format!("{k}=…"),
-                _ => format!("{k}={v}"),
-            })
-            .collect();
-        format!("{}: {}", self.sender, fields.join(" "))
-    }
-}
-
-/// What a field of a notification must be.
-enum Want {
-    Is(String),
-    Contains(String),
-    /// A number within these bounds (inclusive).
-    Within(u64, u64),
-}
-
-fn is(v: impl ToString) -> Want {
-    Want::Is(v.to_string())
-}
-
-fn contains(v: impl ToString) -> Want {
-    Want::Contains(v.to_string())
-}
-
-/// Checks that `n` was sent by `sender` and has exactly the fields `want`,
-/// in this order, with matching values.
-fn expect(n: &Notice, sender: u32, want: &[(&str, Want)]) {
-    assert_eq!(
-        n.sender, sender,
-        "notification {:?} should come from pid {sender}",
-        n.raw
-    );
-    let keys: Vec<&str> = n.fields.iter().map(|(k, _)| k.as_str()).collect();
-    let want_keys: Vec<&str> = want.iter().map(|(k, _)| *k).collect();
-    assert_eq!(keys, want_keys, "the fields of {:?}", n.raw);
-    for (key, w) in want {
-        let v = n.get(key).unwrap_or_default();
-        match w {
-            Want::Is(x) => assert_eq!(v, x, "{key} in {:?}", n.raw),
-            Want::Contains(x) => {
-                assert!(v.contains(x.as_str()), "{key} in {:?} lacks {x:?}", n.raw)
-            }
-            Want::Within(lo, hi) => {
-                let num: u64 = v
-                    .parse()
-                    .unwrap_or_else(|_| panic!("{key} in {:?} is not a number", n.raw));
-                assert!(
-                    (*lo..=*hi).contains(&num),
-                    "{key}={num} in {:?} should be within [{lo}, {hi}]",
-                    n.raw
-                );
-            }
-        }
-    }
-}
-
-/// `CLOCK_MONOTONIC` in microseconds: the clock `MONOTONIC_USEC=` is read
-/// from (system-wide, so the test's reading brackets the service's).
-fn monotonic_usec() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .unwrap_or_else(|e| panic!("clock_gettime: {e}"));
-    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000
-        + u64::try_from(ts.tv_nsec()).unwrap_or(0) / 1_000
-}
-
-/// A Unix datagram socket standing in for systemd's notification socket.
-struct Notify {
-    sock: UnixDatagram,
-    /// The value of `NOTIFY_SOCKET` that names it.
-    env: String,
-    /// Every notification received so far, in order.
-    log: Vec<Notice>,
-}
-
-impl Notify {
-    /// Bound to a path in `dir`.
-    fn at_path(dir: &Scratch) -> Notify {
-        let path = dir.path().join("notify");
-        let sock = UnixDatagram::bind(&path)
-            .unwrap_or_else(|e| panic!("cannot bind {}: {e}", path.display()));
-        Self::with(sock, path.display().to_string())
-    }
-
-    /// Bound to a Linux abstract address (`NOTIFY_SOCKET=@name`).
-    fn at_abstract(tag: &str) -> Notify {
-        use std::os::linux::net::SocketAddrExt;
-        let name = format!("tf-notify-{}-{tag}", std::process::id());
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-            .unwrap_or_else(|e| panic!("abstract address {name}: {e}"));
-        let sock =
-            UnixDatagram::bind_addr(&addr).unwrap_or_else(|e| panic!("cannot bind @{name}: {e}"));
-        Self::with(sock, format!("@{name}"))
-    }
-
-    fn with(sock: UnixDatagram, env: String) -> Notify {
-        setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true)
-            .unwrap_or_else(|e| panic!("SO_PASSCRED: {e}"));
-        Notify {
-            sock,
-            env,
-            log: Vec::new(),
-        }
-    }
-
-    /// Receives one notification: waits up to the socket's read timeout,
-    /// or not at all with `MSG_DONTWAIT`. `None` when there is none.
-    fn recv(&mut self, flags: MsgFlags) -> Option<Notice> {
-        let mut buf = vec![0u8; 4096];
-        let mut cmsg = nix::cmsg_space!(UnixCredentials);
-        let (len, sender) = loop {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            match recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
-                Ok(msg) => {
-                    let mut sender = None;
-                    for c in msg.cmsgs().unwrap_or_else(|e| panic!("control data: {e}")) {
-                        if let ControlMessageOwned::ScmCredentials(cred) = c {
-                            sender = Some(u32::try_from(cred.pid()).unwrap_or(0));
-                        }
-                    }
-                    let sender = sender.unwrap_or_else(|| panic!("no SCM_CREDENTIALS"));
-                    break (msg.bytes, sender);
-                }
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::EAGAIN) => return None,
-                Err(e) => panic!("recvmsg on the notify socket: {e}"),
-            }
-        };
-        let raw = String::from_utf8(buf[..len].to_vec())
-            .unwrap_or_else(|e| panic!("a notification is not UTF-8: {e}"));
-        let n = Notice::parse(sender, &raw);
-        eprintln!("[notify] from pid {sender}: {raw:?}");
-        self.log.push(n.clone());
-        Some(n)
-    }
-
-    /// The next notification, within [`DEADLINE`].
-    fn next(&mut self, what: &str) -> Notice {
-        self.sock
-            .set_read_timeout(Some(DEADLINE))
-            .unwrap_or_else(|e| panic!("SO_RCVTIMEO: {e}"));
-        self.recv(MsgFlags::empty()).unwrap_or_else(|| {
-            panic!(
-                "no notification ({what}) within {DEADLINE:?}; received: {:#?}",
-                self.summaries()
-            )
-        })
-    }
-
-    /// Checks that nothing more was sent. Called once the senders are gone
-    /// (a datagram is queued here by the time `sendto` returns), so this is
-    /// exact, not a guess.
-    fn assert_quiet(&mut self, when: &str) {
-        if let Some(n) = self.recv(MsgFlags::MSG_DONTWAIT) {
-            panic!("unexpected notification {when}: {:?}", n.summary());
-        }
-    }
-
-    fn summaries(&self) -> Vec<String> {
-        self.log.iter().map(Notice::summary).collect()
-    }
-}
-
-/// Replays `log` as systemd would for a service whose main process is
-/// first `first`, with `NotifyAccess=main` and `Type=notify-reload`
-/// (`Type=notify` is the same without the reload pairing). Panics on
-/// anything systemd would reject or misread:
-///
-/// - a message from a PID other than the main one (rejected by
-///   `NotifyAccess=main`); `MAINPID=` moves the main PID;
-/// - `RELOADING=1` without a numeric `MONOTONIC_USEC=`, or while not
-///   running (before the first `READY=1`, during another reload);
-/// - `READY=1` other than the first one that does not end a reload;
-/// - `MAINPID=` anywhere but in the `READY=1` that ends a reload (or the
-///   first `READY=1`, naming the sender itself);
-/// - anything after `STOPPING=1`.
-///
-/// Returns the main PID at the end.
-fn systemd_view(log: &[Notice], first: u32) -> u32 {
-    #[derive(Debug, PartialEq)]
-    enum State {
-        Starting,
-        Running,
-        Reloading,
-        Stopping,
-    }
-    let mut main = first;
-    let mut state = State::Starting;
-    for n in log {
-        let line = n.summary();
-        assert_eq!(
-            n.sender, main,
-            "{line}: sent by a process that is not the main one ({main}): NotifyAccess=main rejects it"
-        );
-        assert_ne!(state, State::Stopping, "{line}: a message after STOPPING=1");
-        if n.has("STOPPING") {
-            assert!(
-                !n.has("READY") && !n.has("RELOADING") && !n.has("MAINPID"),
-                "{line}"
-            );
-            state = State::Stopping;
-        } else if n.has("RELOADING") {
-            assert_eq!(state, State::Running, "{line}: RELOADING=1 while {state:?}");
-            assert!(
-                n.get("MONOTONIC_USEC")
-                    .is_some_and(|v| v.parse::<u64>().is_ok_and(|u| u > 0)),
-                "{line}: RELOADING=1 needs a numeric MONOTONIC_USEC"
-            );
-            assert!(!n.has("READY") && !n.has("MAINPID"), "{line}");
-            state = State::Reloading;
-        } else if n.has("READY") {
-            match state {
-                State::Starting => {
-                    assert_eq!(n.get("MAINPID"), Some(main.to_string().as_str()), "{line}");
-                }
-                State::Reloading => {
-                    if let Some(pid) = n.get("MAINPID") {
-                        main = pid
-                            .parse()
-                            .unwrap_or_else(|_| panic!("{line}: MAINPID is not a pid"));
-                    }
-                }
-                _ => panic!("{line}: READY=1 while {state:?} (not ending a reload)"),
-            }
-            state = State::Running;
-        } else {
-            panic!("{line}: neither READY, RELOADING nor STOPPING");
-        }
-    }
-    main
-}
 
 // ---------------------------------------------------------------------------
 // Driving macro_svc.
@@ -325,7 +42,8 @@ fn macro_cmd(exe: &str, ctl: &Scratch, extra: &[(&str, &str)]) -> Command {
     cmd.env("TF_CTL", ctl.path())
         .env("MS_UNIX", ctl.path().join("u.sock"))
         .env("MS_PID_FILE", ctl.path().join("svc.pid"))
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped());
     for (k, v) in extra {
         cmd.env(k, v);
     }
@@ -336,8 +54,10 @@ fn start_macro(exe: &str, ctl: &Scratch, extra: &[(&str, &str)]) -> Macro {
     start_macro_with(macro_cmd(exe, ctl, extra), ctl)
 }
 
+/// Starts `cmd` (from `macro_cmd`: its stderr piped to the test's output,
+/// unless the caller redirected it).
 fn start_macro_with(cmd: Command, ctl: &Scratch) -> Macro {
-    let mut svc = Service::spawn(cmd);
+    let mut svc = Service::spawn_keeping_stderr(cmd);
     let pid = svc.first_pid();
     let tcp = svc
         .wait_for("TCP listening", |e| e.pid == pid && e.get("name") == "TCP")
@@ -626,14 +346,13 @@ fn notify_sequence_with_an_abstract_socket() {
 /// `READY=1` after it.
 #[test]
 fn notify_reload_pairs_each_reloading_with_one_ready() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("n-reload");
-    let mut n = Notify::at_path(&ctl);
+    let h = Harness::new("n-reload");
+    let ctl = &h.ctl;
+    let mut n = Notify::at_path(ctl);
     let log = ctl.path().join("stderr.log");
-    let mut cmd = macro_cmd(SVC, &ctl, &[("NOTIFY_SOCKET", n.env.as_str())]);
+    let mut cmd = macro_cmd(SVC, ctl, &[("NOTIFY_SOCKET", n.env.as_str())]);
     cmd.stderr(std::fs::File::create(&log).expect("create the log file"));
-    let mut m = start_macro_with(cmd, &ctl);
+    let mut m = start_macro_with(cmd, ctl);
     let first = m.svc.first_pid();
     let ready = n.next("READY=1");
     expect(
@@ -785,13 +504,12 @@ fn notify_reload_pairs_each_reloading_with_one_ready() {
 /// the reload ends with `READY=1` naming the timeout.
 #[test]
 fn a_timed_out_upgrade_ends_the_reload() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("n-hang");
-    let mut n = Notify::at_path(&ctl);
+    let h = Harness::new("n-hang");
+    let ctl = &h.ctl;
+    let mut n = Notify::at_path(ctl);
     let mut m = start_macro(
         SVC,
-        &ctl,
+        ctl,
         &[
             ("NOTIFY_SOCKET", n.env.as_str()),
             ("MS_UPGRADE_TIMEOUT_MS", "300"),
@@ -862,13 +580,12 @@ fn accepted_by(pid: u32, client: &std::net::TcpStream) -> bool {
 /// systemd stop the service the new generation now runs.
 #[test]
 fn the_old_generation_never_says_stopping() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("n-old");
-    let mut n = Notify::at_path(&ctl);
+    let h = Harness::new("n-old");
+    let ctl = &h.ctl;
+    let mut n = Notify::at_path(ctl);
     let mut m = start_macro(
         SVC,
-        &ctl,
+        ctl,
         &[("NOTIFY_SOCKET", n.env.as_str()), ("MS_DRAIN_MS", "600000")],
     );
     let first = m.svc.first_pid();
@@ -1054,10 +771,9 @@ fn unix_refused(path: &Path) -> bool {
 /// leaves the socket file, which belongs to the socket unit, in place.
 #[test]
 fn socket_activation_by_name_across_upgrades() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("sa-up");
-    let mut n = Notify::at_path(&ctl);
+    let h = Harness::new("sa-up");
+    let ctl = &h.ctl;
+    let mut n = Notify::at_path(ctl);
     let port = free_port();
     let tcp = format!("127.0.0.1:{port}");
     let unix = ctl.path().join("activated.sock");
@@ -1193,9 +909,8 @@ fn socket_activation_by_name_across_upgrades() {
 /// socket is handed on by an upgrade.
 #[test]
 fn socket_activation_of_a_datagram_socket() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("sa-udp");
+    let h = Harness::new("sa-udp");
+    let ctl = &h.ctl;
     let port = free_port();
     let udp = format!("127.0.0.1:{port}");
     let pid_file = ctl.path().join("svc.pid");
@@ -1244,10 +959,9 @@ fn socket_activation_of_a_datagram_socket() {
 /// and never says `READY=1`.
 #[test]
 fn socket_activation_of_the_wrong_type_is_a_clear_error() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("sa-wrong");
-    let mut n = Notify::at_path(&ctl);
+    let h = Harness::new("sa-wrong");
+    let ctl = &h.ctl;
+    let mut n = Notify::at_path(ctl);
     let port = free_port();
     let tcp = format!("127.0.0.1:{port}");
     let p = |p: &Path| p.display().to_string();
@@ -1289,9 +1003,8 @@ fn socket_activation_of_the_wrong_type_is_a_clear_error() {
 /// unit, stays.
 #[test]
 fn socket_activation_unclaimed_sockets_close_at_readiness() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("sa-extra");
+    let h = Harness::new("sa-extra");
+    let ctl = &h.ctl;
     let tcp = format!("127.0.0.1:{}", free_port());
     let extra = format!("127.0.0.1:{}", free_port());
     let extra_unix = ctl.path().join("extra.sock");
@@ -1348,13 +1061,12 @@ fn socket_activation_unclaimed_sockets_close_at_readiness() {
 /// not passed on to the next generation.
 #[test]
 fn listen_fds_for_another_pid_are_ignored() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("lie-pid");
+    let h = Harness::new("lie-pid");
+    let ctl = &h.ctl;
     let me = std::process::id().to_string();
     let mut m = start_macro(
         SVC,
-        &ctl,
+        ctl,
         &[
             ("LISTEN_PID", me.as_str()),
             ("LISTEN_FDS", "2"),
@@ -1385,12 +1097,11 @@ fn listen_fds_for_another_pid_are_ignored() {
 /// not for this process; the service binds its own sockets and serves.
 #[test]
 fn listen_fds_without_listen_pid_are_ignored() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("lie-nopid");
+    let h = Harness::new("lie-nopid");
+    let ctl = &h.ctl;
     let mut m = start_macro(
         SVC,
-        &ctl,
+        ctl,
         &[("LISTEN_FDS", "2"), ("LISTEN_FDNAMES", "TCP:UNIX")],
     );
     let first = m.svc.first_pid();
@@ -1427,9 +1138,8 @@ fn run_with_listen_vars(ctl: &Scratch, vars: &[(&str, &str)]) -> (ExitStatus, St
 /// start with an error that says what is wrong.
 #[test]
 fn lying_listen_variables_are_clear_errors() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("lie-fds");
+    let h = Harness::new("lie-fds");
+    let ctl = &h.ctl;
     let cases: [(&[(&str, &str)], &str); 4] = [
         (
             &[("LISTEN_FDS", "5")],
@@ -1449,7 +1159,7 @@ fn lying_listen_variables_are_clear_errors() {
         ),
     ];
     for (vars, message) in cases {
-        let (status, stderr) = run_with_listen_vars(&ctl, vars);
+        let (status, stderr) = run_with_listen_vars(ctl, vars);
         assert_eq!(status.code(), Some(1), "{vars:?}: {stderr}");
         assert!(stderr.contains(message), "{vars:?}: {stderr}");
     }
@@ -1460,9 +1170,8 @@ fn lying_listen_variables_are_clear_errors() {
 /// `LISTEN_*` variables reach it.
 #[test]
 fn a_subprocess_of_an_activated_service_inherits_no_activation() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("sa-probe");
+    let h = Harness::new("sa-probe");
+    let ctl = &h.ctl;
     let tcp = format!("127.0.0.1:{}", free_port());
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     ctl.write("actions", "probe-child\n");
@@ -1529,9 +1238,8 @@ fn a_subprocess_of_an_activated_service_inherits_no_activation() {
 /// generation inherits it under the listener's name.
 #[test]
 fn socket_activation_without_names_matches_listeners_by_address() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("sa-unnamed");
+    let h = Harness::new("sa-unnamed");
+    let ctl = &h.ctl;
     let tcp = format!("127.0.0.1:{}", free_port());
     ctl.write("listen", &format!("web tcp {tcp}\n"));
     let p = |p: &Path| p.display().to_string();
@@ -1568,9 +1276,8 @@ fn socket_activation_without_names_matches_listeners_by_address() {
 /// the setting that fixes it; and with the address declared, it serves.
 #[test]
 fn an_unnamed_activated_socket_is_matched_by_address_or_named_in_the_error() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("sa-unnamed-macro");
+    let h = Harness::new("sa-unnamed-macro");
+    let ctl = &h.ctl;
     let tcp = format!("127.0.0.1:{}", free_port());
     let p = |p: &Path| p.display().to_string();
     let env = |declared: &str| {
@@ -1617,10 +1324,9 @@ fn an_unnamed_activated_socket_is_matched_by_address_or_named_in_the_error() {
 /// one line. (A path containing `\nSTOPPING=1` used to inject it.)
 #[test]
 fn a_newline_in_a_value_adds_no_notification_field() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("sd-newline");
-    let mut n = Notify::at_path(&ctl);
+    let h = Harness::new("sd-newline");
+    let ctl = &h.ctl;
+    let mut n = Notify::at_path(ctl);
     let dir = ctl.path().join("x\nSTOPPING=1");
     std::fs::create_dir(&dir).expect("mkdir");
     let exe = dir.join("svc");

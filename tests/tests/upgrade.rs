@@ -7,11 +7,10 @@ const SVC: &str = env!("CARGO_BIN_EXE_svc");
 
 #[test]
 fn upgrade_hands_the_same_socket_to_a_new_pid() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("basic");
+    let h = Harness::new("basic");
+    let ctl = &h.ctl;
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     let addr = svc
         .wait_kind("listening", Some(first))
@@ -45,12 +44,11 @@ fn upgrade_hands_the_same_socket_to_a_new_pid() {
 
 #[test]
 fn second_and_third_generations_are_reaped() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("reap");
+    let h = Harness::new("reap");
+    let ctl = &h.ctl;
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     ctl.write("actions", "wait-parent\n");
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     svc.wait_kind("ready", Some(first));
     let second = svc.upgrade(first);
@@ -88,12 +86,11 @@ fn stop(svc: &mut Service, pid: u32) {
 
 #[test]
 fn upgrade_before_ready_is_refused() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("notready");
+    let h = Harness::new("notready");
+    let ctl = &h.ctl;
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     ctl.write("actions", "upgrade-now\n");
-    let mut svc = Service::start(SVC, &ctl, &[]);
+    let mut svc = Service::start(SVC, ctl, &[]);
     let first = svc.first_pid();
     let err = svc.wait_kind("upgrade-err", Some(first));
     assert_eq!(err.get("kind"), "NotReady", "{}", err.line);
@@ -187,12 +184,11 @@ fn child_panicking_before_ready_fails_the_upgrade() {
 
 #[test]
 fn upgrade_timeout_kills_and_reaps_the_child() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("timeout");
+    let h = Harness::new("timeout");
+    let ctl = &h.ctl;
     let timeout = std::time::Duration::from_millis(1000);
     let ms = timeout.as_millis().to_string();
-    let (mut svc, first, addr) = start_web(&ctl, &[("TF_UPGRADE_TIMEOUT_MS", &ms)]);
+    let (mut svc, first, addr) = start_web(ctl, &[("TF_UPGRADE_TIMEOUT_MS", &ms)]);
 
     ctl.write("init", "hang");
     let asked = std::time::Instant::now();
@@ -220,10 +216,9 @@ fn upgrade_timeout_kills_and_reaps_the_child() {
 
 #[test]
 fn concurrent_upgrade_is_refused() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("concurrent");
-    let (mut svc, first, addr) = start_web(&ctl, &[("TF_UPGRADE_TIMEOUT_MS", "60000")]);
+    let h = Harness::new("concurrent");
+    let ctl = &h.ctl;
+    let (mut svc, first, addr) = start_web(ctl, &[("TF_UPGRADE_TIMEOUT_MS", "60000")]);
 
     ctl.write("init", "block");
     signal(first, Signal::SIGHUP);
@@ -256,15 +251,14 @@ fn concurrent_upgrade_is_refused() {
 
 #[test]
 fn stop_cancels_an_upgrade_in_flight() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("stopcancel");
+    let h = Harness::new("stopcancel");
+    let ctl = &h.ctl;
     let sock = ctl.path().join("s.sock");
     ctl.write(
         "listen",
         &format!("web tcp 127.0.0.1:0\nsock unix {}\n", sock.display()),
     );
-    let mut svc = Service::start(SVC, &ctl, &[("TF_UPGRADE_TIMEOUT_MS", "60000")]);
+    let mut svc = Service::start(SVC, ctl, &[("TF_UPGRADE_TIMEOUT_MS", "60000")]);
     let first = svc.first_pid();
     let addr = svc
         .wait_for("web listening", |e| {
@@ -300,11 +294,10 @@ fn stop_cancels_an_upgrade_in_flight() {
 
 #[test]
 fn wait_for_parent_resolves_after_the_parent_exits() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("waitparent");
+    let h = Harness::new("waitparent");
+    let ctl = &h.ctl;
     ctl.write("actions", "wait-parent\n");
-    let (mut svc, first, addr) = start_web(&ctl, &[]);
+    let (mut svc, first, addr) = start_web(ctl, &[]);
     // Without a parent it resolves at once.
     let none = svc.wait_kind("parent-exited", Some(first));
     assert!(is_alive(first), "{}", none.line);
@@ -329,12 +322,11 @@ fn wait_for_parent_resolves_after_the_parent_exits() {
 
 #[test]
 fn wait_for_parent_notices_a_sigkilled_parent() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("waitkill");
+    let h = Harness::new("waitkill");
+    let ctl = &h.ctl;
     ctl.write("actions", "wait-parent\n");
     ctl.write("linger", "");
-    let (mut svc, first, addr) = start_web(&ctl, &[]);
+    let (mut svc, first, addr) = start_web(ctl, &[]);
     let second = svc.upgrade(first);
     svc.wait_kind("ready", Some(second));
     svc.wait_kind("lingering", Some(first));
@@ -350,12 +342,11 @@ fn wait_for_parent_notices_a_sigkilled_parent() {
 
 #[test]
 fn upgrade_is_refused_while_the_parent_still_runs() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("parentalive");
+    let h = Harness::new("parentalive");
+    let ctl = &h.ctl;
     ctl.write("actions", "wait-parent\n");
     ctl.write("linger", "");
-    let (mut svc, first, addr) = start_web(&ctl, &[]);
+    let (mut svc, first, addr) = start_web(ctl, &[]);
     let second = svc.upgrade(first);
     svc.wait_kind("ready", Some(second));
     svc.wait_kind("lingering", Some(first));
@@ -388,9 +379,8 @@ fn upgrade_is_refused_while_the_parent_still_runs() {
 #[test]
 fn pid_file_is_replaced_atomically_relative_to_the_initial_directory() {
     use std::os::unix::fs::PermissionsExt;
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("pidfile");
+    let h = Harness::new("pidfile");
+    let ctl = &h.ctl;
     let elsewhere = ctl.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).expect("mkdir");
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
@@ -401,7 +391,7 @@ fn pid_file_is_replaced_atomically_relative_to_the_initial_directory() {
         &format!("chdir {}\nwait-parent\n", elsewhere.display()),
     );
     let pid_file = ctl.path().join("svc.pid");
-    let mut cmd = Service::command(SVC, &ctl, &[("TF_PID_FILE", "svc.pid")]);
+    let mut cmd = Service::command(SVC, ctl, &[("TF_PID_FILE", "svc.pid")]);
     cmd.current_dir(ctl.path());
     // A restrictive umask: the PID file is 0644 all the same.
     let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -475,15 +465,14 @@ fn pid_file_is_replaced_atomically_relative_to_the_initial_directory() {
 
 #[test]
 fn replaced_executable_is_the_one_that_runs() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("newexe");
+    let h = Harness::new("newexe");
+    let ctl = &h.ctl;
     let exe = ctl.path().join("svc-bin");
     install_exe(SVC, &exe, 0);
     let size = file_size(&exe);
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     ctl.write("actions", "wait-parent\n");
-    let mut svc = Service::start(exe.to_str().expect("utf-8 path"), &ctl, &[]);
+    let mut svc = Service::start(exe.to_str().expect("utf-8 path"), ctl, &[]);
     let first = svc.first_pid();
     let ready = svc.wait_kind("ready", Some(first));
     assert_eq!(ready.num::<u64>("exe_size"), size);
@@ -508,13 +497,12 @@ fn replaced_executable_is_the_one_that_runs() {
 
 #[test]
 fn missing_executable_fails_with_spawn_and_the_path() {
-    let _serial = serial();
-    adopt_orphans();
-    let ctl = Scratch::new("noexe");
+    let h = Harness::new("noexe");
+    let ctl = &h.ctl;
     let exe = ctl.path().join("svc-bin");
     install_exe(SVC, &exe, 0);
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
-    let mut svc = Service::start(exe.to_str().expect("utf-8 path"), &ctl, &[]);
+    let mut svc = Service::start(exe.to_str().expect("utf-8 path"), ctl, &[]);
     let first = svc.first_pid();
     let addr = svc
         .wait_kind("listening", Some(first))

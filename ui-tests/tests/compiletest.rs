@@ -3,6 +3,15 @@
 
 #[test]
 fn ui() {
+    // trybuild runs each pass case, and shows what it printed on stderr
+    // even when it passes: the programs' logs are not wanted there.
+    // SAFETY: no other thread of this test binary reads or writes the
+    // environment: `ui` is its only test, and it starts no thread before
+    // this line.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("RUST_LOG", "error");
+    }
     let t = trybuild::TestCases::new();
     t.pass("tests/ui/pass/*.rs");
     t.compile_fail("tests/ui/fail/*.rs");

@@ -19,9 +19,9 @@ static HTTP: TcpListener;
 
 /// The PID file comes from `PID_FILE`.
 fn options() -> Options {
-    Options {
-        pid_file: std::env::var_os("PID_FILE").map(Into::into),
-        ..Options::default()
+    match std::env::var_os("PID_FILE") {
+        Some(path) => Options::new().pid_file(path),
+        None => Options::new(),
     }
 }
 

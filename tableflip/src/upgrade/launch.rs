@@ -107,17 +107,13 @@ impl Launch {
     /// # Errors
     ///
     /// [`Error::StartDirectory`] when the start directory is gone;
-    /// [`Error::Spawn`] when no path names the executable.
+    /// [`Error::NoExecutable`] when no path names the executable.
     pub(crate) fn executable(&self) -> Result<PathBuf> {
         self.check_start_dir()?;
         match &self.exe {
             Executable::Path { path, .. } => Ok(self.start_dir.join(path)),
-            Executable::Unknown { why } => Err(Error::Spawn {
-                path: PathBuf::new(),
-                source: io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{why}; set Options::executable"),
-                ),
+            Executable::Unknown { why } => Err(Error::NoExecutable {
+                reason: why.clone(),
             }),
         }
     }

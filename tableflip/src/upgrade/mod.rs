@@ -23,8 +23,9 @@ use crate::error::{Error, Result};
 use crate::fds::{Defaults, Fds};
 use crate::options::Options;
 use crate::protocol::Inherited;
+use crate::report::chain;
 use crate::socket::{Listener, PacketConn};
-use crate::systemd::{self, Message, Notifier};
+use crate::systemd::{self, Notice, Notifier};
 use crate::{pidfile, protocol, sys};
 
 static CREATED: AtomicBool = AtomicBool::new(false);
@@ -440,12 +441,10 @@ impl Upgrader {
             // The first generation is systemd's main process; later ones
             // are announced by their parent (see `upgrade`).
             let pid = std::process::id();
-            self.inner
-                .notify
-                .send(&Message::new().ready().main_pid(pid).status(&format!(
-                    "serving: generation {}, pid {pid}",
-                    self.inner.generation
-                )));
+            self.inner.notify.notify(&Notice::Ready {
+                generation: self.inner.generation,
+                pid,
+            });
         }
         tracing::info!(
             pid = std::process::id(),
@@ -546,20 +545,19 @@ impl Upgrader {
         );
         let me = std::process::id();
         let next = self.inner.generation.saturating_add(1);
-        self.inner.notify.send(
-            &Message::new()
-                .reloading()
-                .status(&format!("upgrading: starting generation {next}")),
-        );
+        self.inner.notify.notify(&Notice::Reloading { next });
         let result = self.run_upgrade().await;
         match &result {
             Ok(pid) => {
                 upgrading.successor = Some(*pid);
                 let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 // Still the main process: hand systemd over to the child.
-                self.inner.notify.send(&Message::new().main_pid(*pid).ready().status(&format!(
-                    "serving: generation {next}, pid {pid} (upgraded from pid {me} in {elapsed_ms} ms)"
-                )));
+                self.inner.notify.notify(&Notice::HandedOver {
+                    generation: next,
+                    pid: *pid,
+                    from: me,
+                    elapsed_ms,
+                });
                 tracing::info!(
                     child_pid = pid,
                     elapsed_ms,
@@ -570,13 +568,13 @@ impl Upgrader {
                 if !matches!(e, Error::Stopped) {
                     // Ends the reload: systemd offers no way to fail it.
                     let generation = self.inner.generation;
-                    self.inner
-                        .notify
-                        .send(&Message::new().ready().status(&format!(
-                        "serving: generation {generation}, pid {me}; the last upgrade failed: {e}"
-                    )));
+                    self.inner.notify.notify(&Notice::UpgradeFailed {
+                        generation,
+                        pid: me,
+                        error: e,
+                    });
                 }
-                tracing::warn!(error = %e, "upgrade failed; this process keeps serving");
+                tracing::warn!(error = %chain(e), "upgrade failed; this process keeps serving");
             }
         }
         drop(upgrading);
@@ -599,8 +597,7 @@ impl Inner {
         // announced, and its STOPPING=1 would stop the service under
         // NotifyAccess=all; after a handover, the successor is the main one.
         if ready || self.parent.is_none() {
-            self.notify
-                .send(&Message::new().stopping().status("stopping"));
+            self.notify.notify(&Notice::Stopping);
         }
         self.remove_owned_files(ready);
         self.fds.close_shared();

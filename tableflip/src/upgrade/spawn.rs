@@ -12,6 +12,7 @@ use super::child::Child;
 use super::successor::watch_successor;
 use super::{Upgrader, lock};
 use crate::error::{Error, Result};
+use crate::report::chain;
 use crate::{pidfile, protocol, sys};
 
 impl Upgrader {
@@ -131,8 +132,8 @@ impl Upgrader {
                     break Some(match status {
                         Ok(s) => match (s.code(), s.signal()) {
                             (_, Some(signal)) => Error::ChildKilled { pid, signal },
-                            (Some(code), None) => Error::ChildExited { pid, code },
-                            (None, None) => Error::ChildExited { pid, code: -1 },
+                            (Some(code), None) => Error::ChildExited { pid, code: Some(code) },
+                            (None, None) => Error::ChildExited { pid, code: None },
                         },
                         Err(e) => Error::io(format!("cannot wait for the new process (pid {pid})"), e),
                     });
@@ -186,7 +187,7 @@ impl Upgrader {
                     tracing::info!(child_pid = child, path = %path.display(), "the PID file named the failed new process; it names this one again")
                 }
                 Err(e) => {
-                    tracing::warn!(child_pid = child, error = %e, "cannot restore the PID file")
+                    tracing::warn!(child_pid = child, error = %chain(&e), "cannot restore the PID file")
                 }
             }
         }

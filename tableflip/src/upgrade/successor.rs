@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::child::Child;
 use super::{Inner, MAX_REPLACEMENTS, Upgrader, lock};
 use crate::error::Error;
+use crate::report::chain;
 
 /// Waits for the successor `pid` (ready, in charge) to end while this
 /// process still lives, and replaces it if it died.
@@ -110,10 +111,10 @@ fn replace_successor(
                     if upgrader.inner.replacements.fetch_add(1, Ordering::SeqCst)
                         >= MAX_REPLACEMENTS
                     {
-                        tracing::error!(error = %e, "the replacement failed too; nothing serves the sockets any more");
+                        tracing::error!(error = %chain(&e), "the replacement failed too; nothing serves the sockets any more");
                         break;
                     }
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "the replacement failed; trying again");
+                    tracing::warn!(error = %chain(&e), retry_in_ms = delay.as_millis() as u64, "the replacement failed; trying again");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = upgrader.inner.stop.cancelled() => break,

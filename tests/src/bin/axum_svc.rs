@@ -28,9 +28,9 @@ use tableflip::{Context, Options, listener};
 static HTTP: tokio::net::TcpListener;
 
 fn options() -> Options {
-    Options {
-        pid_file: std::env::var_os("PID_FILE").map(Into::into),
-        ..Options::default()
+    match std::env::var_os("PID_FILE") {
+        Some(path) => Options::new().pid_file(path),
+        None => Options::new(),
     }
 }
 

@@ -117,14 +117,22 @@ fn report_upgrade(result: Result<u32, Error>) {
             };
             event(
                 "upgrade-err",
-                &format!(
-                    "kind={} msg={}{child}",
-                    error_kind(&e),
-                    quote(&e.to_string())
-                ),
+                &format!("kind={} msg={}{child}", error_kind(&e), quote(&text(&e))),
             );
         }
     }
+}
+
+/// An error's message and its sources, as a log line shows them.
+fn text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        out.push_str(": ");
+        out.push_str(&source.to_string());
+        next = source.source();
+    }
+    out
 }
 
 fn quote(s: &str) -> String {
@@ -207,7 +215,7 @@ fn probe() {
             u.generation(),
             u.fds().names().join(",")
         ),
-        Err(e) => format!("upgrader-error={}", quote(&e.to_string())),
+        Err(e) => format!("upgrader-error={}", quote(&text(&e))),
     };
     println!("fds={} vars={} {took}", fds.join(","), vars.join(","));
 }
@@ -285,7 +293,7 @@ async fn open_listeners(upg: &Upgrader) -> Result<(), Error> {
                                 let _ = s.write_all(&reply());
                             }
                             Err(e) => {
-                                event("accept-err", &format!("msg={}", quote(&e.to_string())));
+                                event("accept-err", &format!("msg={}", quote(&text(&e))));
                                 std::thread::sleep(Duration::from_millis(100));
                             }
                         }
@@ -475,7 +483,7 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
                 &format!(
                     "action=take-file kind={} msg={}",
                     error_kind(&e),
-                    quote(&e.to_string())
+                    quote(&text(&e))
                 ),
             ),
         },
@@ -487,12 +495,12 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
                 }
                 Err(e) => event(
                     "action-err",
-                    &format!("action=add-conn msg={}", quote(&e.to_string())),
+                    &format!("action=add-conn msg={}", quote(&text(&e))),
                 ),
             },
             Err(e) => event(
                 "action-err",
-                &format!("action=add-conn msg={}", quote(&e.to_string())),
+                &format!("action=add-conn msg={}", quote(&text(&e))),
             ),
         },
         // Writes a line on the inherited connection, then drops it: the
@@ -512,7 +520,7 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
                 &format!(
                     "action=take-conn kind={} msg={}",
                     error_kind(&e),
-                    quote(&e.to_string())
+                    quote(&text(&e))
                 ),
             ),
         },
@@ -531,7 +539,7 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
                 &format!(
                     "action=take-conn kind={} msg={}",
                     error_kind(&e),
-                    quote(&e.to_string())
+                    quote(&text(&e))
                 ),
             ),
         },
@@ -542,7 +550,7 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
             Ok(()) => event("chdir", &format!("dir={}", quote(dir))),
             Err(e) => event(
                 "action-err",
-                &format!("action=chdir msg={}", quote(&e.to_string())),
+                &format!("action=chdir msg={}", quote(&text(&e))),
             ),
         },
         // Replaces the value in the guard of file NAME by PATH opened
@@ -568,7 +576,7 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
                 }
                 Err(e) => event(
                     "action-err",
-                    &format!("action=swap-file msg={}", quote(&e.to_string())),
+                    &format!("action=swap-file msg={}", quote(&text(&e))),
                 ),
             }
         }
@@ -593,7 +601,7 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
             }
             Err(e) => event(
                 "action-err",
-                &format!("action=spawn-grandchild msg={}", quote(&e.to_string())),
+                &format!("action=spawn-grandchild msg={}", quote(&text(&e))),
             ),
         },
         // Drops privileges (root tests).
@@ -638,7 +646,7 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
                 }
                 Err(e) => event(
                     "action-err",
-                    &format!("action=probe msg={}", quote(&e.to_string())),
+                    &format!("action=probe msg={}", quote(&text(&e))),
                 ),
             }
         }
@@ -701,7 +709,7 @@ fn new_twice() {
             Ok(_) => event("new-twice", "kind=Ok"),
             Err(e) => event(
                 "new-twice",
-                &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string())),
+                &format!("kind={} msg={}", error_kind(&e), quote(&text(&e))),
             ),
         }
     }
@@ -739,14 +747,16 @@ async fn svc_main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let mut opts = Options::default();
+    let mut opts = Options::new();
     if let Some(ms) = std::env::var("TF_UPGRADE_TIMEOUT_MS")
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        opts.upgrade_timeout = Duration::from_millis(ms);
+        opts = opts.upgrade_timeout(Duration::from_millis(ms));
     }
-    opts.pid_file = std::env::var_os("TF_PID_FILE").map(PathBuf::from);
+    if let Some(path) = std::env::var_os("TF_PID_FILE") {
+        opts = opts.pid_file(path);
+    }
     if ctl("prenew").is_some_and(|v| v.trim() == "block") {
         event("pre-new", "");
         wait_for_ctl_file("unblock-new").await;
@@ -756,7 +766,7 @@ async fn svc_main() {
         Err(e) => {
             event(
                 "error",
-                &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string())),
+                &format!("kind={} msg={}", error_kind(&e), quote(&text(&e))),
             );
             report_fds_on_error();
             std::process::exit(2);
@@ -780,7 +790,7 @@ async fn svc_main() {
     if let Err(e) = open_listeners(&upg).await {
         event(
             "error",
-            &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string())),
+            &format!("kind={} msg={}", error_kind(&e), quote(&text(&e))),
         );
         std::process::exit(2);
     }
@@ -820,7 +830,7 @@ async fn svc_main() {
     if let Err(e) = upg.ready() {
         event(
             "ready-err",
-            &format!("kind={} msg={}", error_kind(&e), quote(&e.to_string())),
+            &format!("kind={} msg={}", error_kind(&e), quote(&text(&e))),
         );
         std::process::exit(3);
     }

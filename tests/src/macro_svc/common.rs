@@ -37,14 +37,17 @@ pub(crate) fn event(kind: &str, fields: &str) {
 /// allows.
 pub(crate) fn options() -> tableflip::Options {
     let ms = |var: &str| std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok());
-    let defaults = tableflip::Options::default();
-    tableflip::Options {
-        pid_file: std::env::var_os("MS_PID_FILE").map(PathBuf::from),
-        upgrade_timeout: ms("MS_UPGRADE_TIMEOUT_MS")
-            .map_or(defaults.upgrade_timeout, Duration::from_millis),
-        drain_timeout: ms("MS_DRAIN_MS").map_or(defaults.drain_timeout, Duration::from_millis),
-        ..defaults
+    let mut opts = tableflip::Options::new();
+    if let Some(path) = std::env::var_os("MS_PID_FILE") {
+        opts = opts.pid_file(path);
     }
+    if let Some(ms) = ms("MS_UPGRADE_TIMEOUT_MS") {
+        opts = opts.upgrade_timeout(Duration::from_millis(ms));
+    }
+    if let Some(ms) = ms("MS_DRAIN_MS") {
+        opts = opts.drain_timeout(Duration::from_millis(ms));
+    }
+    opts
 }
 
 fn reply() -> String {

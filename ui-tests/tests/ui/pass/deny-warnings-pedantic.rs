@@ -35,10 +35,7 @@ static ADMIN: UnixListener;
 static LOGS: std::os::unix::net::UnixDatagram;
 
 fn options() -> Options {
-    Options {
-        backlog: 256,
-        ..Options::default()
-    }
+    Options::new().backlog(256)
 }
 
 #[tableflip::main(

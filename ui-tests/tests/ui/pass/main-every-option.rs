@@ -8,11 +8,9 @@ mod config {
     /// The options computed at run time; the attribute's own options
     /// override its fields.
     pub fn options() -> tableflip::Options {
-        tableflip::Options {
-            upgrade_timeout: std::time::Duration::from_secs(1),
-            backlog: 64,
-            ..tableflip::Options::default()
-        }
+        tableflip::Options::new()
+            .upgrade_timeout(std::time::Duration::from_secs(1))
+            .backlog(64)
     }
 }
 
@@ -27,13 +25,13 @@ mod config {
 )]
 async fn main(cx: Context) -> std::io::Result<()> {
     let opts = cx.upgrader().options();
-    assert_eq!(opts.upgrade_timeout, Duration::from_secs(120));
-    assert_eq!(opts.drain_timeout, Duration::from_millis(500));
+    assert_eq!(opts.get_upgrade_timeout(), Duration::from_secs(120));
+    assert_eq!(opts.get_drain_timeout(), Duration::from_millis(500));
     assert_eq!(
-        opts.pid_file.as_deref(),
+        opts.get_pid_file(),
         Some("/tmp/tableflip-ui-tests-main-every-option.pid".as_ref())
     );
-    assert_eq!(opts.backlog, 64);
+    assert_eq!(opts.get_backlog(), 64);
     let runtime = tokio::runtime::Handle::current();
     assert_eq!(
         runtime.runtime_flavor(),
