@@ -12,7 +12,10 @@ use std::os::unix::process::CommandExt;
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 
 /// A system call's result: `-1` (or any negative value) means failure,
-/// with the reason in `errno` (the C convention; std's private `cvt`).
+/// with the reason in `errno` (the C convention, [errno(3)]; std's private
+/// `cvt`).
+///
+/// [errno(3)]: https://man7.org/linux/man-pages/man3/errno.3.html
 trait MinusOne: Copy + PartialOrd + Default {}
 impl MinusOne for libc::c_int {}
 impl MinusOne for libc::c_long {}
@@ -134,8 +137,11 @@ pub(crate) fn claim_received(fd: RawFd) -> Result<OwnedFd, NotReceived> {
 }
 
 /// The path `execve` was called with to start this program (the
-/// auxiliary vector's `AT_EXECFN`): the path that named the executable,
-/// symlinks and all, whatever `argv[0]` says. `None` where unknown.
+/// auxiliary vector's `AT_EXECFN`, [getauxval(3)]): the path that named
+/// the executable, symlinks and all, whatever `argv[0]` says. `None`
+/// where unknown.
+///
+/// [getauxval(3)]: https://man7.org/linux/man-pages/man3/getauxval.3.html
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) fn exec_fn() -> Option<std::ffi::OsString> {
     use std::os::unix::ffi::OsStrExt;
@@ -160,7 +166,10 @@ pub(crate) fn exec_fn() -> Option<std::ffi::OsString> {
 }
 
 /// Duplicates whatever the fd number `fd` refers to now into a new,
-/// close-on-exec fd of the caller's. Used on numbers the application
+/// close-on-exec fd of the caller's (`F_DUPFD_CLOEXEC`, [fcntl(2)]).
+///
+/// [fcntl(2)]: https://man7.org/linux/man-pages/man2/fcntl.2.html
+/// Used on numbers the application
 /// owns: the duplicate is the caller's to check (it cannot change once
 /// made), and the original is not touched.
 pub(crate) fn dup_number(fd: RawFd) -> io::Result<OwnedFd> {
@@ -173,11 +182,13 @@ pub(crate) fn dup_number(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
-/// `write(2)` that never raises `SIGPIPE`, whatever the application did
+/// [write(2)] that never raises `SIGPIPE`, whatever the application did
 /// with the signal's disposition: a reader that is gone gives `EPIPE`,
 /// nothing more. (A write to a pipe without readers sends `SIGPIPE` to
 /// the writing thread; it is blocked for the call, and the one this write
 /// raised is taken back before the mask is restored.)
+///
+/// [write(2)]: https://man7.org/linux/man-pages/man2/write.2.html
 pub(crate) fn write_no_sigpipe(fd: BorrowedFd<'_>, buf: &[u8]) -> nix::Result<usize> {
     use nix::sys::signal::{SigSet, SigmaskHow, Signal};
     let mut pipe = SigSet::empty();
@@ -427,7 +438,10 @@ const SPAWN_WITH_FORK: &str = "TABLEFLIP_SPAWN_WITH_FORK";
 type AddChdir =
     unsafe extern "C" fn(*mut libc::posix_spawn_file_actions_t, *const libc::c_char) -> libc::c_int;
 
-/// A pidfd for `pid`: readable once the process has exited.
+/// A pidfd for `pid` ([pidfd_open(2)], Linux 5.3): readable once the
+/// process has exited.
+///
+/// [pidfd_open(2)]: https://man7.org/linux/man-pages/man2/pidfd_open.2.html
 #[cfg(target_os = "linux")]
 pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
@@ -439,8 +453,10 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Sends `signal` to the process a pidfd refers to: never to another
-/// process that reused its PID.
+/// Sends `signal` to the process a pidfd refers to ([pidfd_send_signal(2)],
+/// Linux 5.1): never to another process that reused its PID.
+///
+/// [pidfd_send_signal(2)]: https://man7.org/linux/man-pages/man2/pidfd_send_signal.2.html
 #[cfg(target_os = "linux")]
 pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: libc::c_int) -> io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -489,7 +505,7 @@ pub(crate) struct SpawnSpec<'a> {
     pub(crate) inherit: &'a [RawFd],
 }
 
-/// Starts the next generation with `posix_spawn` (no `fork`: glibc uses
+/// Starts the next generation with [posix_spawn(3)] (no `fork`: glibc uses
 /// `clone(CLONE_VM | CLONE_VFORK)`, whose cost does not grow with this
 /// process's memory, unlike `fork`'s page-table copy), and returns its PID
 /// (watch it with [`watch_process`]). `None` when this system lacks what it needs
@@ -501,6 +517,8 @@ pub(crate) struct SpawnSpec<'a> {
 /// `SIGPIPE` has its default action (as `std::process::Command` does), and
 /// the child leads a process group of its own (it rejoins its parent's
 /// once it is ready).
+///
+/// [posix_spawn(3)]: https://man7.org/linux/man-pages/man3/posix_spawn.3.html
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub(crate) fn spawn_inheriting(spec: &SpawnSpec<'_>) -> Option<io::Result<u32>> {
     let addchdir = fast_spawn()?;
