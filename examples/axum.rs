@@ -3,7 +3,7 @@
 //! failing a request.
 //!
 //! ```text
-//! cargo run --release --example axum
+//! cargo run --release -p tableflip-examples-more --example axum
 //! curl http://127.0.0.1:8080/              # pid <N>
 //! kill -HUP <N>                            # a new pid serves the same socket
 //! curl 'http://127.0.0.1:8080/slow?ms=2000'

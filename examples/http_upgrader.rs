@@ -2,7 +2,7 @@
 //! on tableflip's runtime API (no macros).
 //!
 //! ```text
-//! cargo run --release --example http_upgrader
+//! cargo run --release -p tableflip-examples-more --example http_upgrader
 //! curl http://127.0.0.1:8080/            # pid 4242
 //! kill -HUP 4242                         # a new generation takes over
 //! curl http://127.0.0.1:8080/            # pid 4250
