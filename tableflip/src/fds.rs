@@ -67,13 +67,34 @@ impl Lent {
     /// else). The number is duplicated first and the duplicate checked, so
     /// nothing can change between check and use.
     fn copy(&self) -> std::io::Result<Option<OwnedFd>> {
+        // Looked at first without duplicating: closing a duplicate of a
+        // file that took the number would drop this process's record locks
+        // on it (fcntl(2)).
+        if !self.alive() {
+            return Ok(None);
+        }
         let dup = match sys::dup_number(self.raw) {
             Ok(dup) => dup,
             Err(e) if e.raw_os_error() == Some(nix::libc::EBADF) => return Ok(None),
             // EMFILE and the like say nothing about the socket.
             Err(e) => return Err(e),
         };
-        Ok((SockId::of(dup.as_fd()).ok() == Some(self.id.clone())).then_some(dup))
+        if SockId::of(dup.as_fd()).ok() == Some(self.id.clone()) {
+            return Ok(Some(dup));
+        }
+        // Changed between the look and the duplicate (another thread
+        // closed and reused the number): never close a duplicate of what
+        // may be a file (see above); a socket's is harmless to close.
+        if sys::socket_inode_of_number(dup.as_raw_fd()).is_none() {
+            std::mem::forget(dup);
+        }
+        Ok(None)
+    }
+
+    /// Whether the number still refers to this socket (its inode), looked
+    /// at without duplicating it.
+    fn alive(&self) -> bool {
+        sys::socket_inode_of_number(self.raw) == Some(self.id.ino())
     }
 }
 
@@ -230,8 +251,7 @@ fn convert<T: FromFd>(name: &str, fd: OwnedFd) -> Result<T> {
 }
 
 fn dup(name: &str, fd: &OwnedFd) -> Result<OwnedFd> {
-    // `try_clone` duplicates with F_DUPFD_CLOEXEC.
-    fd.try_clone()
+    sys::dup_handed_on(fd.as_fd())
         .map_err(|e| Error::io(format!("cannot duplicate the fd of {name:?}"), e))
 }
 
@@ -743,9 +763,7 @@ impl Fds {
     pub fn add_conn<T: Conn>(&self, name: &str, conn: T) -> Result<Handover<T>> {
         let (network, address) =
             socket::inspect(conn.as_fd(), Kind::Conn).map_err(|r| mismatch(name, Kind::Conn, r))?;
-        let own = conn
-            .as_fd()
-            .try_clone_to_owned()
+        let own = sys::dup_handed_on(conn.as_fd())
             .map_err(|e| Error::io(format!("cannot duplicate the fd of {name:?}"), e))?;
         let mut entry = Entry::new(Kind::Conn, Some(network), Some(address), Slot::Owned(own));
         entry.guarded = true;
@@ -768,9 +786,7 @@ impl Fds {
     pub fn add_file<T: File>(&self, name: &str, file: T) -> Result<Handover<T>> {
         socket::check_fd(file.as_fd(), Kind::File, None)
             .map_err(|r| mismatch(name, Kind::File, r))?;
-        let own = file
-            .as_fd()
-            .try_clone_to_owned()
+        let own = sys::dup_handed_on(file.as_fd())
             .map_err(|e| Error::io(format!("cannot duplicate the fd of {name:?}"), e))?;
         let mut entry = Entry::new(Kind::File, None, None, Slot::Owned(own));
         entry.guarded = true;
@@ -972,6 +988,18 @@ impl Fds {
     /// mode back in it.
     pub(crate) fn release_copies(&self) {
         let mut reg = lock(&self.registry);
+        // Closed by the application meanwhile: no longer handed on (a
+        // copy kept would let clients connect into a queue nobody serves).
+        let gone: Vec<String> = reg
+            .entries
+            .iter()
+            .filter(|(_, e)| matches!(&e.slot, Slot::Shared { lent, .. } if !lent.alive()))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            tracing::info!(name = %name, "the application closed this socket; it is no longer handed on");
+            reg.entries.remove(&name);
+        }
         for entry in reg.entries.values_mut() {
             if std::mem::take(&mut entry.was_blocking) {
                 if let Some(fd) = entry.borrowed_fd() {
@@ -981,9 +1009,7 @@ impl Fds {
                 }
             }
             if let Slot::Shared { lent, .. } = &entry.slot {
-                if matches!(lent.copy(), Ok(Some(_))) {
-                    entry.slot = Slot::Lent(lent.clone());
-                }
+                entry.slot = Slot::Lent(lent.clone());
             }
         }
     }

@@ -79,6 +79,17 @@ pub use service::Context;
 /// `UnixListener`, `UnixDatagram`, `TcpStream`, `UnixStream` of std and
 /// tokio, `socket2::Socket`, `std::fs::File`, `tokio::fs::File`). Sealed:
 /// they name, they are not to be implemented.
+///
+/// # std types are non-blocking
+///
+/// Every socket comes out non-blocking and close-on-exec, std types
+/// included: tokio needs non-blocking sockets, and the flag belongs to the
+/// open file description, which every generation shares (an inherited
+/// socket is the same socket). A program that serves a std listener from a
+/// blocking accept loop calls `set_nonblocking(false)` itself, and treats
+/// `EAGAIN` (`WouldBlock`) as "try again": while an upgrade runs, the next
+/// generation makes the socket non-blocking again. After a failed upgrade
+/// the library puts a socket that was blocking back in blocking mode.
 pub mod types {
     pub use crate::socket::{Conn, File, FromFd, Listener, PacketConn};
 }

@@ -345,6 +345,11 @@ pub(crate) struct SockId {
 }
 
 impl SockId {
+    /// The socket's inode.
+    pub(crate) fn ino(&self) -> u64 {
+        self.ino
+    }
+
     pub(crate) fn of(fd: BorrowedFd<'_>) -> io::Result<SockId> {
         let ino = fstat(fd)?.st_ino;
         let local = socket2::SockRef::from(&fd).local_addr().ok();

@@ -165,6 +165,55 @@ pub(crate) fn exec_fn() -> Option<std::ffi::OsString> {
     None
 }
 
+/// The lowest number of an fd that is handed to the next generation: the
+/// child rejects the standard streams (0 to 2), where `pipe`, `dup` and
+/// `socket` put new fds if the application closed them (a daemon closing
+/// its stdin).
+const FIRST_HANDED_ON: libc::c_int = 3;
+
+/// A duplicate of `fd`, close-on-exec, numbered 3 or more (see
+/// [`FIRST_HANDED_ON`]).
+pub(crate) fn dup_handed_on(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    Ok(
+        fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(FIRST_HANDED_ON)).map(|new| {
+            // SAFETY: the kernel just created `new` for this call; nothing
+            // else in the process knows the number.
+            unsafe { OwnedFd::from_raw_fd(new) }
+        })?,
+    )
+}
+
+/// `fd` itself if it is numbered 3 or more; else a duplicate that is (and
+/// `fd` is closed).
+pub(crate) fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    if fd.as_raw_fd() >= FIRST_HANDED_ON {
+        return Ok(fd);
+    }
+    dup_handed_on(fd.as_fd())
+}
+
+/// Whether the fd number `fd` refers, now, to a socket, and its inode if
+/// so ([fstat(2)], which only reads: the number need not be the caller's).
+///
+/// [fstat(2)]: https://man7.org/linux/man-pages/man2/fstat.2.html
+pub(crate) fn socket_inode_of_number(fd: RawFd) -> Option<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `fstat` writes a `struct stat` into the buffer it is given
+    // (valid for writes of that size) and reads only the fd table; on a
+    // closed or invalid number it fails and writes nothing.
+    let rc = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: `fstat` succeeded, so it initialised the whole buffer.
+    let st = unsafe { st.assume_init() };
+    // `ino_t` is 64 bits here, narrower on some platforms.
+    #[allow(clippy::useless_conversion)]
+    let ino = u64::from(st.st_ino);
+    (st.st_mode & libc::S_IFMT == libc::S_IFSOCK).then_some(ino)
+}
+
 /// Duplicates whatever the fd number `fd` refers to now into a new,
 /// close-on-exec fd of the caller's (`F_DUPFD_CLOEXEC`, [fcntl(2)]).
 ///
@@ -176,7 +225,7 @@ pub(crate) fn dup_number(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: `fcntl(F_DUPFD_CLOEXEC)` reads the fd table and creates a new
     // fd; on a closed or invalid number it fails with EBADF and creates
     // nothing. It never affects the fd it duplicates.
-    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, FIRST_HANDED_ON) })?;
     // SAFETY: the kernel just created `new` for this call; nothing else in
     // the process knows the number.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
@@ -229,9 +278,12 @@ fn take_pending_sigpipe() {
 }
 
 /// A pipe whose two ends are close-on-exec: `(read end, write end)`.
+///
+/// Both numbered 3 or more: they are handed to the next generation.
 #[cfg(not(any(target_os = "macos", target_os = "ios")))]
 pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
-    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    Ok((above_stdio(r)?, above_stdio(w)?))
 }
 
 /// A pipe whose two ends are close-on-exec: `(read end, write end)`.
@@ -245,7 +297,7 @@ pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = nix::unistd::pipe()?;
     set_cloexec(r.as_fd())?;
     set_cloexec(w.as_fd())?;
-    Ok((r, w))
+    Ok((above_stdio(r)?, above_stdio(w)?))
 }
 
 /// Writes as much of `data` into the empty pipe `fd` as it can hold

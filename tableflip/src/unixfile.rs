@@ -75,11 +75,35 @@ impl SocketFile {
     }
 
     /// Removes the file if it is still this socket's file: a socket with
-    /// the recorded device and inode (or, when none was recorded, any
-    /// socket, as before this check existed). Logged, never fatal.
+    /// the recorded device, inode and birth time (or, when none was
+    /// recorded, any socket, as before this check existed). The check and
+    /// the unlink go through one fd of the directory, so that a directory
+    /// swapped between them (for a symlink elsewhere) cannot redirect the
+    /// unlink. Logged, never fatal.
     pub(crate) fn remove(&self) {
-        let Ok(meta) = std::fs::symlink_metadata(&self.path) else {
+        use nix::fcntl::{OFlag, open};
+        use nix::sys::stat::Mode;
+        let (Some(name), dir) = (self.path.file_name(), directory_of(&self.path)) else {
             return;
+        };
+        let Ok(dirfd) = open(
+            &dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return;
+        };
+        // The file as seen through that very directory.
+        let through = Path::new("/proc/self/fd")
+            .join(dirfd.as_raw_fd().to_string())
+            .join(name);
+        let meta = match std::fs::symlink_metadata(&through) {
+            Ok(m) => m,
+            // No /proc: by path (the directory could change in between).
+            Err(_) => match std::fs::symlink_metadata(&self.path) {
+                Ok(m) => m,
+                Err(_) => return,
+            },
         };
         if !meta.file_type().is_socket() {
             return;
@@ -93,7 +117,7 @@ impl SocketFile {
             tracing::info!(path = %self.path.display(), "not removing the Unix socket file: it is not the one this service bound (replaced since)");
             return;
         }
-        match std::fs::remove_file(&self.path) {
+        match nix::unistd::unlinkat(&dirfd, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
             Ok(()) => tracing::debug!(path = %self.path.display(), "removed Unix socket file"),
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot remove Unix socket file")
@@ -102,30 +126,50 @@ impl SocketFile {
     }
 }
 
-/// The file the Unix socket `fd` is bound to, as the kernel knows it
-/// (Linux `sock_diag`, `UNIX_DIAG_VFS`): exact, whatever happened to the
-/// path since. `None` when the socket has no file (abstract, unbound) or
-/// the kernel cannot say (no `unix_diag` support).
+fn directory_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The inode of the file the Unix socket `fd` is bound to, as the kernel
+/// knows it (Linux `sock_diag`, `UNIX_DIAG_VFS`): exact, whatever happened
+/// to the path since. Only its low 32 bits (the kernel reports no more),
+/// and no device: the one it reports is the super block's, which is not
+/// `stat`'s `st_dev` on every file system (btrfs subvolumes). `None` when
+/// the socket has no file (abstract, unbound) or the kernel cannot say (no
+/// `unix_diag` support).
 #[cfg(any(target_os = "linux", target_os = "android"))]
-pub(crate) fn bound_file(fd: BorrowedFd<'_>) -> Option<FileId> {
-    diag::bound_file(fd).ok().flatten()
+pub(crate) fn bound_inode(fd: BorrowedFd<'_>) -> Option<u32> {
+    diag::bound_inode(fd).ok().flatten()
 }
 
 /// No `sock_diag` here.
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-pub(crate) fn bound_file(_fd: BorrowedFd<'_>) -> Option<FileId> {
+pub(crate) fn bound_inode(_fd: BorrowedFd<'_>) -> Option<u32> {
     None
 }
 
-/// The identity of the file a socket was just bound to at `path`: from
-/// the kernel, or, failing that, from the file at `path` if it looks like
-/// a fresh socket file of ours (a socket, owned by this user, one link).
+/// Whether `st_ino` is the inode `sock_diag` reported (its low 32 bits).
+fn is_inode(st_ino: u64, reported: u32) -> bool {
+    u32::try_from(st_ino & u64::from(u32::MAX)).is_ok_and(|low| low == reported)
+}
+
+/// The identity (as `stat` reports it) of the file a socket was just bound
+/// to at `path`: the file at `path`, if the kernel says the socket is bound
+/// to that inode, or, where it cannot say, if it looks like a fresh socket
+/// file of ours (a socket, owned by this user, one link).
 pub(crate) fn identify(path: &Path, fd: BorrowedFd<'_>) -> Option<FileId> {
-    if let Some(id) = bound_file(fd) {
-        return Some(id);
-    }
     let meta = std::fs::symlink_metadata(path).ok()?;
-    looks_fresh(&meta).then(|| FileId::of(&meta))
+    if !meta.file_type().is_socket() {
+        return None;
+    }
+    let ours = match bound_inode(fd) {
+        Some(reported) => is_inode(meta.ino(), reported),
+        None => looks_fresh(&meta),
+    };
+    ours.then(|| FileId::of(&meta))
 }
 
 fn looks_fresh(meta: &std::fs::Metadata) -> bool {
@@ -169,19 +213,20 @@ pub(crate) fn set_mode(
         dev: st.st_dev,
         ino: st.st_ino,
     };
-    match id.or_else(|| bound_file(fd)) {
-        Some(expected) if expected != found => {
-            return Err(refuse(
-                "the path names another socket than the one just bound (replaced)",
-            ));
-        }
+    let replaced = || refuse("the path names another socket than the one just bound (replaced)");
+    if id.is_some_and(|expected| expected != found) {
+        return Err(replaced());
+    }
+    match bound_inode(fd) {
+        Some(reported) if !is_inode(found.ino, reported) => return Err(replaced()),
         Some(_) => {}
-        None => {
+        None if id.is_none() => {
             let meta = std::fs::symlink_metadata(path)?;
             if FileId::of(&meta) != found || !looks_fresh(&meta) {
                 return Err(refuse("cannot prove it is the socket just bound"));
             }
         }
+        None => {}
     }
     if st.st_mode & 0o7777 == mode {
         return Ok(());
@@ -284,8 +329,9 @@ fn log_removed(path: &Path) {
 }
 
 /// Whether a live socket is bound to the file `file`, as far as the
-/// kernel can tell (Linux `sock_diag`; elsewhere, or without it, `false`:
-/// the connection probe decides alone).
+/// kernel can tell (Linux `sock_diag`, by inode: a match of the low 32
+/// bits counts, erring towards "bound, keep it"; elsewhere, or without it,
+/// `false`: the connection probe decides alone).
 fn bound(file: FileId) -> bool {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
@@ -368,7 +414,7 @@ mod diag {
     const UNIX_DIAG_VFS: u16 = 1;
 
     /// `Ok(None)`: the kernel answered, and the socket has no file.
-    pub(super) fn bound_file(fd: BorrowedFd<'_>) -> io::Result<Option<FileId>> {
+    pub(super) fn bound_inode(fd: BorrowedFd<'_>) -> io::Result<Option<u32>> {
         let ino = nix::sys::stat::fstat(fd)?.st_ino;
         let ino = u32::try_from(ino).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
         let nl = request(NLM_F_REQUEST, ino)?;
@@ -388,6 +434,8 @@ mod diag {
     /// connection attempt says (a socket bound a moment ago, not yet
     /// listening, refuses connections too).
     pub(super) fn any_bound_to(file: FileId) -> io::Result<bool> {
+        let wanted = u32::try_from(file.ino & u64::from(u32::MAX))
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
         const NLM_F_DUMP: u16 = 0x300;
         let nl = request(NLM_F_REQUEST | NLM_F_DUMP, 0)?;
         let mut buf = vec![0u8; 32 * 1024];
@@ -406,7 +454,7 @@ mod diag {
                     .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData))?;
                 match parse(&rest[..len])? {
                     Reply::Done => return Ok(false),
-                    Reply::Socket { file: Some(f), .. } if f == file => return Ok(true),
+                    Reply::Socket { file: Some(f), .. } if f == wanted => return Ok(true),
                     Reply::Socket { .. } => {}
                 }
                 rest = &rest[((len + 3) & !3).min(rest.len())..];
@@ -443,17 +491,12 @@ mod diag {
     }
 
     enum Reply {
-        Socket { ino: u32, file: Option<FileId> },
+        /// A socket (its sockfs inode) and the inode of its file.
+        Socket {
+            ino: u32,
+            file: Option<u32>,
+        },
         Done,
-    }
-
-    /// `st_dev` as `stat` reports it for `major:minor` (glibc's
-    /// `makedev`).
-    fn user_dev(major: u64, minor: u64) -> u64 {
-        ((major & 0xffff_f000) << 32)
-            | ((major & 0x0000_0fff) << 8)
-            | ((minor & 0xffff_ff00) << 12)
-            | (minor & 0x0000_00ff)
     }
 
     fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -486,17 +529,13 @@ mod diag {
                 break;
             }
             if atype == UNIX_DIAG_VFS {
-                // struct unix_diag_vfs: udiag_vfs_ino, udiag_vfs_dev (the
-                // kernel's dev_t: major << 20 | minor).
+                // struct unix_diag_vfs: udiag_vfs_ino (the inode, cut to
+                // 32 bits), udiag_vfs_dev (the super block's device, not
+                // comparable with `st_dev` everywhere: unused).
                 let vino = u32_at(msg, at + 4).ok_or_else(bad)?;
-                let kdev = u32_at(msg, at + 8).ok_or_else(bad)?;
-                let dev = user_dev(u64::from(kdev >> 20), u64::from(kdev & 0xf_ffff));
                 return Ok(Reply::Socket {
                     ino,
-                    file: Some(FileId {
-                        dev,
-                        ino: u64::from(vino),
-                    }),
+                    file: Some(vino),
                 });
             }
             at += (alen + 3) & !3;
@@ -527,13 +566,14 @@ mod tests {
         };
         let expected = FileId::of_path(&path).ok();
         assert_eq!(identify(&path, listener.as_fd()), expected);
-        // Moved away and replaced by another file: identify by the kernel
-        // still names the original.
-        if let Some(kernel) = bound_file(listener.as_fd()) {
-            assert_eq!(Some(kernel), expected);
+        // Moved away and replaced by another file: the kernel still names
+        // the original.
+        if let Some(kernel) = bound_inode(listener.as_fd()) {
+            assert!(expected.is_some_and(|e| is_inode(e.ino, kernel)));
             assert!(std::fs::rename(&path, dir.join("moved")).is_ok());
             assert!(std::fs::write(&path, "x").is_ok());
-            assert_eq!(bound_file(listener.as_fd()), expected);
+            assert_eq!(bound_inode(listener.as_fd()), Some(kernel));
+            assert_eq!(identify(&path, listener.as_fd()), None);
             let refused = set_mode(&path, listener.as_fd(), None, 0o666);
             assert!(refused.is_err(), "a replaced path is refused");
             let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777);
@@ -559,7 +599,7 @@ mod tests {
         let Some(id) = id else {
             panic!("stat");
         };
-        if bound_file(socket.as_fd()).is_some() {
+        if bound_inode(socket.as_fd()).is_some() {
             // Bound, not listening: refuses connections, yet not stale.
             assert!(diag::any_bound_to(id).unwrap_or(false));
             drop(socket);

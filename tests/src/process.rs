@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 
 use crate::harness::{DEADLINE, wait_a_little};
 
-/// `pid`, started by [`Service::spawn`], has been reaped: its number may be
+/// `pid`, started by [`Service::spawn`](crate::service::Service::spawn), has been reaped: its number may be
 /// reused by any process from now on.
 pub(crate) fn forget_spawned(pid: u32) {
     SPAWNED
@@ -59,7 +59,7 @@ pub fn is_alive(pid: u32) -> bool {
     matches!(proc_state(pid), Some(s) if s != 'Z')
 }
 
-/// The PIDs of the processes [`Service::spawn`] started (direct children,
+/// The PIDs of the processes [`Service::spawn`](crate::service::Service::spawn) started (direct children,
 /// reaped through their `std::process::Child`, never by [`wait_gone`]).
 pub(crate) static SPAWNED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
@@ -88,7 +88,7 @@ pub fn parent_of(pid: u32) -> Option<u32> {
     after.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Processes (other than those [`Service::spawn`] started and not yet
+/// Processes (other than those [`Service::spawn`](crate::service::Service::spawn) started and not yet
 /// reaped) whose parent is this test process: with [`adopt_orphans`],
 /// every descendant left behind by a service ends up here.
 pub fn stray_children() -> Vec<u32> {

@@ -123,7 +123,7 @@ impl Service {
     /// Starts a prepared command whose stdout carries events, in a process
     /// group of its own (every generation that becomes ready joins it; the
     /// group is killed when the service is dropped, or, by the
-    /// [`undertaker`], when this test process ends however it ends). Its
+    /// undertaker (a process of its own), when this test process ends however it ends). Its
     /// stderr, if piped, goes through the test's own output, which the test
     /// harness shows only for a failing test.
     pub fn spawn(mut cmd: Command) -> Service {
@@ -287,7 +287,7 @@ impl Service {
 
     /// Stops the service through its current generation `pid` (`SIGTERM`),
     /// then waits until every process it ever had is gone: exited, and
-    /// reaped (orphans by this process, see [`adopt_orphans`]).
+    /// reaped (orphans by this process, see [`adopt_orphans`](crate::process::adopt_orphans)).
     pub fn stop(&mut self, pid: u32) {
         signal(pid, Signal::SIGTERM);
         self.wait_kind("exit", Some(pid));

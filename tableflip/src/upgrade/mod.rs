@@ -175,18 +175,23 @@ impl Upgrader {
                     "started by parent process {}; inherited {count} fds",
                     h.parent_pid
                 );
+                // Socket activation concerns the first generation only (an
+                // older parent may have passed the variables on). Before
+                // the thread below starts: only a single-threaded process
+                // edits its environment.
+                sys::remove_env(&systemd::LISTEN_VARS);
                 watch_parent(h.parent_pipe, h.parent_pid, parent_exited.clone())?;
-                let group = i32::try_from(h.parent_pid)
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .and_then(|p| nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(p))).ok());
+                // The group of the process that really is this one's
+                // parent (`getppid`), when it is the one the metadata names.
+                let ppid = nix::unistd::getppid();
+                let group = (i32::try_from(h.parent_pid).ok() == Some(ppid.as_raw()))
+                    .then(|| nix::unistd::getpgid(Some(ppid)).ok())
+                    .flatten();
                 let link = ParentLink {
                     pid: h.parent_pid,
                     ready_pipe: Mutex::new(Some(h.ready_pipe)),
                     group,
                 };
-                // Socket activation concerns the first generation only.
-                sys::remove_env(&systemd::LISTEN_VARS);
                 (Some(link), h.generation, h.entries)
             }
             None => {
