@@ -13,11 +13,14 @@ const OPTIONS: &[(&str, ValueKind)] = &[
     ("pid_file", ValueKind::Str),
     ("flavor", ValueKind::Str),
     ("worker_threads", ValueKind::Int),
+    ("mode", ValueKind::Str),
     ("options", ValueKind::Path),
     ("crate", ValueKind::Str),
 ];
 
 const FLAVORS: &[&str] = &["multi_thread", "current_thread"];
+
+const MODES: &[&str] = &["supervised", "replace"];
 
 pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
@@ -170,6 +173,15 @@ fn check_value(opt: &args::Opt, value: &Value) -> syn::Result<()> {
                 format!("unknown flavor `{s}`; expected `multi_thread` or `current_thread`{hint}"),
             ))
         }
+        ("mode", Value::Str(s, span)) if !MODES.contains(&s.as_str()) => {
+            let hint = args::closest(s, MODES.iter().copied())
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            Err(syn::Error::new(
+                *span,
+                format!("unknown mode `{s}`; expected `supervised` or `replace`{hint}"),
+            ))
+        }
         ("worker_threads", Value::Int(n, span)) if *n == 0 || usize::try_from(*n).is_err() => Err(
             syn::Error::new(*span, "`worker_threads` must be at least 1"),
         ),
@@ -192,6 +204,14 @@ fn config(opts: &[(String, Value)], krate: &syn::Path, errors: &mut Errors) -> V
             }),
             ("pid_file", Value::Str(s, _)) => {
                 config.push(quote! { __cfg.pid_file = ::core::option::Option::Some(#s); });
+            }
+            ("mode", Value::Str(s, _)) => {
+                let mode = if s == "supervised" {
+                    quote! { #krate::Mode::Supervised }
+                } else {
+                    quote! { #krate::Mode::Replace }
+                };
+                config.push(quote! { __cfg.mode = ::core::option::Option::Some(#mode); });
             }
             ("flavor", Value::Str(s, _)) if s == "current_thread" => {
                 flavor_current = true;

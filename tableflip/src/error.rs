@@ -274,9 +274,31 @@ pub enum Error {
     /// namespace, the new generation with it. Refused before anything is
     /// started.
     #[error(
-        "this process is PID 1 (a container without an init): the old generation's exit would end the container; run the service under an init, e.g. `docker run --init` or tini"
+        "this process is PID 1 (a container without an init): in replace mode the old generation's exit would end the container; run in supervised mode (TABLEFLIP_MODE=supervised), whose process stays for the life of the service, or under an init that keeps running until every process has exited (not tini or dumb-init, which exit with their child)"
     )]
     Pid1,
+
+    /// `TABLEFLIP_MODE` names no process model.
+    #[error("TABLEFLIP_MODE={value:?} is not a process model; expected `supervised` or `replace`")]
+    Mode {
+        /// The value found.
+        value: String,
+    },
+
+    /// Supervised mode cannot run here, or the supervisor failed.
+    #[error("supervised mode: {reason}")]
+    Supervisor {
+        /// What is wrong, and what to do about it.
+        reason: String,
+    },
+
+    /// The supervisor ran the upgrade this generation asked for, and it
+    /// failed; the generation that asked keeps serving.
+    #[error("the supervisor's upgrade failed: {reason}")]
+    UpgradeFailed {
+        /// The supervisor's account of the failure.
+        reason: String,
+    },
 
     /// Any other I/O error, with what was being done.
     #[error("{context}")]
@@ -317,6 +339,7 @@ impl From<Error> for io::Error {
             }
             Error::Timeout { .. } => io::ErrorKind::TimedOut,
             Error::NotSupported | Error::Pid1 => io::ErrorKind::Unsupported,
+            Error::Mode { .. } => io::ErrorKind::InvalidInput,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, err)

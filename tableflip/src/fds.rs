@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -226,6 +226,22 @@ pub(crate) struct Snapshot<'a> {
     pub(crate) _guard: MutexGuard<'a, Registry>,
     pub(crate) entries: Vec<EntryMeta>,
     pub(crate) fds: Vec<RawFd>,
+}
+
+impl Snapshot<'_> {
+    /// The listeners and packet sockets of the snapshot with their fds,
+    /// borrowed from the locked registry (what a supervised generation
+    /// reports to its supervisor).
+    pub(crate) fn sockets(&self) -> Vec<(&EntryMeta, BorrowedFd<'_>)> {
+        self.entries
+            .iter()
+            .filter(|m| matches!(m.kind, Kind::Listener | Kind::Packet))
+            .filter_map(|m| {
+                let fd = self._guard.entries.get(&m.name)?.borrowed_fd()?;
+                Some((m, fd))
+            })
+            .collect()
+    }
 }
 
 fn lock(registry: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
@@ -1023,6 +1039,18 @@ fn inherited_file(entry: &Entry, meta: &EntryMeta, start_dir: &Path) -> Option<S
         Slot::Owned(fd) => fd.as_fd(),
         _ => return None,
     };
+    socket_file(fd, meta, start_dir)
+}
+
+/// The file of the Unix socket `fd`, handed on as `meta`: its path as the
+/// socket reports it (relative ones against `start_dir`), identified by
+/// the kernel where it can, else as the entry recorded it. `None` for an
+/// abstract or unnamed socket.
+pub(crate) fn socket_file(
+    fd: BorrowedFd<'_>,
+    meta: &EntryMeta,
+    start_dir: &Path,
+) -> Option<SocketFile> {
     let path = start_dir.join(socket::unix_path(fd)?);
     let mut file = SocketFile::bound(path.clone(), &path, fd);
     if file.id.is_none() {

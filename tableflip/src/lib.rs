@@ -42,11 +42,14 @@
 #![cfg(unix)]
 
 mod bind;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod control;
 mod declare;
 mod error;
 mod fds;
 #[cfg(feature = "http")]
 pub mod http;
+mod mode;
 mod network;
 mod options;
 mod pidfile;
@@ -59,6 +62,8 @@ pub mod handover_protocol {}
 mod report;
 mod service;
 mod socket;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod supervisor;
 mod sys;
 mod systemd;
 pub mod testing;
@@ -69,6 +74,7 @@ pub use bind::{ListenSpec, SetupHook};
 pub use declare::DeclaredListener;
 pub use error::{Error, Result};
 pub use fds::{Fds, Handover};
+pub use mode::{ENV_MODE, Mode};
 pub use network::Network;
 pub use options::{DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT, DEFAULT_UPGRADE_TIMEOUT, Options};
 pub use protocol::ENV_HANDOVER;
@@ -129,9 +135,12 @@ pub use socket2;
 ///
 /// # What the generated program does
 ///
-/// 1. builds the tokio runtime (`flavor`, `worker_threads`);
-/// 2. creates the [`Upgrader`], taking whatever a parent generation handed
-///    on;
+/// 1. creates the [`Upgrader`], taking whatever a parent generation handed
+///    on. In [supervised mode](Mode::Supervised) the process started by the
+///    user (or systemd) becomes the supervisor here and never goes further:
+///    it runs none of the steps below, and each generation it starts (a
+///    child, running the same program) does;
+/// 2. builds the tokio runtime (`flavor`, `worker_threads`);
 /// 3. opens every [`#[listener]`](macro@listener): inherited by name, or
 ///    bound (a name inherited with another address than configured now is
 ///    bound afresh; the old socket closes at readiness). A failure is
@@ -167,6 +176,7 @@ pub use socket2;
 /// | `upgrade_timeout` | how long a new generation may take to be ready (default 60 s) | `upgrade_timeout = "10s"` |
 /// | `drain_timeout` | how long the drain waits for spawned tasks (default 30 s) | `drain_timeout = "500ms"` |
 /// | `pid_file` | the PID file, replaced atomically at readiness | `pid_file = "/run/svc.pid"` |
+/// | `mode` | `"replace"` (default) or `"supervised"`: see [`Mode`]; `TABLEFLIP_MODE` in the environment wins | `mode = "supervised"` |
 /// | `flavor` | `"multi_thread"` (default) or `"current_thread"` | `flavor = "current_thread"` |
 /// | `worker_threads` | worker threads of the multi-thread runtime | `worker_threads = 4` |
 /// | `options` | a `fn() -> Options` computing the options at run time (from CLI flags, a config file…); the options written in the attribute override its fields | `options = config::options` |

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bind::{ListenSpec, SetupHook};
+use crate::mode::Mode;
 
 /// How long a new generation may take to become ready before it is killed.
 pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,6 +42,7 @@ pub struct Options {
     pub(crate) socket_setup: Option<SetupHook>,
     pub(crate) executable: Option<PathBuf>,
     pub(crate) raise_fd_limit: bool,
+    pub(crate) mode: Mode,
 }
 
 impl Options {
@@ -54,6 +56,7 @@ impl Options {
             socket_setup: None,
             executable: None,
             raise_fd_limit: true,
+            mode: Mode::Replace,
         }
     }
 
@@ -131,6 +134,20 @@ impl Options {
         self.raise_fd_limit = raise;
         self
     }
+
+    /// The process model (see [`Mode`]). `TABLEFLIP_MODE` in the
+    /// environment wins over it. Default: [`Mode::Replace`] for programs
+    /// that create their [`Upgrader`](crate::Upgrader) themselves;
+    /// `#[tableflip::main]` sets its own default (see its documentation).
+    ///
+    /// In supervised mode, [`Upgrader::new`](crate::Upgrader::new), called
+    /// in the process that was started, becomes the supervisor and never
+    /// returns: it returns only in the generations the supervisor starts.
+    #[must_use]
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
 }
 
 /// Reading the options back (as `std::process::Command`'s `get_*`: the
@@ -165,6 +182,11 @@ impl Options {
     pub fn get_raise_fd_limit(&self) -> bool {
         self.raise_fd_limit
     }
+
+    /// See [`mode`](Self::mode) (as set, before `TABLEFLIP_MODE`).
+    pub fn get_mode(&self) -> Mode {
+        self.mode
+    }
 }
 
 impl Default for Options {
@@ -183,6 +205,7 @@ impl std::fmt::Debug for Options {
             .field("socket_setup", &self.socket_setup.as_ref().map(|_| "Fn"))
             .field("executable", &self.executable)
             .field("raise_fd_limit", &self.raise_fd_limit)
+            .field("mode", &self.mode)
             .finish()
     }
 }

@@ -48,6 +48,29 @@ pub(crate) struct Metadata {
     pub(crate) generation: u64,
     #[serde(default)]
     pub(crate) entries: Vec<EntryMeta>,
+    /// Set when the parent is a supervisor (supervised mode): the child
+    /// is one of its generations. A build that predates it ignores it
+    /// (and would act as a replace-mode child; the supervisor then times
+    /// its upgrade out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) supervisor: Option<SupervisorMeta>,
+}
+
+/// The supervisor that started this generation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SupervisorMeta {
+    /// Its PID (the service's, for the life of the service).
+    pub(crate) pid: u32,
+    /// The generation's end of the control channel: a Unix
+    /// `SOCK_SEQPACKET` socket.
+    pub(crate) control_fd: RawFd,
+}
+
+/// The supervisor as a generation holds it.
+#[derive(Debug)]
+pub(crate) struct SupervisorLink {
+    pub(crate) pid: u32,
+    pub(crate) control: OwnedFd,
 }
 
 /// One fd handed on.
@@ -94,6 +117,7 @@ pub(crate) struct Handover {
     pub(crate) parent_pipe: OwnedFd,
     pub(crate) ready_pipe: OwnedFd,
     pub(crate) entries: Vec<Inherited>,
+    pub(crate) supervisor: Option<SupervisorLink>,
 }
 
 /// The value of [`ENV_HANDOVER`] for the given protocol fds.
@@ -266,7 +290,12 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
     let meta: Metadata = serde_json::from_slice(&raw)
         .map_err(|e| Error::handover(format!("the metadata is not valid: {e}")))?;
     check_version(meta.version)?;
-    let checked = check_entries(&meta.entries, &[parent_fd, ready_fd])?;
+    let mut protocol_fds = vec![parent_fd, ready_fd];
+    if let Some(sup) = &meta.supervisor {
+        check_control(sup.control_fd, &protocol_fds)?;
+        protocol_fds.push(sup.control_fd);
+    }
+    let checked = check_entries(&meta.entries, &protocol_fds)?;
 
     // Everything is valid: take ownership.
     let take = |fd: RawFd, what: &str| {
@@ -275,6 +304,13 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
     };
     let parent_pipe = take(parent_fd, "parent")?;
     let ready_pipe = take(ready_fd, "ready")?;
+    let supervisor = match &meta.supervisor {
+        Some(sup) => Some(SupervisorLink {
+            pid: sup.pid,
+            control: take(sup.control_fd, "control socket")?,
+        }),
+        None => None,
+    };
     let mut entries = Vec::with_capacity(checked.len());
     for (meta, network) in checked {
         let fd = take(
@@ -299,7 +335,27 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
         parent_pipe,
         ready_pipe,
         entries,
+        supervisor,
     }))
+}
+
+/// Checks that `fd` is an inherited Unix `SOCK_SEQPACKET` socket, other
+/// than the protocol's pipes: the control channel of a supervised
+/// generation.
+fn check_control(fd: RawFd, protocol_fds: &[RawFd]) -> Result<()> {
+    if fd <= 2 || protocol_fds.contains(&fd) {
+        return Err(Error::handover(format!(
+            "the control fd {fd} is a standard stream or one of the protocol's pipes"
+        )));
+    }
+    inspect_handed_on(fd, |borrowed| {
+        let sock = socket2::SockRef::from(&borrowed);
+        match (sock.r#type(), sock.local_addr().map(|a| a.is_unix())) {
+            (Ok(socket2::Type::SEQPACKET), Ok(true)) => Ok(()),
+            _ => Err(format!("fd {fd} is not a Unix SOCK_SEQPACKET socket")),
+        }
+    })
+    .map_err(|e| Error::handover(format!("the control {e}")))
 }
 
 fn read_metadata(pipe: BorrowedFd<'_>) -> Result<Vec<u8>> {
@@ -517,6 +573,7 @@ mod tests {
             parent_pid: 1,
             generation: 1,
             entries: vec![],
+            supervisor: None,
         };
         let bytes = encode(&meta).unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes);

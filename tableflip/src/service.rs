@@ -133,6 +133,7 @@ pub struct MainConfig {
     pub drain_timeout: Option<Duration>,
     pub pid_file: Option<&'static str>,
     pub options: Option<fn() -> Options>,
+    pub mode: Option<crate::Mode>,
 }
 
 impl MainConfig {
@@ -145,6 +146,7 @@ impl MainConfig {
             drain_timeout: None,
             pid_file: None,
             options: None,
+            mode: None,
         }
     }
 
@@ -158,6 +160,9 @@ impl MainConfig {
         }
         if let Some(p) = self.pid_file {
             opts.pid_file = Some(p.into());
+        }
+        if let Some(m) = self.mode {
+            opts.mode = m;
         }
         opts
     }
@@ -402,21 +407,30 @@ async fn lifecycle(
     tokio::pin!(exit);
     // Counts the upgrade requests (SIGHUP) received so far.
     let (requests, requested) = watch::channel(0u64);
-    let scheduler = tokio::spawn(schedule_upgrades(upgrader.clone(), requested));
+    // In supervised mode the supervisor runs the upgrades.
+    let supervised = upgrader.supervisor_pid().is_some();
+    let scheduler =
+        (!supervised).then(|| tokio::spawn(schedule_upgrades(upgrader.clone(), requested)));
     // Whether a stop signal was received: the next one exits at once.
     let mut stopping = false;
     loop {
         tokio::select! {
             _ = signals.hup.recv() => {
-                tracing::info!("SIGHUP: upgrade requested");
-                requests.send_modify(|n| *n += 1);
+                if supervised {
+                    ask_supervisor(&upgrader);
+                } else {
+                    tracing::info!("SIGHUP: upgrade requested");
+                    requests.send_modify(|n| *n += 1);
+                }
             }
             _ = signals.term.recv() => { tracing::info!("SIGTERM: stopping"); stopping = true; upgrader.stop(); }
             _ = signals.int.recv() => { tracing::info!("SIGINT: stopping"); stopping = true; upgrader.stop(); }
             () = &mut exit => break,
         }
     }
-    scheduler.abort();
+    if let Some(scheduler) = scheduler {
+        scheduler.abort();
+    }
     tracing::info!(tasks = cx.tasks(), timeout = ?drain_timeout, "draining");
     let started = Instant::now();
     let drain = cx.drain(drain_timeout);
@@ -457,10 +471,33 @@ async fn lifecycle(
                 // successor ending now is not replaced.
                 upgrader.stop();
             }
-            _ = signals.hup.recv() => forward_upgrade_request(&upgrader),
+            _ = signals.hup.recv() => {
+                if supervised {
+                    ask_supervisor(&upgrader);
+                } else {
+                    forward_upgrade_request(&upgrader);
+                }
+            }
         }
     }
     second_stop()
+}
+
+/// Supervised mode: a `SIGHUP` that reaches a generation is the
+/// supervisor's to act on.
+fn ask_supervisor(upgrader: &Upgrader) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    match upgrader.ask_supervisor_to_upgrade() {
+        Ok(()) => tracing::info!(
+            supervisor_pid = upgrader.supervisor_pid(),
+            "SIGHUP: upgrade requested; forwarded to the supervisor"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "SIGHUP: cannot forward the upgrade request to the supervisor")
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = upgrader;
 }
 
 /// A `SIGHUP` that reaches a generation draining after an upgrade (a

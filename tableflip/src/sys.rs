@@ -353,7 +353,7 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// Whether this process runs exactly one thread, the calling one (Linux:
 /// the `Threads:` line of `/proc/self/status`). `false` wherever that
 /// cannot be proven.
-fn single_threaded() -> bool {
+pub(crate) fn single_threaded() -> bool {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
@@ -732,5 +732,240 @@ impl Drop for SpawnAttr {
     fn drop(&mut self) {
         // SAFETY: initialised by `new` (an uninitialised one is forgotten).
         unsafe { libc::posix_spawnattr_destroy(&mut self.0) };
+    }
+}
+
+/// A connected pair of Unix `SOCK_SEQPACKET` sockets, both close-on-exec
+/// and numbered 3 or more: the control channel between the supervisor and
+/// a generation (one message per packet, peer close seen as EOF).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (a, b) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    Ok((above_stdio(a)?, above_stdio(b)?))
+}
+
+/// The most fds one control packet carries (the kernel's `SCM_MAX_FD` is
+/// 253).
+pub(crate) const MAX_FDS_PER_PACKET: usize = 64;
+
+/// Sends one packet, with `fds` attached (`SCM_RIGHTS`, [unix(7)]); never
+/// raises `SIGPIPE` (`MSG_NOSIGNAL`). With `dont_wait`, fails with
+/// `WouldBlock` instead of waiting for room.
+///
+/// [unix(7)]: https://man7.org/linux/man-pages/man7/unix.7.html
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn send_packet(
+    socket: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    dont_wait: bool,
+) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsgs = if raw.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    let mut flags = MsgFlags::MSG_NOSIGNAL;
+    if dont_wait {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    let iov = [io::IoSlice::new(data)];
+    loop {
+        match sendmsg::<()>(socket.as_raw_fd(), &iov, &cmsgs, flags, None) {
+            Ok(n) if n == data.len() => return Ok(()),
+            Ok(_) => return Err(io::Error::other("the packet was cut short")),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Receives one packet into `buf`: its length and the fds attached (owned,
+/// close-on-exec). `Ok(None)` at EOF (the peer closed its end). On a
+/// non-blocking socket with nothing to read, fails with `WouldBlock`.
+///
+/// # Errors
+///
+/// Also when the packet or its fds were cut short (`MSG_TRUNC`,
+/// `MSG_CTRUNC`): the fds that did arrive are closed.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn recv_packet(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS_PER_PACKET]);
+    let (len, raw_fds, truncated) = loop {
+        let mut iov = [io::IoSliceMut::new(buf)];
+        match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(received) = c {
+                            fds.extend(received);
+                        }
+                    }
+                }
+                let truncated = msg
+                    .flags
+                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                break (msg.bytes, fds, truncated);
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let fds: Vec<OwnedFd> = raw_fds
+        .into_iter()
+        // SAFETY: the kernel has just installed each of these fds in this
+        // process's table for this message (SCM_RIGHTS), close-on-exec
+        // (MSG_CMSG_CLOEXEC); nothing else knows their numbers, so each
+        // `OwnedFd` is its fd's only owner.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if truncated {
+        return Err(io::Error::other(
+            "a control packet, or the fds attached to it, was cut short",
+        ));
+    }
+    if len == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((len, fds)))
+}
+
+/// Clears the close-on-exec flag of `fd`, so that it survives this
+/// process's own `exec` (the supervisor re-executing itself).
+pub(crate) fn clear_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = FdFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFD)?);
+    fcntl(fd, FcntlArg::F_SETFD(flags - FdFlag::FD_CLOEXEC))?;
+    Ok(())
+}
+
+/// A sealed, close-on-exec memory file holding `data` ([memfd_create(2)]),
+/// numbered 3 or more: what the supervisor carries across its own `exec`.
+/// Sealed against any change, so the reader can tell it from any other fd
+/// (only a memfd has seals).
+///
+/// [memfd_create(2)]: https://man7.org/linux/man-pages/man2/memfd_create.2.html
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn sealed_memfd(name: &std::ffi::CStr, data: &[u8]) -> io::Result<OwnedFd> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
+    let fd = above_stdio(fd)?;
+    let mut rest = data;
+    while !rest.is_empty() {
+        match nix::unistd::write(&fd, rest) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => rest = &rest[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let seals = nix::fcntl::SealFlag::F_SEAL_SEAL
+        | nix::fcntl::SealFlag::F_SEAL_SHRINK
+        | nix::fcntl::SealFlag::F_SEAL_GROW
+        | nix::fcntl::SealFlag::F_SEAL_WRITE;
+    fcntl(&fd, FcntlArg::F_ADD_SEALS(seals))?;
+    Ok(fd)
+}
+
+/// Reads the whole of a memory file made by [`sealed_memfd`], from its
+/// start, after checking that it is one (sealed against writes), and no
+/// larger than `limit`.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn read_sealed_memfd(fd: BorrowedFd<'_>, limit: usize) -> io::Result<Vec<u8>> {
+    let seals = nix::fcntl::SealFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GET_SEALS)?);
+    if !seals.contains(nix::fcntl::SealFlag::F_SEAL_WRITE) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a sealed memory file",
+        ));
+    }
+    let size = nix::sys::stat::fstat(fd)?.st_size;
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    if size > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{size} bytes, more than the {limit} accepted"),
+        ));
+    }
+    let mut out = vec![0u8; size];
+    let mut at = 0;
+    while at < size {
+        let offset = libc::off_t::try_from(at).unwrap_or(libc::off_t::MAX);
+        match nix::sys::uio::pread(fd, &mut out[at..], offset) {
+            Ok(0) => break,
+            Ok(n) => at += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    out.truncate(at);
+    Ok(out)
+}
+
+/// Replaces this process's program with `exe` ([execve(2)]), keeping its
+/// PID, its signal mask and pending signals, and every fd that is not
+/// close-on-exec. Returns only on failure. Unlike
+/// `std::process::Command::exec`, it leaves the signal mask alone: the
+/// supervisor's blocked signals stay pending across the `exec` instead of
+/// killing it in between.
+///
+/// [execve(2)]: https://man7.org/linux/man-pages/man2/execve.2.html
+pub(crate) fn exec_in_place(
+    exe: &std::path::Path,
+    argv: &[std::ffi::OsString],
+    env: &[(std::ffi::OsString, std::ffi::OsString)],
+) -> io::Error {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let cstring = |bytes: &[u8]| {
+        CString::new(bytes).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an argument or variable contains a NUL byte",
+            )
+        })
+    };
+    let built = (|| -> io::Result<(CString, Vec<CString>, Vec<CString>)> {
+        let path = cstring(exe.as_os_str().as_bytes())?;
+        let args = argv
+            .iter()
+            .map(|a| cstring(a.as_bytes()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let vars = env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                cstring(&kv)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok((path, args, vars))
+    })();
+    match built {
+        Ok((path, args, vars)) => match nix::unistd::execve(&path, &args, &vars) {
+            Ok(never) => match never {},
+            Err(e) => e.into(),
+        },
+        Err(e) => e,
     }
 }

@@ -105,6 +105,24 @@ pub(crate) enum Notice<'a> {
     },
     /// A real stop: `STOPPING=1`.
     Stopping,
+    /// Supervised mode: generation `generation` (`pid`) serves, after
+    /// `note` (its start, an upgrade, a replacement); said by the
+    /// supervisor, the main process for the life of the service:
+    /// `READY=1` (which also ends a reload) and `STATUS=`.
+    Serving {
+        generation: u64,
+        pid: u32,
+        note: &'a str,
+    },
+    /// Supervised mode: an upgrade failed; `READY=1` ends the reload,
+    /// `STATUS=` says why.
+    UpgradeFailedText {
+        generation: u64,
+        pid: u32,
+        error: &'a str,
+    },
+    /// A line for `systemctl status` alone: `STATUS=`.
+    Status { text: &'a str },
 }
 
 impl Notice<'_> {
@@ -134,6 +152,22 @@ impl Notice<'_> {
                 crate::report::chain(*error)
             )),
             Notice::Stopping => Message::new().stopping().status("stopping"),
+            Notice::Serving {
+                generation,
+                pid,
+                note,
+            } => Message::new().ready().status(&format!(
+                "serving: generation {generation}, pid {pid} ({note}); supervisor pid {}",
+                std::process::id()
+            )),
+            Notice::UpgradeFailedText {
+                generation,
+                pid,
+                error,
+            } => Message::new().ready().status(&format!(
+                "serving: generation {generation}, pid {pid}; the last upgrade failed: {error}"
+            )),
+            Notice::Status { text } => Message::new().status(text),
         }
     }
 }

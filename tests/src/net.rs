@@ -15,6 +15,27 @@ pub fn tcp_get(addr: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
+/// Sends one line (`GET`, `SLOW <ms>`: the macro services' protocol) on
+/// a fresh TCP connection, returns the whole reply.
+pub fn tcp_get_line(addr: &str, line: &str) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    writeln!(s, "{line}")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// As [`tcp_get_line`], over a Unix stream socket.
+pub fn unix_get_line(path: &str, line: &str) -> std::io::Result<String> {
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    writeln!(s, "{line}")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
 /// Connects to a Unix stream service, reads its whole reply.
 pub fn unix_get(path: &str) -> std::io::Result<String> {
     let mut s = std::os::unix::net::UnixStream::connect(path)?;

@@ -642,7 +642,11 @@ fn as_pid_1_an_upgrade_is_refused_with_advice() {
     signal(host_pid, Signal::SIGHUP);
     let err = svc.wait_upgrade_err(1);
     assert_eq!(err.get("kind"), "Pid1", "{}", err.line);
-    assert!(err.get("msg").contains("--init"), "{}", err.line);
+    assert!(
+        err.get("msg").contains("TABLEFLIP_MODE=supervised"),
+        "{}",
+        err.line
+    );
     assert_eq!(serves(&addr), 1, "it serves on");
     signal(host_pid, Signal::SIGTERM);
     svc.wait_kind("exit", Some(1));

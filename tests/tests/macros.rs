@@ -100,9 +100,15 @@ fn sighup_hands_tcp_udp_and_unix_to_a_new_pid() {
         second_take.get("msg").contains("TCP"),
         "a second take() names the listener: {second_take:?}"
     );
-    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), first);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
+        first
+    );
     assert_eq!(reply_pid(&udp_get(&m.udp).expect("udp")), first);
-    assert_eq!(reply_pid(&unix_get_line(&m.unix, "GET")), first);
+    assert_eq!(
+        reply_pid(&unix_get_line(&m.unix, "GET").expect("Unix request")),
+        first
+    );
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&m.unix)
             .expect("socket file")
@@ -120,13 +126,22 @@ fn sighup_hands_tcp_udp_and_unix_to_a_new_pid() {
         .svc
         .wait_for("gen 2 TCP", |e| e.pid == second && e.get("name") == "TCP");
     assert_eq!(ev.get("addr"), m.tcp, "the same TCP socket (port 0 kept)");
-    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), second);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
+        second
+    );
     assert_eq!(reply_pid(&udp_get(&m.udp).expect("udp")), second);
-    assert_eq!(reply_pid(&unix_get_line(&m.unix, "GET")), second);
+    assert_eq!(
+        reply_pid(&unix_get_line(&m.unix, "GET").expect("Unix request")),
+        second
+    );
 
     let third = upgrade(&mut m, second);
     exit_old(&mut m, second, false);
-    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), third);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
+        third
+    );
 
     signal(third, Signal::SIGTERM);
     m.svc.wait_all_exited();
@@ -135,24 +150,6 @@ fn sighup_hands_tcp_udp_and_unix_to_a_new_pid() {
         !m.unix.is_empty() && !std::path::Path::new(&m.unix).exists(),
         "a real stop removes the Unix socket file"
     );
-}
-
-fn tcp_get_line(addr: &str, line: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    writeln!(s, "{line}").expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
-}
-
-fn unix_get_line(path: &str, line: &str) -> String {
-    let mut s = std::os::unix::net::UnixStream::connect(path).expect("connect");
-    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    writeln!(s, "{line}").expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
 }
 
 /// A failed init in the new generation (error, panic, exit) leaves the
@@ -172,7 +169,7 @@ fn failed_init_keeps_the_parent_serving() {
             .pid;
         wait_gone(child);
         assert_eq!(
-            reply_pid(&tcp_get_line(&m.tcp, "GET")),
+            reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
             first,
             "after init {how}"
         );
@@ -181,7 +178,10 @@ fn failed_init_keeps_the_parent_serving() {
     ctl.write("init", "ok");
     let second = upgrade(&mut m, first);
     exit_old(&mut m, first, true);
-    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), second);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
+        second
+    );
 }
 
 /// A new generation that hangs in init is killed at `upgrade_timeout` and
@@ -198,7 +198,10 @@ fn hanging_init_is_killed_at_the_upgrade_timeout() {
     assert_ne!(child, first);
     m.svc.wait_kind("start", Some(child));
     wait_gone(child);
-    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), first);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
+        first
+    );
     ctl.write("init", "ok");
     let second = upgrade(&mut m, first);
     assert_ne!(second, child);
@@ -217,7 +220,10 @@ fn env_overrides_the_address() {
     let wanted = format!("127.0.0.1:{port}");
     let m = start(SVC, &ctl, &[("MS_TCP", &wanted)]);
     assert_eq!(m.tcp, wanted);
-    assert_eq!(reply_pid(&tcp_get_line(&wanted, "GET")), m.svc.first_pid());
+    assert_eq!(
+        reply_pid(&tcp_get_line(&wanted, "GET").expect("TCP request")),
+        m.svc.first_pid()
+    );
 }
 
 /// A new build that moved a listener to another address binds the new one;
@@ -250,7 +256,10 @@ fn a_moved_address_is_bound_afresh_and_the_old_one_closed() {
         .wait_for("gen 2 TCP", |e| e.pid == second && e.get("name") == "TCP");
     assert_eq!(ev.get("addr"), moved);
     exit_old(&mut m, first, true);
-    assert_eq!(reply_pid(&tcp_get_line(&moved, "GET")), second);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&moved, "GET").expect("TCP request")),
+        second
+    );
     let refused = std::net::TcpStream::connect(&old_addr);
     assert!(
         refused.is_err(),
@@ -286,7 +295,7 @@ fn in_flight_requests_complete_and_drain_timeout_is_enforced() {
     let addr = m.tcp.clone();
     let short = std::thread::spawn({
         let addr = addr.clone();
-        move || tcp_get_line(&addr, "SLOW 700")
+        move || tcp_get_line(&addr, "SLOW 700").expect("slow request")
     });
     let long = std::thread::spawn(move || {
         let mut s = std::net::TcpStream::connect(&addr).expect("connect");
@@ -353,7 +362,10 @@ fn sighup_during_an_upgrade_is_forwarded_to_the_new_generation() {
     wait_for_pid_file(&m.pid_file, third);
     assert!(m.svc.wait_first().success());
     wait_gone(second);
-    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), third);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
+        third
+    );
 }
 
 /// A SIGHUP sent to the new generation while the old one is still
@@ -366,7 +378,7 @@ fn sighup_while_the_parent_drains_waits_for_it() {
     let first = m.svc.first_pid();
     // Keeps the first generation draining for a while.
     let addr = m.tcp.clone();
-    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500"));
+    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500").expect("slow request"));
     wait_slow(&mut m, first);
     let second = upgrade(&mut m, first);
     assert!(is_alive(first), "the first generation is still draining");
@@ -426,7 +438,7 @@ fn a_draining_generation_keeps_draining_on_its_first_sigterm() {
     let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     let addr = m.tcp.clone();
-    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500"));
+    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500").expect("slow request"));
     wait_slow(&mut m, first);
     let second = upgrade(&mut m, first);
     signal(first, Signal::SIGTERM);
@@ -450,7 +462,7 @@ fn sighup_to_a_draining_generation_reaches_the_new_one() {
     let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     let addr = m.tcp.clone();
-    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500"));
+    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 1500").expect("slow request"));
     wait_slow(&mut m, first);
     let second = upgrade(&mut m, first);
     signal(first, Signal::SIGHUP);
@@ -484,12 +496,18 @@ fn a_parent_sigkilled_during_the_childs_init_leaves_the_child_serving() {
     ctl.write("unblock", "");
     m.svc.wait_kind("init-done", Some(child));
     wait_for_pid_file(&m.pid_file, child);
-    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), child);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
+        child
+    );
     assert_eq!(reply_pid(&udp_get(&m.udp).expect("udp")), child);
     // And it can upgrade in turn: its parent is gone.
     let next = upgrade(&mut m, child);
     wait_gone(child);
-    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), next);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
+        next
+    );
 }
 
 /// A client that makes requests to `addr` one after the other until told
@@ -572,7 +590,10 @@ fn sighup_storms_never_fail_a_request_and_stay_bounded() {
         "300 SIGHUPs at one process made {chain} generations: {:#?}",
         m.svc.lines()
     );
-    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), current);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
+        current
+    );
 
     let started = std::time::Instant::now();
     let (mut sent, mut most_alive) = (0usize, 0usize);
@@ -587,7 +608,10 @@ fn sighup_storms_never_fail_a_request_and_stay_bounded() {
         std::thread::sleep(std::time::Duration::from_micros(1500));
     }
     let last = one_generation_left(&mut m, "one generation left after the second storm");
-    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), last);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
+        last
+    );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (ok, failed) = client.join().expect("client thread");
     let generations = m.svc.history.iter().filter(|e| e.kind == "start").count();
@@ -678,7 +702,7 @@ fn a_successor_killed_during_the_drain_is_replaced() {
     let mut m = start(SVC, ctl, &[]);
     let first = m.svc.first_pid();
     let addr = m.tcp.clone();
-    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 3000"));
+    let slow = std::thread::spawn(move || tcp_get_line(&addr, "SLOW 3000").expect("slow request"));
     wait_slow(&mut m, first);
     let second = upgrade(&mut m, first);
     assert!(is_alive(first), "the first generation drains");
@@ -691,7 +715,10 @@ fn a_successor_killed_during_the_drain_is_replaced() {
         .pid;
     m.svc.wait_kind("init-done", Some(third));
     wait_for_pid_file(&m.pid_file, third);
-    assert_eq!(reply_pid(&tcp_get_line(&m.tcp, "GET")), third);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&m.tcp, "GET").expect("TCP request")),
+        third
+    );
     assert_eq!(reply_pid(&udp_get(&m.udp).expect("udp")), third);
     assert_eq!(reply_pid(&slow.join().expect("slow request")), first);
     assert!(m.svc.wait_first().success(), "the old generation exits 0");

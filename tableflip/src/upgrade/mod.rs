@@ -2,10 +2,20 @@
 //! previous generation, and starts and hands over to the next one.
 
 mod child;
-mod launch;
-mod spawn;
+pub(crate) mod launch;
+pub(crate) mod spawn;
 mod state;
 mod successor;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod supervised;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+mod supervised {
+    //! Supervised mode is Linux-only.
+    #[derive(Debug)]
+    pub(super) struct Supervised {
+        pub(super) pid: u32,
+    }
+}
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -18,9 +28,11 @@ use tokio_util::sync::CancellationToken;
 use self::child::Signaller;
 use self::launch::Launch;
 use self::state::{Phase, Refusal, StopEffect};
+use self::supervised::Supervised;
 use crate::bind::ListenSpec;
 use crate::error::{Error, Result};
 use crate::fds::{Defaults, Fds};
+use crate::mode::Mode;
 use crate::options::Options;
 use crate::protocol::Inherited;
 use crate::report::chain;
@@ -103,6 +115,8 @@ struct Inner {
     /// The successor in charge, as long as it has not been reaped, and
     /// how to signal it (by pidfd where there is one).
     successor: Mutex<Option<(u32, Option<Signaller>)>>,
+    /// In a generation of a supervised service: the supervisor.
+    supervised: Option<Supervised>,
 }
 
 /// Locks `m`; a panic while it was held leaves the data usable (every
@@ -163,10 +177,30 @@ impl Upgrader {
         if opts.raise_fd_limit {
             raise_fd_limit();
         }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(state) = crate::supervisor::carried_state() {
+            // This process is a supervisor that re-executed itself.
+            crate::supervisor::check_can_start()?;
+            crate::supervisor::resume(opts, state?);
+        }
+        let mode = Mode::from_env()?.unwrap_or(opts.mode);
         let handover = protocol::receive()?;
+        if handover.is_none() && mode == Mode::Supervised {
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            {
+                crate::supervisor::check_can_start()?;
+                crate::supervisor::start(opts);
+            }
+            #[cfg(not(any(target_os = "linux", target_os = "android")))]
+            return Err(Error::Supervisor {
+                reason: "supervised mode is Linux-only; use TABLEFLIP_MODE=replace".to_owned(),
+            });
+        }
         let parent_exited = CancellationToken::new();
+        let mut supervisor = None;
         let (parent, generation, inherited) = match handover {
-            Some(h) => {
+            Some(mut h) => {
+                supervisor = h.supervisor.take();
                 let count = h.entries.len();
                 tracing::info!(
                     generation = h.generation,
@@ -200,6 +234,27 @@ impl Upgrader {
             }
         };
         let upgrader = Self::build(opts, parent, generation, inherited, parent_exited, false)?;
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(link) = supervisor {
+            let mut upgrader = upgrader;
+            tracing::info!(
+                supervisor_pid = link.pid,
+                generation,
+                "a generation of a supervised service"
+            );
+            match Arc::get_mut(&mut upgrader.inner) {
+                Some(inner) => {
+                    inner.supervised = Some(Supervised::new(link));
+                    // The supervisor alone speaks to the service manager.
+                    inner.notify = Notifier::none();
+                }
+                None => unreachable!("a new upgrader has one handle"),
+            }
+            supervised::watch(&upgrader.inner)?;
+            return Ok(upgrader);
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let _ = supervisor;
         if let Some(path) = upgrader.pid_file() {
             pidfile::check(&path)?;
         }
@@ -251,6 +306,7 @@ impl Upgrader {
                 replacing: tokio::sync::watch::Sender::new(false),
                 replacements: AtomicU32::new(0),
                 successor: Mutex::new(None),
+                supervised: None,
             }),
         })
     }
@@ -414,17 +470,27 @@ impl Upgrader {
         // has committed: until then the parent serves on them, and keeps
         // serving if this fails.
         let leftovers = self.inner.fds.close_unclaimed();
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(sup) = &self.inner.supervised {
+            // The supervisor writes the PID file (its own PID), and removes
+            // the files of sockets no generation serves any more.
+            drop(leftovers);
+            self.rejoin_parent_group();
+            self.report_ready(sup)?;
+            phase.became_ready();
+            tracing::info!(
+                pid = std::process::id(),
+                generation = self.inner.generation,
+                supervisor_pid = sup.pid,
+                "ready"
+            );
+            return Ok(());
+        }
         if let Some(path) = self.pid_file() {
             pidfile::write(&path, std::process::id())?;
         }
+        self.rejoin_parent_group();
         if let Some(parent) = &self.inner.parent {
-            if let Some(group) = parent.group {
-                if nix::unistd::getpgrp() != group {
-                    if let Err(e) = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), group) {
-                        tracing::debug!(error = %e, "cannot rejoin the parent's process group");
-                    }
-                }
-            }
             let pipe = parent
                 .ready_pipe
                 .lock()
@@ -461,6 +527,19 @@ impl Upgrader {
 
     fn pid_file(&self) -> Option<PathBuf> {
         self.inner.pid_file()
+    }
+
+    /// Once ready, a generation rejoins its parent's process group, where
+    /// a terminal's Ctrl-C and a supervisor's group signals reach it.
+    fn rejoin_parent_group(&self) {
+        let Some(group) = self.inner.parent.as_ref().and_then(|p| p.group) else {
+            return;
+        };
+        if nix::unistd::getpgrp() != group {
+            if let Err(e) = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), group) {
+                tracing::debug!(error = %e, "cannot rejoin the parent's process group");
+            }
+        }
     }
 
     /// A future that resolves when this process should exit: after a
@@ -533,11 +612,22 @@ impl Upgrader {
         if self.inner.stub {
             return Err(Error::NotSupported);
         }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(sup) = &self.inner.supervised {
+            return self.upgrade_through_supervisor(sup).await;
+        }
         let parent_alive =
             (!self.inner.parent_exited.is_cancelled()).then(|| self.parent_pid().unwrap_or(0));
-        self.phase()
+        let begun = self
+            .phase()
             .begin_upgrade(std::process::id() == 1, parent_alive)
-            .map_err(refused)?;
+            .map_err(refused);
+        if let Err(e) = begun {
+            // Logged here, where the reason is known: a caller such as
+            // the SIGHUP handler may have no better place to say it.
+            tracing::warn!(error = %chain(&e), "upgrade refused");
+            return Err(e);
+        }
         // Ends the upgrade however this future ends, dropped included.
         let mut upgrading = UpgradingFlag {
             upgrader: self,
@@ -609,6 +699,10 @@ impl Inner {
     }
 
     fn remove_owned_files(&self, ready: bool) {
+        if ready && self.supervised.is_some() {
+            // The supervisor holds the sockets, and removes their files.
+            return;
+        }
         for file in self.fds.owned_unix_files(ready) {
             file.remove();
         }

@@ -52,6 +52,7 @@ impl Upgrader {
                 parent_pid: std::process::id(),
                 generation: self.inner.generation.saturating_add(1),
                 entries: snapshot.entries.clone(),
+                supervisor: None,
             };
             let mut payload = protocol::encode(&meta)?;
             // Put the metadata into the pipe before the child exists: it is
@@ -237,7 +238,7 @@ async fn kill_and_reap(child: &mut Child, pid: u32) {
 
 /// Writes the metadata from a thread: it may exceed the pipe's buffer, and
 /// the child reads it only once it runs.
-fn send_metadata(pipe: Arc<OwnedFd>, payload: Vec<u8>, pid: u32) {
+pub(crate) fn send_metadata(pipe: Arc<OwnedFd>, payload: Vec<u8>, pid: u32) {
     let spawned = std::thread::Builder::new()
         .name("tableflip-handover".into())
         .spawn(move || {

@@ -11,7 +11,9 @@
 //! (for the Unix one, `addr` is the declared address and `local` the path
 //! the socket is really bound to, which differs when systemd passed it),
 //! `address name= addr=` (what the TCP declaration reports after `take`),
-//! `second-take msg=`, `hanging`, `blocked`, `init-done`, `slow ms=` (a
+//! `second-take msg=`, `hanging`, `blocked`, `orphaned` (with an `orphan`
+//! file in the control directory: a background `sleep` left behind),
+//! `init-done`, `slow ms=` (a
 //! `SLOW` request was read and is being served), `draining` (after an
 //! upgrade or a stop: this generation has stopped accepting).
 //!
@@ -188,6 +190,17 @@ pub(crate) async fn init(
                 .unwrap_or(1);
             std::process::exit(code);
         }
+    }
+    // An `orphan` file in the control directory: leave a process behind
+    // that outlives its parent (a shell that starts `sleep` in the
+    // background and exits), as a service's scripts do; whoever is PID 1
+    // (or the nearest subreaper) must reap it.
+    let orphan = std::env::var_os("TF_CTL").map(|d| PathBuf::from(d).join("orphan"));
+    if orphan.is_some_and(|p| p.exists()) {
+        let _ = std::process::Command::new("sh")
+            .args(["-c", "sleep 0.5 &"])
+            .status();
+        event("orphaned", "");
     }
     event("init-done", "");
     // Not tracked by the drain: it only reports that the drain started.

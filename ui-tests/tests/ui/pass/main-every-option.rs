@@ -19,6 +19,7 @@ mod config {
     drain_timeout = "500ms",
     pid_file = "/tmp/tableflip-ui-tests-main-every-option.pid",
     flavor = "multi_thread",
+    mode = "replace",
     worker_threads = 2,
     options = config::options,
     crate = "::tableflip"
@@ -32,6 +33,8 @@ async fn main(cx: Context) -> std::io::Result<()> {
         Some("/tmp/tableflip-ui-tests-main-every-option.pid".as_ref())
     );
     assert_eq!(opts.get_backlog(), 64);
+    assert_eq!(opts.get_mode(), tableflip::Mode::Replace);
+    assert_eq!(cx.upgrader().supervisor_pid(), None);
     let runtime = tokio::runtime::Handle::current();
     assert_eq!(
         runtime.runtime_flavor(),

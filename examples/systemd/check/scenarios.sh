@@ -1,0 +1,149 @@
+#!/bin/bash
+# The field scenarios of issue 14, run against one unit under a real systemd
+# as PID 1 by ../shared/tools/systemd-pid1/run (see README.md next to this
+# file for the command line). Prints one line per scenario and writes them
+# to $RES/summary.tsv:
+#
+#   scenario  ok  failed  refused  slow  mainpid  state  notes
+#
+# ok/failed/refused: requests of the load that ran during the scenario
+# (4 clients, a new connection per request); slow: the request that was in
+# flight (2 s) when the reload, stop or kill happened, "ok" if answered;
+# mainpid: systemd's MainPID before -> after.
+#
+# Arguments: UNIT [MODE]. MODE (supervised or replace) is written into a
+# drop-in as Environment=TABLEFLIP_MODE=…; without it the unit runs as
+# written. The binary must be the demo (examples/http.rs) installed as
+# /usr/local/bin/tableflip-demo, answering on 127.0.0.1:8080.
+set -uo pipefail
+
+U=${1:?usage: scenarios.sh UNIT [MODE]}
+MODE=${2:-}
+A=127.0.0.1:8080
+L=$SYSTEMD_PID1_DIR/load.py
+BIN=/usr/local/bin/tableflip-demo
+SUMMARY=$RES/summary.tsv
+printf 'scenario\tok\tfailed\trefused\tslow\tmainpid\tstate\tnotes\n' > "$SUMMARY"
+
+if [ -n "$MODE" ]; then
+    mkdir -p "$ROOT/etc/systemd/system/$U.d"
+    printf '[Service]\nEnvironment=TABLEFLIP_MODE=%s\n' "$MODE" > "$ROOT/etc/systemd/system/$U.d/mode.conf"
+    C systemctl daemon-reload
+fi
+# A binary that fails to start, for the broken-upgrade scenario.
+printf '#!/bin/sh\necho "broken build" >&2\nexit 3\n' > "$ROOT/usr/local/bin/broken"
+chmod 0755 "$ROOT/usr/local/bin/broken"
+cp "$ROOT$BIN" "$ROOT/usr/local/bin/good"
+
+mainpid() { C systemctl show -p MainPID --value "$U" | tr -d '\r'; }
+state() { C systemctl show -p ActiveState,SubState,Result --value "$U" | tr -d '\r' | paste -sd/; }
+# The PID that answers GET / (the demo answers "pid N"), empty if none.
+serving() { N python3 "$L" get "$A" --timeout 2 2>/dev/null | awk '{print $2}'; }
+# Waits (up to $2 s) until a process other than $1 answers GET /.
+wait_serving_other() {
+    local old=$1 deadline=$((SECONDS + ${2:-30})) now
+    while [ $SECONDS -lt $deadline ]; do
+        now=$(serving)
+        if [ -n "$now" ] && [ "$now" != "$old" ]; then echo "$now"; return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+# Starts the 2 s request and waits until it has been sent.
+slow_start() {
+    rm -f "$RES/$1.slow" "$RES/$1.slow.sent"
+    N python3 "$L" slow "$A" 2000 "$RES/$1.slow" > /dev/null 2>&1 &
+    slow_pid=$!
+    for _ in $(seq 200); do [ -e "$RES/$1.slow.sent" ] && return 0; sleep 0.05; done
+    echo "the slow request of $1 was never sent" >&2
+}
+slow_result() {
+    wait "$slow_pid"
+    python3 -c 'import json,sys
+try:
+    r=json.loads(open(sys.argv[1]).readline())
+except Exception:
+    print("none"); sys.exit()
+print("ok" if r.get("ok") else "cut:" + ",".join(r.get("errors", {}) or ["?"]))' "$RES/$1.slow"
+}
+load_start() {
+    rm -f "$RES/$1.load"
+    N python3 "$L" load "$A" "$2" 4 "$RES/$1.load" > /dev/null 2>&1 &
+    load_pid=$!
+}
+load_result() {
+    wait "$load_pid"
+    python3 -c 'import json,sys
+r=json.loads(open(sys.argv[1]).readline())
+print(r["ok"], r["failed"], r["refused"], sep="\t")' "$RES/$1.load"
+}
+row() {
+    printf '%s\n' "$*" | tr ' ' '\t' >> "$SUMMARY"
+    printf '%s\n' "$*"
+}
+
+# --- start --------------------------------------------------------------
+C systemctl start "$U" || { C journalctl -u "$U" --no-pager | tail -20; exit 1; }
+N python3 "$L" get "$A" --wait 20 > /dev/null || { echo "the service never answered" >&2; exit 1; }
+start_pid=$(mainpid)
+row start - - - - "$start_pid" "$(state)" "serving=$(serving)"
+
+# --- reload x5 under load, a slow request in flight each time -------------
+load_start reload 30
+sleep 1
+pids=$start_pid slows=ok
+for i in 1 2 3 4 5; do
+    before=$(serving)
+    slow_start "reload$i"
+    C systemctl reload "$U" || true
+    wait_serving_other "$before" 40 > /dev/null || echo "reload $i: no new generation serves" >&2
+    s=$(slow_result "reload$i"); [ "$s" = ok ] || slows="$slows reload$i:$s"
+    pids="$pids,$(mainpid)"
+done
+row reload-x5 $(load_result reload) "$slows" "$start_pid->$(mainpid)" "$(state)" "mainpids=$pids"
+
+# --- a broken binary, then reload -------------------------------------------
+load_start broken 8
+sleep 1
+before=$(serving) mp=$(mainpid)
+C install -m 0755 /usr/local/bin/broken "$BIN"
+C systemctl reload "$U" || true
+sleep 4   # the load runs on; the outcome is read from the journal below
+after=$(serving)
+C install -m 0755 /usr/local/bin/good "$BIN"
+said=$(C journalctl -u "$U" --no-pager -n 40 | grep -c -i 'upgrade failed\|upgrade refused\|cannot upgrade' || true)
+row broken-binary $(load_result broken) - "$mp->$(mainpid)" "$(state)" "serving=$before->$after,failure_logged=$said"
+
+# --- kill -9 of the serving generation ---------------------------------------
+load_start kill-gen 8
+sleep 1
+mp=$(mainpid) gen=$(serving)
+C kill -9 "$gen"
+new=$(wait_serving_other "$gen" 20 || echo none)
+row kill-9-generation $(load_result kill-gen) - "$mp->$(mainpid)" "$(state)" "serving=$gen->$new"
+
+# --- stop right after an upgrade, a slow request in flight ---------------------
+before=$(serving) mp=$(mainpid)
+C systemctl reload "$U" || true
+wait_serving_other "$before" 40 > /dev/null || echo "stop: the upgrade never finished" >&2
+slow_start stop
+t0=$(date +%s.%N)
+C systemctl stop "$U"
+t1=$(date +%s.%N)
+s=$(slow_result stop)
+killed=$(C journalctl -u "$U" --no-pager -n 60 | grep -c 'SIGKILL\|Killing process' || true)
+row stop-after-upgrade - - - "$s" "$mp->$(mainpid)" "$(state)" "stop_s=$(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))" "$t0" "$t1"),sigkill_lines=$killed"
+
+# --- kill -9 of the main PID -------------------------------------------------
+C systemctl reset-failed "$U" 2> /dev/null
+C systemctl start "$U"
+N python3 "$L" get "$A" --wait 20 > /dev/null
+load_start kill-main 8
+sleep 1
+mp=$(mainpid) gen=$(serving)
+C kill -9 "$mp"
+sleep 5
+row kill-9-main $(load_result kill-main) - "$mp->$(mainpid)" "$(state)" "serving=$gen->$(serving),restarts=$(C systemctl show -p NRestarts --value "$U" | tr -d '\r')"
+C systemctl stop "$U"
+C journalctl -u "$U" --no-pager > "$RES/journal.txt"
+echo "summary: $SUMMARY"

@@ -1,0 +1,126 @@
+//! The control channel between the supervisor and each generation it
+//! starts (supervised mode): a connected pair of Unix `SOCK_SEQPACKET`
+//! sockets, one JSON message per packet, listening sockets attached with
+//! `SCM_RIGHTS`. It is private to one build pair's runtime (both ends are
+//! this crate), but versioned like the handover: unknown fields are
+//! ignored, and an unknown message is logged and skipped.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::EntryMeta;
+use crate::sys;
+
+/// The largest control packet (a chunk of listener metadata fits easily).
+pub(crate) const MAX_PACKET: usize = 256 * 1024;
+
+/// From a generation to its supervisor.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum ToSupervisor {
+    /// Sockets the generation serves on, with their fds attached in the
+    /// same order. Sent in chunks before [`Ready`](Self::Ready); each
+    /// entry's `fd` is the generation's own number (informative only).
+    Listeners { entries: Vec<EntryMeta> },
+    /// The generation is initialised; the listeners sent before this are
+    /// every socket it serves on (those it was handed and did not claim are
+    /// gone from the set). This commits the handover.
+    Ready { pid: u32 },
+    /// A request to upgrade the service (the generation got `SIGHUP`, or
+    /// its code called `Upgrader::upgrade`). `id` 0 wants no answer.
+    Upgrade { id: u64 },
+}
+
+/// From the supervisor to one generation.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum ToGeneration {
+    /// Stop accepting, finish what is in flight, exit: a newer generation
+    /// has taken over (`successor`), or the service stops (none).
+    Drain { successor: Option<u32> },
+    /// Upgrade `id` succeeded: generation `generation`, `pid`, serves.
+    Upgraded { id: u64, pid: u32, generation: u64 },
+    /// Upgrade `id` failed, or was refused; the asker keeps serving.
+    UpgradeFailed { id: u64, error: String },
+}
+
+/// Sends `message` with `fds` attached.
+pub(crate) fn send<M: Serialize>(
+    socket: BorrowedFd<'_>,
+    message: &M,
+    fds: &[BorrowedFd<'_>],
+    dont_wait: bool,
+) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    sys::send_packet(socket, &bytes, fds, dont_wait)
+}
+
+/// A message received, with the fds attached to it.
+pub(crate) enum Received<M> {
+    Message(M, Vec<OwnedFd>),
+    /// A packet this build does not understand (a newer peer); its fds
+    /// are closed.
+    Unknown(String),
+}
+
+/// Receives one message: `Ok(None)` at EOF.
+pub(crate) fn recv<M: for<'de> Deserialize<'de>>(
+    socket: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<Received<M>>> {
+    buf.resize(MAX_PACKET, 0);
+    let Some((len, fds)) = sys::recv_packet(socket.as_fd(), buf)? else {
+        return Ok(None);
+    };
+    let bytes = &buf[..len];
+    Ok(Some(match serde_json::from_slice(bytes) {
+        Ok(m) => Received::Message(m, fds),
+        Err(e) => Received::Unknown(format!(
+            "{e}: {}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+        )),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_over_a_socket_pair_with_fds() {
+        let Ok((a, b)) = sys::seqpacket_pair() else {
+            panic!("no socket pair");
+        };
+        let Ok((r, _w)) = sys::pipe_cloexec() else {
+            panic!("no pipe");
+        };
+        let msg = ToSupervisor::Upgrade { id: 7 };
+        assert!(send(a.as_fd(), &msg, &[r.as_fd()], false).is_ok());
+        let mut buf = Vec::new();
+        match recv::<ToSupervisor>(b.as_fd(), &mut buf) {
+            Ok(Some(Received::Message(ToSupervisor::Upgrade { id: 7 }, fds))) => {
+                assert_eq!(fds.len(), 1);
+            }
+            _ => panic!("wrong message"),
+        }
+        drop(a);
+        assert!(matches!(
+            recv::<ToSupervisor>(b.as_fd(), &mut buf),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn unknown_messages_are_reported_not_fatal() {
+        let Ok((a, b)) = sys::seqpacket_pair() else {
+            panic!("no socket pair");
+        };
+        assert!(sys::send_packet(a.as_fd(), br#"{"type":"from_the_future"}"#, &[], false).is_ok());
+        let mut buf = Vec::new();
+        assert!(matches!(
+            recv::<ToGeneration>(b.as_fd(), &mut buf),
+            Ok(Some(Received::Unknown(_)))
+        ));
+    }
+}

@@ -1,0 +1,260 @@
+//! What the supervisor carries across its own `exec` into the new binary:
+//! the sockets it holds, its generations (children keep their parent
+//! across `exec`), and a few flags. Versioned JSON in a sealed memory
+//! file whose fd, like every fd it names, survives the `exec`; the
+//! variable [`ENV`] names it (`<version>:<fd>`).
+//!
+//! A binary whose supervisor reads a newer version than it knows refuses
+//! it and exits 1 with the reason; the generations then keep serving
+//! until they are stopped (a downgrade across such a change needs a
+//! restart).
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Backoff, Generation, Held, Role, Supervisor};
+use crate::error::{Error, Result};
+use crate::protocol::EntryMeta;
+use crate::sys;
+
+/// The environment variable that names the carried state.
+pub(crate) const ENV: &str = "TABLEFLIP_SUPERVISOR";
+
+/// The newest version of the carried state this build reads and writes.
+const VERSION: u32 = 1;
+
+/// The largest state accepted.
+const MAX_STATE: usize = 16 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    version: u32,
+    generation: u64,
+    #[serde(default)]
+    announced: bool,
+    #[serde(default)]
+    upgrade_wanted: bool,
+    #[serde(default)]
+    held: Vec<EntryMeta>,
+    #[serde(default)]
+    generations: Vec<SavedGeneration>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedGeneration {
+    pid: u32,
+    number: u64,
+    draining: bool,
+    #[serde(default)]
+    control_fd: Option<RawFd>,
+    parent_pipe_fd: RawFd,
+}
+
+/// The state, as read back by the new binary.
+#[derive(Debug)]
+pub(crate) struct State {
+    saved: Saved,
+}
+
+/// Takes the carried state from the environment, if this process is a
+/// supervisor that just re-executed itself; the variable is removed.
+pub(crate) fn take_from_env() -> Option<Result<State>> {
+    let value = std::env::var_os(ENV)?;
+    sys::remove_env(&[ENV]);
+    Some(read(value.to_str().unwrap_or("")))
+}
+
+fn bad(reason: impl Into<String>) -> Error {
+    Error::Supervisor {
+        reason: format!(
+            "the state carried across exec is unusable: {}",
+            reason.into()
+        ),
+    }
+}
+
+fn read(value: &str) -> Result<State> {
+    let (version, fd) = value
+        .split_once(':')
+        .and_then(|(v, f)| Some((v.parse::<u32>().ok()?, f.parse::<RawFd>().ok()?)))
+        .ok_or_else(|| bad(format!("{ENV}={value:?} is not `<version>:<fd>`")))?;
+    if version == 0 || version > VERSION {
+        return Err(bad(format!(
+            "version {version}; this build reads versions 1 to {VERSION} (the previous binary had a newer tableflip: restart the service to downgrade)"
+        )));
+    }
+    if fd <= 2 {
+        return Err(bad(format!("fd {fd} is a standard stream")));
+    }
+    let file = sys::claim_received(fd).map_err(|e| bad(format!("fd {fd} {e}")))?;
+    let bytes = sys::read_sealed_memfd(file.as_fd(), MAX_STATE)
+        .map_err(|e| bad(format!("fd {fd}: {e}")))?;
+    let saved: Saved =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid: {e}")))?;
+    if saved.version == 0 || saved.version > VERSION {
+        return Err(bad(format!("version {}", saved.version)));
+    }
+    Ok(State { saved })
+}
+
+impl State {
+    /// Puts the carried state into `s`, taking ownership of every fd it
+    /// names.
+    pub(super) fn restore(self, s: &mut Supervisor) -> Result<()> {
+        let claim = |fd: RawFd, what: &str| {
+            sys::claim_received(fd).map_err(|e| bad(format!("the {what}: fd {fd} {e}")))
+        };
+        let saved = self.saved;
+        s.generation = saved.generation;
+        s.announced = saved.announced;
+        s.upgrade_wanted = saved.upgrade_wanted;
+        s.backoff = Backoff::default();
+        for meta in saved.held {
+            let fd = claim(meta.fd, &format!("socket {:?}", meta.name))?;
+            s.held.push(Held { meta, fd });
+        }
+        for g in saved.generations {
+            let control = match g.control_fd {
+                Some(fd) => {
+                    let c = claim(fd, "control socket")?;
+                    sys::set_nonblocking(c.as_fd())
+                        .map_err(|e| bad(format!("cannot set up a control socket: {e}")))?;
+                    Some(c)
+                }
+                None => None,
+            };
+            let parent_pipe = claim(g.parent_pipe_fd, "parent pipe")?;
+            if !is_child(g.pid) {
+                tracing::warn!(
+                    pid = g.pid,
+                    "supervisor: a generation named in the carried state is not a child of this process; forgotten"
+                );
+                continue;
+            }
+            s.gens.push(Generation {
+                pid: g.pid,
+                number: g.number,
+                role: if g.draining {
+                    Role::Draining
+                } else {
+                    Role::Serving
+                },
+                control,
+                parent_pipe: Arc::new(parent_pipe),
+                ready_pipe: None,
+                received: Vec::new(),
+                exe: std::path::PathBuf::new(),
+                started: std::time::Instant::now(),
+                killed_because: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Whether `pid` is a child of this process, exited or not (it is not
+/// reaped here: `waitid` with `WNOWAIT`).
+fn is_child(pid: u32) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    !matches!(
+        waitid(
+            Id::Pid(nix::unistd::Pid::from_raw(raw)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+        ),
+        Err(nix::errno::Errno::ECHILD)
+    )
+}
+
+/// The state written out, ready for the `exec`.
+pub(super) struct Outgoing {
+    file: OwnedFd,
+}
+
+/// Every fd the new binary must find open: the sockets held, each
+/// generation's control socket and parent pipe (the state file aside).
+fn carried_fds(s: &Supervisor) -> Vec<BorrowedFd<'_>> {
+    let mut fds: Vec<BorrowedFd<'_>> = s.held.iter().map(|h| h.fd.as_fd()).collect();
+    for g in &s.gens {
+        if matches!(g.role, Role::Starting { .. }) {
+            continue;
+        }
+        fds.extend(g.control.as_ref().map(AsFd::as_fd));
+        fds.push(g.parent_pipe.as_fd());
+    }
+    fds
+}
+
+impl Outgoing {
+    /// Writes the state of `s` into a sealed memory file.
+    pub(super) fn capture(s: &Supervisor) -> std::io::Result<Outgoing> {
+        let held: Vec<EntryMeta> = s
+            .held
+            .iter()
+            .map(|h| {
+                let mut meta = h.meta.clone();
+                meta.fd = h.fd.as_raw_fd();
+                meta
+            })
+            .collect();
+        let mut generations = Vec::new();
+        for g in &s.gens {
+            let draining = match g.role {
+                Role::Serving => false,
+                Role::Draining => true,
+                // Never at an exec: it follows a commit, with nothing
+                // else starting.
+                Role::Starting { .. } => continue,
+            };
+            generations.push(SavedGeneration {
+                pid: g.pid,
+                number: g.number,
+                draining,
+                control_fd: g.control.as_ref().map(AsRawFd::as_raw_fd),
+                parent_pipe_fd: g.parent_pipe.as_raw_fd(),
+            });
+        }
+        let saved = Saved {
+            version: VERSION,
+            generation: s.generation,
+            announced: s.announced,
+            upgrade_wanted: s.upgrade_wanted,
+            held,
+            generations,
+        };
+        let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+        let file = sys::sealed_memfd(c"tableflip-supervisor", &bytes)?;
+        Ok(Outgoing { file })
+    }
+
+    /// The value of [`ENV`].
+    pub(super) fn env_value(&self) -> String {
+        format!("{VERSION}:{}", self.file.as_raw_fd())
+    }
+
+    /// Re-executes this process with the state of `s`; returns only on
+    /// failure, with every fd close-on-exec again.
+    pub(super) fn exec(
+        &self,
+        s: &Supervisor,
+        exe: &std::path::Path,
+        argv: &[std::ffi::OsString],
+        env: &[(std::ffi::OsString, std::ffi::OsString)],
+    ) -> std::io::Error {
+        let mut fds = carried_fds(s);
+        fds.push(self.file.as_fd());
+        let cleared = fds.iter().try_for_each(|fd| sys::clear_cloexec(*fd));
+        let error = match cleared {
+            Ok(()) => sys::exec_in_place(exe, argv, env),
+            Err(e) => e,
+        };
+        for fd in fds {
+            let _ = sys::set_cloexec(fd);
+        }
+        error
+    }
+}

@@ -1,0 +1,1235 @@
+//! Supervised mode: the process that was started stays, at the same PID,
+//! for the life of the service. It holds the listening sockets, runs no
+//! application code, and starts each generation of the service as its
+//! child through the ordinary handover (plus a control channel, see
+//! [`crate::control`]).
+//!
+//! ```text
+//!   supervisor (pid S, for ever) ── holds the sockets, speaks to systemd
+//!     ├─ generation 4 (draining after the upgrade)
+//!     └─ generation 5 (serving)
+//! ```
+//!
+//! - `SIGHUP` (to the supervisor, or forwarded by a generation) upgrades:
+//!   the next generation is started from the executable's path as it is
+//!   now; once it reports ready (with the sockets it serves on), the old
+//!   one is told to drain, and the supervisor re-executes itself into the
+//!   new binary in place (same PID; its state carried across `exec`, see
+//!   [`carried`]). A generation that fails to start is killed; the old one
+//!   keeps serving.
+//! - A generation that dies while serving (a crash, `SIGKILL`, the OOM
+//!   killer) is replaced from the sockets the supervisor holds, which never
+//!   closed: connections wait in the listen backlog meanwhile. Replacements
+//!   back off (see [`Backoff`]); a replacement that keeps failing to start
+//!   ends the service with an error rather than a loop.
+//! - `SIGTERM`/`SIGINT`: every generation drains (bounded by the drain
+//!   timeout), then the supervisor exits 0. A second one kills them and
+//!   exits 130.
+//! - As PID 1 (a container) it also reaps every orphan the kernel hands it.
+//!
+//! It is single-threaded and event-driven: signals arrive through a
+//! `signalfd` (blocked, so that none can be lost or kill the process,
+//! even across its own `exec`), children's exits through `SIGCHLD` and
+//! `waitpid(-1)`, messages through each generation's control socket; one
+//! `poll(2)` waits for all of them, with a timeout only while a deadline
+//! is pending, so an idle supervisor never wakes up.
+
+mod carried;
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::control::{self, Received, ToGeneration, ToSupervisor};
+use crate::error::{Error, Result};
+use crate::options::Options;
+use crate::protocol::{self, EntryMeta};
+use crate::report::chain;
+use crate::systemd::{self, Notice, Notifier};
+use crate::unixfile::SocketFile;
+use crate::upgrade::launch::Launch;
+use crate::{pidfile, sys};
+
+pub(crate) use carried::take_from_env as carried_state;
+
+/// How long, after the drain timeout, a stopping supervisor waits for its
+/// generations before it kills them.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How many replacements in a row may fail to start before the
+/// supervisor gives up (and exits 1).
+const MAX_FAILED_REPLACEMENTS: u32 = 5;
+
+/// The signals the supervisor handles; they are blocked and read from a
+/// `signalfd`.
+const SIGNALS: [Signal; 6] = [
+    Signal::SIGHUP,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGCHLD,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// Becomes the supervisor of a fresh service: never returns (the process
+/// exits with the service's status).
+pub(crate) fn start(opts: Options) -> ! {
+    let code = match Supervisor::fresh(opts) {
+        Ok(mut s) => s.run(),
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "cannot start the supervisor");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+/// Resumes the supervisor after it re-executed itself: never returns.
+pub(crate) fn resume(opts: Options, state: carried::State) -> ! {
+    let code = match Supervisor::resumed(opts, state) {
+        Ok(mut s) => s.run(),
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "the supervisor cannot resume after re-executing itself; its generations keep serving until they are stopped");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+/// Checks what supervised mode needs before anything is started: a single
+/// thread (the signal mask is per thread: a second thread with the
+/// signals unblocked could take `SIGHUP` and die of it).
+pub(crate) fn check_can_start() -> Result<()> {
+    if !sys::single_threaded() {
+        return Err(Error::Supervisor {
+            reason: "the supervisor must start while the process runs a single thread: \
+                     create the Upgrader in a plain `fn main` before building the tokio runtime \
+                     (#[tableflip::main] does), or set TABLEFLIP_MODE=replace"
+                .to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// A socket the supervisor holds for the service.
+#[derive(Debug)]
+struct Held {
+    /// As the generation that serves on it described it; `fd` is this
+    /// process's number.
+    meta: EntryMeta,
+    fd: OwnedFd,
+}
+
+/// Why a generation is being started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// The service's first generation.
+    First,
+    /// An upgrade: the serving generation drains once this one is ready.
+    Upgrade,
+    /// A replacement for a generation that died.
+    Replace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Starting {
+        purpose: Purpose,
+        deadline: Option<Instant>,
+    },
+    Serving,
+    Draining,
+}
+
+/// One generation: a child process of the supervisor.
+#[derive(Debug)]
+struct Generation {
+    pid: u32,
+    number: u64,
+    role: Role,
+    /// The supervisor's end of the control channel; `None` once closed.
+    control: Option<OwnedFd>,
+    /// The write end of the generation's parent pipe: it closes only when
+    /// the supervisor exits, which the generation sees as EOF.
+    parent_pipe: Arc<OwnedFd>,
+    /// The read end of its readiness pipe while it starts: a generation
+    /// built without supervised mode writes its byte there.
+    ready_pipe: Option<OwnedFd>,
+    /// Sockets it reported while starting.
+    received: Vec<Held>,
+    /// The executable it was started from.
+    exe: PathBuf,
+    started: Instant,
+    /// Why the supervisor killed it, if it did.
+    killed_because: Option<String>,
+}
+
+/// Who asked for an upgrade and wants the outcome: a generation's PID and
+/// its request id.
+#[derive(Debug, Clone, Copy)]
+struct Requester {
+    pid: u32,
+    id: u64,
+}
+
+/// The delay before a replacement starts: none for a crash after a quiet
+/// minute, then doubling from 250 ms up to 8 s while crashes keep coming
+/// within a minute of each other.
+#[derive(Debug, Default)]
+struct Backoff {
+    last: Option<Instant>,
+    delay: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(8);
+    const QUIET: Duration = Duration::from_secs(60);
+
+    fn next(&mut self, now: Instant) -> Duration {
+        self.delay = match self.last {
+            Some(t) if now.duration_since(t) < Self::QUIET => {
+                if self.delay.is_zero() {
+                    Self::FIRST
+                } else {
+                    (self.delay * 2).min(Self::MAX)
+                }
+            }
+            _ => Duration::ZERO,
+        };
+        self.last = Some(now);
+        self.delay
+    }
+}
+
+#[derive(Debug)]
+struct Supervisor {
+    opts: Options,
+    launch: Launch,
+    notify: Notifier,
+    pid_file: Option<PathBuf>,
+    signals: SignalFd,
+    held: Vec<Held>,
+    /// The number of the newest generation started.
+    generation: u64,
+    gens: Vec<Generation>,
+    /// Whether the service has been ready (the first generation was).
+    announced: bool,
+    /// An upgrade was asked for and not started yet, by these requesters
+    /// (and by signals, which want no answer).
+    upgrade_wanted: bool,
+    requesters: Vec<Requester>,
+    /// Requesters of the upgrade in flight.
+    in_flight: Vec<Requester>,
+    upgrade_started: Option<Instant>,
+    /// When the next replacement may start.
+    replace_at: Option<Instant>,
+    backoff: Backoff,
+    failed_replacements: u32,
+    /// Set once the service stops: when to kill what is left.
+    stop_deadline: Option<Instant>,
+    /// A second stop signal arrived.
+    stop_now: bool,
+    exit_code: i32,
+    buf: Vec<u8>,
+}
+
+impl Supervisor {
+    fn base(opts: Options, signals: SignalFd) -> Result<Supervisor> {
+        let launch = Launch::capture(opts.executable.as_deref())?;
+        let notify = Notifier::from_env(&launch.env);
+        let pid_file = opts.pid_file.as_ref().map(|p| launch.resolve(p));
+        if let Some(path) = &pid_file {
+            pidfile::check(path)?;
+        }
+        Ok(Supervisor {
+            opts,
+            launch,
+            notify,
+            pid_file,
+            signals,
+            held: Vec::new(),
+            generation: 0,
+            gens: Vec::new(),
+            announced: false,
+            upgrade_wanted: false,
+            requesters: Vec::new(),
+            in_flight: Vec::new(),
+            upgrade_started: None,
+            replace_at: None,
+            backoff: Backoff::default(),
+            failed_replacements: 0,
+            stop_deadline: None,
+            stop_now: false,
+            exit_code: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    fn fresh(opts: Options) -> Result<Supervisor> {
+        let signals = block_signals()?;
+        let activated = systemd::listen_fds()?;
+        let mut s = Supervisor::base(opts, signals)?;
+        for item in activated {
+            let mut meta = item.meta;
+            meta.fd = item.fd.as_raw_fd();
+            s.held.push(Held { meta, fd: item.fd });
+        }
+        tracing::info!(
+            pid = std::process::id(),
+            sockets = s.held.len(),
+            "supervisor: starting the first generation"
+        );
+        s.start_generation(Purpose::First);
+        Ok(s)
+    }
+
+    fn resumed(opts: Options, state: carried::State) -> Result<Supervisor> {
+        let signals = block_signals()?;
+        let mut s = Supervisor::base(opts, signals)?;
+        state.restore(&mut s)?;
+        tracing::info!(
+            pid = std::process::id(),
+            generation = s.generation,
+            generations = s.gens.len(),
+            sockets = s.held.len(),
+            "supervisor: running the new binary"
+        );
+        if s.upgrade_wanted {
+            tracing::info!("supervisor: an upgrade was asked for during the last one: starting it");
+            s.start_upgrade();
+        }
+        Ok(s)
+    }
+
+    /// The event loop; returns the exit status.
+    fn run(&mut self) -> i32 {
+        // Children that exited before the handler existed (during `exec`).
+        self.reap();
+        loop {
+            if self.stop_deadline.is_some() && self.gens.is_empty() {
+                break;
+            }
+            self.run_timers();
+            if self.stop_deadline.is_some() && self.gens.is_empty() {
+                break;
+            }
+            let (signal_ready, readable) = match self.wait() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "supervisor: poll failed; stopping the service");
+                    self.exit_code = 1;
+                    self.stop("an internal error");
+                    continue;
+                }
+            };
+            if signal_ready {
+                self.read_signals();
+            }
+            for pid in readable {
+                self.read_control(pid);
+            }
+        }
+        self.finish()
+    }
+
+    /// Waits for a signal, a control message or the next deadline; returns
+    /// whether signals are pending and which generations sent something.
+    fn wait(&mut self) -> std::io::Result<(bool, Vec<u32>)> {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let timeout = match self.next_deadline() {
+            None => PollTimeout::NONE,
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                // Rounded up, so that the deadline has passed on waking.
+                let ms = left.as_millis().saturating_add(1);
+                PollTimeout::from(u16::try_from(ms).unwrap_or(u16::MAX))
+            }
+        };
+        let watched: Vec<(u32, BorrowedFd<'_>)> = self
+            .gens
+            .iter()
+            .filter_map(|g| g.control.as_ref().map(|c| (g.pid, c.as_fd())))
+            .collect();
+        let mut fds = Vec::with_capacity(watched.len() + 1);
+        fds.push(PollFd::new(self.signals.as_fd(), PollFlags::POLLIN));
+        fds.extend(
+            watched
+                .iter()
+                .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
+        );
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok((false, Vec::new())),
+            Err(e) => return Err(e.into()),
+        }
+        let fired = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        let signal_ready = fired(&fds[0]);
+        let readable = watched
+            .iter()
+            .zip(&fds[1..])
+            .filter(|(_, fd)| fired(fd))
+            .map(|((pid, _), _)| *pid)
+            .collect();
+        Ok((signal_ready, readable))
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let starting = self.gens.iter().filter_map(|g| match g.role {
+            Role::Starting { deadline, .. } => deadline,
+            _ => None,
+        });
+        starting
+            .chain(self.replace_at)
+            .chain(self.stop_deadline)
+            .min()
+    }
+
+    fn run_timers(&mut self) {
+        let now = Instant::now();
+        let late: Vec<(u32, Purpose)> = self
+            .gens
+            .iter()
+            .filter_map(|g| match g.role {
+                Role::Starting {
+                    purpose,
+                    deadline: Some(d),
+                } if d <= now && g.killed_because.is_none() => Some((g.pid, purpose)),
+                _ => None,
+            })
+            .collect();
+        for (pid, _) in late {
+            let timeout = self.opts.upgrade_timeout;
+            self.kill(pid, format!("it was not ready within {timeout:?}"));
+        }
+        if self.replace_at.is_some_and(|t| t <= now) {
+            self.replace_at = None;
+            if self.stop_deadline.is_none() && !self.starting() {
+                self.start_generation(Purpose::Replace);
+            }
+        }
+        if let Some(deadline) = self.stop_deadline {
+            if deadline <= now {
+                // Nothing gets a second deadline: kill, then wait for the
+                // reaping alone.
+                self.stop_deadline = Some(now + Duration::from_secs(3600));
+                for g in &self.gens {
+                    tracing::warn!(
+                        pid = g.pid,
+                        generation = g.number,
+                        "supervisor: the generation has not exited within the drain timeout; killing it"
+                    );
+                }
+                let pids: Vec<u32> = self.gens.iter().map(|g| g.pid).collect();
+                for pid in pids {
+                    signal_group_and_process(pid, Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    fn starting(&self) -> bool {
+        self.gens
+            .iter()
+            .any(|g| matches!(g.role, Role::Starting { .. }))
+    }
+
+    fn serving(&self) -> Option<&Generation> {
+        self.gens.iter().find(|g| g.role == Role::Serving)
+    }
+
+    fn read_signals(&mut self) {
+        loop {
+            match self.signals.read_signal() {
+                Ok(Some(info)) => {
+                    let signo = i32::try_from(info.ssi_signo).unwrap_or(0);
+                    match Signal::try_from(signo) {
+                        Ok(Signal::SIGCHLD) => self.reap(),
+                        Ok(Signal::SIGHUP) => {
+                            tracing::info!("supervisor: SIGHUP: upgrade requested");
+                            self.request_upgrade(None);
+                        }
+                        Ok(Signal::SIGTERM) => self.stop("SIGTERM"),
+                        Ok(Signal::SIGINT) => self.stop("SIGINT"),
+                        Ok(sig @ (Signal::SIGUSR1 | Signal::SIGUSR2)) => self.forward(sig),
+                        _ => {}
+                    }
+                }
+                Ok(None) => return,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "supervisor: cannot read signals");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// `SIGUSR1`/`SIGUSR2` are the application's: they go to the serving
+    /// generation.
+    fn forward(&self, signal: Signal) {
+        match self.serving() {
+            Some(g) => {
+                tracing::info!(
+                    pid = g.pid,
+                    "supervisor: {signal} forwarded to the serving generation"
+                );
+                let _ = nix::sys::signal::kill(pid_of(g.pid), signal);
+            }
+            None => tracing::info!("supervisor: {signal} ignored: no generation is serving"),
+        }
+    }
+
+    /// Reaps every child that has exited: generations, and any orphan the
+    /// kernel handed over (as PID 1, or a subreaper).
+    fn reap(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => return,
+                Ok(status) => {
+                    let Some(pid) = status.pid() else {
+                        continue;
+                    };
+                    let pid = u32::try_from(pid.as_raw()).unwrap_or(0);
+                    let (text, clean) = match status {
+                        WaitStatus::Exited(_, code) => {
+                            (format!("exited with status {code}"), code == 0)
+                        }
+                        WaitStatus::Signaled(_, sig, _) => (format!("was killed by {sig}"), false),
+                        _ => continue,
+                    };
+                    let code = match status {
+                        WaitStatus::Exited(_, code) => code,
+                        _ => 1,
+                    };
+                    self.exited(pid, &text, clean, code);
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "supervisor: waitpid failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn exited(&mut self, pid: u32, how: &str, clean: bool, code: i32) {
+        let Some(i) = self.gens.iter().position(|g| g.pid == pid) else {
+            tracing::debug!(
+                pid,
+                "supervisor: reaped a process that was not a generation (an orphan)"
+            );
+            return;
+        };
+        let mut g = self.gens.remove(i);
+        match g.role {
+            Role::Draining => {
+                tracing::info!(
+                    pid,
+                    generation = g.number,
+                    "supervisor: the previous generation {how} after its drain"
+                );
+            }
+            Role::Serving => self.serving_exited(&g, how, clean),
+            Role::Starting { purpose, .. } => {
+                let mut reason = g.killed_because.take().unwrap_or_else(|| how.to_owned());
+                if let Some(hint) = old_protocol_hint(&g) {
+                    reason.push_str(hint);
+                }
+                self.start_failed(&g, purpose, &reason, code);
+            }
+        }
+    }
+
+    fn serving_exited(&mut self, g: &Generation, how: &str, clean: bool) {
+        if self.stop_deadline.is_some() {
+            tracing::info!(
+                pid = g.pid,
+                generation = g.number,
+                "supervisor: the generation {how}"
+            );
+            return;
+        }
+        if clean {
+            tracing::info!(
+                pid = g.pid,
+                generation = g.number,
+                "supervisor: the serving generation {how} on its own; the service stops"
+            );
+            self.stop("the serving generation's exit");
+            return;
+        }
+        let delay = self.backoff.next(Instant::now());
+        tracing::error!(
+            pid = g.pid,
+            generation = g.number,
+            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "supervisor: the serving generation {how}; starting a replacement from the sockets held here (connections wait in the backlog)"
+        );
+        self.notify.notify(&Notice::Status {
+            text: &format!(
+                "generation {} (pid {}) {how}; starting a replacement",
+                g.number, g.pid
+            ),
+        });
+        if self.starting() {
+            // An upgrade in flight: its new generation takes over, or, if
+            // it fails, a replacement starts then.
+            return;
+        }
+        self.replace_at = Some(Instant::now() + delay);
+    }
+
+    fn start_failed(&mut self, g: &Generation, purpose: Purpose, reason: &str, code: i32) {
+        match purpose {
+            Purpose::First => {
+                tracing::error!(
+                    pid = g.pid,
+                    "supervisor: the first generation {reason} before it was ready; the service does not start"
+                );
+                self.exit_code = if code == 0 { 1 } else { code };
+                self.stop("the first generation's failure");
+            }
+            Purpose::Upgrade => {
+                let error = format!("the new generation (pid {}) {reason}", g.pid);
+                tracing::warn!(error = %error, "upgrade failed; the serving generation keeps serving");
+                let current = self.serving().map(|s| (s.number, s.pid));
+                self.notify.notify(&Notice::UpgradeFailedText {
+                    generation: current.map_or(0, |c| c.0),
+                    pid: current.map_or(0, |c| c.1),
+                    error: &error,
+                });
+                self.reclaim_pid_file(g.pid);
+                let asked = std::mem::take(&mut self.in_flight);
+                self.answer(&asked, &Err(error));
+                self.upgrade_started = None;
+                if self.stop_deadline.is_some() {
+                    return;
+                }
+                if self.serving().is_none() {
+                    // The serving generation died meanwhile.
+                    let delay = self.backoff.next(Instant::now());
+                    self.replace_at = Some(Instant::now() + delay);
+                } else if self.upgrade_wanted {
+                    tracing::info!(
+                        "supervisor: SIGHUP arrived during the failed upgrade: trying again"
+                    );
+                    self.start_upgrade();
+                }
+            }
+            Purpose::Replace => {
+                self.failed_replacements += 1;
+                if self.stop_deadline.is_some() {
+                    return;
+                }
+                if self.failed_replacements >= MAX_FAILED_REPLACEMENTS {
+                    tracing::error!(
+                        pid = g.pid,
+                        attempts = self.failed_replacements,
+                        "supervisor: the replacement generation {reason} before it was ready, {} times in a row; giving up: the service stops",
+                        self.failed_replacements
+                    );
+                    self.exit_code = 1;
+                    self.stop("repeated failures to start a replacement");
+                    return;
+                }
+                let delay = self.backoff.next(Instant::now());
+                tracing::error!(
+                    pid = g.pid,
+                    attempt = self.failed_replacements,
+                    delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "supervisor: the replacement generation {reason} before it was ready; trying again"
+                );
+                self.replace_at = Some(Instant::now() + delay);
+            }
+        }
+    }
+
+    fn read_control(&mut self, pid: u32) {
+        loop {
+            let Some(g) = self.gens.iter_mut().find(|g| g.pid == pid) else {
+                return;
+            };
+            let Some(control) = &g.control else {
+                return;
+            };
+            match control::recv::<ToSupervisor>(control.as_fd(), &mut self.buf) {
+                Ok(Some(Received::Message(msg, fds))) => self.on_message(pid, msg, fds),
+                Ok(Some(Received::Unknown(what))) => {
+                    tracing::warn!(pid, message = %what, "supervisor: ignoring a control message it does not understand (a newer generation?)");
+                }
+                Ok(None) => {
+                    g.control = None;
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(pid, error = %e, "supervisor: the control channel failed; closing it");
+                    g.control = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, pid: u32, msg: ToSupervisor, fds: Vec<OwnedFd>) {
+        match msg {
+            ToSupervisor::Listeners { entries } => {
+                let Some(g) = self.gens.iter_mut().find(|g| g.pid == pid) else {
+                    return;
+                };
+                if !matches!(g.role, Role::Starting { .. }) {
+                    tracing::warn!(
+                        pid,
+                        "supervisor: ignoring sockets sent by a generation that is not starting"
+                    );
+                    return;
+                }
+                if entries.len() != fds.len() {
+                    let reason = format!(
+                        "it sent {} socket descriptions with {} fds",
+                        entries.len(),
+                        fds.len()
+                    );
+                    self.kill(pid, reason);
+                    return;
+                }
+                for (mut meta, fd) in entries.into_iter().zip(fds) {
+                    meta.fd = fd.as_raw_fd();
+                    g.received.push(Held { meta, fd });
+                }
+            }
+            ToSupervisor::Ready { .. } => {
+                let starting = self.gens.iter().position(|g| {
+                    g.pid == pid
+                        && matches!(g.role, Role::Starting { .. })
+                        && g.killed_because.is_none()
+                });
+                if let Some(i) = starting {
+                    self.commit(i);
+                }
+            }
+            ToSupervisor::Upgrade { id } => {
+                tracing::info!(pid, "supervisor: upgrade requested by a generation");
+                self.request_upgrade((id != 0).then_some(Requester { pid, id }));
+            }
+        }
+    }
+
+    fn request_upgrade(&mut self, requester: Option<Requester>) {
+        if self.stop_deadline.is_some() {
+            if let Some(r) = requester {
+                self.answer(&[r], &Err("the service is stopping".to_owned()));
+            }
+            return;
+        }
+        self.upgrade_wanted = true;
+        self.requesters.extend(requester);
+        if self.starting() {
+            tracing::info!(
+                "supervisor: a generation is starting; the upgrade runs once it is done"
+            );
+            return;
+        }
+        if self.serving().is_none() {
+            tracing::info!("supervisor: no generation is serving; the upgrade runs once one is");
+            return;
+        }
+        self.start_upgrade();
+    }
+
+    fn start_upgrade(&mut self) {
+        self.upgrade_wanted = false;
+        self.in_flight = std::mem::take(&mut self.requesters);
+        self.upgrade_started = Some(Instant::now());
+        self.notify.notify(&Notice::Reloading {
+            next: self.generation.saturating_add(1),
+        });
+        self.start_generation(Purpose::Upgrade);
+    }
+
+    /// Starts a generation; a failure to start one is handled as its
+    /// failure.
+    fn start_generation(&mut self, purpose: Purpose) {
+        let number = self.generation.saturating_add(1);
+        match self.spawn(number, purpose) {
+            Ok(g) => {
+                tracing::info!(
+                    pid = g.pid,
+                    generation = number,
+                    executable = %g.exe.display(),
+                    "supervisor: started generation {number}"
+                );
+                self.generation = number;
+                self.gens.push(g);
+            }
+            Err(e) => {
+                let g = Generation {
+                    pid: 0,
+                    number,
+                    role: Role::Starting {
+                        purpose,
+                        deadline: None,
+                    },
+                    control: None,
+                    parent_pipe: Arc::new(match sys::pipe_cloexec() {
+                        Ok((_, w)) => w,
+                        Err(_) => return self.spawn_impossible(&chain(&e)),
+                    }),
+                    ready_pipe: None,
+                    received: Vec::new(),
+                    exe: PathBuf::new(),
+                    started: Instant::now(),
+                    killed_because: None,
+                };
+                self.start_failed(
+                    &g,
+                    purpose,
+                    &format!("could not be started: {}", chain(&e)),
+                    1,
+                );
+            }
+        }
+    }
+
+    fn spawn_impossible(&mut self, why: &str) {
+        tracing::error!("supervisor: cannot start a generation ({why}); the service stops");
+        self.exit_code = 1;
+        self.stop("an internal error");
+    }
+
+    fn spawn(&mut self, number: u64, purpose: Purpose) -> Result<Generation> {
+        let exe = self.launch.executable()?;
+        let io = |what: &str| {
+            let what = what.to_owned();
+            move |e| Error::io(what, e)
+        };
+        let (parent_r, parent_w) = sys::pipe_cloexec().map_err(io("cannot create a pipe"))?;
+        let (ready_r, ready_w) = sys::pipe_cloexec().map_err(io("cannot create a pipe"))?;
+        let (mine, theirs) =
+            sys::seqpacket_pair().map_err(io("cannot create the control socket pair"))?;
+        sys::set_nonblocking(mine.as_fd()).map_err(io("cannot set up the control socket"))?;
+        let me = std::process::id();
+        let meta = protocol::Metadata {
+            version: protocol::VERSION,
+            parent_pid: me,
+            generation: number,
+            entries: self.held.iter().map(|h| h.meta.clone()).collect(),
+            supervisor: Some(protocol::SupervisorMeta {
+                pid: me,
+                control_fd: theirs.as_raw_fd(),
+            }),
+        };
+        let mut payload = protocol::encode(&meta)?;
+        let written = sys::prefill_pipe(parent_w.as_fd(), &payload);
+        payload.drain(..written);
+        let mut env: Vec<_> = self
+            .launch
+            .env
+            .iter()
+            // Only the supervisor speaks to the service manager.
+            .filter(|(k, _)| k != "NOTIFY_SOCKET")
+            .cloned()
+            .collect();
+        env.push((
+            protocol::ENV_HANDOVER.into(),
+            protocol::env_value(parent_r.as_raw_fd(), ready_w.as_raw_fd()).into(),
+        ));
+        env.push((
+            protocol::ENV_HANDOVER_ID.into(),
+            protocol::id_value(parent_r.as_fd(), ready_w.as_fd())?.into(),
+        ));
+        let mut argv = self.launch.args.clone();
+        if argv.is_empty() {
+            argv.push(exe.clone().into_os_string());
+        }
+        let mut inherit: Vec<_> = self.held.iter().map(|h| h.fd.as_raw_fd()).collect();
+        inherit.extend([
+            parent_r.as_raw_fd(),
+            ready_w.as_raw_fd(),
+            theirs.as_raw_fd(),
+        ]);
+        let spec = sys::SpawnSpec {
+            exe: &exe,
+            argv: &argv,
+            env: &env,
+            cwd: &self.launch.start_dir,
+            inherit: &inherit,
+        };
+        let spawn_error = |source| Error::Spawn {
+            path: exe.clone(),
+            source,
+        };
+        let pid = match sys::spawn_inheriting(&spec) {
+            Some(r) => r.map_err(spawn_error)?,
+            None => {
+                use std::os::unix::process::CommandExt;
+                let mut cmd = std::process::Command::new(&exe);
+                if let Some(arg0) = argv.first() {
+                    cmd.arg0(arg0);
+                }
+                cmd.process_group(0)
+                    .args(argv.iter().skip(1))
+                    .env_clear()
+                    .envs(env.iter().map(|(k, v)| (k, v)))
+                    .current_dir(&self.launch.start_dir);
+                sys::inherit_across_exec(&mut cmd, inherit);
+                // Reaped by `reap`, as every child of the supervisor.
+                cmd.spawn().map_err(spawn_error)?.id()
+            }
+        };
+        drop((parent_r, ready_w, theirs));
+        let parent_pipe = Arc::new(parent_w);
+        if !payload.is_empty() {
+            crate::upgrade::spawn::send_metadata(Arc::clone(&parent_pipe), payload, pid);
+        }
+        let deadline = match purpose {
+            // systemd's TimeoutStartSec= (or the operator) bounds the start.
+            Purpose::First => None,
+            Purpose::Upgrade | Purpose::Replace => Some(Instant::now() + self.opts.upgrade_timeout),
+        };
+        Ok(Generation {
+            pid,
+            number,
+            role: Role::Starting { purpose, deadline },
+            control: Some(mine),
+            parent_pipe,
+            ready_pipe: Some(ready_r),
+            received: Vec::new(),
+            exe,
+            started: Instant::now(),
+            killed_because: None,
+        })
+    }
+
+    /// The generation `i` is ready: it takes over.
+    fn commit(&mut self, i: usize) {
+        let Role::Starting { purpose, .. } = self.gens[i].role else {
+            return;
+        };
+        let (pid, number) = (self.gens[i].pid, self.gens[i].number);
+        let elapsed_ms =
+            u64::try_from(self.gens[i].started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let received = std::mem::take(&mut self.gens[i].received);
+        self.gens[i].role = Role::Serving;
+        self.gens[i].ready_pipe = None;
+        self.replace_held(received);
+        let previous: Vec<usize> = (0..self.gens.len())
+            .filter(|&j| j != i && self.gens[j].role == Role::Serving)
+            .collect();
+        for j in previous {
+            self.gens[j].role = Role::Draining;
+            self.tell(
+                j,
+                &ToGeneration::Drain {
+                    successor: Some(pid),
+                },
+            );
+        }
+        match purpose {
+            Purpose::First => {
+                self.announce_ready(number, pid);
+                tracing::info!(
+                    pid,
+                    generation = number,
+                    init_ms = elapsed_ms,
+                    "supervisor: the service is ready"
+                );
+            }
+            Purpose::Replace => {
+                self.failed_replacements = 0;
+                self.notify.notify(&Notice::Serving {
+                    generation: number,
+                    pid,
+                    note: "replaced a generation that died",
+                });
+                tracing::info!(
+                    pid,
+                    generation = number,
+                    init_ms = elapsed_ms,
+                    "supervisor: the replacement generation serves"
+                );
+            }
+            Purpose::Upgrade => {
+                let total_ms = self.upgrade_started.take().map_or(elapsed_ms, |t| {
+                    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+                });
+                self.notify.notify(&Notice::Serving {
+                    generation: number,
+                    pid,
+                    note: &format!("upgraded in {total_ms} ms"),
+                });
+                tracing::info!(
+                    pid,
+                    generation = number,
+                    elapsed_ms = total_ms,
+                    "upgrade: the new generation is ready; the previous one drains"
+                );
+                let asked = std::mem::take(&mut self.in_flight);
+                self.answer(&asked, &Ok((pid, number)));
+                if self.stop_deadline.is_none() {
+                    let exe = self.gens[i].exe.clone();
+                    self.reexec(&exe);
+                }
+            }
+        }
+        if !self.announced {
+            // A replacement or upgrade before the first readiness.
+            self.announce_ready(number, pid);
+        }
+        if self.upgrade_wanted && self.stop_deadline.is_none() && !self.starting() {
+            self.start_upgrade();
+        }
+    }
+
+    fn announce_ready(&mut self, number: u64, pid: u32) {
+        if let Some(path) = &self.pid_file {
+            if let Err(e) = pidfile::write(path, std::process::id()) {
+                tracing::warn!(error = %chain(&e), "supervisor: cannot write the PID file");
+            }
+        }
+        if !self.announced {
+            self.announced = true;
+            self.notify.notify(&Notice::Ready {
+                generation: number,
+                pid: std::process::id(),
+            });
+            self.notify.notify(&Notice::Serving {
+                generation: number,
+                pid,
+                note: "started",
+            });
+        }
+    }
+
+    /// The sockets the new generation serves on become the ones held; the
+    /// files of Unix sockets no longer served are removed.
+    fn replace_held(&mut self, received: Vec<Held>) {
+        let kept: Vec<PathBuf> = received
+            .iter()
+            .filter_map(|h| self.file_of(h).map(|f| f.path))
+            .collect();
+        let old = std::mem::replace(&mut self.held, received);
+        for h in &old {
+            if h.meta.activated {
+                continue;
+            }
+            if let Some(file) = self.file_of(h) {
+                if !kept.contains(&file.path) {
+                    file.remove();
+                }
+            }
+        }
+    }
+
+    fn file_of(&self, h: &Held) -> Option<SocketFile> {
+        let unix = h
+            .meta
+            .network
+            .as_deref()
+            .is_some_and(|n| n.starts_with("unix"));
+        if !unix {
+            return None;
+        }
+        crate::fds::socket_file(h.fd.as_fd(), &h.meta, &self.launch.start_dir)
+    }
+
+    fn answer(&self, who: &[Requester], outcome: &std::result::Result<(u32, u64), String>) {
+        for r in who {
+            let Some(j) = self.gens.iter().position(|g| g.pid == r.pid) else {
+                continue;
+            };
+            let msg = match outcome {
+                Ok((pid, generation)) => ToGeneration::Upgraded {
+                    id: r.id,
+                    pid: *pid,
+                    generation: *generation,
+                },
+                Err(error) => ToGeneration::UpgradeFailed {
+                    id: r.id,
+                    error: error.clone(),
+                },
+            };
+            self.tell(j, &msg);
+        }
+    }
+
+    fn tell(&self, i: usize, msg: &ToGeneration) {
+        let g = &self.gens[i];
+        let Some(control) = &g.control else {
+            return;
+        };
+        if let Err(e) = control::send(control.as_fd(), msg, &[], true) {
+            tracing::warn!(pid = g.pid, error = %e, "supervisor: cannot send to the generation");
+        }
+    }
+
+    /// Kills a starting (or misbehaving) generation and its process
+    /// group; its exit is handled when it is reaped.
+    fn kill(&mut self, pid: u32, reason: String) {
+        let Some(g) = self.gens.iter_mut().find(|g| g.pid == pid) else {
+            return;
+        };
+        if g.killed_because.is_none() {
+            g.killed_because = Some(format!("{reason}; it was killed"));
+        }
+        signal_group_and_process(pid, Signal::SIGKILL);
+    }
+
+    /// A stop signal (or a fatal condition): every generation drains; the
+    /// loop ends once all have exited.
+    fn stop(&mut self, why: &str) {
+        if self.stop_deadline.is_some() {
+            if why == "SIGTERM" || why == "SIGINT" {
+                tracing::warn!(
+                    "supervisor: second stop signal: killing the generations and exiting at once"
+                );
+                self.stop_now = true;
+                self.exit_code = 130;
+                let pids: Vec<u32> = self.gens.iter().map(|g| g.pid).collect();
+                for pid in pids {
+                    signal_group_and_process(pid, Signal::SIGKILL);
+                }
+            }
+            return;
+        }
+        tracing::info!(
+            generations = self.gens.len(),
+            timeout = ?self.opts.drain_timeout,
+            "supervisor: {why}: stopping; the generations drain (a second SIGTERM or SIGINT stops at once)"
+        );
+        self.stop_deadline = Some(Instant::now() + self.opts.drain_timeout + STOP_GRACE);
+        self.replace_at = None;
+        if self.announced {
+            self.notify.notify(&Notice::Stopping);
+        }
+        let asked: Vec<Requester> = self
+            .requesters
+            .drain(..)
+            .chain(self.in_flight.drain(..))
+            .collect();
+        self.answer(&asked, &Err("the service is stopping".to_owned()));
+        self.upgrade_wanted = false;
+        let all: Vec<(usize, Role, u32)> = self
+            .gens
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (i, g.role, g.pid))
+            .collect();
+        for (i, role, pid) in all {
+            match role {
+                Role::Starting { .. } => self.kill(pid, "the service is stopping".to_owned()),
+                Role::Serving | Role::Draining => {
+                    self.tell(i, &ToGeneration::Drain { successor: None });
+                }
+            }
+        }
+    }
+
+    /// After the last generation has exited: removes what the service
+    /// owned, returns the exit status.
+    fn finish(&mut self) -> i32 {
+        for h in std::mem::take(&mut self.held) {
+            if h.meta.activated {
+                continue;
+            }
+            if let Some(file) = self.file_of(&h) {
+                file.remove();
+            }
+        }
+        if let Some(path) = &self.pid_file {
+            pidfile::remove_if_ours(path, std::process::id());
+        }
+        tracing::info!(
+            status = self.exit_code,
+            "supervisor: every generation has exited; exiting"
+        );
+        self.exit_code
+    }
+
+    /// A failed new generation that wrote the PID file (one built without
+    /// supervised mode does) leaves it naming itself: it names the
+    /// supervisor again.
+    fn reclaim_pid_file(&self, child: u32) {
+        let Some(path) = &self.pid_file else {
+            return;
+        };
+        if pidfile::names(path, child) {
+            if let Err(e) = pidfile::write(path, std::process::id()) {
+                tracing::warn!(error = %chain(&e), "supervisor: cannot restore the PID file");
+            }
+        }
+    }
+
+    /// Re-executes this process into the new binary, keeping its PID, its
+    /// children and its state. On failure, carries on with the old binary.
+    fn reexec(&mut self, exe: &std::path::Path) {
+        let state = match carried::Outgoing::capture(self) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "supervisor: cannot save its state; it keeps running the previous binary until the service restarts");
+                return;
+            }
+        };
+        let mut env = self.launch.env.clone();
+        env.push((carried::ENV.into(), state.env_value().into()));
+        let mut argv = self.launch.args.clone();
+        if argv.is_empty() {
+            argv.push(exe.as_os_str().to_owned());
+        }
+        tracing::info!(executable = %exe.display(), "supervisor: re-executing itself into the new binary (same pid)");
+        let error = state.exec(self, exe, &argv, &env);
+        tracing::warn!(
+            executable = %exe.display(),
+            error = %error,
+            "supervisor: cannot re-execute itself into the new binary; it keeps running the previous one (the generations run the new one)"
+        );
+    }
+}
+
+/// Blocks the supervisor's signals and opens a `signalfd` for them.
+fn block_signals() -> Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    for s in SIGNALS {
+        mask.add(s);
+    }
+    mask.thread_block()
+        .map_err(|e| Error::io("cannot block the supervisor's signals", e))?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| Error::io("cannot create a signalfd", e))
+}
+
+fn pid_of(pid: u32) -> Pid {
+    Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX))
+}
+
+/// Signals a generation and, while it still leads its own process group
+/// (it starts in one, and rejoins the supervisor's once ready), that
+/// group: what it started during its initialisation goes with it. Safe to
+/// address by PID: only the supervisor reaps its children, so an unreaped
+/// child's PID (and group ID) is still its own.
+fn signal_group_and_process(pid: u32, signal: Signal) {
+    let target = pid_of(pid);
+    if nix::unistd::getpgid(Some(target)).ok() == Some(target) {
+        let _ = nix::sys::signal::killpg(target, signal);
+    }
+    let _ = nix::sys::signal::kill(target, signal);
+}
+
+/// Why a starting generation may never have reported ready: it wrote the
+/// replace mode's readiness byte instead (built with a tableflip that has
+/// no supervised mode).
+fn old_protocol_hint(g: &Generation) -> Option<&'static str> {
+    let pipe = g.ready_pipe.as_ref()?;
+    let _ = sys::set_nonblocking(pipe.as_fd());
+    let mut byte = [0u8; 1];
+    matches!(nix::unistd::read(pipe, &mut byte), Ok(1)).then_some(
+        " (it reported ready the replace-mode way: its binary was built with a tableflip without supervised mode; restart the service to run it)",
+    )
+}

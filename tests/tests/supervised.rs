@@ -1,0 +1,653 @@
+//! Supervised mode (`TABLEFLIP_MODE=supervised`), end to end with real
+//! processes and signals: the process that was started stays at its PID,
+//! runs no application code, starts each generation as its child,
+//! re-executes itself into the new binary after an upgrade, and replaces a
+//! generation that dies.
+//!
+//! The service is `macro_svc` (a `#[tableflip::main]` service; see
+//! `tests/src/macro_svc/common.rs` for its events and protocol). Only
+//! generations print events: the supervisor runs no application code.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use nix::sys::signal::Signal;
+use tableflip_tests::*;
+
+const MACRO_SVC: &str = env!("CARGO_BIN_EXE_macro_svc");
+const HTTP_UPGRADER: &str = env!("CARGO_BIN_EXE_http_upgrader");
+const SVC: &str = env!("CARGO_BIN_EXE_svc");
+
+/// A supervised `macro_svc`, started from a copy of the binary in the
+/// scratch directory (so that a test can replace it), and where it serves.
+struct Supervised {
+    svc: Service,
+    /// The supervisor: the PID that was started.
+    sup: u32,
+    /// The generation serving now.
+    current: u32,
+    tcp: String,
+    unix: String,
+    pid_file: PathBuf,
+    exe: PathBuf,
+}
+
+fn start(ctl: &Scratch, extra: &[(&str, &str)]) -> Supervised {
+    let exe = ctl.path().join("app");
+    install_exe(MACRO_SVC, &exe, 0);
+    let unix = ctl.path().join("u.sock").display().to_string();
+    let pid_file = ctl.path().join("svc.pid");
+    let mut cmd = Command::new(&exe);
+    cmd.env("TF_CTL", ctl.path())
+        .env("TABLEFLIP_MODE", "supervised")
+        .env("MS_UNIX", &unix)
+        .env("MS_PID_FILE", &pid_file)
+        .env("RUST_LOG", "info");
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let mut svc = Service::spawn(cmd);
+    let sup = svc.first_pid();
+    let first = svc.wait_kind("start", None);
+    assert_ne!(first.pid, sup, "the supervisor runs no application code");
+    assert_eq!(first.get("gen"), "1");
+    assert_eq!(
+        parent_of(first.pid),
+        Some(sup),
+        "a generation is the supervisor's child"
+    );
+    let tcp = svc
+        .wait_for("TCP listening", |e| {
+            e.pid == first.pid && e.get("name") == "TCP"
+        })
+        .get("addr")
+        .to_owned();
+    svc.wait_kind("init-done", Some(first.pid));
+    wait_until("the PID file names the supervisor", || {
+        pid_file_pid(&pid_file) == Some(sup)
+    });
+    Supervised {
+        svc,
+        sup,
+        current: first.pid,
+        tcp,
+        unix,
+        pid_file,
+        exe,
+    }
+}
+
+impl Supervised {
+    /// The PID in the reply of a fresh TCP request.
+    fn serving(&self) -> u32 {
+        reply_pid(&tcp_get_line(&self.tcp, "GET").expect("the service answers over TCP"))
+    }
+
+    /// Waits for the next generation (not `current`) to start and finish
+    /// its init, and for `current` to drain; returns the new PID.
+    fn next_generation(&mut self) -> u32 {
+        let old = self.current;
+        let started = self.svc.wait_for("a new generation", |e| {
+            e.kind == "start" && e.pid != old && e.pid != self.sup
+        });
+        assert_eq!(parent_of(started.pid), Some(self.sup));
+        self.svc.wait_kind("init-done", Some(started.pid));
+        self.current = started.pid;
+        started.pid
+    }
+
+    /// `SIGHUP` to `target`; returns the new generation's PID once the
+    /// old one drains.
+    fn upgrade_via(&mut self, target: u32) -> u32 {
+        let old = self.current;
+        signal(target, Signal::SIGHUP);
+        let new = self.next_generation();
+        self.svc.wait_kind("draining", Some(old));
+        wait_gone(old);
+        new
+    }
+
+    /// Waits until the supervisor runs the binary now at `exe` (it
+    /// re-executes itself once the new generation is ready).
+    fn wait_supervisor_runs_current_binary(&self) {
+        let want = std::fs::metadata(&self.exe)
+            .map(|m| (m.dev(), m.ino()))
+            .ok();
+        wait_until("the supervisor runs the new binary", || {
+            std::fs::metadata(format!("/proc/{}/exe", self.sup))
+                .map(|m| (m.dev(), m.ino()))
+                .ok()
+                == want
+        });
+    }
+
+    /// `SIGTERM` to the supervisor: every generation drains, the
+    /// supervisor exits last, with status 0, leaving nothing behind.
+    fn stop(mut self) {
+        signal(self.sup, Signal::SIGTERM);
+        let status = self.svc.wait_first();
+        assert_eq!(status.code(), Some(0), "the supervisor exits 0: {status:?}");
+        self.svc.wait_all_exited();
+        for pid in self.svc.pids() {
+            wait_gone(pid);
+        }
+        assert!(
+            !self.pid_file.exists(),
+            "the PID file is removed at the stop"
+        );
+        assert!(
+            !Path::new(&self.unix).exists(),
+            "the Unix socket file is removed at the stop"
+        );
+        assert!(tcp_refused(&self.tcp), "nothing listens after the stop");
+    }
+}
+
+/// Upgrades keep the supervisor's PID (the PID file names it throughout),
+/// run each new binary (the generations, and the supervisor itself once
+/// the new generation is ready), and never make a request fail; `SIGHUP`
+/// to a generation is forwarded to the supervisor.
+#[test]
+fn upgrades_keep_the_pid_and_run_the_new_binary() {
+    let h = Harness::new("sup-upgrade");
+    let mut s = start(&h.ctl, &[]);
+    assert_eq!(s.serving(), s.current);
+    assert_eq!(
+        reply_pid(&unix_get_line(&s.unix, "GET").expect("Unix socket")),
+        s.current
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let client = {
+        let (tcp, stop, ok, failed) = (s.tcp.clone(), stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match tcp_get_line(&tcp, "GET") {
+                    Ok(r) if r.starts_with("pid ") => ok.fetch_add(1, Ordering::SeqCst),
+                    _ => failed.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        })
+    };
+    for round in 1..=3 {
+        // A new binary at the path: the next generation runs it, and so
+        // does the supervisor afterwards.
+        install_exe(MACRO_SVC, &s.exe, round);
+        let old = s.current;
+        let target = if round == 2 { old } else { s.sup };
+        let new = s.upgrade_via(target);
+        assert_ne!(new, old);
+        s.wait_supervisor_runs_current_binary();
+        assert_eq!(s.serving(), new);
+        assert!(is_alive(s.sup), "the supervisor stays");
+        assert_eq!(pid_file_pid(&s.pid_file), Some(s.sup));
+    }
+    stop.store(true, Ordering::SeqCst);
+    client.join().expect("client thread");
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "no request fails");
+    assert!(ok.load(Ordering::SeqCst) > 0);
+    s.stop();
+}
+
+/// A generation killed while serving is replaced from the sockets the
+/// supervisor holds: no connection is refused meanwhile.
+#[test]
+fn a_generation_killed_is_replaced_without_refusing_a_connection() {
+    let h = Harness::new("sup-kill");
+    let mut s = start(&h.ctl, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let (tcp, stop, refused, served) =
+            (s.tcp.clone(), stop.clone(), refused.clone(), served.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match std::net::TcpStream::connect(&tcp) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {
+                        served.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        })
+    };
+    for _ in 0..2 {
+        let old = s.current;
+        signal(old, Signal::SIGKILL);
+        let new = s.next_generation();
+        assert_ne!(new, old);
+        assert_eq!(s.serving(), new);
+    }
+    stop.store(true, Ordering::SeqCst);
+    client.join().expect("client thread");
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        0,
+        "no connection is refused"
+    );
+    assert!(served.load(Ordering::SeqCst) > 0);
+    assert!(is_alive(s.sup));
+    s.stop();
+}
+
+/// A new binary that exits at once, or hangs past the upgrade timeout, is
+/// killed; the serving generation keeps serving, and the next upgrade with
+/// a good binary succeeds.
+#[test]
+fn a_broken_new_binary_leaves_the_old_generation_serving() {
+    let h = Harness::new("sup-broken");
+    let mut s = start(&h.ctl, &[("MS_UPGRADE_TIMEOUT_MS", "1000")]);
+    let old = s.current;
+
+    // A binary that fails at once; it leaves a mark when it runs.
+    let mark = h.ctl.path().join("broken-ran");
+    let script = format!("#!/bin/sh\necho $$ > {}\nexit 3\n", mark.display());
+    let tmp = h.ctl.path().join("broken.tmp");
+    std::fs::write(&tmp, script).expect("write the script");
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    std::fs::rename(&tmp, &s.exe).expect("install the broken binary");
+    signal(s.sup, Signal::SIGHUP);
+    wait_until("the broken binary ran", || mark.exists());
+    let broken: u32 = std::fs::read_to_string(&mark)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .expect("the broken binary's pid");
+    wait_gone(broken);
+    assert_eq!(s.serving(), old, "the old generation serves on");
+    assert_eq!(pid_file_pid(&s.pid_file), Some(s.sup));
+
+    // A binary that hangs in its init: killed after the upgrade timeout.
+    install_exe(MACRO_SVC, &s.exe, 1);
+    h.ctl.write("init", "hang");
+    signal(s.sup, Signal::SIGHUP);
+    let hanging = s
+        .svc
+        .wait_for("the hanging generation", |e| e.kind == "hanging");
+    s.svc.wait_for("the hanging generation's start", |e| {
+        e.kind == "start" && e.pid == hanging.pid
+    });
+    wait_gone(hanging.pid);
+    assert_eq!(s.serving(), old, "the old generation serves on");
+
+    h.ctl.write("init", "ok");
+    let new = s.upgrade_via(s.sup);
+    assert_ne!(new, old);
+    assert_eq!(s.serving(), new);
+    s.stop();
+}
+
+/// `SIGTERM` to the supervisor right after an upgrade, with a slow request
+/// in flight on the draining generation: the request is answered, every
+/// process exits, the supervisor last, with status 0.
+#[test]
+fn a_stop_right_after_an_upgrade_answers_the_request_in_flight() {
+    let h = Harness::new("sup-stop");
+    let mut s = start(&h.ctl, &[]);
+    let old = s.current;
+    let slow = {
+        let tcp = s.tcp.clone();
+        std::thread::spawn(move || -> std::io::Result<String> {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect(&tcp)?;
+            c.set_read_timeout(Some(DEADLINE))?;
+            c.write_all(b"SLOW 1500\n")?;
+            let mut out = String::new();
+            c.read_to_string(&mut out)?;
+            Ok(out)
+        })
+    };
+    s.svc.wait_kind("slow", Some(old));
+    signal(s.sup, Signal::SIGHUP);
+    let new = s.next_generation();
+    s.svc.wait_kind("draining", Some(old));
+    signal(s.sup, Signal::SIGTERM);
+    let reply = slow
+        .join()
+        .expect("slow client")
+        .expect("the slow request is answered");
+    assert_eq!(reply_pid(&reply), old, "by the generation that took it");
+    let status = s.svc.wait_first();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    s.svc.wait_all_exited();
+    wait_gone(old);
+    wait_gone(new);
+    assert!(!s.pid_file.exists());
+}
+
+/// Ctrl-C in a terminal (`SIGINT` to the foreground process group) stops
+/// the service after any number of upgrades: generations rejoin the
+/// supervisor's group once ready.
+#[test]
+fn sigint_to_the_process_group_stops_the_service_after_upgrades() {
+    let h = Harness::new("sup-ctrlc");
+    let mut s = start(&h.ctl, &[]);
+    for _ in 0..2 {
+        let sup = s.sup;
+        s.upgrade_via(sup);
+    }
+    let group = nix::unistd::Pid::from_raw(i32::try_from(s.sup).expect("pid"));
+    assert_eq!(
+        nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(
+            i32::try_from(s.current).expect("pid")
+        )))
+        .ok(),
+        Some(group),
+        "the serving generation is in the supervisor's process group"
+    );
+    nix::sys::signal::killpg(group, Signal::SIGINT).expect("killpg");
+    let status = s.svc.wait_first();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    s.svc.wait_all_exited();
+    wait_gone(s.current);
+}
+
+/// The first generation failing its init fails the start: the supervisor
+/// exits with its status, and names what happened.
+#[test]
+fn a_first_generation_that_fails_makes_the_supervisor_exit_with_its_status() {
+    let h = Harness::new("sup-first");
+    h.ctl.write("init", "exit 7");
+    let exe = h.ctl.path().join("app");
+    install_exe(MACRO_SVC, &exe, 0);
+    let out = Command::new(&exe)
+        .env("TF_CTL", h.ctl.path())
+        .env("TABLEFLIP_MODE", "supervised")
+        .env("MS_UNIX", h.ctl.path().join("u.sock"))
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run the service");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert!(
+        stderr.contains("the first generation exited with status 7"),
+        "{stderr}"
+    );
+}
+
+/// A replacement that keeps failing its init is not started for ever: after
+/// five failures in a row (backing off in between) the supervisor gives up
+/// and exits 1.
+#[test]
+fn a_replacement_that_keeps_failing_is_given_up() {
+    let h = Harness::new("sup-giveup");
+    let s = start(&h.ctl, &[]);
+    h.ctl.write("init", "exit 4");
+    signal(s.current, Signal::SIGKILL);
+    let mut s = s;
+    let status = s.svc.wait_first();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    s.svc.wait_all_exited();
+    let attempts = s
+        .svc
+        .history
+        .iter()
+        .filter(|e| e.kind == "start" && e.pid != s.current)
+        .count();
+    assert_eq!(
+        attempts,
+        5,
+        "five replacements were tried: {:#?}",
+        s.svc.lines()
+    );
+    assert!(!s.pid_file.exists());
+}
+
+/// The runtime API gets the same mode: `Upgrader::new` becomes the
+/// supervisor in the process that was started, and returns only in the
+/// generations (`examples/http_upgrader.rs`, unchanged).
+#[test]
+fn the_runtime_api_example_runs_supervised() {
+    let h = Harness::new("sup-api");
+    let pid_file = h.ctl.path().join("http.pid");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(HTTP_UPGRADER);
+    cmd.env("TABLEFLIP_MODE", "supervised")
+        .env("HTTP_ADDR", &addr)
+        .env("PID_FILE", &pid_file)
+        .env("RUST_LOG", "info");
+    let mut svc = Service::spawn(cmd);
+    let sup = svc.first_pid();
+    wait_until("the PID file names the supervisor", || {
+        pid_file_pid(&pid_file) == Some(sup)
+    });
+    let get = || -> u32 {
+        let text = http_get(&addr);
+        text.split_whitespace()
+            .skip_while(|w| *w != "pid")
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {text:?}"))
+    };
+    let first = get();
+    assert_ne!(first, sup);
+    assert_eq!(parent_of(first), Some(sup));
+    signal(sup, Signal::SIGHUP);
+    wait_until("a new generation serves", || get() != first);
+    wait_gone(first);
+    signal(sup, Signal::SIGTERM);
+    assert_eq!(svc.wait_first().code(), Some(0));
+    assert!(!pid_file.exists());
+}
+
+fn http_get(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    c.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .expect("send");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("read");
+    out
+}
+
+/// A program that creates its `Upgrader` inside a multi-thread runtime
+/// cannot become a supervisor (a thread with the signals unblocked could
+/// die of `SIGHUP`): it is told so, with the fix, and nothing starts.
+#[test]
+fn a_supervisor_inside_a_running_runtime_is_refused_with_the_fix() {
+    let h = Harness::new("sup-threads");
+    h.ctl.write("listen", "web tcp 127.0.0.1:0\n");
+    let mut svc = Service::start(SVC, &h.ctl, &[("TABLEFLIP_MODE", "supervised")]);
+    let err = svc.wait_kind("error", None);
+    let msg = err.get("msg");
+    assert!(msg.contains("single thread"), "{}", err.line);
+    assert!(msg.contains("TABLEFLIP_MODE=replace"), "{}", err.line);
+    svc.wait_all_exited();
+}
+
+/// `TABLEFLIP_MODE` with a value that is no mode stops the start, naming
+/// the value and the two that work.
+#[test]
+fn an_unknown_mode_is_an_error_naming_it() {
+    let _serial = serial();
+    let out = Command::new(MACRO_SVC)
+        .env("TABLEFLIP_MODE", "supervisor")
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run the service");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("TABLEFLIP_MODE=\"supervisor\"") && stderr.contains("`supervised`"),
+        "{stderr}"
+    );
+}
+
+/// The processes whose parent is `pid` (from `/proc`), with their command
+/// names.
+fn children_of(pid: u32) -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|p| parent_of(*p) == Some(pid))
+                .map(|p| {
+                    let comm =
+                        std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                    (p, comm.trim().to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A supervised `macro_svc` in a container made with `unshare` (PID, mount
+/// and network namespaces, loopback up), started through `init` (`[]` for
+/// none: the supervisor is PID 1).
+struct Container {
+    svc: Service,
+    /// The host PID of the namespace's first process (PID 1 inside).
+    pid1: u32,
+    unix: String,
+}
+
+fn container(h: &Harness, init: &[&str]) -> Container {
+    let unix = h.ctl.path().join("u.sock").display().to_string();
+    let mut cmd = Service::command("unshare", &h.ctl, &[]);
+    cmd.env("TABLEFLIP_MODE", "supervised")
+        .env("MS_UNIX", &unix)
+        .env("MS_PID_FILE", h.ctl.path().join("svc.pid"))
+        .env("RUST_LOG", "info")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--net",
+            "--kill-child",
+            "--",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$@\"",
+            "sh",
+        ])
+        .args(init)
+        .arg(MACRO_SVC);
+    let mut svc = Service::spawn(cmd);
+    let first = svc.wait_kind("init-done", None);
+    let unshare = svc.first_pid();
+    let pid1 = children_of(unshare)
+        .first()
+        .map(|(p, _)| *p)
+        .expect("the namespace's PID 1 (the only child of unshare)");
+    assert_eq!(
+        reply_pid(&unix_get_line(&unix, "GET").expect("the service answers")),
+        first.pid
+    );
+    Container { svc, pid1, unix }
+}
+
+impl Container {
+    /// `upgrades` upgrades by `SIGHUP` to `target` (a host PID), under a
+    /// client that never stops asking; returns the number of failed
+    /// requests.
+    fn upgrades_under_load(&mut self, target: u32, upgrades: usize) -> usize {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let client = {
+            let (unix, stop, failed) = (self.unix.clone(), stop.clone(), failed.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if !unix_get_line(&unix, "GET").is_ok_and(|r| r.starts_with("pid ")) {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        };
+        let mut current = reply_pid(&unix_get_line(&self.unix, "GET").expect("a reply"));
+        for _ in 0..upgrades {
+            signal(target, Signal::SIGHUP);
+            let next = self.svc.wait_for("a new generation ready", |e| {
+                e.kind == "init-done" && e.pid != current
+            });
+            self.svc.wait_kind("draining", Some(current));
+            current = next.pid;
+            wait_until("the new generation answers", || {
+                unix_get_line(&self.unix, "GET").is_ok_and(|r| reply_pid(&r) == current)
+            });
+        }
+        stop.store(true, Ordering::SeqCst);
+        client.join().expect("client thread");
+        failed.load(Ordering::SeqCst)
+    }
+
+    /// The container is still running (its first process has not exited).
+    fn running(&mut self) -> bool {
+        self.svc.poll_events();
+        is_alive(self.pid1) && is_alive(self.svc.first_pid())
+    }
+}
+
+/// As PID 1 of a container (as `docker run` without `--init` starts it),
+/// upgrades under load fail no request and never end the container; the
+/// orphans the kernel hands to PID 1 are reaped; `SIGTERM` (`docker
+/// stop`) stops the service and ends the container with status 0.
+#[test]
+#[ignore = "needs root: creates PID, mount and network namespaces (unshare)"]
+fn as_pid_1_of_a_container_upgrades_never_end_it() {
+    let h = Harness::new("sup-pid1");
+    h.ctl.write("orphan", "");
+    let mut c = container(&h, &[]);
+    let pid1 = c.pid1;
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid1}/exe")).ok(),
+        std::fs::canonicalize(MACRO_SVC).ok(),
+        "the supervisor itself is PID 1"
+    );
+    assert_eq!(c.upgrades_under_load(pid1, 3), 0, "no request fails");
+    assert!(c.running(), "the container is still running");
+    // Each generation left a `sleep` behind; PID 1 adopts and reaps them.
+    wait_until("the orphans are reaped", || {
+        children_of(pid1).iter().all(|(_, comm)| comm != "sleep")
+    });
+    assert!(
+        children_of(pid1)
+            .iter()
+            .all(|(p, _)| proc_state(*p) != Some('Z')),
+        "no zombie is left: {:?}",
+        children_of(pid1)
+    );
+    signal(pid1, Signal::SIGTERM);
+    let status = c.svc.wait_first();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the container ends cleanly: {status:?}"
+    );
+}
+
+/// Under tini (what `docker run --init` uses), which exits when its child
+/// exits: in supervised mode its child, the supervisor, stays, so upgrades
+/// under load never end the container; tini forwards `SIGTERM` and the
+/// service stops cleanly.
+#[test]
+#[ignore = "needs root: creates PID, mount and network namespaces (unshare); needs tini (Debian package tini)"]
+fn under_tini_upgrades_never_end_the_container() {
+    let h = Harness::new("sup-tini");
+    let mut c = container(&h, &["tini", "--"]);
+    let tini = c.pid1;
+    let sup = children_of(tini)
+        .first()
+        .map(|(p, _)| *p)
+        .expect("tini's child: the supervisor");
+    assert_eq!(c.upgrades_under_load(sup, 3), 0, "no request fails");
+    assert!(c.running(), "tini and the container are still running");
+    assert_eq!(
+        children_of(tini).first().map(|(p, _)| *p),
+        Some(sup),
+        "tini's child is still the supervisor"
+    );
+    signal(tini, Signal::SIGTERM);
+    let status = c.svc.wait_first();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the container ends cleanly: {status:?}"
+    );
+}

@@ -1,0 +1,2 @@
+#[tableflip::main(mode = supervised)]
+async fn main() {}

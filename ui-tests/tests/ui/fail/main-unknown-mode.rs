@@ -1,0 +1,2 @@
+#[tableflip::main(mode = "supervise")]
+async fn main() {}
