@@ -26,7 +26,15 @@ pub(crate) enum ToSupervisor {
     /// The generation is initialised; the listeners sent before this are
     /// every socket it serves on (those it was handed and did not claim are
     /// gone from the set). This commits the handover.
-    Ready { pid: u32 },
+    Ready {
+        pid: u32,
+        /// The newest version of the supervisor's carried state that the
+        /// generation's binary reads: the supervisor re-executes itself
+        /// into that binary only if it can read what it would carry. 0
+        /// (absent) from a binary that cannot.
+        #[serde(default)]
+        state_version: u32,
+    },
     /// A request to upgrade the service (the generation got `SIGHUP`, or
     /// its code called `Upgrader::upgrade`). `id` 0 wants no answer.
     Upgrade { id: u64 },
@@ -121,6 +129,22 @@ mod tests {
         assert!(matches!(
             recv::<ToGeneration>(b.as_fd(), &mut buf),
             Ok(Some(Received::Unknown(_)))
+        ));
+    }
+
+    #[test]
+    fn a_ready_without_a_state_version_reads_as_zero() {
+        // What a binary that cannot read the supervisor's state sends.
+        let old: ToSupervisor = match serde_json::from_str(r#"{"type":"ready","pid":42}"#) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(matches!(
+            old,
+            ToSupervisor::Ready {
+                pid: 42,
+                state_version: 0
+            }
         ));
     }
 }

@@ -14,6 +14,14 @@
 //! 3. Crashing during initialisation is OK.
 //! 4. Only a single upgrade is ever run in parallel.
 //!
+//! Two process models ([`Mode`]): in **supervised** mode (the default of
+//! `#[tableflip::main]` on Linux) the process that was started stays, at
+//! the same PID, as a small supervisor that holds the sockets and starts
+//! each generation as its child, which is what systemd, container inits
+//! and process supervisors expect; in **replace** mode (Go tableflip's
+//! model) each generation starts the next, and the PID changes at every
+//! upgrade. `TABLEFLIP_MODE=supervised|replace` chooses at deploy time.
+//!
 //! Most services use the two attribute macros: [`#[tableflip::main]`](macro@main)
 //! on `async fn main(cx: Context)` and [`#[listener]`](macro@listener) on
 //! `static NAME: TcpListener;` declarations. Underneath is the runtime API,
@@ -30,8 +38,8 @@
 //!
 //! # Platform support
 //!
-//! Unix. Tested on Linux only; macOS compiles. `unixpacket` and abstract
-//! Unix addresses (`@name`) are Linux-only.
+//! Unix. Tested on Linux only; macOS compiles. Supervised mode,
+//! `unixpacket` and abstract Unix addresses (`@name`) are Linux-only.
 #![warn(
     missing_docs,
     missing_debug_implementations,
@@ -176,7 +184,7 @@ pub use socket2;
 /// | `upgrade_timeout` | how long a new generation may take to be ready (default 60 s) | `upgrade_timeout = "10s"` |
 /// | `drain_timeout` | how long the drain waits for spawned tasks (default 30 s) | `drain_timeout = "500ms"` |
 /// | `pid_file` | the PID file, replaced atomically at readiness | `pid_file = "/run/svc.pid"` |
-/// | `mode` | `"replace"` (default) or `"supervised"`: see [`Mode`]; `TABLEFLIP_MODE` in the environment wins | `mode = "supervised"` |
+/// | `mode` | `"supervised"` (default on Linux; replace elsewhere) or `"replace"`: see [`Mode`]; `TABLEFLIP_MODE` in the environment wins | `mode = "replace"` |
 /// | `flavor` | `"multi_thread"` (default) or `"current_thread"` | `flavor = "current_thread"` |
 /// | `worker_threads` | worker threads of the multi-thread runtime | `worker_threads = 4` |
 /// | `options` | a `fn() -> Options` computing the options at run time (from CLI flags, a config file…); the options written in the attribute override its fields | `options = config::options` |

@@ -42,7 +42,9 @@ pub struct Options {
     pub(crate) socket_setup: Option<SetupHook>,
     pub(crate) executable: Option<PathBuf>,
     pub(crate) raise_fd_limit: bool,
-    pub(crate) mode: Mode,
+    /// `None`: not chosen; `Upgrader::new` takes [`Mode::Replace`],
+    /// `#[tableflip::main]` its own default.
+    pub(crate) mode: Option<Mode>,
 }
 
 impl Options {
@@ -56,7 +58,7 @@ impl Options {
             socket_setup: None,
             executable: None,
             raise_fd_limit: true,
-            mode: Mode::Replace,
+            mode: None,
         }
     }
 
@@ -138,14 +140,16 @@ impl Options {
     /// The process model (see [`Mode`]). `TABLEFLIP_MODE` in the
     /// environment wins over it. Default: [`Mode::Replace`] for programs
     /// that create their [`Upgrader`](crate::Upgrader) themselves;
-    /// `#[tableflip::main]` sets its own default (see its documentation).
+    /// [`Mode::Supervised`] for `#[tableflip::main]` programs on Linux
+    /// (replace elsewhere), unless their `options` function or `mode =`
+    /// option chooses.
     ///
     /// In supervised mode, [`Upgrader::new`](crate::Upgrader::new), called
     /// in the process that was started, becomes the supervisor and never
     /// returns: it returns only in the generations the supervisor starts.
     #[must_use]
     pub fn mode(mut self, mode: Mode) -> Self {
-        self.mode = mode;
+        self.mode = Some(mode);
         self
     }
 }
@@ -183,9 +187,10 @@ impl Options {
         self.raise_fd_limit
     }
 
-    /// See [`mode`](Self::mode) (as set, before `TABLEFLIP_MODE`).
+    /// See [`mode`](Self::mode): as set, before `TABLEFLIP_MODE`;
+    /// [`Mode::Replace`] when not set.
     pub fn get_mode(&self) -> Mode {
-        self.mode
+        self.mode.unwrap_or(Mode::Replace)
     }
 }
 
@@ -205,7 +210,7 @@ impl std::fmt::Debug for Options {
             .field("socket_setup", &self.socket_setup.as_ref().map(|_| "Fn"))
             .field("executable", &self.executable)
             .field("raise_fd_limit", &self.raise_fd_limit)
-            .field("mode", &self.mode)
+            .field("mode", &self.get_mode())
             .finish()
     }
 }

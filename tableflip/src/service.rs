@@ -123,6 +123,13 @@ pub enum Flavor {
     CurrentThread,
 }
 
+/// The mode of a `#[tableflip::main]` program that chooses none:
+/// supervised where the supervisor exists (Linux), else replace.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const DEFAULT_MAIN_MODE: crate::Mode = crate::Mode::Supervised;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const DEFAULT_MAIN_MODE: crate::Mode = crate::Mode::Replace;
+
 /// What `#[tableflip::main]`'s attribute says. Not public API.
 #[doc(hidden)]
 #[derive(Debug, Clone)]
@@ -162,7 +169,10 @@ impl MainConfig {
             opts.pid_file = Some(p.into());
         }
         if let Some(m) = self.mode {
-            opts.mode = m;
+            opts.mode = Some(m);
+        }
+        if opts.mode.is_none() {
+            opts.mode = Some(DEFAULT_MAIN_MODE);
         }
         opts
     }
@@ -446,6 +456,7 @@ async fn lifecycle(
                 // A successor that died after taking over is being
                 // replaced: exiting now would kill the replacement.
                 upgrader.settled().await;
+                upgrader.release_pid_file();
                 return ExitCode::SUCCESS;
             }
             // A generation draining after an upgrade receives its first stop
@@ -480,6 +491,7 @@ async fn lifecycle(
             }
         }
     }
+    upgrader.release_pid_file();
     second_stop()
 }
 

@@ -28,6 +28,16 @@ pub fn signal(pid: u32, sig: Signal) {
     kill(pid_of(pid), sig).unwrap_or_else(|e| panic!("cannot send {sig} to {pid}: {e}"));
 }
 
+/// Sends `sig` to `pid` unless it has exited (`ESRCH`); whether it was
+/// sent. For processes that may end on their own at any moment.
+pub fn signal_if_alive(pid: u32, sig: Signal) -> bool {
+    match kill(pid_of(pid), sig) {
+        Ok(()) => true,
+        Err(nix::errno::Errno::ESRCH) => false,
+        Err(e) => panic!("cannot send {sig} to {pid}: {e}"),
+    }
+}
+
 /// The process state letter from `/proc/<pid>/stat` (`Z` for a zombie), or
 /// `None` once the process is gone (reaped).
 pub fn proc_state(pid: u32) -> Option<char> {

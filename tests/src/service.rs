@@ -109,6 +109,8 @@ impl Service {
     /// directory…) before [`spawn`](Self::spawn).
     pub fn command(exe: &str, ctl: &Scratch, envs: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new(exe);
+        // These tests are about the replace mode.
+        cmd.env("TABLEFLIP_MODE", "replace");
         cmd.env("TF_CTL", ctl.path())
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())

@@ -239,6 +239,8 @@ fn a_renamed_argv0_upgrades_to_the_binary_replaced_at_its_path() {
     install_exe(SVC, &exe, 5);
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     let mut cmd = Command::new(&exe);
+    // These tests are about the replace mode.
+    cmd.env("TABLEFLIP_MODE", "replace");
     cmd.env("TF_CTL", ctl.path()).env("RUST_LOG", "debug");
     std::os::unix::process::CommandExt::arg0(&mut cmd, "renamed-by-a-supervisor");
     let mut svc = Service::spawn(cmd);

@@ -67,6 +67,8 @@ fn every_byte_is_echoed_across_upgrades() {
     let addr = format!("127.0.0.1:{}", free_port());
     let pid_file = ctl.path().join("echo.pid");
     let mut cmd = Command::new(ECHO);
+    // These tests are about the replace mode.
+    cmd.env("TABLEFLIP_MODE", "replace");
     cmd.env("ECHO_ADDR", &addr)
         .env("PID_FILE", &pid_file)
         .env("RUST_LOG", "warn");

@@ -32,6 +32,8 @@ impl Demo {
         nix::sys::prctl::set_child_subreaper(true)
             .unwrap_or_else(|e| panic!("cannot become a child subreaper: {e}"));
         let mut cmd = Command::new(exe);
+        // These tests are about the replace mode.
+        cmd.env("TABLEFLIP_MODE", "replace");
         cmd.env_remove("HTTP_ADDR")
             .env_remove("PID_FILE")
             .env("RUST_LOG", "debug")
@@ -309,7 +311,29 @@ fn slow_request_survives_an_upgrade_and_sigterm_stops_cleanly(exe: &str) {
     );
     assert_eq!(read_pid(&pid_file), Some(second));
 
+    // A request in flight at the stop: the PID file names the process
+    // until it exits (a process manager reading it during the drain must
+    // find the process to wait for), then goes.
+    let mut slow = connect(&addr).expect("connect");
+    send_get(&mut slow, &addr, "/", false).expect("send");
+    let mut slow_reader = BufReader::new(slow.try_clone().expect("clone"));
+    read_reply(&mut slow_reader).expect("first reply on the slow connection");
+    send_get(&mut slow, &addr, "/slow?ms=3000", true).expect("send the slow request");
+    let slow_reply = std::thread::spawn(move || read_reply(&mut slow_reader));
     signal(second, Signal::SIGTERM);
+    wait_until("the stopping service stops listening", || {
+        connect(&addr).is_err()
+    });
+    assert_eq!(
+        read_pid(&pid_file),
+        Some(second),
+        "the PID file names the draining process"
+    );
+    let reply = slow_reply
+        .join()
+        .expect("the slow reader thread")
+        .expect("the request in flight at the stop completes");
+    assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(demo.wait_later(second), 0, "SIGTERM stops gracefully");
     assert!(!pid_file.exists(), "a stopped service removes its PID file");
     assert!(connect(&addr).is_err(), "nothing listens after the stop");
@@ -349,8 +373,10 @@ fn a_second_sigterm_exits_at_once(exe: &str) {
     send_get(&mut slow, &addr, "/slow?ms=60000", true).expect("send");
 
     signal(first, Signal::SIGTERM);
-    // The graceful stop has begun once the PID file is gone.
-    wait_until("the PID file is removed", || !pid_file.exists());
+    // The graceful stop has begun once nothing listens.
+    wait_until("the stopping service stops listening", || {
+        connect(&addr).is_err()
+    });
     signal(first, Signal::SIGTERM);
     let status = demo.wait_first();
     assert!(
@@ -378,6 +404,7 @@ fn axum_an_invalid_address_is_reported() {
 fn an_invalid_address_is_reported(exe: &str) {
     let _serial = serial();
     let out = Command::new(exe)
+        .env("TABLEFLIP_MODE", "replace")
         .env("HTTP_ADDR", "not-an-address")
         .env_remove("PID_FILE")
         .env_remove("RUST_LOG")

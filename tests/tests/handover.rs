@@ -74,6 +74,8 @@ impl Hand {
 
     fn start(&self, ctl: &Scratch, envs: &[(&str, &str)]) -> Service {
         let mut cmd = Command::new(HANDCRAFT);
+        // These tests are about the replace mode.
+        cmd.env("TABLEFLIP_MODE", "replace");
         cmd.args(&self.args)
             .arg("--")
             .arg(SVC)

@@ -24,6 +24,8 @@ fn start_with(ctl: &Scratch, envs: &[(&str, &str)]) -> (Service, String, std::pa
     let addr = format!("127.0.0.1:{}", free_port());
     let pid_file = ctl.path().join("axum.pid");
     let mut cmd = Command::new(AXUM);
+    // These tests are about the replace mode.
+    cmd.env("TABLEFLIP_MODE", "replace");
     cmd.env("AX_ADDR", &addr)
         .env("PID_FILE", &pid_file)
         .env("RUST_LOG", "warn")

@@ -35,6 +35,8 @@ fn zero_failed_requests_across_upgrades_under_load() {
     let addr = format!("127.0.0.1:{}", free_port());
     let pid_file = ctl.path().join("http.pid");
     let mut cmd = Command::new(HTTP);
+    // These tests are about the replace mode.
+    cmd.env("TABLEFLIP_MODE", "replace");
     cmd.env("HTTP_ADDR", &addr)
         .env("PID_FILE", &pid_file)
         .env("RUST_LOG", "warn");

@@ -39,6 +39,8 @@ struct Macro {
 
 fn macro_cmd(exe: &str, ctl: &Scratch, extra: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(exe);
+    // These tests are about the replace mode.
+    cmd.env("TABLEFLIP_MODE", "replace");
     cmd.env("TF_CTL", ctl.path())
         .env("MS_UNIX", ctl.path().join("u.sock"))
         .env("MS_PID_FILE", ctl.path().join("svc.pid"))
@@ -710,6 +712,8 @@ fn activate_cmd(
     for (k, v) in env {
         cmd.arg(format!("--setenv={k}={v}"));
     }
+    // These tests are about the replace mode.
+    cmd.arg("--setenv=TABLEFLIP_MODE=replace");
     cmd.arg(exe).stdin(Stdio::null());
     cmd
 }
@@ -1115,6 +1119,8 @@ fn listen_fds_without_listen_pid_are_ignored() {
 /// status and stderr.
 fn run_with_listen_vars(ctl: &Scratch, vars: &[(&str, &str)]) -> (ExitStatus, String) {
     let mut cmd = Command::new("/bin/sh");
+    // These tests are about the replace mode.
+    cmd.env("TABLEFLIP_MODE", "replace");
     cmd.arg("-c")
         .arg(r#"LISTEN_PID=$$; export LISTEN_PID; exec 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-; exec "$0""#)
         .arg(SVC)
@@ -1333,6 +1339,8 @@ fn a_newline_in_a_value_adds_no_notification_field() {
     install_exe(RT_SVC, &exe, 0);
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     let mut cmd = Command::new(&exe);
+    // These tests are about the replace mode.
+    cmd.env("TABLEFLIP_MODE", "replace");
     cmd.env("TF_CTL", ctl.path())
         .env("RUST_LOG", "info")
         .env("NOTIFY_SOCKET", &n.env);

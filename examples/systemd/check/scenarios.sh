@@ -9,7 +9,8 @@
 # ok/failed/refused: requests of the load that ran during the scenario
 # (4 clients, a new connection per request); slow: the request that was in
 # flight (2 s) when the reload, stop or kill happened, "ok" if answered;
-# mainpid: systemd's MainPID before -> after.
+# mainpid: systemd's MainPID before -> after; state: ActiveState/SubState/
+# Result after the scenario.
 #
 # Arguments: UNIT [MODE]. MODE (supervised or replace) is written into a
 # drop-in as Environment=TABLEFLIP_MODE=…; without it the unit runs as
@@ -36,7 +37,13 @@ chmod 0755 "$ROOT/usr/local/bin/broken"
 cp "$ROOT$BIN" "$ROOT/usr/local/bin/good"
 
 mainpid() { C systemctl show -p MainPID --value "$U" | tr -d '\r'; }
-state() { C systemctl show -p ActiveState,SubState,Result --value "$U" | tr -d '\r' | paste -sd/; }
+state() {
+    local p out=
+    for p in ActiveState SubState Result; do
+        out="$out${out:+/}$(C systemctl show -p $p --value "$U" | tr -d '\r')"
+    done
+    echo "$out"
+}
 # The PID that answers GET / (the demo answers "pid N"), empty if none.
 serving() { N python3 "$L" get "$A" --timeout 2 2>/dev/null | awk '{print $2}'; }
 # Waits (up to $2 s) until a process other than $1 answers GET /.
@@ -57,25 +64,40 @@ slow_start() {
     for _ in $(seq 200); do [ -e "$RES/$1.slow.sent" ] && return 0; sleep 0.05; done
     echo "the slow request of $1 was never sent" >&2
 }
+# Waits for the slow request (in this shell: `wait` cannot wait for a
+# sibling from inside `$(…)`), then prints its outcome.
+slow_done() { wait "$slow_pid"; }
 slow_result() {
-    wait "$slow_pid"
     python3 -c 'import json,sys
 try:
     r=json.loads(open(sys.argv[1]).readline())
 except Exception:
     print("none"); sys.exit()
-print("ok" if r.get("ok") else "cut:" + ",".join(r.get("errors", {}) or ["?"]))' "$RES/$1.slow"
+print("ok" if r.get("slow") == "ok" else "cut:" + str(r.get("error") or r.get("status") or r.get("slow")))' "$RES/$1.slow"
 }
 load_start() {
     rm -f "$RES/$1.load"
     N python3 "$L" load "$A" "$2" 4 "$RES/$1.load" > /dev/null 2>&1 &
     load_pid=$!
 }
+load_done() { wait "$load_pid"; }
 load_result() {
-    wait "$load_pid"
     python3 -c 'import json,sys
 r=json.loads(open(sys.argv[1]).readline())
 print(r["ok"], r["failed"], r["refused"], sep="\t")' "$RES/$1.load"
+}
+# Before each scenario: the unit must be serving. If an earlier scenario
+# left it stopped (no Restart=), it is started again, and the scenario's
+# notes say so.
+restarted=
+ensure_running() {
+    restarted=
+    if [ "$(C systemctl is-active "$U" | tr -d '\r')" != active ] || [ -z "$(serving)" ]; then
+        C systemctl reset-failed "$U" 2> /dev/null
+        C systemctl restart "$U"
+        N python3 "$L" get "$A" --wait 20 > /dev/null || echo "the service does not answer after a restart" >&2
+        restarted=",restarted_before"
+    fi
 }
 row() {
     printf '%s\n' "$*" | tr ' ' '\t' >> "$SUMMARY"
@@ -97,12 +119,14 @@ for i in 1 2 3 4 5; do
     slow_start "reload$i"
     C systemctl reload "$U" || true
     wait_serving_other "$before" 40 > /dev/null || echo "reload $i: no new generation serves" >&2
-    s=$(slow_result "reload$i"); [ "$s" = ok ] || slows="$slows reload$i:$s"
+    slow_done; s=$(slow_result "reload$i"); [ "$s" = ok ] || slows="$slows reload$i:$s"
     pids="$pids,$(mainpid)"
 done
+load_done
 row reload-x5 $(load_result reload) "$slows" "$start_pid->$(mainpid)" "$(state)" "mainpids=$pids"
 
 # --- a broken binary, then reload -------------------------------------------
+ensure_running
 load_start broken 8
 sleep 1
 before=$(serving) mp=$(mainpid)
@@ -112,37 +136,62 @@ sleep 4   # the load runs on; the outcome is read from the journal below
 after=$(serving)
 C install -m 0755 /usr/local/bin/good "$BIN"
 said=$(C journalctl -u "$U" --no-pager -n 40 | grep -c -i 'upgrade failed\|upgrade refused\|cannot upgrade' || true)
-row broken-binary $(load_result broken) - "$mp->$(mainpid)" "$(state)" "serving=$before->$after,failure_logged=$said"
+load_done
+row broken-binary $(load_result broken) - "$mp->$(mainpid)" "$(state)" "serving=$before->$after,failure_logged=$said$restarted"
 
 # --- kill -9 of the serving generation ---------------------------------------
+ensure_running
 load_start kill-gen 8
 sleep 1
 mp=$(mainpid) gen=$(serving)
 C kill -9 "$gen"
 new=$(wait_serving_other "$gen" 20 || echo none)
-row kill-9-generation $(load_result kill-gen) - "$mp->$(mainpid)" "$(state)" "serving=$gen->$new"
+load_done
+row kill-9-generation $(load_result kill-gen) - "$mp->$(mainpid)" "$(state)" "serving=$gen->$new$restarted"
+
+# --- kill -9 of the new generation while the old one drains --------------------
+# The old generation keeps draining for the slow request; the new one dies.
+# Then one more reload: does the service still upgrade?
+ensure_running
+load_start kill-succ 12
+sleep 1
+before=$(serving) mp=$(mainpid)
+slow_start kill-succ
+C systemctl reload "$U" || true
+new=$(wait_serving_other "$before" 40 || echo none)
+C kill -9 "$new"
+repl=$(wait_serving_other "$new" 20 || echo none)
+mid=$(mainpid)
+alive=$(C sh -c "kill -0 $mid 2>/dev/null && echo alive || echo dead" | tr -d '\r')
+slow_done; s=$(slow_result kill-succ)
+C systemctl reload "$U" || true
+next=$(wait_serving_other "$repl" 40 || echo none)
+load_done
+row kill-9-successor-draining $(load_result kill-succ) "$s" "$mp->$mid->$(mainpid)" "$(state)" "serving=$before->$new->$repl->$next,mainpid_after_kill=$alive$restarted"
 
 # --- stop right after an upgrade, a slow request in flight ---------------------
+ensure_running
 before=$(serving) mp=$(mainpid)
 C systemctl reload "$U" || true
 wait_serving_other "$before" 40 > /dev/null || echo "stop: the upgrade never finished" >&2
 slow_start stop
+lines=$(C journalctl -u "$U" --no-pager -q | wc -l)
 t0=$(date +%s.%N)
 C systemctl stop "$U"
 t1=$(date +%s.%N)
-s=$(slow_result stop)
-killed=$(C journalctl -u "$U" --no-pager -n 60 | grep -c 'SIGKILL\|Killing process' || true)
-row stop-after-upgrade - - - "$s" "$mp->$(mainpid)" "$(state)" "stop_s=$(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))" "$t0" "$t1"),sigkill_lines=$killed"
+slow_done; s=$(slow_result stop)
+# systemd's own kills during the stop (not the scenarios' kill -9 above).
+killed=$(C journalctl -u "$U" --no-pager -q | tail -n +$((lines + 1)) | grep -c 'systemd\[1\].*\(SIGKILL\|Killing\)' || true)
+row stop-after-upgrade - - - "$s" "$mp->$(mainpid)" "$(state)" "stop_s=$(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))" "$t0" "$t1"),sigkill_lines=$killed$restarted"
 
 # --- kill -9 of the main PID -------------------------------------------------
-C systemctl reset-failed "$U" 2> /dev/null
-C systemctl start "$U"
-N python3 "$L" get "$A" --wait 20 > /dev/null
+ensure_running
 load_start kill-main 8
 sleep 1
 mp=$(mainpid) gen=$(serving)
 C kill -9 "$mp"
 sleep 5
+load_done
 row kill-9-main $(load_result kill-main) - "$mp->$(mainpid)" "$(state)" "serving=$gen->$(serving),restarts=$(C systemctl show -p NRestarts --value "$U" | tr -d '\r')"
 C systemctl stop "$U"
 C journalctl -u "$U" --no-pager > "$RES/journal.txt"

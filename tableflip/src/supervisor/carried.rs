@@ -4,10 +4,12 @@
 //! file whose fd, like every fd it names, survives the `exec`; the
 //! variable [`ENV`] names it (`<version>:<fd>`).
 //!
-//! A binary whose supervisor reads a newer version than it knows refuses
-//! it and exits 1 with the reason; the generations then keep serving
-//! until they are stopped (a downgrade across such a change needs a
-//! restart).
+//! Each generation tells the supervisor the newest version its binary
+//! reads, and the supervisor re-executes itself only into a binary that
+//! reads the version it writes: after a downgrade across a change of
+//! version it keeps running its own binary (and says so) until the
+//! service restarts. A binary handed a newer version anyway refuses it and
+//! exits 1 with the reason.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use crate::sys;
 pub(crate) const ENV: &str = "TABLEFLIP_SUPERVISOR";
 
 /// The newest version of the carried state this build reads and writes.
-const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 /// The largest state accepted.
 const MAX_STATE: usize = 16 << 20;
@@ -148,6 +150,7 @@ impl State {
                 exe: std::path::PathBuf::new(),
                 started: std::time::Instant::now(),
                 killed_because: None,
+                state_version: 0,
             });
         }
         Ok(())

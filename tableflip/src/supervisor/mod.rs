@@ -56,6 +56,7 @@ use crate::unixfile::SocketFile;
 use crate::upgrade::launch::Launch;
 use crate::{pidfile, sys};
 
+pub(crate) use carried::VERSION as STATE_VERSION;
 pub(crate) use carried::take_from_env as carried_state;
 
 /// How long, after the drain timeout, a stopping supervisor waits for its
@@ -168,6 +169,8 @@ struct Generation {
     started: Instant,
     /// Why the supervisor killed it, if it did.
     killed_because: Option<String>,
+    /// The newest carried-state version its binary reads (from `Ready`).
+    state_version: u32,
 }
 
 /// Who asked for an upgrade and wants the outcome: a generation's PID and
@@ -705,13 +708,14 @@ impl Supervisor {
                     g.received.push(Held { meta, fd });
                 }
             }
-            ToSupervisor::Ready { .. } => {
+            ToSupervisor::Ready { state_version, .. } => {
                 let starting = self.gens.iter().position(|g| {
                     g.pid == pid
                         && matches!(g.role, Role::Starting { .. })
                         && g.killed_because.is_none()
                 });
                 if let Some(i) = starting {
+                    self.gens[i].state_version = state_version;
                     self.commit(i);
                 }
             }
@@ -787,6 +791,7 @@ impl Supervisor {
                     exe: PathBuf::new(),
                     started: Instant::now(),
                     killed_because: None,
+                    state_version: 0,
                 };
                 self.start_failed(
                     &g,
@@ -905,6 +910,7 @@ impl Supervisor {
             exe,
             started: Instant::now(),
             killed_because: None,
+            state_version: 0,
         })
     }
 
@@ -974,8 +980,17 @@ impl Supervisor {
                 let asked = std::mem::take(&mut self.in_flight);
                 self.answer(&asked, &Ok((pid, number)));
                 if self.stop_deadline.is_none() {
-                    let exe = self.gens[i].exe.clone();
-                    self.reexec(&exe);
+                    let (exe, reads) = (self.gens[i].exe.clone(), self.gens[i].state_version);
+                    if reads >= STATE_VERSION {
+                        self.reexec(&exe);
+                    } else {
+                        tracing::warn!(
+                            executable = %exe.display(),
+                            reads,
+                            writes = STATE_VERSION,
+                            "supervisor: the new binary cannot read this supervisor's state (an older tableflip); the supervisor keeps running the previous binary, the generations run the new one; restart the service to replace the supervisor too"
+                        );
+                    }
                 }
             }
         }

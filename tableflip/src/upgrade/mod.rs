@@ -117,6 +117,12 @@ struct Inner {
     successor: Mutex<Option<(u32, Option<Signaller>)>>,
     /// In a generation of a supervised service: the supervisor.
     supervised: Option<Supervised>,
+    /// A stop has come after readiness: the PID file is removed when the
+    /// process is about to exit ([`Upgrader::release_pid_file`], or the
+    /// last `Upgrader` dropped), not at the stop, so that it names the
+    /// process as long as that process runs (a process manager reading it
+    /// during the drain finds the process it must wait for).
+    pid_file_at_exit: AtomicBool,
 }
 
 /// Locks `m`; a panic while it was held leaves the data usable (every
@@ -183,7 +189,7 @@ impl Upgrader {
             crate::supervisor::check_can_start()?;
             crate::supervisor::resume(opts, state?);
         }
-        let mode = Mode::from_env()?.unwrap_or(opts.mode);
+        let mode = Mode::from_env()?.unwrap_or(opts.get_mode());
         let handover = protocol::receive()?;
         if handover.is_none() && mode == Mode::Supervised {
             #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -307,8 +313,16 @@ impl Upgrader {
                 replacements: AtomicU32::new(0),
                 successor: Mutex::new(None),
                 supervised: None,
+                pid_file_at_exit: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Removes the PID file, if a stop after readiness left it for the
+    /// exit (see [`Upgrader::stop`]): called by `#[tableflip::main]` once
+    /// the drain is over.
+    pub(crate) fn release_pid_file(&self) {
+        self.inner.release_pid_file();
     }
 
     fn phase(&self) -> MutexGuard<'_, Phase> {
@@ -558,10 +572,13 @@ impl Upgrader {
     /// upgrade succeeded, the service really stops: systemd is told
     /// `STOPPING=1` (by the main process only: never by a child that was
     /// not ready yet), the Unix socket files this generation owns (never
-    /// those of sockets systemd passed) and its PID file are removed, and
-    /// the upgrader's own handles of listening sockets are closed, so that
-    /// each socket closes (and new clients are refused) as soon as the
-    /// program drops its handle. Idempotent.
+    /// those of sockets systemd passed) are removed, and the upgrader's
+    /// own handles of listening sockets are closed, so that each socket
+    /// closes (and new clients are refused) as soon as the program drops
+    /// its handle. The PID file stays, naming this process until it
+    /// exits: it is removed (if it still names this process) when the last
+    /// `Upgrader` clone is dropped, or by `#[tableflip::main]` once the
+    /// drain is over. Idempotent.
     ///
     /// An upgrade in flight decides first. The handover is committed when
     /// the new generation signals readiness: a stop before that kills and
@@ -707,6 +724,14 @@ impl Inner {
             file.remove();
         }
         if ready {
+            self.pid_file_at_exit.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Removes the PID file (if it still names this process) when a stop
+    /// has deferred it to the exit.
+    fn release_pid_file(&self) {
+        if self.pid_file_at_exit.swap(false, Ordering::SeqCst) {
             if let Some(path) = self.pid_file() {
                 pidfile::remove_if_ours(&path, std::process::id());
             }
@@ -723,6 +748,7 @@ impl Drop for Inner {
         if let (Some(ready), false) = (phase.owns_files(), self.stub) {
             self.remove_owned_files(ready);
         }
+        self.release_pid_file();
     }
 }
 

@@ -154,6 +154,7 @@ impl Upgrader {
         sup.send(
             &ToSupervisor::Ready {
                 pid: std::process::id(),
+                state_version: crate::supervisor::STATE_VERSION,
             },
             &[],
         )

@@ -20,6 +20,7 @@ mod procs;
 mod report;
 mod scenarios;
 mod stats;
+mod supervisor;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -54,9 +55,9 @@ usage: tableflip-bench [--quick] [--out DIR] [--only SECTIONS]
                   (default: bench/results for a full run, $TMPDIR/tableflip-bench-quick
                   for --quick)
   --only SECTIONS comma-separated subset of: latency, ballast, load, listeners,
-                  drain, generations, overhead (default: all)";
+                  drain, generations, overhead, supervisor (default: all)";
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "latency",
     "ballast",
     "load",
@@ -64,6 +65,7 @@ const SECTIONS: [&str; 7] = [
     "drain",
     "generations",
     "overhead",
+    "supervisor",
 ];
 
 struct Args {
@@ -298,6 +300,10 @@ fn run() -> Result<(), Error> {
     if on("overhead") {
         eprintln!("overhead against plain tokio");
         report.overhead = scenarios::overhead(&lab, &rt, &cfg)?;
+    }
+    if on("supervisor") {
+        eprintln!("supervised mode against replace mode");
+        report.supervisor = Some(supervisor::supervisor(&lab, &cfg)?);
     }
     // The ecdysis generations of the latency test, as a table row too.
     if let Some(ec) = report.latency.iter().find(|l| l.kind == Kind::Ecdysis) {

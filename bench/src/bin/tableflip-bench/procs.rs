@@ -206,7 +206,10 @@ impl Drop for Watchers {
     }
 }
 
-fn listen_notify(path: &Path, stop: Arc<AtomicBool>) -> Result<Arc<Log<Notification>>, Error> {
+pub(crate) fn listen_notify(
+    path: &Path,
+    stop: Arc<AtomicBool>,
+) -> Result<Arc<Log<Notification>>, Error> {
     let _ = std::fs::remove_file(path);
     let socket = UnixDatagram::bind(path)
         .map_err(|e| Error::msg(format!("cannot bind {}: {e}", path.display())))?;
@@ -348,7 +351,7 @@ impl Lab {
         }
     }
 
-    fn next_dir(&self, kind: Kind) -> Result<PathBuf, Error> {
+    pub(crate) fn next_dir(&self, kind: Kind) -> Result<PathBuf, Error> {
         let n = {
             let mut c = lock(&self.counter);
             *c += 1;
@@ -450,7 +453,10 @@ impl Service {
             .map_err(|e| Error::msg(format!("cannot open the service log: {e}")))?;
         let exe = lab.bin_dir.join(kind.binary());
         let mut cmd = Command::new(&exe);
-        cmd.env("BENCH_ADDR", addr.to_string())
+        // The peers' process model: each generation replaces the last
+        // (the supervised mode has its own scenario).
+        cmd.env("TABLEFLIP_MODE", "replace")
+            .env("BENCH_ADDR", addr.to_string())
             .env("BENCH_LISTENERS", listeners.to_string())
             .env("PID_FILE", dir.join("pid"))
             .env("NOTIFY_SOCKET", &notify_path)

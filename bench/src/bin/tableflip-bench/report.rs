@@ -9,6 +9,7 @@ use crate::scenarios::{
     ManyResult, OverheadResult,
 };
 use crate::stats::Summary;
+use crate::supervisor::SupervisorResult;
 
 /// Where the run happened.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -83,6 +84,7 @@ pub(crate) struct Report {
     pub(crate) drain: Vec<DrainResult>,
     pub(crate) many: Vec<ManyResult>,
     pub(crate) overhead: Vec<OverheadResult>,
+    pub(crate) supervisor: Option<SupervisorResult>,
 }
 
 fn f(v: f64) -> String {
@@ -153,6 +155,7 @@ impl Report {
         self.drain_table(&mut out);
         self.many_table(&mut out);
         self.overhead_table(&mut out);
+        self.supervisor_table(&mut out);
         out
     }
 
@@ -262,7 +265,90 @@ impl Report {
                 );
             }
         }
+        if let Some(s) = &self.supervisor {
+            let (sup, rep) = (s.supervised_ready.p50, s.replace_ready.p50);
+            let _ = writeln!(
+                out,
+                "| supervised mode: an upgrade no slower than replace mode (SIGHUP → ready, medians, same run) | {} ms vs {} ms: {} | {} |",
+                f(sup),
+                f(rep),
+                ratio(sup, rep),
+                yes(sup <= rep)
+            );
+            let m = s.after_upgrades;
+            let _ = writeln!(
+                out,
+                "| supervisor under 1.5 MiB RSS (after {} upgrades) | RSS {:.2} MiB, of which its own (USS) {:.2} MiB, PSS {:.2} MiB | {} |",
+                s.rounds,
+                kib_to_mib(m.rss_kib as f64),
+                kib_to_mib(m.uss_kib as f64),
+                kib_to_mib(m.pss_kib as f64),
+                if m.rss_kib < 1536 {
+                    "yes"
+                } else if m.uss_kib < 1536 {
+                    "USS yes, RSS no: see the note"
+                } else {
+                    "no"
+                }
+            );
+            let _ = writeln!(
+                out,
+                "| supervisor: no wake-ups when idle | {} context switches, {} CPU ticks in {:.0} s | {} |",
+                s.idle_context_switches,
+                s.idle_cpu_ticks,
+                s.idle_seconds,
+                yes(s.idle_context_switches == 0 && s.idle_cpu_ticks == 0)
+            );
+        }
         out.push('\n');
+    }
+
+    fn supervisor_table(&self, out: &mut String) {
+        let Some(s) = &self.supervisor else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "### Supervised mode against replace mode ({} upgrades each, interleaved; the same binary)\n",
+            s.rounds
+        );
+        let _ = writeln!(
+            out,
+            "| ms from SIGHUP | p50 | p90 | max |\n|---|---|---|---|"
+        );
+        for (name, v) in [
+            ("replace: new generation ready", &s.replace_ready),
+            ("supervised: new generation ready", &s.supervised_ready),
+            ("replace: old generation gone", &s.replace_gone),
+            ("supervised: old generation gone", &s.supervised_gone),
+        ] {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} |",
+                f(v.p50),
+                f(v.p90),
+                f(v.max)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n| the supervisor | RSS KiB | PSS KiB | USS KiB | anonymous KiB | threads |\n|---|---|---|---|---|---|"
+        );
+        for (name, m) in [
+            ("first generation ready", s.at_start),
+            ("after the upgrades (re-executed at each)", s.after_upgrades),
+        ] {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {} | {} |",
+                m.rss_kib, m.pss_kib, m.uss_kib, m.anon_kib, m.threads
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nIdle for {:.0} s: {} context switches, {} CPU ticks.\n",
+            s.idle_seconds, s.idle_context_switches, s.idle_cpu_ticks
+        );
     }
 
     fn latency_table(&self, out: &mut String) {

@@ -45,6 +45,8 @@ pub(crate) struct Config {
     /// and upgrades (each after a fresh start) of each library at each.
     pub(crate) ballast_mib: Vec<usize>,
     pub(crate) ballast_upgrades: usize,
+    /// Upgrades of each mode in the supervised-mode comparison.
+    pub(crate) supervisor_upgrades: usize,
 }
 
 impl Config {
@@ -65,6 +67,7 @@ impl Config {
                 overhead_requests: 500,
                 ballast_mib: vec![0, 256],
                 ballast_upgrades: 5,
+                supervisor_upgrades: 5,
             }
         } else {
             Config {
@@ -81,6 +84,7 @@ impl Config {
                 overhead_requests: 5000,
                 ballast_mib: vec![0, 256, 1024],
                 ballast_upgrades: 20,
+                supervisor_upgrades: 30,
             }
         }
     }

@@ -1,0 +1,57 @@
+#!/bin/bash
+# Runs scenarios.sh for every unit and mode below under systemd 252 and 254
+# (../shared/tools/systemd-pid1/, as root) and prints one markdown table per
+# systemd version and configuration: the tables of ../README.md.
+#
+#   sudo examples/systemd/check/run-all.sh PATH/TO/systemd-pid1 DEMO_BINARY [OUT]
+#
+# DEMO_BINARY: a release build of examples/http.rs
+# (`cargo build --release --example http`, then target/release/examples/http).
+# OUT (default: a new directory under $TMPDIR) keeps every run's results.
+# About 90 s per run, 10 runs.
+set -uo pipefail
+
+TOOL=${1:?usage: run-all.sh PATH/TO/systemd-pid1 DEMO_BINARY [OUT]}
+BIN=${2:?usage: run-all.sh PATH/TO/systemd-pid1 DEMO_BINARY [OUT]}
+OUT=${3:-$(mktemp -d "${TMPDIR:-/tmp}/tableflip-systemd-XXXXXX")}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+UNITS=$(cd "$HERE/.." && pwd)
+mkdir -p "$OUT"
+# bash reads a script as it runs it: run a copy, so that editing the
+# original meanwhile cannot change a run half-way.
+cp "$HERE/scenarios.sh" "$OUT/scenarios.sh"
+
+# unit file : mode ("" = as the unit says)
+CONFIGS=(
+    "$HERE/obvious.service:"
+    "$HERE/obvious.service:replace"
+    "$UNITS/tableflip-demo-supervised.service:"
+    "$UNITS/tableflip-demo-notify.service:"
+    "$UNITS/tableflip-demo-pidfile.service:"
+)
+status=0
+for v in ${VERSIONS:-252 254}; do
+    for c in "${CONFIGS[@]}"; do
+        unit=${c%%:*} mode=${c##*:}
+        name=$(basename "$unit" .service)
+        res="$OUT/$v-$name${mode:+-$mode}"
+        rm -rf "$res"; mkdir -p "$res"
+        echo "== systemd $v, $name${mode:+ (TABLEFLIP_MODE=$mode)}" >&2
+        RES=$res timeout 900 "$TOOL/run" -v "$v" --bin "$BIN:tableflip-demo" --unit "$unit" \
+            "$OUT/scenarios.sh" "$name.service" $mode > "$res/run.log" 2>&1 || status=1
+        {
+            echo
+            echo "#### systemd $v, \`$name.service\`${mode:+ with TABLEFLIP_MODE=$mode}"
+            echo
+            if [ -s "$res/summary.tsv" ]; then
+                head -1 "$res/summary.tsv" | sed 's/\t/ | /g; s/^/| /; s/$/ |/'
+                head -1 "$res/summary.tsv" | sed 's/[^\t]*/---/g; s/\t/|/g; s/^/|/; s/$/|/'
+                tail -n +2 "$res/summary.tsv" | sed 's/|/\\|/g; s/\t/ | /g; s/^/| /; s/$/ |/'
+            else
+                echo "(no results: see $res/run.log)"
+            fi
+        } | tee -a "$OUT/tables.md"
+    done
+done
+echo "tables: $OUT/tables.md" >&2
+exit $status
