@@ -437,6 +437,78 @@ fn the_runtime_api_example_runs_supervised() {
     assert!(!pid_file.exists());
 }
 
+/// Socket activation: the supervisor takes the socket systemd passed
+/// (`systemd-socket-activate` stands in for systemd), hands it to every
+/// generation, and keeps it across upgrades; the generations never bind
+/// the address themselves (they could not: the passed socket holds it).
+#[test]
+fn activated_sockets_are_held_by_the_supervisor() {
+    let h = Harness::new("sup-activated");
+    let tcp = format!("127.0.0.1:{}", free_port());
+    let unix = h.ctl.path().join("u.sock");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let activate = std::env::split_paths(&path)
+        .map(|d| d.join("systemd-socket-activate"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("systemd-socket-activate is not installed: apt-get install systemd (.ci/run does it)")
+        });
+    let mut cmd = Command::new(activate);
+    cmd.arg(format!("--listen={tcp}")).arg("--fdname=TCP");
+    for (k, v) in [
+        ("TF_CTL", h.ctl.path().display().to_string()),
+        ("TABLEFLIP_MODE", "supervised".to_owned()),
+        ("MS_UNIX", unix.display().to_string()),
+        ("RUST_LOG", "info".to_owned()),
+    ] {
+        cmd.arg(format!("--setenv={k}={v}"));
+    }
+    cmd.arg(MACRO_SVC).stdin(std::process::Stdio::null());
+    let mut svc = Service::spawn(cmd);
+    // systemd-socket-activate execs the service in place: this is the
+    // supervisor.
+    let sup = svc.first_pid();
+    let mut reply = None;
+    wait_until("the activated socket is served", || {
+        reply = tcp_get_line(&tcp, "GET").ok();
+        reply.is_some()
+    });
+    let first = svc.wait_kind("start", None);
+    assert_ne!(first.pid, sup, "the supervisor runs no application code");
+    assert_eq!(parent_of(first.pid), Some(sup));
+    assert_eq!(reply.map(|r| reply_pid(&r)), Some(first.pid));
+    let ev = svc.wait_for("TCP listening", |e| {
+        e.pid == first.pid && e.kind == "listening" && e.get("name") == "TCP"
+    });
+    assert_eq!(
+        ev.get("addr"),
+        tcp,
+        "the passed socket, not the declared address"
+    );
+    svc.wait_kind("init-done", Some(first.pid));
+
+    signal(sup, Signal::SIGHUP);
+    let second = svc.wait_for("a new generation", |e| {
+        e.kind == "start" && e.pid != first.pid && e.pid != sup
+    });
+    let ev = svc.wait_for("TCP listening in generation 2", |e| {
+        e.pid == second.pid && e.kind == "listening" && e.get("name") == "TCP"
+    });
+    assert_eq!(ev.get("addr"), tcp);
+    svc.wait_kind("draining", Some(first.pid));
+    wait_gone(first.pid);
+    assert_eq!(
+        reply_pid(&tcp_get_line(&tcp, "GET").expect("served after the upgrade")),
+        second.pid
+    );
+
+    signal(sup, Signal::SIGTERM);
+    let status = svc.wait_first();
+    assert_eq!(status.code(), Some(0), "the supervisor exits 0: {status:?}");
+    svc.wait_all_exited();
+    assert!(tcp_refused(&tcp), "nothing listens after the stop");
+}
+
 fn http_get(addr: &str) -> String {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(addr).expect("connect");

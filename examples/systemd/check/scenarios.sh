@@ -73,7 +73,9 @@ try:
     r=json.loads(open(sys.argv[1]).readline())
 except Exception:
     print("none"); sys.exit()
-print("ok" if r.get("slow") == "ok" else "cut:" + str(r.get("error") or r.get("status") or r.get("slow")))' "$RES/$1.slow"
+# One word: the row is split on spaces.
+why = str(r.get("error") or r.get("status") or r.get("slow")).split(":")[0]
+print("ok" if r.get("slow") == "ok" else "cut:" + why.replace(" ", "_"))' "$RES/$1.slow"
 }
 load_start() {
     rm -f "$RES/$1.load"
