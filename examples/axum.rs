@@ -4,14 +4,15 @@
 //!
 //! ```text
 //! cargo run --release -p tableflip-examples-more --example axum
-//! curl http://127.0.0.1:8080/              # pid <N>
-//! kill -HUP <N>                            # a new pid serves the same socket
+//! curl http://127.0.0.1:8080/              # pid <N>: the serving generation
+//! kill -HUP <N>                            # a new generation serves the same socket
 //! curl 'http://127.0.0.1:8080/slow?ms=2000'
 //! ```
 //!
 //! - `HTTP_ADDR`: the address (default `127.0.0.1:8080`);
-//! - `PID_FILE`: where to write the PID of the generation that serves
-//!   (none if unset);
+//! - `PID_FILE`: where to write the PID to signal (none if unset): the
+//!   supervisor's in supervised mode (the default; it never changes), the
+//!   serving generation's with `TABLEFLIP_MODE=replace`;
 //! - `GET /` answers `pid <N>`; `GET /slow?ms=N` waits N milliseconds
 //!   first;
 //! - `SIGHUP` upgrades; `SIGTERM`/`SIGINT` stop gracefully (a second one

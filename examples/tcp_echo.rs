@@ -1,8 +1,8 @@
 //! A TCP echo service on the macros, upgradeable with `kill -HUP <pid>`.
 //!
 //! ```text
-//! ECHO_ADDR=127.0.0.1:7000 PID_FILE=/tmp/echo.pid cargo run --example tcp_echo
-//! kill -HUP $(cat /tmp/echo.pid)
+//! ECHO_ADDR=127.0.0.1:7000 PID_FILE=echo.pid cargo run -p tableflip-examples-more --example tcp_echo
+//! kill -HUP $(cat echo.pid)
 //! ```
 //!
 //! The pattern for any custom protocol over TCP (or a Unix stream socket):

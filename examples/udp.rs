@@ -2,7 +2,7 @@
 //! datagram is answered with `pid <N>: <datagram>`.
 //!
 //! ```text
-//! UDP_ADDR=127.0.0.1:5300 cargo run --example udp
+//! UDP_ADDR=127.0.0.1:5300 cargo run -p tableflip-examples-more --example udp
 //! ```
 //!
 //! Both generations share one kernel socket during the overlap: datagrams

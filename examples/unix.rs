@@ -2,7 +2,7 @@
 //! each connection gets `pid <N>` and is closed.
 //!
 //! ```text
-//! UNIX_PATH=/tmp/tableflip-demo.sock cargo run --example unix
+//! UNIX_PATH=/tmp/tableflip-demo.sock cargo run -p tableflip-examples-more --example unix
 //! socat - UNIX-CONNECT:/tmp/tableflip-demo.sock
 //! ```
 //!

@@ -891,12 +891,16 @@ pub(crate) fn sealed_memfd(name: &std::ffi::CStr, data: &[u8]) -> io::Result<Own
 /// larger than `limit`.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) fn read_sealed_memfd(fd: BorrowedFd<'_>, limit: usize) -> io::Result<Vec<u8>> {
-    let seals = nix::fcntl::SealFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GET_SEALS)?);
+    let not_sealed = || io::Error::new(io::ErrorKind::InvalidData, "not a sealed memory file");
+    // EINVAL: a file that cannot have seals at all (a regular file, a
+    // pipe, a device).
+    let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
+        Ok(bits) => nix::fcntl::SealFlag::from_bits_retain(bits),
+        Err(nix::errno::Errno::EINVAL) => return Err(not_sealed()),
+        Err(e) => return Err(e.into()),
+    };
     if !seals.contains(nix::fcntl::SealFlag::F_SEAL_WRITE) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a sealed memory file",
-        ));
+        return Err(not_sealed());
     }
     let size = nix::sys::stat::fstat(fd)?.st_size;
     let size = usize::try_from(size).unwrap_or(usize::MAX);

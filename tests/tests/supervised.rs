@@ -284,9 +284,60 @@ fn a_broken_new_binary_leaves_the_old_generation_serving() {
     s.stop();
 }
 
+/// A deploy that replaces the binary while a new generation initialises:
+/// the supervisor re-executes itself into the binary that generation runs
+/// (checked, ready), never into what the path names by then (here a
+/// program that exits at once, which would end the service).
+#[test]
+fn the_supervisor_re_executes_into_the_binary_its_generation_runs() {
+    use std::os::unix::fs::MetadataExt;
+    let h = Harness::new("sup-swap");
+    let mut s = start(&h.ctl, &[]);
+    let old = s.current;
+    // The next generation: a wrapper that waits for `go`, then runs a
+    // copy of the service (another file, another inode).
+    let real = h.ctl.path().join("app-real");
+    install_exe(MACRO_SVC, &real, 2);
+    let go = h.ctl.path().join("go");
+    let write_script = |text: String| {
+        let tmp = h.ctl.path().join("script.tmp");
+        std::fs::write(&tmp, text).expect("write the script");
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        std::fs::rename(&tmp, &s.exe).expect("install the script");
+    };
+    let waiting = h.ctl.path().join("waiting");
+    write_script(format!(
+        "#!/bin/sh\ntouch {waiting}\nwhile [ ! -e {go} ]; do sleep 0.05; done\nexec {real} \"$@\"\n",
+        waiting = waiting.display(),
+        go = go.display(),
+        real = real.display()
+    ));
+    signal(s.sup, Signal::SIGHUP);
+    // The wrapper runs (no tableflip generation yet); the path now names
+    // a program that exits at once.
+    wait_until("the wrapper waits", || waiting.exists());
+    write_script("#!/bin/sh\nexit 3\n".to_owned());
+    std::fs::write(&go, "").expect("go");
+    let new = s.next_generation();
+    s.svc.wait_kind("draining", Some(old));
+    wait_gone(old);
+    let want = std::fs::metadata(&real).map(|m| (m.dev(), m.ino())).ok();
+    wait_until("the supervisor runs the generation's binary", || {
+        std::fs::metadata(format!("/proc/{}/exe", s.sup))
+            .map(|m| (m.dev(), m.ino()))
+            .ok()
+            == want
+    });
+    assert_eq!(s.serving(), new);
+    assert_eq!(pid_file_pid(&s.pid_file), Some(s.sup));
+    s.stop();
+}
+
 /// `SIGTERM` to the supervisor right after an upgrade, with a slow request
-/// in flight on the draining generation: the request is answered, every
-/// process exits, the supervisor last, with status 0.
+/// in flight on the draining generation: new connections are refused at
+/// once, the request is answered, every process exits, the supervisor
+/// last, with status 0.
 #[test]
 fn a_stop_right_after_an_upgrade_answers_the_request_in_flight() {
     let h = Harness::new("sup-stop");
@@ -298,7 +349,7 @@ fn a_stop_right_after_an_upgrade_answers_the_request_in_flight() {
             use std::io::{Read, Write};
             let mut c = std::net::TcpStream::connect(&tcp)?;
             c.set_read_timeout(Some(DEADLINE))?;
-            c.write_all(b"SLOW 1500\n")?;
+            c.write_all(b"SLOW 3000\n")?;
             let mut out = String::new();
             c.read_to_string(&mut out)?;
             Ok(out)
@@ -309,6 +360,10 @@ fn a_stop_right_after_an_upgrade_answers_the_request_in_flight() {
     let new = s.next_generation();
     s.svc.wait_kind("draining", Some(old));
     signal(s.sup, Signal::SIGTERM);
+    // New clients are refused at once, not left in a backlog nobody
+    // accepts from, while the request in flight is still being answered.
+    wait_until("new connections are refused", || tcp_refused(&s.tcp));
+    assert!(!slow.is_finished(), "refused while the drain still runs");
     let reply = slow
         .join()
         .expect("slow client")
@@ -509,6 +564,143 @@ fn activated_sockets_are_held_by_the_supervisor() {
     assert!(tcp_refused(&tcp), "nothing listens after the stop");
 }
 
+/// What systemd hears in supervised mode: every notification comes from
+/// the supervisor (the main PID), none names another `MAINPID=`, and the
+/// generations do not get `NOTIFY_SOCKET`: `READY=1` with the serving
+/// generation in `STATUS=`; per upgrade `RELOADING=1` with
+/// `MONOTONIC_USEC=`, then `READY=1`; `STOPPING=1` on stop.
+#[test]
+fn only_the_supervisor_notifies_and_never_sends_mainpid() {
+    use tableflip_tests::notify::{Notify, contains, expect, is};
+    let h = Harness::new("sup-notify");
+    let mut notify = Notify::at_path(&h.ctl);
+    let env = notify.env.clone();
+    let mut s = start(&h.ctl, &[("NOTIFY_SOCKET", &env)]);
+    let first = s.current;
+    let ready = notify.next("READY=1 at the start");
+    expect(
+        &ready,
+        s.sup,
+        &[
+            ("READY", is(1)),
+            ("STATUS", contains(format!("generation 1, pid {first}"))),
+        ],
+    );
+    for _ in 0..2 {
+        let old = s.current;
+        let new = s.upgrade_via(s.sup);
+        assert_ne!(new, old);
+        let reloading = notify.next("RELOADING=1");
+        assert_eq!(reloading.sender, s.sup, "{:?}", reloading.raw);
+        assert_eq!(reloading.get("RELOADING"), Some("1"), "{:?}", reloading.raw);
+        assert!(reloading.has("MONOTONIC_USEC"), "{:?}", reloading.raw);
+        let done = notify.next("READY=1 after the upgrade");
+        expect(
+            &done,
+            s.sup,
+            &[("READY", is(1)), ("STATUS", contains(format!("pid {new}")))],
+        );
+    }
+    let sup = s.sup;
+    s.stop();
+    let stopping = notify.next("STOPPING=1");
+    assert_eq!(stopping.sender, sup);
+    assert!(stopping.has("STOPPING"), "{:?}", stopping.raw);
+    notify.assert_quiet("after the supervisor exited");
+    assert!(
+        notify.log.iter().all(|n| !n.has("MAINPID")),
+        "no MAINPID= in supervised mode: {:?}",
+        notify.summaries()
+    );
+}
+
+/// A forged `TABLEFLIP_SUPERVISOR` state (what a hostile environment can
+/// hand the binary) naming PID 0 (to `kill` and `waitid`, the caller's
+/// whole process group) and a process that is not the supervisor's child
+/// as its generations: neither is adopted, signalled or waited for; with
+/// nothing left serving, the supervisor starts a generation of its own.
+#[test]
+fn a_forged_state_naming_pid_0_and_a_stranger_adopts_neither() {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    use std::io::Write as _;
+    let h = Harness::new("sup-forged");
+    /// Kills the stranger whatever happens.
+    struct Victim(std::process::Child);
+    impl Drop for Victim {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut victim = Victim(Command::new("sleep").arg("600").spawn().expect("sleep"));
+    let state = format!(
+        r#"{{"version":1,"generation":3,"announced":true,"held":[],"generations":[{{"pid":0,"number":3,"draining":false,"parent_pipe_fd":8}},{{"pid":{},"number":2,"draining":true,"parent_pipe_fd":9}}]}}"#,
+        victim.0.id()
+    );
+    let memfd = memfd_create(
+        c"forged",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .expect("memfd_create");
+    let mut file = std::fs::File::from(memfd);
+    file.write_all(state.as_bytes()).expect("write the state");
+    fcntl(
+        &file,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK,
+        ),
+    )
+    .expect("seal");
+    let fifo = h.ctl.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    // The state on fd 7 (from stdin), pipes on fds 8 and 9, then the
+    // service in place of the shell, in a process group of its own.
+    let mut cmd = Command::new("/bin/sh");
+    use std::os::unix::process::CommandExt as _;
+    cmd.arg("-c")
+        .arg(r#"exec 7<&0 8<>"$FIFO" 9<>"$FIFO" </dev/null; exec "$0""#)
+        .arg(MACRO_SVC)
+        .process_group(0)
+        .stdin(std::process::Stdio::from(file))
+        .env("FIFO", &fifo)
+        .env("TABLEFLIP_SUPERVISOR", "1:7")
+        .env("TABLEFLIP_MODE", "supervised")
+        .env("TF_CTL", h.ctl.path())
+        .env("MS_UNIX", h.ctl.path().join("u.sock"))
+        .env("RUST_LOG", "info");
+    let mut svc = Service::spawn(cmd);
+    let sup = svc.first_pid();
+    let started = svc.wait_kind("start", None);
+    assert_ne!(started.pid, sup);
+    assert_eq!(
+        started.get("gen"),
+        "4",
+        "the generation after the carried one"
+    );
+    assert_eq!(parent_of(started.pid), Some(sup));
+    let tcp = svc
+        .wait_for("TCP listening", |e| {
+            e.pid == started.pid && e.get("name") == "TCP"
+        })
+        .get("addr")
+        .to_owned();
+    svc.wait_kind("init-done", Some(started.pid));
+    assert_eq!(
+        reply_pid(&tcp_get_line(&tcp, "GET").expect("the new generation serves")),
+        started.pid
+    );
+    signal(sup, Signal::SIGTERM);
+    let status = svc.wait_first();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    svc.wait_all_exited();
+    assert_eq!(
+        victim.0.try_wait().expect("try_wait"),
+        None,
+        "the stranger named in the state was left alone"
+    );
+}
+
 fn http_get(addr: &str) -> String {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(addr).expect("connect");
@@ -551,6 +743,48 @@ fn an_unknown_mode_is_an_error_naming_it() {
         stderr.contains("TABLEFLIP_MODE=\"supervisor\"") && stderr.contains("`supervised`"),
         "{stderr}"
     );
+}
+
+/// A `TABLEFLIP_SUPERVISOR` that is not a state this supervisor wrote
+/// (garbage, a standard stream, a closed fd, a version from the future,
+/// an fd that is not a sealed memory file): a startup error naming the
+/// variable and the problem, exit status 1, nothing started.
+#[test]
+fn a_bogus_carried_state_is_an_error_naming_it() {
+    let _serial = serial();
+    let regular = Scratch::new("sup-bogus");
+    let path = regular.path().join("state");
+    std::fs::write(&path, "{}").expect("write");
+    for (value, says) in [
+        ("garbage", "is not `<version>:<fd>`"),
+        ("1:1", "standard stream"),
+        ("1:-1", "not a file descriptor"),
+        ("0:7", "version 0"),
+        ("9:7", "version 9"),
+        ("1:987", "fd 987"),
+        ("1:7", "not a sealed memory file"),
+    ] {
+        let file = std::fs::File::open(&path).expect("open");
+        let out = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(r#"exec 7<&0 </dev/null; exec "$0""#)
+            .arg(MACRO_SVC)
+            .stdin(std::process::Stdio::from(file))
+            .env("TABLEFLIP_SUPERVISOR", value)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run the service");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{value}: {stderr}");
+        assert!(
+            stderr.contains("carried across exec is unusable") && stderr.contains(says),
+            "{value}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("\"start\"") && !stderr.contains("starting the first generation"),
+            "{value}: nothing started: {stderr}"
+        );
+    }
 }
 
 /// The processes whose parent is `pid` (from `/proc`), with their command

@@ -8,7 +8,8 @@
 # DEMO_BINARY: a release build of examples/http.rs
 # (`cargo build --release --example http`, then target/release/examples/http).
 # OUT (default: a new directory under $TMPDIR) keeps every run's results.
-# About 90 s per run, 10 runs.
+# About 90 s per run, 10 runs. VERSIONS="254" or ONLY=supervised (a part
+# of the unit's name) run fewer.
 set -uo pipefail
 
 TOOL=${1:?usage: run-all.sh PATH/TO/systemd-pid1 DEMO_BINARY [OUT]}
@@ -34,6 +35,8 @@ for v in ${VERSIONS:-252 254}; do
     for c in "${CONFIGS[@]}"; do
         unit=${c%%:*} mode=${c##*:}
         name=$(basename "$unit" .service)
+        # ONLY=word: just the configurations whose name contains it.
+        case "$name${mode:+-$mode}" in *"${ONLY:-}"*) ;; *) continue ;; esac
         res="$OUT/$v-$name${mode:+-$mode}"
         rm -rf "$res"; mkdir -p "$res"
         echo "== systemd $v, $name${mode:+ (TABLEFLIP_MODE=$mode)}" >&2

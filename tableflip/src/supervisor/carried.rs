@@ -20,6 +20,7 @@ use super::{Backoff, Generation, Held, Role, Supervisor};
 use crate::error::{Error, Result};
 use crate::protocol::EntryMeta;
 use crate::sys;
+use crate::upgrade::launch::Executable;
 
 /// The environment variable that names the carried state.
 pub(crate) const ENV: &str = "TABLEFLIP_SUPERVISOR";
@@ -42,6 +43,11 @@ struct Saved {
     held: Vec<EntryMeta>,
     #[serde(default)]
     generations: Vec<SavedGeneration>,
+    /// The path the generations start from (absolute, or relative to the
+    /// start directory): the re-executed supervisor was started through
+    /// `/proc/<pid>/exe`, which says nothing about it.
+    #[serde(default)]
+    executable: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -82,10 +88,16 @@ fn read(value: &str) -> Result<State> {
         .split_once(':')
         .and_then(|(v, f)| Some((v.parse::<u32>().ok()?, f.parse::<RawFd>().ok()?)))
         .ok_or_else(|| bad(format!("{ENV}={value:?} is not `<version>:<fd>`")))?;
-    if version == 0 || version > VERSION {
+    if version == 0 {
+        return Err(bad("version 0 does not exist"));
+    }
+    if version > VERSION {
         return Err(bad(format!(
             "version {version}; this build reads versions 1 to {VERSION} (the previous binary had a newer tableflip: restart the service to downgrade)"
         )));
+    }
+    if fd < 0 {
+        return Err(bad(format!("{fd} is not a file descriptor")));
     }
     if fd <= 2 {
         return Err(bad(format!("fd {fd} is a standard stream")));
@@ -109,6 +121,12 @@ impl State {
             sys::claim_received(fd).map_err(|e| bad(format!("the {what}: fd {fd} {e}")))
         };
         let saved = self.saved;
+        if let Some(path) = saved.executable {
+            s.launch.exe = Executable::Path {
+                path,
+                from: "the path the supervisor carried across its exec",
+            };
+        }
         s.generation = saved.generation;
         s.announced = saved.announced;
         s.upgrade_wanted = saved.upgrade_wanted;
@@ -161,16 +179,21 @@ impl State {
 /// reaped here: `waitid` with `WNOWAIT`).
 fn is_child(pid: u32) -> bool {
     use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    // 0 and negative numbers name process groups to `kill` and `waitid`,
+    // never a child; 1 is init and this process is not its parent.
     let Ok(raw) = i32::try_from(pid) else {
         return false;
     };
-    !matches!(
-        waitid(
-            Id::Pid(nix::unistd::Pid::from_raw(raw)),
-            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
-        ),
-        Err(nix::errno::Errno::ECHILD)
+    if raw <= 1 || pid == std::process::id() {
+        return false;
+    }
+    // Only a positive answer counts: `Ok` means the PID is an unreaped
+    // child (running, or exited and waiting for us).
+    waitid(
+        Id::Pid(nix::unistd::Pid::from_raw(raw)),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
     )
+    .is_ok()
 }
 
 /// The state written out, ready for the `exec`.
@@ -221,6 +244,10 @@ impl Outgoing {
                 parent_pipe_fd: g.parent_pipe.as_raw_fd(),
             });
         }
+        let executable = match &s.launch.exe {
+            Executable::Path { path, .. } => Some(path.clone()),
+            Executable::Unknown { .. } => None,
+        };
         let saved = Saved {
             version: VERSION,
             generation: s.generation,
@@ -228,6 +255,7 @@ impl Outgoing {
             upgrade_wanted: s.upgrade_wanted,
             held,
             generations,
+            executable,
         };
         let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
         let file = sys::sealed_memfd(c"tableflip-supervisor", &bytes)?;

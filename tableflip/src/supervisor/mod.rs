@@ -237,6 +237,9 @@ struct Supervisor {
     failed_replacements: u32,
     /// Set once the service stops: when to kill what is left.
     stop_deadline: Option<Instant>,
+    /// The files of the Unix sockets closed at the stop, removed at the
+    /// exit.
+    files_at_exit: Vec<crate::unixfile::SocketFile>,
     /// A second stop signal arrived.
     stop_now: bool,
     exit_code: i32,
@@ -269,6 +272,7 @@ impl Supervisor {
             backoff: Backoff::default(),
             failed_replacements: 0,
             stop_deadline: None,
+            files_at_exit: Vec::new(),
             stop_now: false,
             exit_code: 0,
             buf: Vec::new(),
@@ -304,7 +308,13 @@ impl Supervisor {
             sockets = s.held.len(),
             "supervisor: running the new binary"
         );
-        if s.upgrade_wanted {
+        if !s.gens.iter().any(|g| g.role == Role::Serving) {
+            // The serving generation was forgotten (not a child: a state
+            // that was not this supervisor's own) or named none.
+            tracing::warn!("supervisor: no generation serves after re-executing; starting one");
+            s.upgrade_wanted = false;
+            s.start_generation(Purpose::Replace);
+        } else if s.upgrade_wanted {
             tracing::info!("supervisor: an upgrade was asked for during the last one: starting it");
             s.start_upgrade();
         }
@@ -409,7 +419,7 @@ impl Supervisor {
             .collect();
         for (pid, _) in late {
             let timeout = self.opts.upgrade_timeout;
-            self.kill(pid, format!("it was not ready within {timeout:?}"));
+            self.kill(pid, format!("was not ready within {timeout:?}"));
         }
         if self.replace_at.is_some_and(|t| t <= now) {
             self.replace_at = None;
@@ -600,8 +610,17 @@ impl Supervisor {
                 self.stop("the first generation's failure");
             }
             Purpose::Upgrade => {
-                let error = format!("the new generation (pid {}) {reason}", g.pid);
-                tracing::warn!(error = %error, "upgrade failed; the serving generation keeps serving");
+                // PID 0: it never existed (the spawn itself failed).
+                let error = if g.pid == 0 {
+                    format!("the new generation {reason}")
+                } else {
+                    format!("the new generation (pid {}) {reason}", g.pid)
+                };
+                if self.stop_deadline.is_some() {
+                    tracing::info!(error = %error, "upgrade abandoned: the service is stopping");
+                } else {
+                    tracing::warn!(error = %error, "upgrade failed; the serving generation keeps serving");
+                }
                 let current = self.serving().map(|s| (s.number, s.pid));
                 self.notify.notify(&Notice::UpgradeFailedText {
                     generation: current.map_or(0, |c| c.0),
@@ -982,7 +1001,7 @@ impl Supervisor {
                 if self.stop_deadline.is_none() {
                     let (exe, reads) = (self.gens[i].exe.clone(), self.gens[i].state_version);
                     if reads >= STATE_VERSION {
-                        self.reexec(&exe);
+                        self.reexec(pid, &exe);
                     } else {
                         tracing::warn!(
                             executable = %exe.display(),
@@ -1011,10 +1030,8 @@ impl Supervisor {
         }
         if !self.announced {
             self.announced = true;
-            self.notify.notify(&Notice::Ready {
-                generation: number,
-                pid: std::process::id(),
-            });
+            // `READY=1` and the status in one datagram, from the main
+            // process itself: no `MAINPID=`.
             self.notify.notify(&Notice::Serving {
                 generation: number,
                 pid,
@@ -1145,6 +1162,17 @@ impl Supervisor {
                 }
             }
         }
+        // The generations close their handles as they start draining; with
+        // the supervisor's closed too, a new connection is refused at once
+        // (a load balancer tries elsewhere) instead of waiting in a backlog
+        // nobody accepts from any more. Socket files go at the exit.
+        for h in std::mem::take(&mut self.held) {
+            if !h.meta.activated {
+                if let Some(file) = self.file_of(&h) {
+                    self.files_at_exit.push(file);
+                }
+            }
+        }
     }
 
     /// After the last generation has exited: removes what the service
@@ -1157,6 +1185,9 @@ impl Supervisor {
             if let Some(file) = self.file_of(&h) {
                 file.remove();
             }
+        }
+        for file in std::mem::take(&mut self.files_at_exit) {
+            file.remove();
         }
         if let Some(path) = &self.pid_file {
             pidfile::remove_if_ours(path, std::process::id());
@@ -1184,7 +1215,13 @@ impl Supervisor {
 
     /// Re-executes this process into the new binary, keeping its PID, its
     /// children and its state. On failure, carries on with the old binary.
-    fn reexec(&mut self, exe: &std::path::Path) {
+    /// Re-executes the supervisor into the binary that the generation
+    /// `pid` runs: `/proc/<pid>/exe`, that very file, not whatever is at
+    /// the path `exe` by now (a deploy may have replaced it since the
+    /// generation started, with a binary nobody checked, or the path may
+    /// name a wrapper script). The path the next generations start from
+    /// is carried in the state.
+    fn reexec(&mut self, pid: u32, exe: &std::path::Path) {
         let state = match carried::Outgoing::capture(self) {
             Ok(s) => s,
             Err(e) => {
@@ -1198,12 +1235,14 @@ impl Supervisor {
         if argv.is_empty() {
             argv.push(exe.as_os_str().to_owned());
         }
-        tracing::info!(executable = %exe.display(), "supervisor: re-executing itself into the new binary (same pid)");
-        let error = state.exec(self, exe, &argv, &env);
+        let running = PathBuf::from(format!("/proc/{pid}/exe"));
+        tracing::info!(executable = %exe.display(), generation_pid = pid, "supervisor: re-executing itself into the new generation's binary (same pid)");
+        let error = state.exec(self, &running, &argv, &env);
         tracing::warn!(
             executable = %exe.display(),
+            generation_pid = pid,
             error = %error,
-            "supervisor: cannot re-execute itself into the new binary; it keeps running the previous one (the generations run the new one)"
+            "supervisor: cannot re-execute itself into the new generation's binary; it keeps running the previous one (the generations run the new one)"
         );
     }
 }
