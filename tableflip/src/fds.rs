@@ -173,6 +173,9 @@ pub(crate) struct Registry {
     /// address; closed at readiness.
     stale: Vec<(String, Entry)>,
     next_id: u64,
+    /// A generation of a supervised service: only listening sockets go
+    /// from one generation to the next (through the supervisor).
+    supervised: bool,
 }
 
 impl Registry {
@@ -775,8 +778,11 @@ impl Fds {
     /// # Errors
     ///
     /// [`Error::DuplicateName`] if `name` is taken; an error if `conn` is not
-    /// a connected socket of a supported network.
+    /// a connected socket of a supported network; [`Error::Supervisor`] in
+    /// a generation of a supervised service, where only listening sockets
+    /// are handed on (replace mode hands connections and files on).
     pub fn add_conn<T: Conn>(&self, name: &str, conn: T) -> Result<Handover<T>> {
+        self.check_handed_on(name, "connection")?;
         let (network, address) =
             socket::inspect(conn.as_fd(), Kind::Conn).map_err(|r| mismatch(name, Kind::Conn, r))?;
         let own = sys::dup_handed_on(conn.as_fd())
@@ -798,8 +804,10 @@ impl Fds {
     /// # Errors
     ///
     /// [`Error::DuplicateName`] if `name` is taken; an error if `file` is a
-    /// socket.
+    /// socket; [`Error::Supervisor`] in a generation of a supervised
+    /// service, as for `add_conn`.
     pub fn add_file<T: File>(&self, name: &str, file: T) -> Result<Handover<T>> {
+        self.check_handed_on(name, "file")?;
         socket::check_fd(file.as_fd(), Kind::File, None)
             .map_err(|r| mismatch(name, Kind::File, r))?;
         let own = sys::dup_handed_on(file.as_fd())
@@ -813,6 +821,23 @@ impl Fds {
             name: name.to_owned(),
             id,
         })
+    }
+
+    /// Marks this process as a generation of a supervised service.
+    pub(crate) fn set_supervised(&self) {
+        lock(&self.registry).supervised = true;
+    }
+
+    /// Connections and files are handed on in replace mode only.
+    fn check_handed_on(&self, name: &str, what: &str) -> Result<()> {
+        if lock(&self.registry).supervised {
+            return Err(Error::Supervisor {
+                reason: format!(
+                    "the {what} {name:?} cannot be handed on: in supervised mode only listening sockets go from one generation to the next (through the supervisor), established connections and files do not yet; run in replace mode to hand them on (TABLEFLIP_MODE=replace, or #[tableflip::main(mode = \"replace\")])"
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn insert(&self, name: &str, entry: Entry) -> Result<u64> {

@@ -614,6 +614,26 @@ fn only_the_supervisor_notifies_and_never_sends_mainpid() {
     );
 }
 
+/// `fds().add_file` (and `add_conn`) in a supervised generation: an error
+/// that says only listening sockets are handed on in this mode, and how
+/// to get replace mode; never a file silently left behind at an upgrade.
+#[test]
+fn handing_on_a_file_in_supervised_mode_is_an_error_naming_the_fix() {
+    let h = Harness::new("sup-addfile");
+    h.ctl.write("add-file", "");
+    let mut s = start(&h.ctl, &[]);
+    let ev = s
+        .svc
+        .wait_for("add-file", |e| e.kind == "add-file" && e.pid == s.current);
+    assert_eq!(ev.get("ok"), "false", "{ev:?}");
+    let msg = ev.get("msg");
+    assert!(
+        msg.contains("supervised mode") && msg.contains("TABLEFLIP_MODE=replace"),
+        "{msg}"
+    );
+    s.stop();
+}
+
 /// A forged `TABLEFLIP_SUPERVISOR` state (what a hostile environment can
 /// hand the binary) naming PID 0 (to `kill` and `waitid`, the caller's
 /// whole process group) and a process that is not the supervisor's child

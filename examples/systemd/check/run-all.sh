@@ -8,7 +8,7 @@
 # DEMO_BINARY: a release build of examples/http.rs
 # (`cargo build --release --example http`, then target/release/examples/http).
 # OUT (default: a new directory under $TMPDIR) keeps every run's results.
-# About 90 s per run, 10 runs. VERSIONS="254" or ONLY=supervised (a part
+# About 90 s per run, 11 runs. VERSIONS="254" or ONLY=supervised (a part
 # of the unit's name) run fewer.
 set -uo pipefail
 
@@ -27,6 +27,7 @@ CONFIGS=(
     "$HERE/obvious.service:"
     "$HERE/obvious.service:replace"
     "$UNITS/tableflip-demo-supervised.service:"
+    "$UNITS/tableflip-demo-notify-reload.service:"
     "$UNITS/tableflip-demo-notify.service:"
     "$UNITS/tableflip-demo-pidfile.service:"
 )
@@ -35,6 +36,8 @@ for v in ${VERSIONS:-252 254}; do
     for c in "${CONFIGS[@]}"; do
         unit=${c%%:*} mode=${c##*:}
         name=$(basename "$unit" .service)
+        # Type=notify-reload needs systemd 253 or later.
+        if [ "$v" -lt 253 ] && [ "$name" = tableflip-demo-notify-reload ]; then continue; fi
         # ONLY=word: just the configurations whose name contains it.
         case "$name${mode:+-$mode}" in *"${ONLY:-}"*) ;; *) continue ;; esac
         res="$OUT/$v-$name${mode:+-$mode}"

@@ -251,6 +251,7 @@ impl Upgrader {
             match Arc::get_mut(&mut upgrader.inner) {
                 Some(inner) => {
                     inner.supervised = Some(Supervised::new(link));
+                    inner.fds.set_supervised();
                     // The supervisor alone speaks to the service manager.
                     inner.notify = Notifier::none();
                 }

@@ -191,6 +191,18 @@ pub(crate) async fn init(
             std::process::exit(code);
         }
     }
+    // An `add-file` file in the control directory: hand a file on, and
+    // say how that went.
+    let add_file = std::env::var_os("TF_CTL").map(|d| PathBuf::from(d).join("add-file"));
+    if add_file.is_some_and(|p| p.exists()) {
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => match cx.upgrader().fds().add_file("state", f) {
+                Ok(_kept) => event("add-file", "ok=true"),
+                Err(e) => event("add-file", &format!("ok=false msg={:?}", e.to_string())),
+            },
+            Err(e) => event("add-file", &format!("ok=false msg={:?}", e.to_string())),
+        }
+    }
     // An `orphan` file in the control directory: leave a process behind
     // that outlives its parent (a shell that starts `sleep` in the
     // background and exits), as a service's scripts do; whoever is PID 1
