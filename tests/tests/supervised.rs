@@ -334,6 +334,34 @@ fn the_supervisor_re_executes_into_the_binary_its_generation_runs() {
     s.stop();
 }
 
+/// A generation that dies after a deploy left a broken binary at the path
+/// (no reload yet): the replacement started from the path fails, and the
+/// next one runs the supervisor's own binary, the last that served; the
+/// service goes on, the supervisor does not give up.
+#[test]
+fn a_crash_after_a_broken_deploy_is_replaced_from_the_last_good_binary() {
+    let h = Harness::new("sup-crash-broken");
+    let mut s = start(&h.ctl, &[]);
+    let old = s.current;
+    let mark = h.ctl.path().join("broken-ran");
+    let script = format!("#!/bin/sh\necho $$ > {}\nexit 3\n", mark.display());
+    let tmp = h.ctl.path().join("broken.tmp");
+    std::fs::write(&tmp, script).expect("write the script");
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    std::fs::rename(&tmp, &s.exe).expect("install the broken binary");
+    signal(old, Signal::SIGKILL);
+    wait_until("the broken binary was tried", || mark.exists());
+    let new = s.next_generation();
+    assert_ne!(new, old);
+    assert_eq!(s.serving(), new);
+    assert!(
+        std::fs::read_to_string(format!("/proc/{}/cmdline", s.sup)).is_ok(),
+        "the supervisor is still there"
+    );
+    s.stop();
+}
+
 /// `SIGTERM` to the supervisor right after an upgrade, with a slow request
 /// in flight on the draining generation: new connections are refused at
 /// once, the request is answered, every process exits, the supervisor

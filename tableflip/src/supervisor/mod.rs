@@ -829,7 +829,20 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, number: u64, purpose: Purpose) -> Result<Generation> {
-        let exe = self.launch.executable()?;
+        let exe = if purpose == Purpose::Replace && self.failed_replacements > 0 {
+            // The binary at the path has just failed to replace a
+            // generation that died (a broken deploy, a deleted file): the
+            // next attempts run the supervisor's own binary, which is the
+            // one the last upgrade committed (it re-executes into it), or
+            // the one the service started with. A reload still starts
+            // what the path names.
+            tracing::warn!(
+                "supervisor: starting the replacement from the supervisor's own binary (the last one that served), not the path"
+            );
+            PathBuf::from("/proc/self/exe")
+        } else {
+            self.launch.executable()?
+        };
         let io = |what: &str| {
             let what = what.to_owned();
             move |e| Error::io(what, e)
