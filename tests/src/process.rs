@@ -167,6 +167,32 @@ pub fn install_exe(exe: &str, dest: &Path, extra: usize) {
         .unwrap_or_else(|e| panic!("cannot rename over {}: {e}", dest.display()));
 }
 
+/// Writes `text` as an executable script (mode 0755) and renames it over
+/// `dest` (atomically, as a deploy replaces a binary).
+pub fn install_script(dest: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = dest.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", tmp.display()));
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, dest)
+        .unwrap_or_else(|e| panic!("cannot rename over {}: {e}", dest.display()));
+}
+
+/// `systemd-socket-activate` on `PATH` (Debian package systemd, which
+/// `.ci/run` installs).
+pub fn systemd_socket_activate() -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("systemd-socket-activate"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "systemd-socket-activate is not installed: apt-get install systemd (.ci/run does it)"
+            )
+        })
+}
+
 /// The size of a file, in bytes.
 pub fn file_size(path: impl AsRef<Path>) -> u64 {
     let path = path.as_ref();

@@ -193,19 +193,13 @@ fn a_renamed_argv0_never_starts_another_program() {
     std::fs::create_dir(&bin).expect("mkdir bin");
     let impostor = bin.join("my-service");
     let marker = ctl.path().join("impostor-ran");
-    std::fs::write(
+    install_script(
         &impostor,
-        format!(
+        &format!(
             "#!/bin/sh\necho ran > {}\nexec sleep 60\n",
             marker.display()
         ),
-    )
-    .expect("write the impostor");
-    std::fs::set_permissions(
-        &impostor,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod the impostor");
+    );
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     let path = format!(
         "{}:{}",

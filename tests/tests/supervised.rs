@@ -113,9 +113,12 @@ impl Supervised {
     /// Waits until the supervisor runs the binary now at `exe` (it
     /// re-executes itself once the new generation is ready).
     fn wait_supervisor_runs_current_binary(&self) {
-        let want = std::fs::metadata(&self.exe)
-            .map(|m| (m.dev(), m.ino()))
-            .ok();
+        self.wait_supervisor_runs(&self.exe);
+    }
+
+    /// Waits until the supervisor runs the file at `binary`.
+    fn wait_supervisor_runs(&self, binary: &Path) {
+        let want = std::fs::metadata(binary).map(|m| (m.dev(), m.ino())).ok();
         wait_until("the supervisor runs the new binary", || {
             std::fs::metadata(format!("/proc/{}/exe", self.sup))
                 .map(|m| (m.dev(), m.ino()))
@@ -248,12 +251,10 @@ fn a_broken_new_binary_leaves_the_old_generation_serving() {
 
     // A binary that fails at once; it leaves a mark when it runs.
     let mark = h.ctl.path().join("broken-ran");
-    let script = format!("#!/bin/sh\necho $$ > {}\nexit 3\n", mark.display());
-    let tmp = h.ctl.path().join("broken.tmp");
-    std::fs::write(&tmp, script).expect("write the script");
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    std::fs::rename(&tmp, &s.exe).expect("install the broken binary");
+    install_script(
+        &s.exe,
+        &format!("#!/bin/sh\necho $$ > {}\nexit 3\n", mark.display()),
+    );
     signal(s.sup, Signal::SIGHUP);
     wait_until("the broken binary ran", || mark.exists());
     let broken: u32 = std::fs::read_to_string(&mark)
@@ -290,7 +291,6 @@ fn a_broken_new_binary_leaves_the_old_generation_serving() {
 /// program that exits at once, which would end the service).
 #[test]
 fn the_supervisor_re_executes_into_the_binary_its_generation_runs() {
-    use std::os::unix::fs::MetadataExt;
     let h = Harness::new("sup-swap");
     let mut s = start(&h.ctl, &[]);
     let old = s.current;
@@ -299,36 +299,26 @@ fn the_supervisor_re_executes_into_the_binary_its_generation_runs() {
     let real = h.ctl.path().join("app-real");
     install_exe(MACRO_SVC, &real, 2);
     let go = h.ctl.path().join("go");
-    let write_script = |text: String| {
-        let tmp = h.ctl.path().join("script.tmp");
-        std::fs::write(&tmp, text).expect("write the script");
-        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
-        std::fs::rename(&tmp, &s.exe).expect("install the script");
-    };
     let waiting = h.ctl.path().join("waiting");
-    write_script(format!(
-        "#!/bin/sh\ntouch {waiting}\nwhile [ ! -e {go} ]; do sleep 0.05; done\nexec {real} \"$@\"\n",
-        waiting = waiting.display(),
-        go = go.display(),
-        real = real.display()
-    ));
+    install_script(
+        &s.exe,
+        &format!(
+            "#!/bin/sh\ntouch {waiting}\nwhile [ ! -e {go} ]; do sleep 0.05; done\nexec {real} \"$@\"\n",
+            waiting = waiting.display(),
+            go = go.display(),
+            real = real.display()
+        ),
+    );
     signal(s.sup, Signal::SIGHUP);
     // The wrapper runs (no tableflip generation yet); the path now names
     // a program that exits at once.
     wait_until("the wrapper waits", || waiting.exists());
-    write_script("#!/bin/sh\nexit 3\n".to_owned());
+    install_script(&s.exe, "#!/bin/sh\nexit 3\n");
     std::fs::write(&go, "").expect("go");
     let new = s.next_generation();
     s.svc.wait_kind("draining", Some(old));
     wait_gone(old);
-    let want = std::fs::metadata(&real).map(|m| (m.dev(), m.ino())).ok();
-    wait_until("the supervisor runs the generation's binary", || {
-        std::fs::metadata(format!("/proc/{}/exe", s.sup))
-            .map(|m| (m.dev(), m.ino()))
-            .ok()
-            == want
-    });
+    s.wait_supervisor_runs(&real);
     assert_eq!(s.serving(), new);
     assert_eq!(pid_file_pid(&s.pid_file), Some(s.sup));
     s.stop();
@@ -344,12 +334,10 @@ fn a_crash_after_a_broken_deploy_is_replaced_from_the_last_good_binary() {
     let mut s = start(&h.ctl, &[]);
     let old = s.current;
     let mark = h.ctl.path().join("broken-ran");
-    let script = format!("#!/bin/sh\necho $$ > {}\nexit 3\n", mark.display());
-    let tmp = h.ctl.path().join("broken.tmp");
-    std::fs::write(&tmp, script).expect("write the script");
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    std::fs::rename(&tmp, &s.exe).expect("install the broken binary");
+    install_script(
+        &s.exe,
+        &format!("#!/bin/sh\necho $$ > {}\nexit 3\n", mark.display()),
+    );
     signal(old, Signal::SIGKILL);
     wait_until("the broken binary was tried", || mark.exists());
     let new = s.next_generation();
@@ -529,14 +517,7 @@ fn activated_sockets_are_held_by_the_supervisor() {
     let h = Harness::new("sup-activated");
     let tcp = format!("127.0.0.1:{}", free_port());
     let unix = h.ctl.path().join("u.sock");
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let activate = std::env::split_paths(&path)
-        .map(|d| d.join("systemd-socket-activate"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("systemd-socket-activate is not installed: apt-get install systemd (.ci/run does it)")
-        });
-    let mut cmd = Command::new(activate);
+    let mut cmd = Command::new(systemd_socket_activate());
     cmd.arg(format!("--listen={tcp}")).arg("--fdname=TCP");
     for (k, v) in [
         ("TF_CTL", h.ctl.path().display().to_string()),

@@ -672,19 +672,6 @@ fn the_old_generation_never_says_stopping() {
 // ---------------------------------------------------------------------------
 // Socket activation.
 
-/// `systemd-socket-activate`, from `PATH` (package `systemd`).
-fn socket_activate() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join("systemd-socket-activate"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "systemd-socket-activate is not installed: apt-get install systemd (.ci/run does it)"
-            )
-        })
-}
-
 /// `systemd-socket-activate -l L… --fdname=N:… -E K=V… exe`: it binds
 /// every `-l` address, waits for the first connection (or datagram), then
 /// execs `exe` in its own process (same PID) with the sockets as fds 3….
@@ -696,7 +683,7 @@ fn activate_cmd(
     env: &[(&str, String)],
     exe: &str,
 ) -> Command {
-    let mut cmd = Command::new(socket_activate());
+    let mut cmd = Command::new(systemd_socket_activate());
     if datagram {
         cmd.arg("--datagram");
     }

@@ -168,7 +168,6 @@ impl State {
                 exe: std::path::PathBuf::new(),
                 started: std::time::Instant::now(),
                 killed_because: None,
-                state_version: 0,
             });
         }
         Ok(())

@@ -169,8 +169,6 @@ struct Generation {
     started: Instant,
     /// Why the supervisor killed it, if it did.
     killed_because: Option<String>,
-    /// The newest carried-state version its binary reads (from `Ready`).
-    state_version: u32,
 }
 
 /// Who asked for an upgrade and wants the outcome: a generation's PID and
@@ -582,7 +580,7 @@ impl Supervisor {
         tracing::error!(
             pid = g.pid,
             generation = g.number,
-            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            delay_ms = millis(delay),
             "supervisor: the serving generation {how}; starting a replacement from the sockets held here (connections wait in the backlog)"
         );
         self.notify.notify(&Notice::Status {
@@ -665,7 +663,7 @@ impl Supervisor {
                 tracing::error!(
                     pid = g.pid,
                     attempt = self.failed_replacements,
-                    delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    delay_ms = millis(delay),
                     "supervisor: the replacement generation {reason} before it was ready; trying again"
                 );
                 self.replace_at = Some(Instant::now() + delay);
@@ -734,8 +732,7 @@ impl Supervisor {
                         && g.killed_because.is_none()
                 });
                 if let Some(i) = starting {
-                    self.gens[i].state_version = state_version;
-                    self.commit(i);
+                    self.commit(i, state_version);
                 }
             }
             ToSupervisor::Upgrade { id } => {
@@ -810,7 +807,6 @@ impl Supervisor {
                     exe: PathBuf::new(),
                     started: Instant::now(),
                     killed_because: None,
-                    state_version: 0,
                 };
                 self.start_failed(
                     &g,
@@ -942,18 +938,18 @@ impl Supervisor {
             exe,
             started: Instant::now(),
             killed_because: None,
-            state_version: 0,
         })
     }
 
     /// The generation `i` is ready: it takes over.
-    fn commit(&mut self, i: usize) {
+    /// `reads_state`: the newest carried-state version the generation's
+    /// binary reads (from its `Ready`).
+    fn commit(&mut self, i: usize, reads_state: u32) {
         let Role::Starting { purpose, .. } = self.gens[i].role else {
             return;
         };
         let (pid, number) = (self.gens[i].pid, self.gens[i].number);
-        let elapsed_ms =
-            u64::try_from(self.gens[i].started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let elapsed_ms = millis(self.gens[i].started.elapsed());
         let received = std::mem::take(&mut self.gens[i].received);
         self.gens[i].role = Role::Serving;
         self.gens[i].ready_pipe = None;
@@ -995,9 +991,10 @@ impl Supervisor {
                 );
             }
             Purpose::Upgrade => {
-                let total_ms = self.upgrade_started.take().map_or(elapsed_ms, |t| {
-                    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
-                });
+                let total_ms = self
+                    .upgrade_started
+                    .take()
+                    .map_or(elapsed_ms, |t| millis(t.elapsed()));
                 self.notify.notify(&Notice::Serving {
                     generation: number,
                     pid,
@@ -1012,7 +1009,7 @@ impl Supervisor {
                 let asked = std::mem::take(&mut self.in_flight);
                 self.answer(&asked, &Ok((pid, number)));
                 if self.stop_deadline.is_none() {
-                    let (exe, reads) = (self.gens[i].exe.clone(), self.gens[i].state_version);
+                    let (exe, reads) = (self.gens[i].exe.clone(), reads_state);
                     if reads >= STATE_VERSION {
                         self.reexec(pid, &exe);
                     } else {
@@ -1270,6 +1267,11 @@ fn block_signals() -> Result<SignalFd> {
         .map_err(|e| Error::io("cannot block the supervisor's signals", e))?;
     SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| Error::io("cannot create a signalfd", e))
+}
+
+/// A duration in whole milliseconds, for the log and the status line.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn pid_of(pid: u32) -> Pid {

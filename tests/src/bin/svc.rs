@@ -125,14 +125,7 @@ fn report_upgrade(result: Result<u32, Error>) {
 
 /// An error's message and its sources, as a log line shows them.
 fn text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(source) = next {
-        out.push_str(": ");
-        out.push_str(&source.to_string());
-        next = source.source();
-    }
-    out
+    tableflip_tests::error_text(e)
 }
 
 fn quote(s: &str) -> String {

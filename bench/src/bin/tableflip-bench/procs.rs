@@ -639,14 +639,7 @@ impl Usage {
     pub(crate) fn of(pid: u32) -> Usage {
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
+        let field = |name: &str| proc_field(&status, name);
         Usage {
             fds,
             rss_kib: field("VmRSS:"),
@@ -655,4 +648,14 @@ impl Usage {
             threads: field("Threads:"),
         }
     }
+}
+
+/// The number after `name` (`"VmRSS:"`, `"Pss:"`…) in a `/proc` file of
+/// `name value [unit]` lines; 0 when absent.
+pub(crate) fn proc_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::Error;
-use crate::procs::{Kind, Lab, Log, Notification, STEP_TIMEOUT, Service, free_port, signal};
+use crate::procs::{
+    Kind, Lab, Log, Notification, STEP_TIMEOUT, Service, free_port, proc_field, signal,
+};
 use crate::scenarios::{Config, probe};
 use crate::stats::{Summary, ms};
 
@@ -54,19 +56,12 @@ impl Footprint {
         let rollup =
             std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let field = |text: &str, name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
         Footprint {
-            rss_kib: field(&rollup, "Rss:"),
-            pss_kib: field(&rollup, "Pss:"),
-            uss_kib: field(&rollup, "Private_Clean:") + field(&rollup, "Private_Dirty:"),
-            anon_kib: field(&rollup, "Anonymous:"),
-            threads: field(&status, "Threads:"),
+            rss_kib: proc_field(&rollup, "Rss:"),
+            pss_kib: proc_field(&rollup, "Pss:"),
+            uss_kib: proc_field(&rollup, "Private_Clean:") + proc_field(&rollup, "Private_Dirty:"),
+            anon_kib: proc_field(&rollup, "Anonymous:"),
+            threads: proc_field(&status, "Threads:"),
         }
     }
 }
@@ -87,14 +82,8 @@ fn activity(pid: u32) -> (u64, u64) {
     // utime and stime are fields 14 and 15 of stat(5); `rest` starts at 3.
     let cpu = num(11) + num(12);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let switches: u64 = status
-        .lines()
-        .filter(|l| {
-            l.starts_with("voluntary_ctxt_switches:")
-                || l.starts_with("nonvoluntary_ctxt_switches:")
-        })
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum();
+    let switches = proc_field(&status, "voluntary_ctxt_switches:")
+        + proc_field(&status, "nonvoluntary_ctxt_switches:");
     (cpu, switches)
 }
 
