@@ -393,6 +393,40 @@ fn a_stop_right_after_an_upgrade_answers_the_request_in_flight() {
     assert!(!s.pid_file.exists());
 }
 
+/// A stop that began without a signal (the serving generation exited 0 on
+/// its own) still drains gracefully when a `SIGTERM` or `SIGINT` follows:
+/// that is the first stop signal, not the second that kills at once. (The
+/// same Ctrl-C reaches the supervisor and its generation, and the
+/// supervisor may see the generation's exit first.)
+#[test]
+fn the_first_stop_signal_during_a_stop_for_another_reason_still_drains() {
+    let h = Harness::new("sup-stop-twice");
+    let mut s = start(&h.ctl, &[]);
+    let old = s.current;
+    let slow = {
+        let tcp = s.tcp.clone();
+        std::thread::spawn(move || tcp_get_line(&tcp, "SLOW 3000"))
+    };
+    s.svc.wait_kind("slow", Some(old));
+    signal(s.sup, Signal::SIGHUP);
+    let new = s.next_generation();
+    s.svc.wait_kind("draining", Some(old));
+    // The serving generation stops on its own: the service stops.
+    signal(new, Signal::SIGTERM);
+    wait_until("the supervisor reaped it", || proc_state(new).is_none());
+    signal(s.sup, Signal::SIGINT);
+    assert!(!slow.is_finished(), "the drain still runs");
+    let reply = slow
+        .join()
+        .expect("slow client")
+        .expect("the slow request is answered");
+    assert_eq!(reply_pid(&reply), old, "by the generation that took it");
+    let status = s.svc.wait_first();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    s.svc.wait_all_exited();
+    wait_gone(old);
+}
+
 /// Ctrl-C in a terminal (`SIGINT` to the foreground process group) stops
 /// the service after any number of upgrades: generations rejoin the
 /// supervisor's group once ready.
@@ -441,6 +475,82 @@ fn a_first_generation_that_fails_makes_the_supervisor_exit_with_its_status() {
         stderr.contains("the first generation exited with status 7"),
         "{stderr}"
     );
+}
+
+/// A generation's messages come before its exit: one that said it was
+/// ready and then exited at once (a service asked to stop during its init)
+/// was ready, even when the supervisor sees the exit and the message in the
+/// same wake-up. The supervisor is stopped (`SIGSTOP`) across that window
+/// so that it always does; it then exits 0, as the service asked, not 1 as
+/// for a first generation that failed.
+#[test]
+fn a_generation_ready_then_gone_before_the_supervisor_looks_was_ready() {
+    let h = Harness::new("sup-ready-gone");
+    h.ctl.write("init", "block-stop");
+    let exe = h.ctl.path().join("app");
+    install_exe(MACRO_SVC, &exe, 0);
+    let mut cmd = Command::new(&exe);
+    cmd.env("TF_CTL", h.ctl.path())
+        .env("TABLEFLIP_MODE", "supervised")
+        .env("MS_UNIX", h.ctl.path().join("u.sock"))
+        .env("RUST_LOG", "info");
+    let mut svc = Service::spawn(cmd);
+    let sup = svc.first_pid();
+    let generation = svc.wait_kind("blocked", None).pid;
+    signal(sup, Signal::SIGSTOP);
+    h.ctl.write("unblock", "");
+    // Its exit closes its fds after its messages were sent.
+    wait_until("the generation has exited", || exiting_or_gone(generation));
+    wait_until("the generation is a zombie", || {
+        proc_state(generation) == Some('Z')
+    });
+    signal(sup, Signal::SIGCONT);
+    let status = svc.wait_first();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the service stopped as its init asked: {status:?}"
+    );
+}
+
+/// The same during an upgrade: a new generation that said it was ready and
+/// exited before the supervisor acted on it never took over, so the old
+/// one, never told to drain, serves on and the service does not stop.
+#[test]
+fn a_new_generation_ready_then_gone_leaves_the_old_one_serving() {
+    let h = Harness::new("sup-upgrade-gone");
+    let mut s = start(&h.ctl, &[]);
+    let old = s.current;
+    h.ctl.write("init", "block-stop");
+    signal(s.sup, Signal::SIGHUP);
+    let new = s
+        .svc
+        .wait_for("the new generation blocks", |e| {
+            e.kind == "blocked" && e.pid != old
+        })
+        .pid;
+    s.svc
+        .wait_for("its start", |e| e.kind == "start" && e.pid == new);
+    signal(s.sup, Signal::SIGSTOP);
+    h.ctl.write("unblock", "");
+    wait_until("the new generation is a zombie", || {
+        proc_state(new) == Some('Z')
+    });
+    signal(s.sup, Signal::SIGCONT);
+    wait_until("the supervisor reaped it", || proc_state(new).is_none());
+    assert_eq!(s.serving(), old, "the old generation serves on");
+    assert!(is_alive(s.sup), "the supervisor runs on");
+    assert!(
+        s.svc
+            .position(|e| e.kind == "draining" && e.pid == old)
+            .is_none(),
+        "the old generation was never told to drain"
+    );
+
+    h.ctl.write("init", "ok");
+    let next = s.upgrade_via(s.sup);
+    assert_eq!(s.serving(), next);
+    s.stop();
 }
 
 /// A replacement that keeps failing its init is not started for ever: after

@@ -238,9 +238,13 @@ struct Supervisor {
     /// The files of the Unix sockets closed at the stop, removed at the
     /// exit.
     files_at_exit: Vec<crate::unixfile::SocketFile>,
-    /// A second stop signal arrived.
-    stop_now: bool,
+    /// The stop was asked for by `SIGTERM` or `SIGINT` (a second one
+    /// kills the generations).
+    stop_signalled: bool,
     exit_code: i32,
+    /// The generation whose exit is being handled, while the messages it
+    /// sent before exiting are read.
+    exiting: Option<u32>,
     buf: Vec<u8>,
 }
 
@@ -271,8 +275,9 @@ impl Supervisor {
             failed_replacements: 0,
             stop_deadline: None,
             files_at_exit: Vec::new(),
-            stop_now: false,
+            stop_signalled: false,
             exit_code: 0,
+            exiting: None,
             buf: Vec::new(),
         })
     }
@@ -321,7 +326,10 @@ impl Supervisor {
 
     /// The event loop; returns the exit status.
     fn run(&mut self) -> i32 {
-        // Children that exited before the handler existed (during `exec`).
+        // Signals that arrived during `exec`, before this image read any:
+        // a stop signal counts before the exit of a generation that the
+        // same Ctrl-C stopped. Then children that exited meanwhile.
+        self.read_signals();
         self.reap();
         loop {
             if self.stop_deadline.is_some() && self.gens.is_empty() {
@@ -531,11 +539,21 @@ impl Supervisor {
     }
 
     fn exited(&mut self, pid: u32, how: &str, clean: bool, code: i32) {
-        let Some(i) = self.gens.iter().position(|g| g.pid == pid) else {
+        if !self.gens.iter().any(|g| g.pid == pid) {
             tracing::debug!(
                 pid,
                 "supervisor: reaped a process that was not a generation (an orphan)"
             );
+            return;
+        }
+        // What it sent before it exited counts first: its exit and its last
+        // messages can reach one wake-up, and signals are read first. A
+        // generation that said it was ready and then exited at once (a
+        // service told to stop during its init) was ready.
+        self.exiting = Some(pid);
+        self.read_control(pid);
+        self.exiting = None;
+        let Some(i) = self.gens.iter().position(|g| g.pid == pid) else {
             return;
         };
         let mut g = self.gens.remove(i);
@@ -731,9 +749,26 @@ impl Supervisor {
                         && matches!(g.role, Role::Starting { .. })
                         && g.killed_because.is_none()
                 });
-                if let Some(i) = starting {
-                    self.commit(i, state_version);
+                let Some(i) = starting else {
+                    return;
+                };
+                let upgrade = matches!(
+                    self.gens[i].role,
+                    Role::Starting {
+                        purpose: Purpose::Upgrade,
+                        ..
+                    }
+                );
+                if upgrade && self.exiting == Some(pid) {
+                    // The serving generation has not been told to drain:
+                    // it keeps serving, and the upgrade fails.
+                    tracing::warn!(
+                        pid,
+                        "upgrade: the new generation said it was ready, then exited before the upgrade took effect"
+                    );
+                    return;
                 }
+                self.commit(i, state_version);
             }
             ToSupervisor::Upgrade { id } => {
                 tracing::info!(pid, "supervisor: upgrade requested by a generation");
@@ -1127,12 +1162,20 @@ impl Supervisor {
     /// A stop signal (or a fatal condition): every generation drains; the
     /// loop ends once all have exited.
     fn stop(&mut self, why: &str) {
+        let by_signal = why == "SIGTERM" || why == "SIGINT";
         if self.stop_deadline.is_some() {
-            if why == "SIGTERM" || why == "SIGINT" {
+            if by_signal && !self.stop_signalled {
+                // The stop began for another reason (the serving generation
+                // exited, say, because the same Ctrl-C reached it first):
+                // this is the first stop signal, not a second.
+                self.stop_signalled = true;
+                tracing::info!(
+                    "supervisor: {why}: already stopping; the generations drain (a second SIGTERM or SIGINT stops at once)"
+                );
+            } else if by_signal {
                 tracing::warn!(
                     "supervisor: second stop signal: killing the generations and exiting at once"
                 );
-                self.stop_now = true;
                 self.exit_code = 130;
                 let pids: Vec<u32> = self.gens.iter().map(|g| g.pid).collect();
                 for pid in pids {
@@ -1147,6 +1190,7 @@ impl Supervisor {
             "supervisor: {why}: stopping; the generations drain (a second SIGTERM or SIGINT stops at once)"
         );
         self.stop_deadline = Some(Instant::now() + self.opts.drain_timeout + STOP_GRACE);
+        self.stop_signalled = by_signal;
         self.replace_at = None;
         if self.announced {
             self.notify.notify(&Notice::Stopping);

@@ -4,7 +4,8 @@
 //! Environment: `TF_CTL` (control directory; its `init` file says what the
 //! init function does: `ok`, `err`, `err-env` (an `io::Error` around
 //! `VarError::NotPresent`), `panic`, `hang`, `hang-task` (a task that never
-//! ends, then hang), `block` (until an `unblock` file appears), `exit N`),
+//! ends, then hang), `block` (until an `unblock` file appears), `block-stop` (the same,
+//! then `SIGTERM` to itself before returning), `exit N`),
 //! `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`, `MS_DRAIN_MS` (read by
 //! [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout:
 //! `start gen= has_parent=`, `listening name= addr=` for each listener
@@ -73,6 +74,16 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream:
     }
     let _ = stream.get_mut().write_all(reply().as_bytes()).await;
     let _ = stream.get_mut().shutdown().await;
+}
+
+/// Says `blocked`, then waits until the test creates `unblock` in the
+/// control directory.
+async fn wait_unblocked() {
+    event("blocked", "");
+    let unblock = std::env::var_os("TF_CTL").map(|d| PathBuf::from(d).join("unblock"));
+    while !unblock.as_ref().is_some_and(|p| p.exists()) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// The init function: take every listener, serve, then do what `init`
@@ -176,12 +187,12 @@ pub(crate) async fn init(
             std::future::pending::<()>().await;
         }
         // Waits until the test creates `unblock` in the control directory.
-        "block" => {
-            event("blocked", "");
-            let unblock = std::env::var_os("TF_CTL").map(|d| PathBuf::from(d).join("unblock"));
-            while !unblock.as_ref().is_some_and(|p| p.exists()) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+        "block" => wait_unblocked().await,
+        // The same, then asks to stop as `kill -TERM` would, and returns:
+        // the generation becomes ready, drains and exits 0 at once.
+        "block-stop" => {
+            wait_unblocked().await;
+            nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM)?;
         }
         other => {
             let code = other
