@@ -34,7 +34,16 @@ pub(crate) enum ToSupervisor {
         /// (absent) from a binary that cannot.
         #[serde(default)]
         state_version: u32,
+        /// The generation answers [`ToGeneration::Collect`]. `false`
+        /// (absent) from a binary that predates it: it is not asked.
+        #[serde(default)]
+        hands_on: bool,
     },
+    /// The answer to [`ToGeneration::Collect`]: connections and files the
+    /// generation hands on, with their fds attached in the same order, in
+    /// as many packets as the fds need; the last one has `done` set (and
+    /// may carry none).
+    HandedOn { entries: Vec<EntryMeta>, done: bool },
     /// A request to upgrade the service (the generation got `SIGHUP`, or
     /// its code called `Upgrader::upgrade`). `id` 0 wants no answer.
     Upgrade { id: u64 },
@@ -51,6 +60,9 @@ pub(crate) enum ToGeneration {
     Upgraded { id: u64, pid: u32, generation: u64 },
     /// Upgrade `id` failed, or was refused; the asker keeps serving.
     UpgradeFailed { id: u64, error: String },
+    /// An upgrade starts: send the connections and files to hand on to the
+    /// next generation ([`ToSupervisor::HandedOn`]).
+    Collect,
 }
 
 /// Sends `message` with `fds` attached.
@@ -143,7 +155,8 @@ mod tests {
             old,
             ToSupervisor::Ready {
                 pid: 42,
-                state_version: 0
+                state_version: 0,
+                hands_on: false
             }
         ));
     }

@@ -173,9 +173,10 @@ pub(crate) struct Registry {
     /// address; closed at readiness.
     stale: Vec<(String, Entry)>,
     next_id: u64,
-    /// A generation of a supervised service: only listening sockets go
-    /// from one generation to the next (through the supervisor).
-    supervised: bool,
+    /// A generation of a supervised service whose supervisor predates
+    /// collecting connections and files: only listening sockets go from
+    /// one generation to the next.
+    listeners_only: bool,
 }
 
 impl Registry {
@@ -236,9 +237,19 @@ impl Snapshot<'_> {
     /// borrowed from the locked registry (what a supervised generation
     /// reports to its supervisor).
     pub(crate) fn sockets(&self) -> Vec<(&EntryMeta, BorrowedFd<'_>)> {
+        self.of_kinds(&[Kind::Listener, Kind::Packet])
+    }
+
+    /// The connections and files of the snapshot with their fds (what a
+    /// supervised generation hands its supervisor for the next one).
+    pub(crate) fn handed_on(&self) -> Vec<(&EntryMeta, BorrowedFd<'_>)> {
+        self.of_kinds(&[Kind::Conn, Kind::File])
+    }
+
+    fn of_kinds(&self, kinds: &[Kind]) -> Vec<(&EntryMeta, BorrowedFd<'_>)> {
         self.entries
             .iter()
-            .filter(|m| matches!(m.kind, Kind::Listener | Kind::Packet))
+            .filter(|m| kinds.contains(&m.kind))
             .filter_map(|m| {
                 let fd = self._guard.entries.get(&m.name)?.borrowed_fd()?;
                 Some((m, fd))
@@ -779,8 +790,9 @@ impl Fds {
     ///
     /// [`Error::DuplicateName`] if `name` is taken; an error if `conn` is not
     /// a connected socket of a supported network; [`Error::Supervisor`] in
-    /// a generation of a supervised service, where only listening sockets
-    /// are handed on (replace mode hands connections and files on).
+    /// a generation of a supervised service whose supervisor runs an older
+    /// build of tableflip, which hands on listening sockets only
+    /// (restarting the service replaces the supervisor too).
     pub fn add_conn<T: Conn>(&self, name: &str, conn: T) -> Result<Handover<T>> {
         self.check_handed_on(name, "connection")?;
         let (network, address) =
@@ -804,8 +816,7 @@ impl Fds {
     /// # Errors
     ///
     /// [`Error::DuplicateName`] if `name` is taken; an error if `file` is a
-    /// socket; [`Error::Supervisor`] in a generation of a supervised
-    /// service, as for `add_conn`.
+    /// socket; [`Error::Supervisor`] as for `add_conn`.
     pub fn add_file<T: File>(&self, name: &str, file: T) -> Result<Handover<T>> {
         self.check_handed_on(name, "file")?;
         socket::check_fd(file.as_fd(), Kind::File, None)
@@ -823,17 +834,20 @@ impl Fds {
         })
     }
 
-    /// Marks this process as a generation of a supervised service.
-    pub(crate) fn set_supervised(&self) {
-        lock(&self.registry).supervised = true;
+    /// Marks this process as a generation of a supervised service whose
+    /// supervisor collects connections and files before an upgrade, or
+    /// not (`collects`).
+    pub(crate) fn set_supervised(&self, collects: bool) {
+        lock(&self.registry).listeners_only = !collects;
     }
 
-    /// Connections and files are handed on in replace mode only.
+    /// Connections and files are handed on in replace mode, and through a
+    /// supervisor that collects them.
     fn check_handed_on(&self, name: &str, what: &str) -> Result<()> {
-        if lock(&self.registry).supervised {
+        if lock(&self.registry).listeners_only {
             return Err(Error::Supervisor {
                 reason: format!(
-                    "the {what} {name:?} cannot be handed on: in supervised mode only listening sockets go from one generation to the next (through the supervisor), established connections and files do not yet; run in replace mode to hand them on (TABLEFLIP_MODE=replace, or #[tableflip::main(mode = \"replace\")])"
+                    "the {what} {name:?} cannot be handed on: the supervisor that started this generation runs an older tableflip, which hands on listening sockets only; restart the service (its supervisor then runs this binary), or run in replace mode (TABLEFLIP_MODE=replace, or #[tableflip::main(mode = \"replace\")])"
                 ),
             });
         }
@@ -1353,5 +1367,62 @@ impl<T: AsFd> Drop for Handover<T> {
         // connection really closes (unless a next generation has it).
         self.unregister();
         drop(self.value.take());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fds() -> Fds {
+        Fds::new(
+            Vec::new(),
+            Defaults {
+                backlog: 16,
+                setup: None,
+                start_dir: PathBuf::from("/"),
+            },
+        )
+    }
+
+    fn dev_null() -> std::fs::File {
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => f,
+            Err(e) => panic!("cannot open /dev/null: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_supervisor_that_does_not_collect_makes_handing_on_an_error_naming_why() {
+        let fds = fds();
+        fds.set_supervised(false);
+        match fds.add_file("state", dev_null()) {
+            Err(Error::Supervisor { reason }) => {
+                assert!(reason.contains("\"state\""), "{reason}");
+                assert!(reason.contains("older tableflip"), "{reason}");
+                assert!(reason.contains("TABLEFLIP_MODE=replace"), "{reason}");
+            }
+            other => panic!("expected Error::Supervisor, got {other:?}"),
+        }
+        assert!(fds.names().is_empty(), "nothing registered");
+    }
+
+    #[test]
+    fn a_supervisor_that_collects_lets_files_be_handed_on() {
+        let fds = fds();
+        fds.set_supervised(true);
+        let kept = fds.add_file("state", dev_null());
+        assert!(kept.is_ok(), "{kept:?}");
+        let snapshot = fds.snapshot();
+        let Ok(snapshot) = snapshot else {
+            panic!("no snapshot");
+        };
+        let handed: Vec<&str> = snapshot
+            .handed_on()
+            .iter()
+            .map(|(m, _)| m.name.as_str())
+            .collect();
+        assert_eq!(handed, ["state"]);
+        assert!(snapshot.sockets().is_empty());
     }
 }

@@ -31,7 +31,12 @@ pub enum Mode {
     /// generation is ready, the old one drains and the supervisor
     /// re-executes itself into the new binary, keeping its PID. A
     /// generation that dies is replaced from the sockets the supervisor
-    /// holds, so no connection is refused. Linux only.
+    /// holds, so no connection is refused. Connections and files handed on
+    /// ([`Fds::add_conn`](crate::Fds::add_conn),
+    /// [`add_file`](crate::Fds::add_file)) are collected from the serving
+    /// generation when an upgrade starts and passed to the new one (within
+    /// 5 s, or the upgrade timeout if shorter; after that, the upgrade goes
+    /// on without them). Linux only.
     Supervised,
 }
 

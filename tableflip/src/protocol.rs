@@ -64,6 +64,12 @@ pub(crate) struct SupervisorMeta {
     /// The generation's end of the control channel: a Unix
     /// `SOCK_SEQPACKET` socket.
     pub(crate) control_fd: RawFd,
+    /// The supervisor asks the serving generation for its connections and
+    /// files before an upgrade ([`Collect`](crate::control::ToGeneration::Collect)),
+    /// so a generation may hand them on. `false` (absent) from a
+    /// supervisor that predates it.
+    #[serde(default)]
+    pub(crate) collects: bool,
 }
 
 /// The supervisor as a generation holds it.
@@ -71,6 +77,8 @@ pub(crate) struct SupervisorMeta {
 pub(crate) struct SupervisorLink {
     pub(crate) pid: u32,
     pub(crate) control: OwnedFd,
+    /// See [`SupervisorMeta::collects`].
+    pub(crate) collects: bool,
 }
 
 /// One fd handed on.
@@ -308,6 +316,7 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
         Some(sup) => Some(SupervisorLink {
             pid: sup.pid,
             control: take(sup.control_fd, "control socket")?,
+            collects: sup.collects,
         }),
         None => None,
     };

@@ -733,23 +733,84 @@ fn only_the_supervisor_notifies_and_never_sends_mainpid() {
     );
 }
 
-/// `fds().add_file` (and `add_conn`) in a supervised generation: an error
-/// that says only listening sockets are handed on in this mode, and how
-/// to get replace mode; never a file silently left behind at an upgrade.
+/// Connections and files handed on (`fds().add_conn`, `add_file`) go
+/// from generation to generation through the supervisor, as in replace
+/// mode: the same TCP connection (the peer reads what each new generation
+/// writes to it) and the same open file (its inode), across two upgrades
+/// and the supervisor's re-execution.
 #[test]
-fn handing_on_a_file_in_supervised_mode_is_an_error_naming_the_fix() {
-    let h = Harness::new("sup-addfile");
-    h.ctl.write("add-file", "");
-    let mut s = start(&h.ctl, &[]);
-    let ev = s
-        .svc
-        .wait_for("add-file", |e| e.kind == "add-file" && e.pid == s.current);
-    assert_eq!(ev.get("ok"), "false", "{ev:?}");
-    let msg = ev.get("msg");
-    assert!(
-        msg.contains("supervised mode") && msg.contains("TABLEFLIP_MODE=replace"),
-        "{msg}"
+fn connections_and_files_are_handed_on_through_the_supervisor() {
+    let h = Harness::new("sup-handon");
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the peer");
+    let state = h.ctl.path().join("state");
+    std::fs::write(&state, "").expect("state file");
+    let ino = std::fs::metadata(&state).expect("state").ino();
+    h.ctl.write(
+        "hand-on",
+        &format!(
+            "{} {}",
+            peer.local_addr().expect("peer address"),
+            state.display()
+        ),
     );
+    let mut s = start(&h.ctl, &[]);
+    s.svc.wait_kind("added-conn", Some(s.current));
+    s.svc.wait_kind("added-file", Some(s.current));
+    let (conn, _) = peer.accept().expect("the first generation connects");
+    conn.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut lines = std::io::BufReader::new(conn);
+    for generation in 2..=3 {
+        let sup = s.sup;
+        let new = s.upgrade_via(sup);
+        s.svc.wait_kind("took-conn", Some(new));
+        let file = s.svc.wait_kind("took-file", Some(new));
+        assert_eq!(file.num::<u64>("ino"), ino, "the same file");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut lines, &mut line).expect("read from the connection");
+        assert_eq!(
+            line.trim(),
+            format!("gen {generation} pid {new}"),
+            "the new generation writes to the connection the first one opened"
+        );
+        s.wait_supervisor_runs_current_binary();
+    }
+    s.stop();
+}
+
+/// A serving generation that does not answer the supervisor's request for
+/// its connections and files (here stopped with `SIGSTOP`) does not hold
+/// the upgrade up: after the collect timeout (the upgrade timeout when it
+/// is shorter than 5 s) the new generation starts without them and serves.
+#[test]
+fn a_generation_that_does_not_hand_on_does_not_hold_the_upgrade_up() {
+    let h = Harness::new("sup-handon-stuck");
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the peer");
+    let state = h.ctl.path().join("state");
+    std::fs::write(&state, "").expect("state file");
+    h.ctl.write(
+        "hand-on",
+        &format!(
+            "{} {}",
+            peer.local_addr().expect("peer address"),
+            state.display()
+        ),
+    );
+    let mut s = start(&h.ctl, &[("MS_UPGRADE_TIMEOUT_MS", "2000")]);
+    let old = s.current;
+    s.svc.wait_kind("added-conn", Some(old));
+    signal(old, Signal::SIGSTOP);
+    signal(s.sup, Signal::SIGHUP);
+    let new = s.next_generation();
+    // It did not get the connection: it opened one of its own.
+    s.svc.wait_kind("added-conn", Some(new));
+    assert!(
+        s.svc.position(|e| e.kind == "took-conn").is_none(),
+        "nothing was handed on"
+    );
+    assert_eq!(s.serving(), new, "the upgrade went through");
+    signal(old, Signal::SIGCONT);
+    s.svc.wait_kind("draining", Some(old));
+    wait_gone(old);
     s.stop();
 }
 

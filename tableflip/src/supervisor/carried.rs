@@ -58,6 +58,9 @@ struct SavedGeneration {
     #[serde(default)]
     control_fd: Option<RawFd>,
     parent_pipe_fd: RawFd,
+    /// It answers `Collect` (absent: it is not asked).
+    #[serde(default)]
+    hands_on: bool,
 }
 
 /// The state, as read back by the new binary.
@@ -168,6 +171,7 @@ impl State {
                 exe: std::path::PathBuf::new(),
                 started: std::time::Instant::now(),
                 killed_because: None,
+                hands_on: g.hands_on,
             });
         }
         Ok(())
@@ -241,6 +245,7 @@ impl Outgoing {
                 draining,
                 control_fd: g.control.as_ref().map(AsRawFd::as_raw_fd),
                 parent_pipe_fd: g.parent_pipe.as_raw_fd(),
+                hands_on: g.hands_on,
             });
         }
         let executable = match &s.launch.exe {

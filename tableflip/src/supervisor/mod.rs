@@ -169,7 +169,25 @@ struct Generation {
     started: Instant,
     /// Why the supervisor killed it, if it did.
     killed_because: Option<String>,
+    /// It said (in `Ready`) that it answers `Collect`: it hands its
+    /// connections and files on through the supervisor.
+    hands_on: bool,
 }
+
+/// An upgrade waiting for the serving generation's connections and files
+/// (`Collect`), before its new generation starts.
+#[derive(Debug)]
+struct Collecting {
+    from: u32,
+    deadline: Instant,
+    received: Vec<Held>,
+}
+
+/// How long an upgrade waits for the serving generation's connections and
+/// files (at most the upgrade timeout). A generation answers from a thread
+/// of its own, at once; one that does not is stuck, and the upgrade goes on
+/// without them.
+const COLLECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Who asked for an upgrade and wants the outcome: a generation's PID and
 /// its request id.
@@ -245,6 +263,12 @@ struct Supervisor {
     /// The generation whose exit is being handled, while the messages it
     /// sent before exiting are read.
     exiting: Option<u32>,
+    /// An upgrade waiting for the serving generation's connections and
+    /// files.
+    collecting: Option<Collecting>,
+    /// What was collected, handed to the next generation started (and
+    /// closed here right after).
+    extras: Vec<Held>,
     buf: Vec<u8>,
 }
 
@@ -278,6 +302,8 @@ impl Supervisor {
             stop_signalled: false,
             exit_code: 0,
             exiting: None,
+            collecting: None,
+            extras: Vec::new(),
             buf: Vec::new(),
         })
     }
@@ -407,6 +433,7 @@ impl Supervisor {
         starting
             .chain(self.replace_at)
             .chain(self.stop_deadline)
+            .chain(self.collecting.as_ref().map(|c| c.deadline))
             .min()
     }
 
@@ -426,6 +453,13 @@ impl Supervisor {
         for (pid, _) in late {
             let timeout = self.opts.upgrade_timeout;
             self.kill(pid, format!("was not ready within {timeout:?}"));
+        }
+        if self.collecting.as_ref().is_some_and(|c| c.deadline <= now) {
+            tracing::warn!(
+                timeout = ?self.collect_timeout(),
+                "upgrade: the serving generation did not hand over its connections and files in time; the new generation starts without them"
+            );
+            self.collected();
         }
         if self.replace_at.is_some_and(|t| t <= now) {
             self.replace_at = None;
@@ -453,10 +487,14 @@ impl Supervisor {
         }
     }
 
+    /// Whether an upgrade or a replacement is under way (a generation
+    /// starts, or an upgrade collects what it hands on).
     fn starting(&self) -> bool {
-        self.gens
-            .iter()
-            .any(|g| matches!(g.role, Role::Starting { .. }))
+        self.collecting.is_some()
+            || self
+                .gens
+                .iter()
+                .any(|g| matches!(g.role, Role::Starting { .. }))
     }
 
     fn serving(&self) -> Option<&Generation> {
@@ -573,6 +611,10 @@ impl Supervisor {
                 }
                 self.start_failed(&g, purpose, &reason, code);
             }
+        }
+        if self.collecting.as_ref().is_some_and(|c| c.from == pid) {
+            // What it handed on is lost with it; the upgrade goes on.
+            self.collected();
         }
     }
 
@@ -743,7 +785,12 @@ impl Supervisor {
                     g.received.push(Held { meta, fd });
                 }
             }
-            ToSupervisor::Ready { state_version, .. } => {
+            ToSupervisor::HandedOn { entries, done } => self.on_handed_on(pid, entries, fds, done),
+            ToSupervisor::Ready {
+                state_version,
+                hands_on,
+                ..
+            } => {
                 let starting = self.gens.iter().position(|g| {
                     g.pid == pid
                         && matches!(g.role, Role::Starting { .. })
@@ -768,6 +815,7 @@ impl Supervisor {
                     );
                     return;
                 }
+                self.gens[i].hands_on = hands_on;
                 self.commit(i, state_version);
             }
             ToSupervisor::Upgrade { id } => {
@@ -806,7 +854,84 @@ impl Supervisor {
         self.notify.notify(&Notice::Reloading {
             next: self.generation.saturating_add(1),
         });
+        // The serving generation's connections and files first, if it
+        // hands any on (it answers at once, from a thread of its own).
+        let asked = self
+            .gens
+            .iter()
+            .position(|g| g.role == Role::Serving && g.hands_on)
+            .filter(|&i| self.tell(i, &ToGeneration::Collect));
+        match asked {
+            Some(i) => {
+                self.collecting = Some(Collecting {
+                    from: self.gens[i].pid,
+                    deadline: Instant::now() + self.collect_timeout(),
+                    received: Vec::new(),
+                });
+            }
+            None => self.start_generation(Purpose::Upgrade),
+        }
+    }
+
+    fn collect_timeout(&self) -> Duration {
+        COLLECT_TIMEOUT.min(self.opts.upgrade_timeout)
+    }
+
+    /// Connections and files from the serving generation, for the upgrade
+    /// that waits for them.
+    fn on_handed_on(&mut self, pid: u32, entries: Vec<EntryMeta>, fds: Vec<OwnedFd>, done: bool) {
+        let Some(c) = self.collecting.as_mut().filter(|c| c.from == pid) else {
+            tracing::debug!(
+                pid,
+                "supervisor: ignoring connections and files nobody asked for"
+            );
+            return;
+        };
+        if entries.len() == fds.len() {
+            for (mut meta, fd) in entries.into_iter().zip(fds) {
+                meta.fd = fd.as_raw_fd();
+                c.received.push(Held { meta, fd });
+            }
+        } else {
+            tracing::warn!(
+                pid,
+                entries = entries.len(),
+                fds = fds.len(),
+                "upgrade: the serving generation sent connections and files that do not match their fds; they are not handed on"
+            );
+        }
+        if done {
+            self.collected();
+        }
+    }
+
+    /// The collection for the upgrade is over (done, timed out, or the
+    /// generation is gone): the new generation starts with what came.
+    fn collected(&mut self) {
+        let Some(c) = self.collecting.take() else {
+            return;
+        };
+        if self.stop_deadline.is_some() {
+            return;
+        }
+        let held: Vec<&str> = self.held.iter().map(|h| h.meta.name.as_str()).collect();
+        let (clash, extras): (Vec<Held>, Vec<Held>) = c
+            .received
+            .into_iter()
+            .partition(|e| held.contains(&e.meta.name.as_str()));
+        for e in clash {
+            tracing::warn!(name = %e.meta.name, "upgrade: a connection or file has the name of a listener; it is not handed on");
+        }
+        if !extras.is_empty() {
+            tracing::info!(
+                count = extras.len(),
+                "upgrade: handing the serving generation's connections and files to the new one"
+            );
+        }
+        self.extras = extras;
         self.start_generation(Purpose::Upgrade);
+        // The new generation has its own copies now (or never started).
+        self.extras.clear();
     }
 
     /// Starts a generation; a failure to start one is handled as its
@@ -842,6 +967,7 @@ impl Supervisor {
                     exe: PathBuf::new(),
                     started: Instant::now(),
                     killed_because: None,
+                    hands_on: false,
                 };
                 self.start_failed(
                     &g,
@@ -888,10 +1014,16 @@ impl Supervisor {
             version: protocol::VERSION,
             parent_pid: me,
             generation: number,
-            entries: self.held.iter().map(|h| h.meta.clone()).collect(),
+            entries: self
+                .held
+                .iter()
+                .chain(&self.extras)
+                .map(|h| h.meta.clone())
+                .collect(),
             supervisor: Some(protocol::SupervisorMeta {
                 pid: me,
                 control_fd: theirs.as_raw_fd(),
+                collects: true,
             }),
         };
         let mut payload = protocol::encode(&meta)?;
@@ -917,7 +1049,12 @@ impl Supervisor {
         if argv.is_empty() {
             argv.push(exe.clone().into_os_string());
         }
-        let mut inherit: Vec<_> = self.held.iter().map(|h| h.fd.as_raw_fd()).collect();
+        let mut inherit: Vec<_> = self
+            .held
+            .iter()
+            .chain(&self.extras)
+            .map(|h| h.fd.as_raw_fd())
+            .collect();
         inherit.extend([
             parent_r.as_raw_fd(),
             ready_w.as_raw_fd(),
@@ -973,6 +1110,7 @@ impl Supervisor {
             exe,
             started: Instant::now(),
             killed_because: None,
+            hands_on: false,
         })
     }
 
@@ -1137,13 +1275,18 @@ impl Supervisor {
         }
     }
 
-    fn tell(&self, i: usize, msg: &ToGeneration) {
+    /// Sends `msg` to generation `i`; whether it went.
+    fn tell(&self, i: usize, msg: &ToGeneration) -> bool {
         let g = &self.gens[i];
         let Some(control) = &g.control else {
-            return;
+            return false;
         };
-        if let Err(e) = control::send(control.as_fd(), msg, &[], true) {
-            tracing::warn!(pid = g.pid, error = %e, "supervisor: cannot send to the generation");
+        match control::send(control.as_fd(), msg, &[], true) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(pid = g.pid, error = %e, "supervisor: cannot send to the generation");
+                false
+            }
         }
     }
 
@@ -1192,6 +1335,8 @@ impl Supervisor {
         self.stop_deadline = Some(Instant::now() + self.opts.drain_timeout + STOP_GRACE);
         self.stop_signalled = by_signal;
         self.replace_at = None;
+        // An upgrade that waited for connections and files is abandoned.
+        self.collecting = None;
         if self.announced {
             self.notify.notify(&Notice::Stopping);
         }

@@ -250,8 +250,8 @@ impl Upgrader {
             );
             match Arc::get_mut(&mut upgrader.inner) {
                 Some(inner) => {
+                    inner.fds.set_supervised(link.collects);
                     inner.supervised = Some(Supervised::new(link));
-                    inner.fds.set_supervised();
                     // The supervisor alone speaks to the service manager.
                     inner.notify = Notifier::none();
                 }

@@ -102,6 +102,13 @@ fn read_messages(control: &OwnedFd, weak: &Weak<Inner>, pid: u32) {
                     generation,
                 } => sup.answer(id, Ok((new, generation))),
                 ToGeneration::UpgradeFailed { id, error } => sup.answer(id, Err(error)),
+                ToGeneration::Collect => {
+                    if let Err(e) = upgrader.hand_on_to_supervisor(sup) {
+                        // The supervisor goes on without them when the
+                        // answer does not come.
+                        tracing::warn!(error = %crate::report::chain(&e), "upgrade: cannot hand this generation's connections and files to the supervisor; the next generation starts without them");
+                    }
+                }
             },
             Ok(Some(Received::Unknown(what))) => {
                 tracing::debug!(message = %what, "ignoring a message from the supervisor that this build does not understand");
@@ -155,10 +162,55 @@ impl Upgrader {
             &ToSupervisor::Ready {
                 pid: std::process::id(),
                 state_version: crate::supervisor::STATE_VERSION,
+                hands_on: true,
             },
             &[],
         )
         .map_err(failed)
+    }
+
+    /// Supervised mode, before an upgrade: sends the supervisor the
+    /// connections and files this generation hands on, for the next one.
+    /// Runs on the thread that reads the supervisor's messages, so a busy
+    /// or stuck runtime does not hold the upgrade up.
+    fn hand_on_to_supervisor(&self, sup: &Supervised) -> Result<()> {
+        let failed = |e| Error::io("cannot send connections and files to the supervisor", e);
+        let sent = (|| {
+            let snapshot = self.inner.fds.snapshot()?;
+            let handed = snapshot.handed_on();
+            for chunk in handed.chunks(sys::MAX_FDS_PER_PACKET) {
+                let entries = chunk.iter().map(|(m, _)| (*m).clone()).collect();
+                let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, fd)| *fd).collect();
+                sup.send(
+                    &ToSupervisor::HandedOn {
+                        entries,
+                        done: false,
+                    },
+                    &fds,
+                )
+                .map_err(failed)?;
+            }
+            if !handed.is_empty() {
+                tracing::info!(
+                    handed_on = handed.len(),
+                    "upgrade: connections and files sent to the supervisor for the next generation"
+                );
+            }
+            Ok(())
+        })();
+        // The copies made of the listeners are not needed: the supervisor
+        // holds its own.
+        self.inner.fds.release_copies();
+        let done = sup
+            .send(
+                &ToSupervisor::HandedOn {
+                    entries: Vec::new(),
+                    done: true,
+                },
+                &[],
+            )
+            .map_err(failed);
+        sent.and(done)
     }
 
     /// Supervised mode: asks the supervisor for an upgrade, without

@@ -4,9 +4,9 @@
 //! Environment: `TF_CTL` (control directory; its `init` file says what the
 //! init function does: `ok`, `err`, `err-env` (an `io::Error` around
 //! `VarError::NotPresent`), `panic`, `hang`, `hang-task` (a task that never
-//! ends, then hang), `block` (until an `unblock` file appears), `block-stop` (the same,
-//! then `SIGTERM` to itself before returning), `exit N`),
-//! `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`, `MS_DRAIN_MS` (read by
+//! ends, then hang), `block` (until an `unblock` file appears),
+//! `block-stop` (the same, then `SIGTERM` to itself before returning),
+//! `exit N`; a `hand-on` file: see [`hand_on`]), `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`, `MS_DRAIN_MS` (read by
 //! [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout:
 //! `start gen= has_parent=`, `listening name= addr=` for each listener
 //! (for the Unix one, `addr` is the declared address and `local` the path
@@ -84,6 +84,58 @@ async fn wait_unblocked() {
     while !unblock.as_ref().is_some_and(|p| p.exists()) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// With a `hand-on` file in the control directory (`ADDR PATH`): a
+/// connection named `peer` and a file named `state` go from generation to
+/// generation. The first generation connects to `ADDR` and opens `PATH`
+/// (events `added-conn`, `added-file`); each next one takes them over,
+/// writes `gen <N> pid <PID>` to the connection (event `took-conn`), and
+/// reports the file's inode (event `took-file ino=`). Both are handed on
+/// again until the generation drains.
+fn hand_on(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let Some(spec) = std::env::var_os("TF_CTL")
+        .and_then(|d| std::fs::read_to_string(PathBuf::from(d).join("hand-on")).ok())
+    else {
+        return Ok(());
+    };
+    let (addr, path) = spec
+        .trim()
+        .split_once(' ')
+        .ok_or("hand-on: expected `ADDR PATH`")?;
+    let upg = cx.upgrader();
+    let fds = upg.fds();
+    let conn = match fds.conn::<std::net::TcpStream>("peer")? {
+        Some(mut conn) => {
+            let line = format!("gen {} pid {}\n", upg.generation(), std::process::id());
+            conn.write_all(line.as_bytes())?;
+            event("took-conn", "");
+            conn
+        }
+        None => {
+            let conn = fds.add_conn("peer", std::net::TcpStream::connect(addr)?)?;
+            event("added-conn", "");
+            conn
+        }
+    };
+    let file = match fds.file::<std::fs::File>("state")? {
+        Some(file) => {
+            use std::os::unix::fs::MetadataExt;
+            event("took-file", &format!("ino={}", file.metadata()?.ino()));
+            file
+        }
+        None => {
+            let file = fds.add_file("state", std::fs::File::open(path)?)?;
+            event("added-file", "");
+            file
+        }
+    };
+    let d = cx.draining();
+    cx.spawn(async move {
+        d.await;
+        drop((conn, file));
+    });
+    Ok(())
 }
 
 /// The init function: take every listener, serve, then do what `init`
@@ -202,18 +254,9 @@ pub(crate) async fn init(
             std::process::exit(code);
         }
     }
-    // An `add-file` file in the control directory: hand a file on, and
-    // say how that went.
-    let add_file = std::env::var_os("TF_CTL").map(|d| PathBuf::from(d).join("add-file"));
-    if add_file.is_some_and(|p| p.exists()) {
-        match std::fs::File::open("/dev/null") {
-            Ok(f) => match cx.upgrader().fds().add_file("state", f) {
-                Ok(_kept) => event("add-file", "ok=true"),
-                Err(e) => event("add-file", &format!("ok=false msg={:?}", e.to_string())),
-            },
-            Err(e) => event("add-file", &format!("ok=false msg={:?}", e.to_string())),
-        }
-    }
+    // A `hand-on` file (`ADDR PATH`): hand a connection and a file on
+    // across upgrades.
+    hand_on(&cx)?;
     // An `orphan` file in the control directory: leave a process behind
     // that outlives its parent (a shell that starts `sleep` in the
     // background and exits), as a service's scripts do; whoever is PID 1
