@@ -888,8 +888,9 @@ impl Fds {
 
     /// Closes inherited entries nobody claimed, and stale replaced ones.
     /// Returns the Unix socket files to remove once the handover has
-    /// committed (until then the previous generation still serves on them).
-    pub(crate) fn close_unclaimed(&self) -> Vec<SocketFile> {
+    /// committed (until then the previous generation still serves on them),
+    /// and the names of the listeners and packet sockets closed.
+    pub(crate) fn close_unclaimed(&self) -> (Vec<SocketFile>, Vec<String>) {
         let mut reg = lock(&self.registry);
         let names: Vec<String> = reg
             .entries
@@ -913,12 +914,39 @@ impl Fds {
             .values()
             .filter_map(|e| e.file.as_ref().map(|f| f.path.as_path()))
             .collect();
-        closed
+        let files = closed
             .iter()
             .filter_map(|(_, e)| e.file.clone())
             .filter(|f| !in_use.contains(&f.path.as_path()))
-            .collect()
+            .collect();
+        let names = closed
+            .iter()
+            .filter(|(_, e)| matches!(e.kind, Kind::Listener | Kind::Packet) && !e.activated)
+            .map(|(n, _)| n.clone())
+            .collect();
+        (files, names)
         // `closed` drops here, closing the fds.
+    }
+
+    /// The listeners and packet sockets this generation bound itself, each
+    /// with a copy of its fd: what goes to systemd's fd store (replace
+    /// mode). Sockets the application has closed are left out.
+    pub(crate) fn created_sockets(&self) -> Vec<(String, OwnedFd)> {
+        let reg = lock(&self.registry);
+        let mut out: Vec<(String, OwnedFd)> = reg
+            .entries
+            .iter()
+            .filter(|(_, e)| e.created_here && matches!(e.kind, Kind::Listener | Kind::Packet))
+            .filter_map(|(name, e)| {
+                let fd = match &e.slot {
+                    Slot::Owned(fd) | Slot::Shared { own: fd, .. } => fd.try_clone().ok(),
+                    Slot::Lent(lent) => lent.copy().ok().flatten(),
+                }?;
+                Some((name.clone(), fd))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// The activated sockets systemd passed without a name of ours that
@@ -956,8 +984,13 @@ impl Fds {
 
     /// The Unix socket files this generation is responsible for removing
     /// when the service really stops: those of every socket once it is
-    /// ready, only those it created itself before.
-    pub(crate) fn owned_unix_files(&self, ready: bool) -> Vec<SocketFile> {
+    /// ready, only those it created itself before; none once ready when
+    /// systemd's fd store keeps the sockets (`stored`: the next start
+    /// serves on them again).
+    pub(crate) fn owned_unix_files(&self, ready: bool, stored: bool) -> Vec<SocketFile> {
+        if ready && stored {
+            return Vec::new();
+        }
         lock(&self.registry)
             .entries
             .values()

@@ -87,6 +87,7 @@ pub use network::Network;
 pub use options::{DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT, DEFAULT_UPGRADE_TIMEOUT, Options};
 pub use protocol::ENV_HANDOVER;
 pub use service::Context;
+pub use systemd::ENV_FDSTORE;
 
 /// The Rust types tableflip hands out: the traits that say which socket
 /// and file types each call accepts (`TcpListener`, `UdpSocket`,

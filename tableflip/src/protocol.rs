@@ -112,6 +112,9 @@ pub(crate) struct Inherited {
     pub(crate) fd: OwnedFd,
     /// Passed by socket activation under a name systemd made up.
     pub(crate) unnamed: bool,
+    /// Came back from systemd's fd store (see [`crate::systemd`]): a
+    /// socket an earlier run of the service bound, not a socket unit's.
+    pub(crate) from_store: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -336,6 +339,7 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
             network,
             fd,
             unnamed: false,
+            from_store: false,
         });
     }
     Ok(Some(Handover {

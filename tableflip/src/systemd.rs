@@ -13,9 +13,20 @@
 //! then on the new generation is the main process and the old one says
 //! nothing more. A failed upgrade ends the reload with `READY=1` and a
 //! `STATUS=` naming the failure. `STOPPING=1` marks a real stop.
+//!
+//! The file descriptor store (`FDSTORE=1`, `sd_notify(3)`,
+//! `systemd.service(5)`'s `FileDescriptorStoreMax=`, and systemd.io's
+//! "File Descriptor Store"): the listening sockets the service binds are
+//! kept by systemd across restarts and crashes, under their listener's name
+//! (`FDNAME=`), and come back at the next start as socket activation's do.
+//! Used only when the unit enables the store: systemd 254 and later say so
+//! with `$FDSTORE` (the unit's `FileDescriptorStoreMax=`); with older ones,
+//! which set nothing, the unit says so itself with
+//! `Environment=TABLEFLIP_FDSTORE=1`. Anything else would make systemd
+//! warn in its journal at every start that the store is full.
 
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -29,6 +40,52 @@ use crate::sys;
 #[derive(Debug)]
 pub(crate) struct Notifier {
     target: Option<(SockAddr, String)>,
+    store: Store,
+}
+
+/// What the names of this crate's sockets in systemd's fd store start with
+/// (`FDNAME=tableflip.<listener>`): they come back through `LISTEN_FDS`
+/// with a socket unit's, and are told apart by it. A socket unit's is used
+/// whatever its address (the unit decides); a stored one only while the
+/// listener's declared address is still its own.
+pub(crate) const STORE_PREFIX: &str = "tableflip.";
+
+/// The variable that turns the use of systemd's fd store on (`1`) or off
+/// (`0`) whatever `$FDSTORE` says: for systemd before 254, which does not
+/// set `$FDSTORE`, and to opt out.
+pub const ENV_FDSTORE: &str = "TABLEFLIP_FDSTORE";
+
+/// Whether listening sockets go to systemd's fd store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Off,
+    /// `max`: the unit's `FileDescriptorStoreMax=`, when systemd said it.
+    On {
+        max: Option<u32>,
+    },
+}
+
+impl Store {
+    /// From `$FDSTORE` (systemd 254+: the unit's `FileDescriptorStoreMax=`,
+    /// set only when it is not 0) and [`ENV_FDSTORE`].
+    fn from_env(fdstore: Option<&OsStr>, ours: Option<&OsStr>) -> Store {
+        let max = fdstore
+            .and_then(OsStr::to_str)
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        match ours.map(|v| v.to_str().unwrap_or("").trim()) {
+            Some("1") => return Store::On { max },
+            Some("0") => return Store::Off,
+            Some("") | None => {}
+            Some(other) => tracing::warn!(
+                value = other,
+                "ignoring {ENV_FDSTORE}: expected 1 (use the fd store) or 0 (do not)"
+            ),
+        }
+        match max {
+            Some(0) | None => Store::Off,
+            Some(n) => Store::On { max: Some(n) },
+        }
+    }
 }
 
 impl Notifier {
@@ -46,12 +103,75 @@ impl Notifier {
                 None
             }
         });
-        Notifier { target }
+        let var = |name: &str| {
+            env.iter()
+                .find(|(k, _)| k == OsStr::new(name))
+                .map(|(_, v)| v.as_os_str())
+        };
+        let store = match &target {
+            Some(_) => Store::from_env(var("FDSTORE"), var(ENV_FDSTORE)),
+            None => Store::Off,
+        };
+        if store == Store::Off && target.is_some() {
+            tracing::debug!(
+                "systemd's fd store is not used: the unit does not enable it (FileDescriptorStoreMax=; with systemd before 254 also Environment={ENV_FDSTORE}=1)"
+            );
+        }
+        Notifier { target, store }
     }
 
     /// A notifier that sends nothing.
     pub(crate) fn none() -> Notifier {
-        Notifier { target: None }
+        Notifier {
+            target: None,
+            store: Store::Off,
+        }
+    }
+
+    /// Whether listening sockets go to systemd's fd store.
+    pub(crate) fn stores(&self) -> bool {
+        matches!(self.store, Store::On { .. })
+    }
+
+    /// The unit's `FileDescriptorStoreMax=`, when systemd said it.
+    pub(crate) fn store_max(&self) -> Option<u32> {
+        match self.store {
+            Store::On { max } => max,
+            Store::Off => None,
+        }
+    }
+
+    /// Puts `fd` in systemd's fd store for the listener `name` (`FDSTORE=1`,
+    /// `FDNAME=tableflip.<name>`); whether it was sent. A name systemd
+    /// would refuse is logged and not sent.
+    pub(crate) fn store_fd(&self, name: &str, fd: BorrowedFd<'_>) -> bool {
+        if !self.stores() {
+            return false;
+        }
+        let fdname = format!("{STORE_PREFIX}{name}");
+        if let Err(why) = check_fdname(&fdname) {
+            tracing::warn!(
+                listener = name,
+                "not kept in systemd's fd store: as FDNAME={fdname:?} the name {why}"
+            );
+            return false;
+        }
+        let message = Message::new().line("FDSTORE", "1").line("FDNAME", &fdname);
+        self.send_with(&message, &[fd])
+    }
+
+    /// Removes what systemd's fd store holds for the listener `name`
+    /// (`FDSTOREREMOVE=1`, `FDNAME=tableflip.<name>`); nothing if it holds
+    /// nothing.
+    pub(crate) fn unstore_fd(&self, name: &str) {
+        let fdname = format!("{STORE_PREFIX}{name}");
+        if !self.stores() || check_fdname(&fdname).is_err() {
+            return;
+        }
+        let message = Message::new()
+            .line("FDSTOREREMOVE", "1")
+            .line("FDNAME", &fdname);
+        self.send_with(&message, &[]);
     }
 
     /// Tells the service manager what happened. Failures are logged, never
@@ -63,18 +183,31 @@ impl Notifier {
     }
 
     fn send(&self, message: &Message) {
+        self.send_with(message, &[]);
+    }
+
+    /// Sends `message` with `fds` attached (`SCM_RIGHTS`); whether it went.
+    fn send_with(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> bool {
         let Some((addr, shown)) = &self.target else {
-            return;
+            return false;
         };
         let message = message.text.as_str();
-        let sent = Socket::new(Domain::UNIX, Type::DGRAM, None)
-            .and_then(|s| s.send_to(message.as_bytes(), addr));
+        let sent = Socket::new(Domain::UNIX, Type::DGRAM, None).and_then(|s| {
+            if fds.is_empty() {
+                s.send_to(message.as_bytes(), addr).map(|_| ())
+            } else {
+                s.connect(addr)?;
+                sys::send_packet(s.as_fd(), message.as_bytes(), fds, false)
+            }
+        });
         match sent {
-            Ok(_) => {
-                tracing::debug!(notify_socket = %shown, message = %message.replace('\n', " "), "notified the service manager")
+            Ok(()) => {
+                tracing::debug!(notify_socket = %shown, message = %message.replace('\n', " "), fds = fds.len(), "notified the service manager");
+                true
             }
             Err(e) => {
-                tracing::warn!(notify_socket = %shown, error = %e, "cannot notify the service manager")
+                tracing::warn!(notify_socket = %shown, error = %e, "cannot notify the service manager");
+                false
             }
         }
     }
@@ -232,6 +365,24 @@ impl Message {
     }
 }
 
+/// Whether systemd accepts `name` as an `FDNAME=` (`sd_pid_notify_with_fds(3)`):
+/// 1 to 255 ASCII characters, none of them a control character or `:`.
+fn check_fdname(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    if name.len() > 255 {
+        return Err("is longer than 255 bytes");
+    }
+    if !name.is_ascii() {
+        return Err("is not ASCII");
+    }
+    if name.chars().any(|c| c.is_ascii_control() || c == ':') {
+        return Err("holds a control character or `:`");
+    }
+    Ok(())
+}
+
 fn notify_addr(value: &OsStr) -> std::io::Result<SockAddr> {
     let bytes = value.as_bytes();
     match bytes.first() {
@@ -319,6 +470,7 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
     }
     // Check every fd while borrowed; take them only once all are valid.
     let mut checked = Vec::with_capacity(names.len());
+    let mut superseded = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let fd = SD_LISTEN_FDS_START + RawFd::from(u16::try_from(i).unwrap_or(u16::MAX));
         let (kind, network, address) = inspect_handed_on(fd, |borrowed| {
@@ -333,31 +485,55 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
             Ok((kind, network, address))
         })
         .map_err(|reason| bad(format!("{name:?} (fd {fd}): {reason}")))?;
-        let unnamed = is_default_name(name);
+        let stored = name.strip_prefix(STORE_PREFIX).filter(|n| !n.is_empty());
+        let unnamed = stored.is_none() && is_default_name(name);
         // Sockets named by systemd's defaults (one name for every socket
         // of a unit) are told apart by position; they are matched to
         // listeners by address.
-        let key = if unnamed {
-            format!("{name}#{i}")
-        } else {
-            name.clone()
+        let key = match stored {
+            Some(listener) => listener.to_owned(),
+            None if unnamed => format!("{name}#{i}"),
+            None => name.clone(),
         };
-        if checked
+        let same = checked
             .iter()
-            .any(|(n, ..): &(String, _, _, _, _, _)| *n == key)
-        {
-            return Err(bad(format!(
-                "two sockets are named {name:?}; give each a FileDescriptorName= of its own (the name of the listener it is for)"
-            )));
+            .position(|(n, ..): &(String, _, _, _, _, _, _)| *n == key);
+        if let Some(j) = same {
+            // A socket unit's beats what an earlier run kept in the fd
+            // store under the same listener name (a socket unit added
+            // since); two of either kind are a mistake.
+            match (checked[j].6, stored.is_some()) {
+                (false, true) => {
+                    superseded.push((key, fd));
+                    continue;
+                }
+                (true, false) => {
+                    let (old, old_fd, ..) = checked.remove(j);
+                    superseded.push((old, old_fd));
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "two sockets are named {name:?}; give each a FileDescriptorName= of its own (the name of the listener it is for)"
+                    )));
+                }
+            }
         }
-        checked.push((key, fd, kind, network, address, unnamed));
+        checked.push((key, fd, kind, network, address, unnamed, stored.is_some()));
+    }
+    for (name, fd) in superseded {
+        tracing::warn!(listener = %name, fd, "closing the socket systemd's fd store kept for this listener: a socket unit passes one of the same name now");
+        drop(sys::claim_received(fd));
     }
     let mut out = Vec::with_capacity(checked.len());
-    for (name, fd, kind, network, address, unnamed) in checked {
+    for (name, fd, kind, network, address, unnamed, from_store) in checked {
         let owned =
             sys::claim_received(fd).map_err(|e| bad(format!("{name:?} (fd {fd}): fd {fd} {e}")))?;
         sys::set_nonblocking(owned.as_fd()).map_err(|e| bad(format!("{name:?} (fd {fd}): {e}")))?;
-        tracing::info!(name = %name, fd, %network, %address, "socket-activated");
+        if from_store {
+            tracing::info!(listener = %name, fd, %network, %address, "back from systemd's fd store");
+        } else {
+            tracing::info!(name = %name, fd, %network, %address, "socket-activated");
+        }
         out.push(Inherited {
             meta: EntryMeta {
                 name,
@@ -365,13 +541,17 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
                 fd,
                 network: Some(network.to_string()),
                 address: Some(address),
-                activated: true,
+                // A stored socket is the service's own, as one a previous
+                // generation handed on: used only while the listener's
+                // address is still its own.
+                activated: !from_store,
                 file_dev: None,
                 file_ino: None,
             },
             network: Some(network),
             fd: owned,
             unnamed,
+            from_store,
         });
     }
     Ok(out)
@@ -410,6 +590,88 @@ mod tests {
         assert_eq!(m.text().lines().count(), 2);
         let r = Message::new().reloading();
         assert!(r.text().starts_with("RELOADING=1\nMONOTONIC_USEC="));
+    }
+
+    #[test]
+    fn the_store_is_used_only_when_the_unit_enables_it() {
+        let os = |v: &'static str| Some(OsStr::new(v));
+        assert_eq!(Store::from_env(None, None), Store::Off);
+        assert_eq!(Store::from_env(os("0"), None), Store::Off);
+        assert_eq!(Store::from_env(os("16"), None), Store::On { max: Some(16) });
+        assert_eq!(Store::from_env(os("16"), os("0")), Store::Off);
+        assert_eq!(Store::from_env(None, os("1")), Store::On { max: None });
+        assert_eq!(Store::from_env(os("garbage"), None), Store::Off);
+        // An unknown value of ours is ignored (with a warning).
+        assert_eq!(
+            Store::from_env(os("4"), os("yes")),
+            Store::On { max: Some(4) }
+        );
+    }
+
+    #[test]
+    fn fd_names_systemd_refuses_are_caught() {
+        assert!(check_fdname("tableflip.TCP").is_ok());
+        assert!(check_fdname(&"x".repeat(255)).is_ok());
+        for bad in ["", "a:b", "tab\there", "é", &"x".repeat(256)] {
+            assert!(check_fdname(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn stored_sockets_are_sent_with_their_names_and_removed_by_name() {
+        use std::os::unix::net::UnixDatagram;
+        let dir = std::env::temp_dir().join(format!("tf-fdstore-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(std::fs::create_dir(&dir).is_ok());
+        let path = dir.join("notify");
+        let Ok(manager) = UnixDatagram::bind(&path) else {
+            panic!("cannot bind the fake notify socket");
+        };
+        let env = vec![
+            (
+                OsString::from("NOTIFY_SOCKET"),
+                path.clone().into_os_string(),
+            ),
+            (OsString::from("FDSTORE"), OsString::from("4")),
+        ];
+        let notifier = Notifier::from_env(&env);
+        assert!(notifier.stores());
+        assert_eq!(notifier.store_max(), Some(4));
+        let Ok(listener) = std::net::TcpListener::bind("127.0.0.1:0") else {
+            panic!("cannot bind a listener");
+        };
+        assert!(notifier.store_fd("web", listener.as_fd()));
+        notifier.unstore_fd("web");
+        // A name systemd would refuse is not sent.
+        assert!(!notifier.store_fd("a:b", listener.as_fd()));
+
+        let mut buf = vec![0u8; 256];
+        let Ok((len, fds)) =
+            sys::recv_packet(manager.as_fd(), &mut buf).map(|r| r.unwrap_or_default())
+        else {
+            panic!("nothing received");
+        };
+        assert_eq!(&buf[..len], b"FDSTORE=1\nFDNAME=tableflip.web");
+        assert_eq!(fds.len(), 1);
+        let ino = |fd: BorrowedFd<'_>| nix::sys::stat::fstat(fd).map(|s| s.st_ino).ok();
+        assert_eq!(
+            ino(fds[0].as_fd()),
+            ino(listener.as_fd()),
+            "the same socket"
+        );
+        let Ok((len, fds)) =
+            sys::recv_packet(manager.as_fd(), &mut buf).map(|r| r.unwrap_or_default())
+        else {
+            panic!("nothing received");
+        };
+        assert_eq!(&buf[..len], b"FDSTOREREMOVE=1\nFDNAME=tableflip.web");
+        assert!(fds.is_empty());
+        assert!(manager.set_nonblocking(true).is_ok());
+        assert!(
+            sys::recv_packet(manager.as_fd(), &mut buf).is_err(),
+            "nothing more was sent"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

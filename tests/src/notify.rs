@@ -18,6 +18,9 @@ pub struct Notice {
     /// The lines, in order.
     pub fields: Vec<(String, String)>,
     pub raw: String,
+    /// The inodes of the fds attached (`SCM_RIGHTS`): for a socket, the
+    /// same number in every process that has it.
+    pub fd_inodes: Vec<u64>,
 }
 
 impl Notice {
@@ -37,6 +40,7 @@ impl Notice {
             sender,
             fields,
             raw: raw.to_owned(),
+            fd_inodes: Vec::new(),
         }
     }
 
@@ -138,12 +142,20 @@ pub struct Notify {
     pub env: String,
     /// Every notification received so far, in order.
     pub log: Vec<Notice>,
+    /// A model of systemd's fd store: what `FDSTORE=1` put there, under
+    /// its `FDNAME=`, less what `FDSTOREREMOVE=1` took out.
+    pub store: Vec<(String, std::os::fd::OwnedFd)>,
 }
 
 impl Notify {
     /// Bound to a path in `dir`.
     pub fn at_path(dir: &Scratch) -> Notify {
-        let path = dir.path().join("notify");
+        Self::at_path_named(dir, "notify")
+    }
+
+    /// Bound to the file `name` in `dir`.
+    pub fn at_path_named(dir: &Scratch, name: &str) -> Notify {
+        let path = dir.path().join(name);
         let sock = UnixDatagram::bind(&path)
             .unwrap_or_else(|e| panic!("cannot bind {}: {e}", path.display()));
         Self::with(sock, path.display().to_string())
@@ -167,26 +179,47 @@ impl Notify {
             sock,
             env,
             log: Vec::new(),
+            store: Vec::new(),
         }
     }
 
     /// Receives one notification: waits up to the socket's read timeout,
     /// or not at all with `MSG_DONTWAIT`. `None` when there is none.
     pub fn recv(&mut self, flags: MsgFlags) -> Option<Notice> {
+        use std::os::fd::{FromRawFd, OwnedFd};
         let mut buf = vec![0u8; 4096];
-        let mut cmsg = nix::cmsg_space!(UnixCredentials);
-        let (len, sender) = loop {
+        let mut cmsg = nix::cmsg_space!(UnixCredentials, [std::os::fd::RawFd; 16]);
+        let (len, sender, fds) = loop {
             let mut iov = [IoSliceMut::new(&mut buf)];
+            let flags = flags | MsgFlags::MSG_CMSG_CLOEXEC;
             match recvmsg::<()>(self.sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
                 Ok(msg) => {
                     let mut sender = None;
+                    let mut fds: Vec<OwnedFd> = Vec::new();
                     for c in msg.cmsgs().unwrap_or_else(|e| panic!("control data: {e}")) {
-                        if let ControlMessageOwned::ScmCredentials(cred) = c {
-                            sender = Some(u32::try_from(cred.pid()).unwrap_or(0));
+                        match c {
+                            ControlMessageOwned::ScmCredentials(cred) => {
+                                sender = Some(u32::try_from(cred.pid()).unwrap_or(0));
+                            }
+                            ControlMessageOwned::ScmRights(raw) => {
+                                // SAFETY: the kernel has just installed these
+                                // fds in this process for this message;
+                                // nothing else owns them.
+                                #[allow(unsafe_code)]
+                                fds.extend(
+                                    raw.into_iter()
+                                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                                );
+                            }
+                            _ => {}
                         }
                     }
+                    assert!(
+                        !msg.flags.contains(MsgFlags::MSG_CTRUNC),
+                        "control data cut short: more fds than expected"
+                    );
                     let sender = sender.unwrap_or_else(|| panic!("no SCM_CREDENTIALS"));
-                    break (msg.bytes, sender);
+                    break (msg.bytes, sender, fds);
                 }
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(nix::errno::Errno::EAGAIN) => return None,
@@ -195,8 +228,21 @@ impl Notify {
         };
         let raw = String::from_utf8(buf[..len].to_vec())
             .unwrap_or_else(|e| panic!("a notification is not UTF-8: {e}"));
-        let n = Notice::parse(sender, &raw);
-        eprintln!("[notify] from pid {sender}: {raw:?}");
+        let mut n = Notice::parse(sender, &raw);
+        n.fd_inodes = fds
+            .iter()
+            .map(|fd| nix::sys::stat::fstat(fd).map_or(0, |s| s.st_ino))
+            .collect();
+        eprintln!("[notify] from pid {sender}: {raw:?} fds={:?}", n.fd_inodes);
+        // As systemd does with the store's messages (sd_notify(3)).
+        let name = n.get("FDNAME").unwrap_or("stored").to_owned();
+        if n.get("FDSTOREREMOVE") == Some("1") {
+            self.store.retain(|(stored, _)| *stored != name);
+        }
+        if n.get("FDSTORE") == Some("1") {
+            self.store
+                .extend(fds.into_iter().map(|fd| (name.clone(), fd)));
+        }
         self.log.push(n.clone());
         Some(n)
     }

@@ -39,6 +39,10 @@ struct Saved {
     announced: bool,
     #[serde(default)]
     upgrade_wanted: bool,
+    /// What systemd's fd store holds for the service, as far as the
+    /// supervisor knows: listener names and socket inodes.
+    #[serde(default)]
+    stored: Vec<(String, u64)>,
     #[serde(default)]
     held: Vec<EntryMeta>,
     #[serde(default)]
@@ -133,6 +137,7 @@ impl State {
         s.generation = saved.generation;
         s.announced = saved.announced;
         s.upgrade_wanted = saved.upgrade_wanted;
+        s.stored = saved.stored;
         s.backoff = Backoff::default();
         for meta in saved.held {
             let fd = claim(meta.fd, &format!("socket {:?}", meta.name))?;
@@ -257,6 +262,7 @@ impl Outgoing {
             generation: s.generation,
             announced: s.announced,
             upgrade_wanted: s.upgrade_wanted,
+            stored: s.stored.clone(),
             held,
             generations,
             executable,

@@ -269,6 +269,11 @@ struct Supervisor {
     /// What was collected, handed to the next generation started (and
     /// closed here right after).
     extras: Vec<Held>,
+    /// What systemd's fd store holds for the service, as far as the
+    /// supervisor knows (it put them there, or they came from
+    /// `LISTEN_FDS`, which the store's sockets come back through): listener
+    /// names and socket inodes.
+    stored: Vec<(String, u64)>,
     buf: Vec<u8>,
 }
 
@@ -304,6 +309,7 @@ impl Supervisor {
             exiting: None,
             collecting: None,
             extras: Vec::new(),
+            stored: Vec::new(),
             buf: Vec::new(),
         })
     }
@@ -315,7 +321,15 @@ impl Supervisor {
         for item in activated {
             let mut meta = item.meta;
             meta.fd = item.fd.as_raw_fd();
-            s.held.push(Held { meta, fd: item.fd });
+            let held = Held { meta, fd: item.fd };
+            if item.from_store {
+                // Still in the store (passing them on does not take them
+                // out of it).
+                if let Some(ino) = socket_inode(&held) {
+                    s.stored.push((held.meta.name.clone(), ino));
+                }
+            }
+            s.held.push(held);
         }
         tracing::info!(
             pid = std::process::id(),
@@ -1127,6 +1141,7 @@ impl Supervisor {
         self.gens[i].role = Role::Serving;
         self.gens[i].ready_pipe = None;
         self.replace_held(received);
+        self.sync_store();
         let previous: Vec<usize> = (0..self.gens.len())
             .filter(|&j| j != i && self.gens[j].role == Role::Serving)
             .collect();
@@ -1241,6 +1256,63 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Keeps systemd's fd store in step with the sockets held: a socket no
+    /// longer held (a listener moved to another address, or gone from the
+    /// release) is removed from it, then each held socket not in it yet is
+    /// put there under its listener's name. Sockets that came from
+    /// `LISTEN_FDS` are there already, or belong to a socket unit.
+    fn sync_store(&mut self) {
+        if !self.notify.stores() {
+            return;
+        }
+        let now: Vec<(String, u64)> = self
+            .held
+            .iter()
+            .filter_map(|h| Some((h.meta.name.clone(), socket_inode(h)?)))
+            .collect();
+        let mut gone: Vec<String> = self
+            .stored
+            .iter()
+            .filter(|s| !now.contains(s))
+            .map(|(name, _)| name.clone())
+            .collect();
+        gone.dedup();
+        for name in gone {
+            tracing::info!(listener = %name, "supervisor: removing the socket no longer served from systemd's fd store");
+            self.notify.unstore_fd(&name);
+            self.stored.retain(|(n, _)| *n != name);
+        }
+        for h in &self.held {
+            let Some(ino) = socket_inode(h) else {
+                continue;
+            };
+            let key = (h.meta.name.clone(), ino);
+            if h.meta.activated || self.stored.contains(&key) {
+                continue;
+            }
+            if let Some(max) = self.notify.store_max() {
+                if self.stored.len() >= usize::try_from(max).unwrap_or(usize::MAX) {
+                    tracing::warn!(listener = %h.meta.name, max, "supervisor: not kept in systemd's fd store: FileDescriptorStoreMax={max} is full; raise it to the number of listeners");
+                    continue;
+                }
+            }
+            if self.notify.store_fd(&h.meta.name, h.fd.as_fd()) {
+                tracing::info!(listener = %h.meta.name, "supervisor: kept in systemd's fd store (it survives restarts and crashes)");
+                self.stored.push(key);
+            }
+        }
+    }
+
+    /// Whether systemd's fd store holds this socket: its Unix socket file
+    /// then stays when the service stops, for the next start.
+    fn in_store(&self, h: &Held) -> bool {
+        socket_inode(h).is_some_and(|ino| {
+            self.stored
+                .iter()
+                .any(|(n, i)| *n == h.meta.name && *i == ino)
+        })
     }
 
     fn file_of(&self, h: &Held) -> Option<SocketFile> {
@@ -1364,9 +1436,11 @@ impl Supervisor {
         // The generations close their handles as they start draining; with
         // the supervisor's closed too, a new connection is refused at once
         // (a load balancer tries elsewhere) instead of waiting in a backlog
-        // nobody accepts from any more. Socket files go at the exit.
+        // nobody accepts from any more. Socket files go at the exit, but
+        // for those systemd holds (socket units, the fd store): the next
+        // start serves on them again.
         for h in std::mem::take(&mut self.held) {
-            if !h.meta.activated {
+            if !h.meta.activated && !self.in_store(&h) {
                 if let Some(file) = self.file_of(&h) {
                     self.files_at_exit.push(file);
                 }
@@ -1378,7 +1452,7 @@ impl Supervisor {
     /// owned, returns the exit status.
     fn finish(&mut self) -> i32 {
         for h in std::mem::take(&mut self.held) {
-            if h.meta.activated {
+            if h.meta.activated || self.in_store(&h) {
                 continue;
             }
             if let Some(file) = self.file_of(&h) {
@@ -1444,6 +1518,11 @@ impl Supervisor {
             "supervisor: cannot re-execute itself into the new generation's binary; it keeps running the previous one (the generations run the new one)"
         );
     }
+}
+
+/// The inode of a held socket: the same in every process that has it.
+fn socket_inode(h: &Held) -> Option<u64> {
+    sys::socket_inode_of_number(h.fd.as_raw_fd())
 }
 
 /// Blocks the supervisor's signals and opens a `signalfd` for them.

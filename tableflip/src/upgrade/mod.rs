@@ -484,12 +484,12 @@ impl Upgrader {
         // Closed now, but their files are removed only once the handover
         // has committed: until then the parent serves on them, and keeps
         // serving if this fails.
-        let leftovers = self.inner.fds.close_unclaimed();
+        let (leftovers, closed) = self.inner.fds.close_unclaimed();
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Some(sup) = &self.inner.supervised {
             // The supervisor writes the PID file (its own PID), and removes
             // the files of sockets no generation serves any more.
-            drop(leftovers);
+            drop((leftovers, closed));
             self.rejoin_parent_group();
             self.report_ready(sup)?;
             phase.became_ready();
@@ -523,6 +523,7 @@ impl Upgrader {
         for file in leftovers {
             file.remove();
         }
+        self.sync_fd_store(&closed);
         if self.inner.parent.is_none() {
             // The first generation is systemd's main process; later ones
             // are announced by their parent (see `upgrade`).
@@ -542,6 +543,40 @@ impl Upgrader {
 
     fn pid_file(&self) -> Option<PathBuf> {
         self.inner.pid_file()
+    }
+
+    /// Replace mode, once ready: keeps systemd's fd store in step. The
+    /// sockets closed at readiness (a listener moved to another address, or
+    /// gone from this release) are removed from it, then those this
+    /// generation bound itself are put there. Inherited ones are there
+    /// already: the generation that bound them put them there. The store
+    /// takes messages from the main process only, unless the unit says
+    /// `NotifyAccess=all` (which the replace-mode units ship): a later
+    /// generation is not the main process until its parent says so.
+    fn sync_fd_store(&self, closed: &[String]) {
+        let notify = &self.inner.notify;
+        if !notify.stores() {
+            return;
+        }
+        for name in closed {
+            tracing::info!(listener = %name, "removing the socket no longer served from systemd's fd store");
+            notify.unstore_fd(name);
+        }
+        let created = self.inner.fds.created_sockets();
+        if let Some(max) = notify.store_max() {
+            if created.len() > usize::try_from(max).unwrap_or(usize::MAX) {
+                tracing::warn!(
+                    max,
+                    listeners = created.len(),
+                    "FileDescriptorStoreMax={max} is smaller than the number of listeners: systemd keeps the first {max} only; raise it"
+                );
+            }
+        }
+        for (name, fd) in created {
+            if notify.store_fd(&name, fd.as_fd()) {
+                tracing::info!(listener = %name, "kept in systemd's fd store (it survives restarts and crashes)");
+            }
+        }
     }
 
     /// Once ready, a generation rejoins its parent's process group, where
@@ -721,7 +756,7 @@ impl Inner {
             // The supervisor holds the sockets, and removes their files.
             return;
         }
-        for file in self.fds.owned_unix_files(ready) {
+        for file in self.fds.owned_unix_files(ready, self.notify.stores()) {
             file.remove();
         }
         if ready {
