@@ -417,6 +417,22 @@ pub(crate) fn monotonic_usec() -> u64 {
 /// the first process only.
 pub(crate) const LISTEN_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
 
+/// Listeners whose stored socket a socket unit's replaced at this start
+/// (see [`listen_fds`]): removed from the store by the first
+/// [`take_superseded`] caller that sends the store's messages.
+static SUPERSEDED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The listeners whose stored socket was closed at this start because a
+/// socket unit passes one of the same name: their entries in the store are
+/// to be removed. Empty after the first call.
+pub(crate) fn take_superseded() -> Vec<String> {
+    std::mem::take(
+        &mut *SUPERSEDED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
+}
+
 /// The first fd passed by socket activation.
 const SD_LISTEN_FDS_START: RawFd = 3;
 
@@ -523,6 +539,10 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
     for (name, fd) in superseded {
         tracing::warn!(listener = %name, fd, "closing the socket systemd's fd store kept for this listener: a socket unit passes one of the same name now");
         drop(sys::claim_received(fd));
+        SUPERSEDED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(name);
     }
     let mut out = Vec::with_capacity(checked.len());
     for (name, fd, kind, network, address, unnamed, from_store) in checked {

@@ -374,6 +374,75 @@ fn replace_sockets_back_from_the_store_are_served_or_replaced() {
     back_from_the_store("replace");
 }
 
+/// A socket unit added since the store kept a socket for a listener: both
+/// come through `LISTEN_FDS` under the listener's name. The socket unit's
+/// is served on (socket units decide); the stored one is closed and removed
+/// from the store, and the service starts normally.
+fn a_socket_unit_wins(mode: &'static str) {
+    let h = Harness::new(&format!("fdstore-unit-{mode}"));
+    let unit_addr = format!("127.0.0.1:{}", free_port());
+    let stored_addr = format!("127.0.0.1:{}", free_port());
+    let notify = Notify::at_path(&h.ctl);
+    let unix = h.ctl.path().join("u.sock");
+    let mut cmd = Command::new(systemd_socket_activate());
+    cmd.arg(format!("--listen={unit_addr}"))
+        .arg(format!("--listen={stored_addr}"))
+        .arg("--fdname=TCP:tableflip.TCP")
+        .arg(format!("--setenv=TF_CTL={}", h.ctl.path().display()))
+        .arg(format!("--setenv=TABLEFLIP_MODE={mode}"))
+        .arg(format!("--setenv=MS_UNIX={}", unix.display()))
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.env))
+        .arg("--setenv=FDSTORE=8")
+        .arg("--setenv=RUST_LOG=info")
+        .arg(MACRO_SVC)
+        .stdin(Stdio::null());
+    let mut svc = Service::spawn(cmd);
+    let client = connect_when_listening(&unit_addr);
+    let gen1 = svc.wait_kind("init-done", None).pid;
+    let tcp = svc
+        .wait_for("TCP listening", |e| {
+            e.kind == "listening" && e.pid == gen1 && e.get("name") == "TCP"
+        })
+        .get("addr")
+        .to_owned();
+    assert_eq!(tcp, unit_addr, "the socket unit's socket serves");
+    let mut s = Stored {
+        main: if mode == "supervised" {
+            svc.first_pid()
+        } else {
+            gen1
+        },
+        svc,
+        notify,
+        mode,
+        current: gen1,
+        tcp,
+        unix,
+    };
+    s.until("READY=1", |n| n.has("READY"));
+    let at_start = s.notify.log.clone();
+    assert_eq!(removed_names(&at_start), ["tableflip.TCP"], "{at_start:?}");
+    assert_eq!(
+        stored_names(&at_start),
+        ["tableflip.UDP", "tableflip.UNIX"],
+        "a socket unit's socket is not stored: {at_start:?}"
+    );
+    let reply = request(client, "GET");
+    assert_eq!(reply_pid(&reply), gen1, "{reply}");
+    let (seen, _) = s.stop();
+    assert!(removed_names(&seen).is_empty(), "{seen:?}");
+}
+
+#[test]
+fn supervised_a_socket_unit_wins_over_a_stored_socket_of_the_same_name() {
+    a_socket_unit_wins("supervised");
+}
+
+#[test]
+fn replace_a_socket_unit_wins_over_a_stored_socket_of_the_same_name() {
+    a_socket_unit_wins("replace");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -1267,6 +1267,9 @@ impl Supervisor {
         if !self.notify.stores() {
             return;
         }
+        for name in crate::systemd::take_superseded() {
+            self.notify.unstore_fd(&name);
+        }
         let now: Vec<(String, u64)> = self
             .held
             .iter()

@@ -558,7 +558,7 @@ impl Upgrader {
         if !notify.stores() {
             return;
         }
-        for name in closed {
+        for name in crate::systemd::take_superseded().iter().chain(closed) {
             tracing::info!(listener = %name, "removing the socket no longer served from systemd's fd store");
             notify.unstore_fd(name);
         }
