@@ -42,8 +42,12 @@ pub(crate) enum ToSupervisor {
     /// The answer to [`ToGeneration::Collect`]: connections and files the
     /// generation hands on, with their fds attached in the same order, in
     /// as many packets as the fds need; the last one has `done` set (and
-    /// may carry none).
-    HandedOn { entries: Vec<EntryMeta>, done: bool },
+    /// may carry none). `id`: the request's.
+    HandedOn {
+        id: u64,
+        entries: Vec<EntryMeta>,
+        done: bool,
+    },
     /// A request to upgrade the service (the generation got `SIGHUP`, or
     /// its code called `Upgrader::upgrade`). `id` 0 wants no answer.
     Upgrade { id: u64 },
@@ -61,8 +65,9 @@ pub(crate) enum ToGeneration {
     /// Upgrade `id` failed, or was refused; the asker keeps serving.
     UpgradeFailed { id: u64, error: String },
     /// An upgrade starts: send the connections and files to hand on to the
-    /// next generation ([`ToSupervisor::HandedOn`]).
-    Collect,
+    /// next generation ([`ToSupervisor::HandedOn`], with this `id`: an
+    /// answer to an earlier request that timed out is told apart).
+    Collect { id: u64 },
 }
 
 /// Sends `message` with `fds` attached.

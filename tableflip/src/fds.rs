@@ -932,11 +932,22 @@ impl Fds {
     /// with a copy of its fd: what goes to systemd's fd store (replace
     /// mode). Sockets the application has closed are left out.
     pub(crate) fn created_sockets(&self) -> Vec<(String, OwnedFd)> {
+        self.socket_copies(|_, e| e.created_here)
+    }
+
+    /// The listeners and packet sockets named in `names` that are neither
+    /// bound here nor a socket unit's (inherited ones, which may have come
+    /// from systemd's fd store), each with a copy of its fd.
+    pub(crate) fn stored_sockets(&self, names: &[String]) -> Vec<(String, OwnedFd)> {
+        self.socket_copies(|name, e| !e.created_here && !e.activated && names.contains(name))
+    }
+
+    fn socket_copies(&self, pick: impl Fn(&String, &Entry) -> bool) -> Vec<(String, OwnedFd)> {
         let reg = lock(&self.registry);
         let mut out: Vec<(String, OwnedFd)> = reg
             .entries
             .iter()
-            .filter(|(_, e)| e.created_here && matches!(e.kind, Kind::Listener | Kind::Packet))
+            .filter(|(n, e)| matches!(e.kind, Kind::Listener | Kind::Packet) && pick(n, e))
             .filter_map(|(name, e)| {
                 let fd = match &e.slot {
                     Slot::Owned(fd) | Slot::Shared { own: fd, .. } => fd.try_clone().ok(),

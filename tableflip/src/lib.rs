@@ -104,7 +104,10 @@ pub use systemd::ENV_FDSTORE;
 /// blocking accept loop calls `set_nonblocking(false)` itself, and treats
 /// `EAGAIN` (`WouldBlock`) as "try again": while an upgrade runs, the next
 /// generation makes the socket non-blocking again. After a failed upgrade
-/// the library puts a socket that was blocking back in blocking mode.
+/// the library puts a socket that was blocking back in blocking mode; in
+/// supervised mode only listening sockets (a connection handed on with
+/// [`Fds::add_conn`] stays non-blocking if the new generation made it so
+/// and then failed).
 pub mod types {
     pub use crate::socket::{Conn, File, FromFd, Listener, PacketConn};
 }

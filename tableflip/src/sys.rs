@@ -796,7 +796,8 @@ pub(crate) fn send_packet(
 /// # Errors
 ///
 /// Also when the packet or its fds were cut short (`MSG_TRUNC`,
-/// `MSG_CTRUNC`): the fds that did arrive are closed.
+/// `MSG_CTRUNC`), with `InvalidData`: the fds that did arrive are closed,
+/// and the socket can be read on.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) fn recv_packet(
     socket: BorrowedFd<'_>,
@@ -840,8 +841,11 @@ pub(crate) fn recv_packet(
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
     if truncated {
-        return Err(io::Error::other(
-            "a control packet, or the fds attached to it, was cut short",
+        // `InvalidData`: this packet is lost (its fds closed), the
+        // channel is fine.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a control packet, or the fds attached to it, was cut short (out of fds?)",
         ));
     }
     if len == 0 && fds.is_empty() {

@@ -423,8 +423,9 @@ pub(crate) const LISTEN_VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_F
 static SUPERSEDED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// The listeners whose stored socket was closed at this start because a
-/// socket unit passes one of the same name: their entries in the store are
-/// to be removed. Empty after the first call.
+/// socket unit passes one of the same name, or the store had two: their
+/// entries in the store are to be removed (and the socket kept, if it is
+/// stored, stored again). Empty after the first call.
 pub(crate) fn take_superseded() -> Vec<String> {
     std::mem::take(
         &mut *SUPERSEDED
@@ -517,9 +518,12 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
         if let Some(j) = same {
             // A socket unit's beats what an earlier run kept in the fd
             // store under the same listener name (a socket unit added
-            // since); two of either kind are a mistake.
+            // since). Two stored under one name (a removal systemd did not
+            // take): the first, the newest, is kept; the store is put
+            // right at the first sync. Two of a socket unit's are a
+            // mistake.
             match (checked[j].6, stored.is_some()) {
-                (false, true) => {
+                (false, true) | (true, true) => {
                     superseded.push((key, fd));
                     continue;
                 }
@@ -537,7 +541,7 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
         checked.push((key, fd, kind, network, address, unnamed, stored.is_some()));
     }
     for (name, fd) in superseded {
-        tracing::warn!(listener = %name, fd, "closing the socket systemd's fd store kept for this listener: a socket unit passes one of the same name now");
+        tracing::warn!(listener = %name, fd, "closing a socket systemd's fd store kept for this listener: a socket unit passes one of the same name now, or the store had two");
         drop(sys::claim_received(fd));
         SUPERSEDED
             .lock()

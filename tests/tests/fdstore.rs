@@ -143,12 +143,42 @@ fn stored_names(notices: &[Notice]) -> Vec<String> {
     names
 }
 
+/// The names removed (`FDSTOREREMOVE=1`), sorted, each once. The service
+/// also removes a name right before it stores a socket under it, in case
+/// the store held another.
 fn removed_names(notices: &[Notice]) -> Vec<String> {
-    notices
+    let mut names: Vec<String> = notices
         .iter()
         .filter(|n| n.get("FDSTOREREMOVE") == Some("1"))
         .map(|n| n.get("FDNAME").unwrap_or("(none)").to_owned())
-        .collect()
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Each `FDSTORE=1` comes after an `FDSTOREREMOVE=1` of its name: the
+/// store never holds two sockets under one name.
+fn assert_removed_before_stored(notices: &[Notice]) {
+    for (i, n) in notices.iter().enumerate() {
+        if n.get("FDSTORE") != Some("1") {
+            continue;
+        }
+        let name = n.get("FDNAME");
+        assert!(
+            notices[..i]
+                .iter()
+                .any(|m| m.has("FDSTOREREMOVE") && m.get("FDNAME") == name),
+            "{name:?} stored without being removed first: {notices:?}"
+        );
+    }
+}
+
+/// The names in the model store, sorted.
+fn in_store(notify: &Notify) -> Vec<String> {
+    let mut names: Vec<String> = notify.store.iter().map(|(n, _)| n.clone()).collect();
+    names.sort();
+    names
 }
 
 /// The local address of a socket in the model store, as the service
@@ -180,6 +210,8 @@ fn each_listener_once(mode: &'static str) {
     let mut s = start(&h, Path::new(MACRO_SVC), mode, &[("FDSTORE", "8")]);
     let at_start = s.notify.log.clone();
     assert_eq!(stored_names(&at_start), NAMES, "{:?}", s.notify.summaries());
+    assert_removed_before_stored(&at_start);
+    assert_eq!(in_store(&s.notify), NAMES);
     for n in at_start.iter().filter(|n| n.has("FDSTORE")) {
         assert_eq!(n.fd_inodes.len(), 1, "one fd per name: {:?}", n.raw);
         assert_eq!(n.sender, s.main, "sent by the main process: {:?}", n.raw);
@@ -268,19 +300,11 @@ fn a_moved_listener_is_swapped(mode: &'static str) {
     }
     assert_eq!(removed_names(&seen), ["tableflip.TCP"], "{seen:?}");
     assert_eq!(stored_names(&seen), ["tableflip.TCP"], "{seen:?}");
-    let remove = seen
-        .iter()
-        .position(|n| n.has("FDSTOREREMOVE"))
-        .unwrap_or(usize::MAX);
-    let store = seen
-        .iter()
-        .position(|n| n.has("FDSTORE"))
-        .unwrap_or(usize::MAX);
-    assert!(remove < store, "removed first, then stored: {seen:?}");
+    assert_removed_before_stored(&seen);
     let moved = local_addr(&s.notify, "tableflip.TCP");
     assert!(moved.starts_with("127.0.0.2:"), "{moved}");
     assert_ne!(moved, old_tcp);
-    assert_eq!(s.notify.store.len(), 3, "{:?}", s.notify.summaries());
+    assert_eq!(in_store(&s.notify), NAMES, "{:?}", s.notify.summaries());
     let (seen, _) = s.stop();
     assert!(removed_names(&seen).is_empty(), "{seen:?}");
 }
@@ -352,14 +376,22 @@ fn back_from_the_store(mode: &'static str) {
                 ["tableflip.UDP", "tableflip.UNIX"],
                 "the stored one is not sent again: {at_start:?}"
             );
-            assert!(removed_names(&at_start).is_empty(), "{at_start:?}");
+            assert!(
+                !removed_names(&at_start).contains(&"tableflip.TCP".to_owned()),
+                "the stored one stays: {at_start:?}"
+            );
+            assert_removed_before_stored(&at_start);
             // The connection made before the service ran is answered.
             let reply = request(client, "GET");
             assert_eq!(reply_pid(&reply), gen1, "{reply}");
         } else {
             assert!(s.tcp.starts_with("127.0.0.2:"), "rebound: {}", s.tcp);
-            assert_eq!(removed_names(&at_start), ["tableflip.TCP"], "{at_start:?}");
+            assert!(
+                removed_names(&at_start).contains(&"tableflip.TCP".to_owned()),
+                "{at_start:?}"
+            );
             assert_eq!(stored_names(&at_start), NAMES, "{at_start:?}");
+            assert_removed_before_stored(&at_start);
             assert!(
                 local_addr(&s.notify, "tableflip.TCP").starts_with("127.0.0.2:"),
                 "the new socket is stored"
@@ -428,7 +460,10 @@ fn a_socket_unit_wins(mode: &'static str) {
     };
     s.until("READY=1", |n| n.has("READY"));
     let at_start = s.notify.log.clone();
-    assert_eq!(removed_names(&at_start), ["tableflip.TCP"], "{at_start:?}");
+    assert!(
+        removed_names(&at_start).contains(&"tableflip.TCP".to_owned()),
+        "the stored one is removed: {at_start:?}"
+    );
     assert_eq!(
         stored_names(&at_start),
         ["tableflip.UDP", "tableflip.UNIX"],
@@ -448,6 +483,78 @@ fn supervised_a_socket_unit_wins_over_a_stored_socket_of_the_same_name() {
 #[test]
 fn replace_a_socket_unit_wins_over_a_stored_socket_of_the_same_name() {
     a_socket_unit_wins("replace");
+}
+
+/// Two sockets under one name in the store (a removal systemd did not
+/// take, say from a generation that was not the main process yet): the
+/// service starts, serves on the first (systemd passes the newest first),
+/// closes the other, and puts the store right: the name removed, the kept
+/// socket stored again.
+fn two_stored_under_one_name(mode: &'static str) {
+    let h = Harness::new(&format!("fdstore-two-{mode}"));
+    let newest = format!("127.0.0.1:{}", free_port());
+    let oldest = format!("127.0.0.1:{}", free_port());
+    let notify = Notify::at_path(&h.ctl);
+    let unix = h.ctl.path().join("u.sock");
+    let mut cmd = Command::new(systemd_socket_activate());
+    cmd.arg(format!("--listen={newest}"))
+        .arg(format!("--listen={oldest}"))
+        .arg("--fdname=tableflip.TCP:tableflip.TCP")
+        .arg(format!("--setenv=TF_CTL={}", h.ctl.path().display()))
+        .arg(format!("--setenv=TABLEFLIP_MODE={mode}"))
+        .arg(format!("--setenv=MS_UNIX={}", unix.display()))
+        .arg(format!("--setenv=MS_TCP={newest}"))
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.env))
+        .arg("--setenv=FDSTORE=8")
+        .arg("--setenv=RUST_LOG=info")
+        .arg(MACRO_SVC)
+        .stdin(Stdio::null());
+    let mut svc = Service::spawn(cmd);
+    let client = connect_when_listening(&newest);
+    let gen1 = svc.wait_kind("init-done", None).pid;
+    let tcp = svc
+        .wait_for("TCP listening", |e| {
+            e.kind == "listening" && e.pid == gen1 && e.get("name") == "TCP"
+        })
+        .get("addr")
+        .to_owned();
+    assert_eq!(tcp, newest, "the newest stored socket serves");
+    let mut s = Stored {
+        main: if mode == "supervised" {
+            svc.first_pid()
+        } else {
+            gen1
+        },
+        svc,
+        notify,
+        mode,
+        current: gen1,
+        tcp,
+        unix,
+    };
+    s.until("READY=1", |n| n.has("READY"));
+    let at_start = s.notify.log.clone();
+    assert!(
+        removed_names(&at_start).contains(&"tableflip.TCP".to_owned()),
+        "{at_start:?}"
+    );
+    assert_eq!(stored_names(&at_start), NAMES, "{at_start:?}");
+    assert_removed_before_stored(&at_start);
+    assert_eq!(local_addr(&s.notify, "tableflip.TCP"), newest);
+    let reply = request(client, "GET");
+    assert_eq!(reply_pid(&reply), gen1, "{reply}");
+    let (seen, _) = s.stop();
+    assert!(removed_names(&seen).is_empty(), "{seen:?}");
+}
+
+#[test]
+fn supervised_two_sockets_stored_under_one_name_are_put_right() {
+    two_stored_under_one_name("supervised");
+}
+
+#[test]
+fn replace_two_sockets_stored_under_one_name_are_put_right() {
+    two_stored_under_one_name("replace");
 }
 
 fn free_port() -> u16 {

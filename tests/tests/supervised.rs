@@ -553,6 +553,54 @@ fn a_new_generation_ready_then_gone_leaves_the_old_one_serving() {
     s.stop();
 }
 
+/// An upgrade asked for with `Upgrader::upgrade` while another is in
+/// flight runs after it and is answered, although the supervisor
+/// re-executes itself in between (the queue of askers was not carried
+/// across the `exec`: the asker waited for ever).
+#[test]
+fn an_upgrade_asked_for_during_one_is_answered_after_the_re_exec() {
+    let h = Harness::new("sup-queued");
+    h.ctl.write("usr2-upgrade", "");
+    let exe = h.ctl.path().join("app");
+    install_exe(MACRO_SVC, &exe, 0);
+    let log = h.ctl.path().join("stderr.log");
+    let err = std::fs::File::create(&log).expect("the log file");
+    let mut cmd = Command::new(&exe);
+    cmd.env("TF_CTL", h.ctl.path())
+        .env("TABLEFLIP_MODE", "supervised")
+        .env("MS_UNIX", h.ctl.path().join("u.sock"))
+        .env("RUST_LOG", "info")
+        .stderr(err);
+    let mut svc = Service::spawn_keeping_stderr(cmd);
+    let sup = svc.first_pid();
+    let a = svc.wait_kind("init-done", None).pid;
+    h.ctl.write("init", "block");
+    signal(sup, Signal::SIGUSR2);
+    svc.wait_kind("upgrade-asked", Some(a));
+    let b = svc
+        .wait_for("the new generation blocks", |e| {
+            e.kind == "blocked" && e.pid != a
+        })
+        .pid;
+    signal(sup, Signal::SIGUSR2);
+    svc.wait_kind("upgrade-asked", Some(a));
+    wait_until("the supervisor has queued the second upgrade", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("the upgrade runs once it is done"))
+    });
+    h.ctl.write("init", "ok");
+    h.ctl.write("unblock", "");
+    let first = svc.wait_kind("upgrade-result", Some(a));
+    assert_eq!(first.get("ok"), "true", "{first:?}");
+    assert_eq!(first.num::<u32>("child"), b);
+    let second = svc.wait_kind("upgrade-result", Some(a));
+    assert_eq!(second.get("ok"), "true", "{second:?}");
+    let c = second.num::<u32>("child");
+    assert!(c != a && c != b, "a third generation: {second:?}");
+    signal(sup, Signal::SIGTERM);
+    assert_eq!(svc.wait_first().code(), Some(0));
+    svc.wait_all_exited();
+}
+
 /// A replacement that keeps failing its init is not started for ever: after
 /// five failures in a row (backing off in between) the supervisor gives up
 /// and exits 1.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Backoff, Generation, Held, Role, Supervisor};
+use super::{Backoff, Generation, Held, Requester, Role, Supervisor};
 use crate::error::{Error, Result};
 use crate::protocol::EntryMeta;
 use crate::sys;
@@ -43,6 +43,10 @@ struct Saved {
     /// supervisor knows: listener names and socket inodes.
     #[serde(default)]
     stored: Vec<(String, u64)>,
+    /// Generations waiting for the outcome of an upgrade asked for during
+    /// the one that just committed.
+    #[serde(default)]
+    requesters: Vec<Requester>,
     #[serde(default)]
     held: Vec<EntryMeta>,
     #[serde(default)]
@@ -138,6 +142,9 @@ impl State {
         s.announced = saved.announced;
         s.upgrade_wanted = saved.upgrade_wanted;
         s.stored = saved.stored;
+        // Only those whose generation is still there (checked below, as
+        // the generations are restored).
+        let requesters = saved.requesters;
         s.backoff = Backoff::default();
         for meta in saved.held {
             let fd = claim(meta.fd, &format!("socket {:?}", meta.name))?;
@@ -179,6 +186,10 @@ impl State {
                 hands_on: g.hands_on,
             });
         }
+        s.requesters = requesters
+            .into_iter()
+            .filter(|r| s.gens.iter().any(|g| g.pid == r.pid))
+            .collect();
         Ok(())
     }
 }
@@ -263,6 +274,7 @@ impl Outgoing {
             announced: s.announced,
             upgrade_wanted: s.upgrade_wanted,
             stored: s.stored.clone(),
+            requesters: s.requesters.clone(),
             held,
             generations,
             executable,

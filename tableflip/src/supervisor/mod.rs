@@ -178,6 +178,8 @@ struct Generation {
 /// (`Collect`), before its new generation starts.
 #[derive(Debug)]
 struct Collecting {
+    /// The request's id, echoed in each answer.
+    id: u64,
     from: u32,
     deadline: Instant,
     received: Vec<Held>,
@@ -191,7 +193,7 @@ const COLLECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Who asked for an upgrade and wants the outcome: a generation's PID and
 /// its request id.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Requester {
     pid: u32,
     id: u64,
@@ -266,6 +268,8 @@ struct Supervisor {
     /// An upgrade waiting for the serving generation's connections and
     /// files.
     collecting: Option<Collecting>,
+    /// The id of the newest `Collect` request.
+    collect_id: u64,
     /// What was collected, handed to the next generation started (and
     /// closed here right after).
     extras: Vec<Held>,
@@ -308,6 +312,9 @@ impl Supervisor {
             exit_code: 0,
             exiting: None,
             collecting: None,
+            // Not 0 at every start: an answer to a request made before a
+            // re-exec never matches one made after it.
+            collect_id: crate::systemd::monotonic_usec(),
             extras: Vec::new(),
             stored: Vec::new(),
             buf: Vec::new(),
@@ -322,7 +329,7 @@ impl Supervisor {
             let mut meta = item.meta;
             meta.fd = item.fd.as_raw_fd();
             let held = Held { meta, fd: item.fd };
-            if item.from_store {
+            if item.from_store && s.notify.stores() {
                 // Still in the store (passing them on does not take them
                 // out of it).
                 if let Some(ino) = socket_inode(&held) {
@@ -763,6 +770,10 @@ impl Supervisor {
                     return;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    // One packet lost; the generation is still there.
+                    tracing::warn!(pid, error = %e, "supervisor: dropped a control message");
+                }
                 Err(e) => {
                     tracing::warn!(pid, error = %e, "supervisor: the control channel failed; closing it");
                     g.control = None;
@@ -799,7 +810,9 @@ impl Supervisor {
                     g.received.push(Held { meta, fd });
                 }
             }
-            ToSupervisor::HandedOn { entries, done } => self.on_handed_on(pid, entries, fds, done),
+            ToSupervisor::HandedOn { id, entries, done } => {
+                self.on_handed_on(pid, id, entries, fds, done);
+            }
             ToSupervisor::Ready {
                 state_version,
                 hands_on,
@@ -870,14 +883,17 @@ impl Supervisor {
         });
         // The serving generation's connections and files first, if it
         // hands any on (it answers at once, from a thread of its own).
+        self.collect_id = self.collect_id.wrapping_add(1);
+        let id = self.collect_id;
         let asked = self
             .gens
             .iter()
             .position(|g| g.role == Role::Serving && g.hands_on)
-            .filter(|&i| self.tell(i, &ToGeneration::Collect));
+            .filter(|&i| self.tell(i, &ToGeneration::Collect { id }));
         match asked {
             Some(i) => {
                 self.collecting = Some(Collecting {
+                    id,
                     from: self.gens[i].pid,
                     deadline: Instant::now() + self.collect_timeout(),
                     received: Vec::new(),
@@ -893,8 +909,19 @@ impl Supervisor {
 
     /// Connections and files from the serving generation, for the upgrade
     /// that waits for them.
-    fn on_handed_on(&mut self, pid: u32, entries: Vec<EntryMeta>, fds: Vec<OwnedFd>, done: bool) {
-        let Some(c) = self.collecting.as_mut().filter(|c| c.from == pid) else {
+    fn on_handed_on(
+        &mut self,
+        pid: u32,
+        id: u64,
+        entries: Vec<EntryMeta>,
+        fds: Vec<OwnedFd>,
+        done: bool,
+    ) {
+        let Some(c) = self
+            .collecting
+            .as_mut()
+            .filter(|c| c.from == pid && c.id == id)
+        else {
             tracing::debug!(
                 pid,
                 "supervisor: ignoring connections and files nobody asked for"
@@ -1269,6 +1296,8 @@ impl Supervisor {
         }
         for name in crate::systemd::take_superseded() {
             self.notify.unstore_fd(&name);
+            // The socket kept for it (if stored) goes back below.
+            self.stored.retain(|(n, _)| *n != name);
         }
         let now: Vec<(String, u64)> = self
             .held
@@ -1300,6 +1329,13 @@ impl Supervisor {
                     tracing::warn!(listener = %h.meta.name, max, "supervisor: not kept in systemd's fd store: FileDescriptorStoreMax={max} is full; raise it to the number of listeners");
                     continue;
                 }
+            }
+            if !self.stored.iter().any(|(n, _)| *n == h.meta.name) {
+                // Whatever the store may hold under the name (left by a
+                // supervisor that could not say, a removal systemd did not
+                // take) goes first: two under one name would both come
+                // back.
+                self.notify.unstore_fd(&h.meta.name);
             }
             if self.notify.store_fd(&h.meta.name, h.fd.as_fd()) {
                 tracing::info!(listener = %h.meta.name, "supervisor: kept in systemd's fd store (it survives restarts and crashes)");
@@ -1373,6 +1409,10 @@ impl Supervisor {
         };
         if g.killed_because.is_none() {
             g.killed_because = Some(format!("{reason}; it was killed"));
+        }
+        if self.exiting == Some(pid) {
+            // Reaped already: the number may be another process's now.
+            return;
         }
         signal_group_and_process(pid, Signal::SIGKILL);
     }

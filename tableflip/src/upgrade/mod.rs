@@ -558,11 +558,15 @@ impl Upgrader {
         if !notify.stores() {
             return;
         }
-        for name in crate::systemd::take_superseded().iter().chain(closed) {
+        let superseded = crate::systemd::take_superseded();
+        for name in superseded.iter().chain(closed) {
             tracing::info!(listener = %name, "removing the socket no longer served from systemd's fd store");
             notify.unstore_fd(name);
         }
-        let created = self.inner.fds.created_sockets();
+        let mut created = self.inner.fds.created_sockets();
+        // A stored socket kept when the store had two under its name goes
+        // back (the removal above took both).
+        created.extend(self.inner.fds.stored_sockets(&superseded));
         if let Some(max) = notify.store_max() {
             if created.len() > usize::try_from(max).unwrap_or(usize::MAX) {
                 tracing::warn!(
@@ -573,6 +577,9 @@ impl Upgrader {
             }
         }
         for (name, fd) in created {
+            // Whatever the store may hold under the name goes first: two
+            // under one name would both come back.
+            notify.unstore_fd(&name);
             if notify.store_fd(&name, fd.as_fd()) {
                 tracing::info!(listener = %name, "kept in systemd's fd store (it survives restarts and crashes)");
             }

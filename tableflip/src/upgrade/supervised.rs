@@ -102,8 +102,8 @@ fn read_messages(control: &OwnedFd, weak: &Weak<Inner>, pid: u32) {
                     generation,
                 } => sup.answer(id, Ok((new, generation))),
                 ToGeneration::UpgradeFailed { id, error } => sup.answer(id, Err(error)),
-                ToGeneration::Collect => {
-                    if let Err(e) = upgrader.hand_on_to_supervisor(sup) {
+                ToGeneration::Collect { id } => {
+                    if let Err(e) = upgrader.hand_on_to_supervisor(sup, id) {
                         // The supervisor goes on without them when the
                         // answer does not come.
                         tracing::warn!(error = %crate::report::chain(&e), "upgrade: cannot hand this generation's connections and files to the supervisor; the next generation starts without them");
@@ -112,6 +112,9 @@ fn read_messages(control: &OwnedFd, weak: &Weak<Inner>, pid: u32) {
             },
             Ok(Some(Received::Unknown(what))) => {
                 tracing::debug!(message = %what, "ignoring a message from the supervisor that this build does not understand");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                tracing::warn!(error = %e, "dropped a message from the supervisor");
             }
             Ok(None) | Err(_) => {
                 if !upgrader.is_exiting() {
@@ -173,7 +176,7 @@ impl Upgrader {
     /// connections and files this generation hands on, for the next one.
     /// Runs on the thread that reads the supervisor's messages, so a busy
     /// or stuck runtime does not hold the upgrade up.
-    fn hand_on_to_supervisor(&self, sup: &Supervised) -> Result<()> {
+    fn hand_on_to_supervisor(&self, sup: &Supervised, id: u64) -> Result<()> {
         let failed = |e| Error::io("cannot send connections and files to the supervisor", e);
         let sent = (|| {
             let snapshot = self.inner.fds.snapshot()?;
@@ -183,6 +186,7 @@ impl Upgrader {
                 let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, fd)| *fd).collect();
                 sup.send(
                     &ToSupervisor::HandedOn {
+                        id,
                         entries,
                         done: false,
                     },
@@ -204,6 +208,7 @@ impl Upgrader {
         let done = sup
             .send(
                 &ToSupervisor::HandedOn {
+                    id,
                     entries: Vec::new(),
                     done: true,
                 },

@@ -138,6 +138,43 @@ fn hand_on(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     Ok(())
 }
 
+/// With a `usr2-upgrade` file in the control directory: each `SIGUSR2`
+/// (which the supervisor forwards to the serving generation) calls
+/// `Upgrader::upgrade` in a task the drain waits for: event `upgrade-asked`,
+/// then `upgrade-result ok=true child=PID` or `ok=false msg=…`.
+fn usr2_upgrades(cx: &Context) -> std::io::Result<()> {
+    let wanted =
+        std::env::var_os("TF_CTL").is_some_and(|d| PathBuf::from(d).join("usr2-upgrade").exists());
+    if !wanted {
+        return Ok(());
+    }
+    let mut usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())?;
+    let c = cx.clone();
+    cx.spawn(async move {
+        let draining = c.draining();
+        tokio::pin!(draining);
+        loop {
+            tokio::select! {
+                () = &mut draining => break,
+                got = usr2.recv() => {
+                    if got.is_none() {
+                        break;
+                    }
+                    let upg = c.upgrader().clone();
+                    event("upgrade-asked", "");
+                    c.spawn(async move {
+                        match upg.upgrade().await {
+                            Ok(pid) => event("upgrade-result", &format!("ok=true child={pid}")),
+                            Err(e) => event("upgrade-result", &format!("ok=false msg={:?}", e.to_string())),
+                        }
+                    });
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
 /// The init function: take every listener, serve, then do what `init`
 /// says.
 pub(crate) async fn init(
@@ -268,6 +305,7 @@ pub(crate) async fn init(
             .status();
         event("orphaned", "");
     }
+    usr2_upgrades(&cx)?;
     event("init-done", "");
     // Not tracked by the drain: it only reports that the drain started.
     let draining = cx.draining();
