@@ -569,11 +569,16 @@ fn an_upgrade_asked_for_during_one_is_answered_after_the_re_exec() {
     cmd.env("TF_CTL", h.ctl.path())
         .env("TABLEFLIP_MODE", "supervised")
         .env("MS_UNIX", h.ctl.path().join("u.sock"))
+        .env("MS_PID_FILE", h.ctl.path().join("svc.pid"))
         .env("RUST_LOG", "info")
         .stderr(err);
     let mut svc = Service::spawn_keeping_stderr(cmd);
     let sup = svc.first_pid();
     let a = svc.wait_kind("init-done", None).pid;
+    // The supervisor forwards SIGUSR2 to the generation once it serves.
+    wait_until("the service is ready", || {
+        pid_file_pid(&h.ctl.path().join("svc.pid")) == Some(sup)
+    });
     h.ctl.write("init", "block");
     signal(sup, Signal::SIGUSR2);
     svc.wait_kind("upgrade-asked", Some(a));
