@@ -94,7 +94,12 @@ pub(crate) fn recv<M: for<'de> Deserialize<'de>>(
     socket: BorrowedFd<'_>,
     buf: &mut Vec<u8>,
 ) -> std::io::Result<Option<Received<M>>> {
-    buf.resize(MAX_PACKET, 0);
+    if buf.len() < MAX_PACKET {
+        // Zeroed by the allocator (fresh pages from the kernel for this
+        // size), not by writing: only the pages a packet fills become
+        // resident, where `resize` would touch all 256 KiB.
+        *buf = vec![0; MAX_PACKET];
+    }
     let Some((len, fds)) = sys::recv_packet(socket.as_fd(), buf)? else {
         return Ok(None);
     };
