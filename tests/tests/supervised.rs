@@ -324,6 +324,85 @@ fn the_supervisor_re_executes_into_the_binary_its_generation_runs() {
     s.stop();
 }
 
+/// The supervisor's re-exec into the new binary fails (here the file lost
+/// its execute permission after the new generation started from it): the
+/// supervisor says so, keeps running its previous binary, and serves on;
+/// the next upgrade re-executes it normally.
+#[test]
+fn a_failed_re_exec_leaves_the_supervisor_serving_on_its_old_binary() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::new("sup-reexec-fails");
+    let exe = h.ctl.path().join("app");
+    install_exe(MACRO_SVC, &exe, 0);
+    let log = h.ctl.path().join("stderr.log");
+    let err = std::fs::File::create(&log).expect("the log file");
+    let pid_file = h.ctl.path().join("svc.pid");
+    let mut cmd = Command::new(&exe);
+    cmd.env("TF_CTL", h.ctl.path())
+        .env("TABLEFLIP_MODE", "supervised")
+        .env("MS_UNIX", h.ctl.path().join("u.sock"))
+        .env("MS_PID_FILE", &pid_file)
+        .env("RUST_LOG", "info")
+        .stderr(err);
+    let mut svc = Service::spawn_keeping_stderr(cmd);
+    let sup = svc.first_pid();
+    let a = svc.wait_kind("init-done", None).pid;
+    wait_until("the service is ready", || {
+        pid_file_pid(&pid_file) == Some(sup)
+    });
+    let running = |pid: u32| {
+        std::fs::metadata(format!("/proc/{pid}/exe"))
+            .map(|m| (m.dev(), m.ino()))
+            .ok()
+    };
+    let first_binary = running(sup);
+
+    // A new release, which loses its execute bit once its generation runs.
+    install_exe(MACRO_SVC, &exe, 1);
+    h.ctl.write("init", "block");
+    signal(sup, Signal::SIGHUP);
+    let b = svc
+        .wait_for("the new generation blocks", |e| {
+            e.kind == "blocked" && e.pid != a
+        })
+        .pid;
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    h.ctl.write("init", "ok");
+    h.ctl.write("unblock", "");
+    svc.wait_kind("draining", Some(a));
+    wait_gone(a);
+    wait_until("the supervisor says the re-exec failed", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("cannot re-execute itself"))
+    });
+    assert!(is_alive(sup), "the supervisor runs on");
+    assert_eq!(running(sup), first_binary, "on its previous binary");
+    let reply = |addr: &str| reply_pid(&tcp_get_line(addr, "GET").expect("the service answers"));
+    let tcp = svc
+        .wait_for("B's TCP", |e| {
+            e.kind == "listening" && e.pid == b && e.get("name") == "TCP"
+        })
+        .get("addr")
+        .to_owned();
+    assert_eq!(reply(&tcp), b, "the new generation serves");
+
+    // The next upgrade re-executes the supervisor as usual.
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    signal(sup, Signal::SIGHUP);
+    let c = svc
+        .wait_for("a third generation", |e| {
+            e.kind == "init-done" && e.pid != a && e.pid != b
+        })
+        .pid;
+    svc.wait_kind("draining", Some(b));
+    wait_until("the supervisor runs the release", || {
+        running(sup) == running(c)
+    });
+    assert_eq!(reply(&tcp), c);
+    signal(sup, Signal::SIGTERM);
+    assert_eq!(svc.wait_first().code(), Some(0));
+    svc.wait_all_exited();
+}
+
 /// A generation that dies after a deploy left a broken binary at the path
 /// (no reload yet): the replacement started from the path fails, and the
 /// next one runs the supervisor's own binary, the last that served; the
