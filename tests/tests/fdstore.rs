@@ -329,45 +329,15 @@ fn back_from_the_store(mode: &'static str) {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     for (declared, kept) in [(addr.clone(), true), ("127.0.0.2:0".to_owned(), false)] {
-        let notify = Notify::at_path_named(&h.ctl, &format!("notify-{kept}"));
-        let unix = h.ctl.path().join(format!("u-{kept}.sock"));
-        let mut cmd = Command::new(systemd_socket_activate());
-        cmd.arg(format!("--listen={addr}"))
-            .arg("--fdname=tableflip.TCP")
-            .arg(format!("--setenv=TF_CTL={}", h.ctl.path().display()))
-            .arg(format!("--setenv=TABLEFLIP_MODE={mode}"))
-            .arg(format!("--setenv=MS_UNIX={}", unix.display()))
-            .arg(format!("--setenv=MS_TCP={declared}"))
-            .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.env))
-            .arg("--setenv=FDSTORE=8")
-            .arg("--setenv=RUST_LOG=info")
-            .arg(MACRO_SVC)
-            .stdin(Stdio::null());
-        let mut svc = Service::spawn(cmd);
-        // systemd-socket-activate starts the service at the first
-        // connection.
-        let client = connect_when_listening(&addr);
-        let gen1 = svc.wait_kind("init-done", None).pid;
-        let tcp = svc
-            .wait_for("TCP listening", |e| {
-                e.kind == "listening" && e.pid == gen1 && e.get("name") == "TCP"
-            })
-            .get("addr")
-            .to_owned();
-        let mut s = Stored {
-            main: if mode == "supervised" {
-                svc.first_pid()
-            } else {
-                gen1
-            },
-            svc,
-            notify,
+        let (s, client) = start_activated(
+            &h,
             mode,
-            current: gen1,
-            tcp,
-            unix,
-        };
-        s.until("READY=1", |n| n.has("READY"));
+            &[&addr],
+            "tableflip.TCP",
+            Some(&declared),
+            &kept.to_string(),
+        );
+        let gen1 = s.current;
         let at_start = s.notify.log.clone();
         if kept {
             assert_eq!(s.tcp, addr, "the stored socket serves");
@@ -421,44 +391,16 @@ fn a_socket_unit_wins(mode: &'static str) {
     let h = Harness::new(&format!("fdstore-unit-{mode}"));
     let unit_addr = format!("127.0.0.1:{}", free_port());
     let stored_addr = format!("127.0.0.1:{}", free_port());
-    let notify = Notify::at_path(&h.ctl);
-    let unix = h.ctl.path().join("u.sock");
-    let mut cmd = Command::new(systemd_socket_activate());
-    cmd.arg(format!("--listen={unit_addr}"))
-        .arg(format!("--listen={stored_addr}"))
-        .arg("--fdname=TCP:tableflip.TCP")
-        .arg(format!("--setenv=TF_CTL={}", h.ctl.path().display()))
-        .arg(format!("--setenv=TABLEFLIP_MODE={mode}"))
-        .arg(format!("--setenv=MS_UNIX={}", unix.display()))
-        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.env))
-        .arg("--setenv=FDSTORE=8")
-        .arg("--setenv=RUST_LOG=info")
-        .arg(MACRO_SVC)
-        .stdin(Stdio::null());
-    let mut svc = Service::spawn(cmd);
-    let client = connect_when_listening(&unit_addr);
-    let gen1 = svc.wait_kind("init-done", None).pid;
-    let tcp = svc
-        .wait_for("TCP listening", |e| {
-            e.kind == "listening" && e.pid == gen1 && e.get("name") == "TCP"
-        })
-        .get("addr")
-        .to_owned();
-    assert_eq!(tcp, unit_addr, "the socket unit's socket serves");
-    let mut s = Stored {
-        main: if mode == "supervised" {
-            svc.first_pid()
-        } else {
-            gen1
-        },
-        svc,
-        notify,
+    let (s, client) = start_activated(
+        &h,
         mode,
-        current: gen1,
-        tcp,
-        unix,
-    };
-    s.until("READY=1", |n| n.has("READY"));
+        &[&unit_addr, &stored_addr],
+        "TCP:tableflip.TCP",
+        None,
+        "unit",
+    );
+    let gen1 = s.current;
+    assert_eq!(s.tcp, unit_addr, "the socket unit's socket serves");
     let at_start = s.notify.log.clone();
     assert!(
         removed_names(&at_start).contains(&"tableflip.TCP".to_owned()),
@@ -494,45 +436,16 @@ fn two_stored_under_one_name(mode: &'static str) {
     let h = Harness::new(&format!("fdstore-two-{mode}"));
     let newest = format!("127.0.0.1:{}", free_port());
     let oldest = format!("127.0.0.1:{}", free_port());
-    let notify = Notify::at_path(&h.ctl);
-    let unix = h.ctl.path().join("u.sock");
-    let mut cmd = Command::new(systemd_socket_activate());
-    cmd.arg(format!("--listen={newest}"))
-        .arg(format!("--listen={oldest}"))
-        .arg("--fdname=tableflip.TCP:tableflip.TCP")
-        .arg(format!("--setenv=TF_CTL={}", h.ctl.path().display()))
-        .arg(format!("--setenv=TABLEFLIP_MODE={mode}"))
-        .arg(format!("--setenv=MS_UNIX={}", unix.display()))
-        .arg(format!("--setenv=MS_TCP={newest}"))
-        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.env))
-        .arg("--setenv=FDSTORE=8")
-        .arg("--setenv=RUST_LOG=info")
-        .arg(MACRO_SVC)
-        .stdin(Stdio::null());
-    let mut svc = Service::spawn(cmd);
-    let client = connect_when_listening(&newest);
-    let gen1 = svc.wait_kind("init-done", None).pid;
-    let tcp = svc
-        .wait_for("TCP listening", |e| {
-            e.kind == "listening" && e.pid == gen1 && e.get("name") == "TCP"
-        })
-        .get("addr")
-        .to_owned();
-    assert_eq!(tcp, newest, "the newest stored socket serves");
-    let mut s = Stored {
-        main: if mode == "supervised" {
-            svc.first_pid()
-        } else {
-            gen1
-        },
-        svc,
-        notify,
+    let (s, client) = start_activated(
+        &h,
         mode,
-        current: gen1,
-        tcp,
-        unix,
-    };
-    s.until("READY=1", |n| n.has("READY"));
+        &[&newest, &oldest],
+        "tableflip.TCP:tableflip.TCP",
+        Some(&newest),
+        "two",
+    );
+    let gen1 = s.current;
+    assert_eq!(s.tcp, newest, "the newest stored socket serves");
     let at_start = s.notify.log.clone();
     assert!(
         removed_names(&at_start).contains(&"tableflip.TCP".to_owned()),
@@ -555,6 +468,65 @@ fn supervised_two_sockets_stored_under_one_name_are_put_right() {
 #[test]
 fn replace_two_sockets_stored_under_one_name_are_put_right() {
     two_stored_under_one_name("replace");
+}
+
+/// Starts `macro_svc` under `systemd-socket-activate`, which passes a
+/// socket for each of `listen` named as `fdnames` says (as systemd passes
+/// the store's sockets and a socket unit's), with a fake `NOTIFY_SOCKET`
+/// (the file `tag` in the scratch directory) and the store enabled;
+/// `declared` is the TCP listener's declared address (`MS_TCP`). Returns
+/// the service once it is ready, and the connection whose arrival started
+/// it (to the first address).
+fn start_activated(
+    h: &Harness,
+    mode: &'static str,
+    listen: &[&str],
+    fdnames: &str,
+    declared: Option<&str>,
+    tag: &str,
+) -> (Stored, std::net::TcpStream) {
+    let notify = Notify::at_path_named(&h.ctl, &format!("notify-{tag}"));
+    let unix = h.ctl.path().join(format!("u-{tag}.sock"));
+    let mut cmd = Command::new(systemd_socket_activate());
+    for l in listen {
+        cmd.arg(format!("--listen={l}"));
+    }
+    cmd.arg(format!("--fdname={fdnames}"))
+        .arg(format!("--setenv=TF_CTL={}", h.ctl.path().display()))
+        .arg(format!("--setenv=TABLEFLIP_MODE={mode}"))
+        .arg(format!("--setenv=MS_UNIX={}", unix.display()))
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.env))
+        .arg("--setenv=FDSTORE=8")
+        .arg("--setenv=RUST_LOG=info");
+    if let Some(addr) = declared {
+        cmd.arg(format!("--setenv=MS_TCP={addr}"));
+    }
+    cmd.arg(MACRO_SVC).stdin(Stdio::null());
+    let mut svc = Service::spawn(cmd);
+    // systemd-socket-activate starts the service at the first connection.
+    let client = connect_when_listening(listen[0]);
+    let gen1 = svc.wait_kind("init-done", None).pid;
+    let tcp = svc
+        .wait_for("TCP listening", |e| {
+            e.kind == "listening" && e.pid == gen1 && e.get("name") == "TCP"
+        })
+        .get("addr")
+        .to_owned();
+    let mut s = Stored {
+        main: if mode == "supervised" {
+            svc.first_pid()
+        } else {
+            gen1
+        },
+        svc,
+        notify,
+        mode,
+        current: gen1,
+        tcp,
+        unix,
+    };
+    s.until("READY=1", |n| n.has("READY"));
+    (s, client)
 }
 
 fn free_port() -> u16 {

@@ -29,20 +29,10 @@ L=$SYSTEMD_PID1_DIR/load.py
 SUMMARY=$RES/summary.tsv
 printf 'scenario\tok\tfailed\trefused\tslow\tmainpid\tstate\tnotes\n' > "$SUMMARY"
 
-if [ -n "$MODE" ]; then
-    mkdir -p "$ROOT/etc/systemd/system/$U.d"
-    printf '[Service]\nEnvironment=TABLEFLIP_MODE=%s\nNotifyAccess=all\n' "$MODE" > "$ROOT/etc/systemd/system/$U.d/mode.conf"
-    C systemctl daemon-reload
-fi
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+drop_in_mode "$MODE" NotifyAccess=all
 
-mainpid() { C systemctl show -p MainPID --value "$U" | tr -d '\r'; }
-state() {
-    local p out=
-    for p in ActiveState SubState Result; do
-        out="$out${out:+/}$(C systemctl show -p $p --value "$U" | tr -d '\r')"
-    done
-    echo "$out"
-}
 # What the main process was started with: LISTEN_FDNAMES, "-" if none.
 fdnames() {
     local pid
@@ -56,38 +46,6 @@ stored_since() {
         sort | uniq -c | awk '{n=$1; $1=""; gsub(/^ /,""); gsub(/ /,"_"); printf "%s%s:%s", sep, $0, n; sep="/"}'
 }
 journal_lines() { C journalctl -u "$U" --no-pager -q -o cat | wc -l; }
-slow_start() {
-    rm -f "$RES/$1.slow" "$RES/$1.slow.sent"
-    N python3 "$L" slow "$2" 2000 "$RES/$1.slow" > /dev/null 2>&1 &
-    slow_pid=$!
-    for _ in $(seq 200); do [ -e "$RES/$1.slow.sent" ] && return 0; sleep 0.05; done
-    echo "the slow request of $1 was never sent" >&2
-}
-slow_done() { wait "$slow_pid"; }
-slow_result() {
-    python3 -c 'import json,sys
-try:
-    r=json.loads(open(sys.argv[1]).readline())
-except Exception:
-    print("none"); sys.exit()
-why = str(r.get("error") or r.get("status") or r.get("slow")).split(":")[0]
-print("ok" if r.get("slow") == "ok" else "cut:" + why.replace(" ", "_"))' "$RES/$1.slow"
-}
-load_start() {
-    rm -f "$RES/$1.load"
-    N python3 "$L" load "$3" "$2" 4 "$RES/$1.load" > /dev/null 2>&1 &
-    load_pid=$!
-}
-load_done() { wait "$load_pid"; }
-load_result() {
-    python3 -c 'import json,sys
-r=json.loads(open(sys.argv[1]).readline())
-print(r["ok"], r["failed"], r["refused"], sep="\t")' "$RES/$1.load"
-}
-row() {
-    printf '%s\n' "$*" | tr ' ' '\t' >> "$SUMMARY"
-    printf '%s\n' "$*"
-}
 wait_answers() { N python3 "$L" get "$1" --wait 30 > /dev/null || echo "nothing answers on $1" >&2; }
 
 # --- start --------------------------------------------------------------

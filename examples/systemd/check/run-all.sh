@@ -1,36 +1,54 @@
 #!/bin/bash
-# Runs scenarios.sh for every unit and mode below under systemd 252 and 254
-# (../shared/tools/systemd-pid1/, as root) and prints one markdown table per
-# systemd version and configuration: the tables of ../README.md.
+# Runs a scenario script for every unit and mode below under systemd 252
+# and 254 (../shared/tools/systemd-pid1/, as root) and prints one markdown
+# table per systemd version and configuration: the tables of ../README.md.
 #
 #   sudo examples/systemd/check/run-all.sh PATH/TO/systemd-pid1 DEMO_BINARY [OUT]
+#   sudo SCRIPT=fdstore examples/systemd/check/run-all.sh PATH/TO/systemd-pid1 DEMO_BINARY [OUT]
 #
-# DEMO_BINARY: a release build of examples/http.rs
+# SCRIPT: scenarios (the default: issue 14's field scenarios, about 90 s
+# per run, 11 runs) or fdstore (systemd's fd store, issue 15: about 60 s
+# per run, 6 runs). DEMO_BINARY: a release build of examples/http.rs
 # (`cargo build --release --example http`, then target/release/examples/http).
 # OUT (default: a new directory under $TMPDIR) keeps every run's results.
-# About 90 s per run, 11 runs. VERSIONS="254" or ONLY=supervised (a part
-# of the unit's name) run fewer.
+# VERSIONS="254" or ONLY=supervised (a part of the unit's name) run fewer.
 set -uo pipefail
 
 TOOL=${1:?usage: run-all.sh PATH/TO/systemd-pid1 DEMO_BINARY [OUT]}
 BIN=${2:?usage: run-all.sh PATH/TO/systemd-pid1 DEMO_BINARY [OUT]}
 OUT=${3:-$(mktemp -d "${TMPDIR:-/tmp}/tableflip-systemd-XXXXXX")}
+SCRIPT=${SCRIPT:-scenarios}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 UNITS=$(cd "$HERE/.." && pwd)
 mkdir -p "$OUT"
-# bash reads a script as it runs it: run a copy, so that editing the
-# original meanwhile cannot change a run half-way.
-cp "$HERE/scenarios.sh" "$OUT/scenarios.sh"
+# bash reads a script as it runs it: run copies, so that editing the
+# originals meanwhile cannot change a run half-way.
+cp "$HERE/$SCRIPT.sh" "$HERE/lib.sh" "$OUT/" || exit 2
 
 # unit file : mode ("" = as the unit says)
-CONFIGS=(
-    "$HERE/obvious.service:"
-    "$HERE/obvious.service:replace"
-    "$UNITS/tableflip-demo-supervised.service:"
-    "$UNITS/tableflip-demo-notify-reload.service:"
-    "$UNITS/tableflip-demo-notify.service:"
-    "$UNITS/tableflip-demo-pidfile.service:"
-)
+case $SCRIPT in
+scenarios)
+    CONFIGS=(
+        "$HERE/obvious.service:"
+        "$HERE/obvious.service:replace"
+        "$UNITS/tableflip-demo-supervised.service:"
+        "$UNITS/tableflip-demo-notify-reload.service:"
+        "$UNITS/tableflip-demo-notify.service:"
+        "$UNITS/tableflip-demo-pidfile.service:"
+    )
+    ;;
+fdstore)
+    CONFIGS=(
+        "$UNITS/tableflip-demo-fdstore.service:"
+        "$UNITS/tableflip-demo-fdstore.service:replace"
+        "$UNITS/tableflip-demo-supervised.service:"
+    )
+    ;;
+*)
+    echo "SCRIPT=$SCRIPT: expected scenarios or fdstore" >&2
+    exit 2
+    ;;
+esac
 status=0
 for v in ${VERSIONS:-252 254}; do
     for c in "${CONFIGS[@]}"; do
@@ -44,7 +62,7 @@ for v in ${VERSIONS:-252 254}; do
         rm -rf "$res"; mkdir -p "$res"
         echo "== systemd $v, $name${mode:+ (TABLEFLIP_MODE=$mode)}" >&2
         RES=$res timeout 900 "$TOOL/run" -v "$v" --bin "$BIN:tableflip-demo" --unit "$unit" \
-            "$OUT/scenarios.sh" "$name.service" $mode > "$res/run.log" 2>&1 || status=1
+            "$OUT/$SCRIPT.sh" "$name.service" $mode > "$res/run.log" 2>&1 || status=1
         {
             echo
             echo "#### systemd $v, \`$name.service\`${mode:+ with TABLEFLIP_MODE=$mode}"

@@ -26,24 +26,14 @@ BIN=/usr/local/bin/tableflip-demo
 SUMMARY=$RES/summary.tsv
 printf 'scenario\tok\tfailed\trefused\tslow\tmainpid\tstate\tnotes\n' > "$SUMMARY"
 
-if [ -n "$MODE" ]; then
-    mkdir -p "$ROOT/etc/systemd/system/$U.d"
-    printf '[Service]\nEnvironment=TABLEFLIP_MODE=%s\n' "$MODE" > "$ROOT/etc/systemd/system/$U.d/mode.conf"
-    C systemctl daemon-reload
-fi
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+drop_in_mode "$MODE"
 # A binary that fails to start, for the broken-upgrade scenario.
 printf '#!/bin/sh\necho "broken build" >&2\nexit 3\n' > "$ROOT/usr/local/bin/broken"
 chmod 0755 "$ROOT/usr/local/bin/broken"
 cp "$ROOT$BIN" "$ROOT/usr/local/bin/good"
 
-mainpid() { C systemctl show -p MainPID --value "$U" | tr -d '\r'; }
-state() {
-    local p out=
-    for p in ActiveState SubState Result; do
-        out="$out${out:+/}$(C systemctl show -p $p --value "$U" | tr -d '\r')"
-    done
-    echo "$out"
-}
 # The PID that answers GET / (the demo answers "pid N"), empty if none.
 serving() { N python3 "$L" get "$A" --timeout 2 2>/dev/null | awk '{print $2}'; }
 # Waits (up to $2 s) until a process other than $1 answers GET /.
@@ -55,38 +45,6 @@ wait_serving_other() {
         sleep 0.1
     done
     return 1
-}
-# Starts the 2 s request and waits until it has been sent.
-slow_start() {
-    rm -f "$RES/$1.slow" "$RES/$1.slow.sent"
-    N python3 "$L" slow "$A" 2000 "$RES/$1.slow" > /dev/null 2>&1 &
-    slow_pid=$!
-    for _ in $(seq 200); do [ -e "$RES/$1.slow.sent" ] && return 0; sleep 0.05; done
-    echo "the slow request of $1 was never sent" >&2
-}
-# Waits for the slow request (in this shell: `wait` cannot wait for a
-# sibling from inside `$(…)`), then prints its outcome.
-slow_done() { wait "$slow_pid"; }
-slow_result() {
-    python3 -c 'import json,sys
-try:
-    r=json.loads(open(sys.argv[1]).readline())
-except Exception:
-    print("none"); sys.exit()
-# One word: the row is split on spaces.
-why = str(r.get("error") or r.get("status") or r.get("slow")).split(":")[0]
-print("ok" if r.get("slow") == "ok" else "cut:" + why.replace(" ", "_"))' "$RES/$1.slow"
-}
-load_start() {
-    rm -f "$RES/$1.load"
-    N python3 "$L" load "$A" "$2" 4 "$RES/$1.load" > /dev/null 2>&1 &
-    load_pid=$!
-}
-load_done() { wait "$load_pid"; }
-load_result() {
-    python3 -c 'import json,sys
-r=json.loads(open(sys.argv[1]).readline())
-print(r["ok"], r["failed"], r["refused"], sep="\t")' "$RES/$1.load"
 }
 # Before each scenario: the unit must be serving. If an earlier scenario
 # left it stopped (no Restart=), it is started again, and the scenario's
@@ -101,11 +59,6 @@ ensure_running() {
         restarted=",restarted_before"
     fi
 }
-row() {
-    printf '%s\n' "$*" | tr ' ' '\t' >> "$SUMMARY"
-    printf '%s\n' "$*"
-}
-
 # --- start --------------------------------------------------------------
 C systemctl start "$U" || { C journalctl -u "$U" --no-pager | tail -20; exit 1; }
 N python3 "$L" get "$A" --wait 20 > /dev/null || { echo "the service never answered" >&2; exit 1; }
