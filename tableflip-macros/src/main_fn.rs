@@ -10,6 +10,7 @@ use crate::args::{self, Errors, OptList, Value, ValueKind};
 const OPTIONS: &[(&str, ValueKind)] = &[
     ("upgrade_timeout", ValueKind::Duration),
     ("drain_timeout", ValueKind::Duration),
+    ("stop_delay", ValueKind::Duration),
     ("pid_file", ValueKind::Str),
     ("flavor", ValueKind::Str),
     ("worker_threads", ValueKind::Int),
@@ -201,6 +202,9 @@ fn config(opts: &[(String, Value)], krate: &syn::Path, errors: &mut Errors) -> V
             }),
             ("drain_timeout", Value::Millis(ms)) => config.push(quote! {
                 __cfg.drain_timeout = ::core::option::Option::Some(#krate::__private::millis(#ms));
+            }),
+            ("stop_delay", Value::Millis(ms)) => config.push(quote! {
+                __cfg.stop_delay = ::core::option::Option::Some(#krate::__private::millis(#ms));
             }),
             ("pid_file", Value::Str(s, _)) => {
                 config.push(quote! { __cfg.pid_file = ::core::option::Option::Some(#s); });

@@ -159,7 +159,9 @@ pub use socket2;
 ///    reported, naming the listener and address, before any user code runs;
 /// 4. handles signals: `SIGHUP` upgrades (the outcome is logged with the
 ///    child's PID and duration, or the error); `SIGTERM`/`SIGINT` stop
-///    gracefully, and a second one exits at once (status 130);
+///    gracefully (after `stop_delay`, if set), and a second one exits at
+///    once (status 130; with `stop_delay`, a second one ends the delay
+///    and a third exits);
 /// 5. runs the function's body (the init function) with a [`Context`];
 /// 6. when it returns `Ok`: readiness ([`Upgrader::ready`]: unclaimed
 ///    inherited sockets closed, PID file written, parent told). When it
@@ -187,6 +189,7 @@ pub use socket2;
 /// |---|---|---|
 /// | `upgrade_timeout` | how long a new generation may take to be ready (default 60 s) | `upgrade_timeout = "10s"` |
 /// | `drain_timeout` | how long the drain waits for spawned tasks (default 30 s) | `drain_timeout = "500ms"` |
+/// | `stop_delay` | a lame-duck stop: how long the service keeps accepting after the first `SIGTERM`/`SIGINT` before it drains (default 0); see [`Options::stop_delay`] | `stop_delay = "5s"` |
 /// | `pid_file` | the PID file, replaced atomically at readiness | `pid_file = "/run/svc.pid"` |
 /// | `mode` | `"supervised"` (default on Linux; replace elsewhere) or `"replace"`: see [`Mode`]; `TABLEFLIP_MODE` in the environment wins | `mode = "replace"` |
 /// | `flavor` | `"multi_thread"` (default) or `"current_thread"` | `flavor = "current_thread"` |

@@ -38,6 +38,7 @@ pub struct Options {
     pub(crate) upgrade_timeout: Duration,
     pub(crate) pid_file: Option<PathBuf>,
     pub(crate) drain_timeout: Duration,
+    pub(crate) stop_delay: Duration,
     pub(crate) backlog: u32,
     pub(crate) socket_setup: Option<SetupHook>,
     pub(crate) executable: Option<PathBuf>,
@@ -54,6 +55,7 @@ impl Options {
             upgrade_timeout: DEFAULT_UPGRADE_TIMEOUT,
             pid_file: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            stop_delay: Duration::ZERO,
             backlog: DEFAULT_BACKLOG,
             socket_setup: None,
             executable: None,
@@ -87,6 +89,22 @@ impl Options {
     #[must_use]
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
+        self
+    }
+
+    /// A lame-duck stop: how long a `#[tableflip::main]` service (and, in
+    /// supervised mode, its supervisor) keeps accepting after its first
+    /// `SIGTERM` or `SIGINT`, before it drains. It reports itself as
+    /// stopping meanwhile (`STOPPING=1` and `STATUS=` to systemd, and in
+    /// the log) and starts no upgrade; a second stop signal ends the delay
+    /// at once (a third exits at once). For load balancers that stop
+    /// sending new connections only some time after the stop begins (a
+    /// Kubernetes pod's endpoints are removed asynchronously). Not used
+    /// after an upgrade: a generation that drains because its successor
+    /// took over stops accepting at once. Default: 0 (drain at once).
+    #[must_use]
+    pub fn stop_delay(mut self, delay: Duration) -> Self {
+        self.stop_delay = delay;
         self
     }
 
@@ -170,6 +188,11 @@ impl Options {
     /// See [`drain_timeout`](Self::drain_timeout).
     pub fn get_drain_timeout(&self) -> Duration {
         self.drain_timeout
+    }
+
+    /// See [`stop_delay`](Self::stop_delay).
+    pub fn get_stop_delay(&self) -> Duration {
+        self.stop_delay
     }
 
     /// See [`backlog`](Self::backlog).

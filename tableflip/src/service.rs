@@ -138,6 +138,7 @@ pub struct MainConfig {
     pub worker_threads: Option<usize>,
     pub upgrade_timeout: Option<Duration>,
     pub drain_timeout: Option<Duration>,
+    pub stop_delay: Option<Duration>,
     pub pid_file: Option<&'static str>,
     pub options: Option<fn() -> Options>,
     pub mode: Option<crate::Mode>,
@@ -151,6 +152,7 @@ impl MainConfig {
             worker_threads: None,
             upgrade_timeout: None,
             drain_timeout: None,
+            stop_delay: None,
             pid_file: None,
             options: None,
             mode: None,
@@ -164,6 +166,9 @@ impl MainConfig {
         }
         if let Some(t) = self.drain_timeout {
             opts.drain_timeout = t;
+        }
+        if let Some(t) = self.stop_delay {
+            opts.stop_delay = t;
         }
         if let Some(p) = self.pid_file {
             opts.pid_file = Some(p.into());
@@ -423,18 +428,54 @@ async fn lifecycle(
         (!supervised).then(|| tokio::spawn(schedule_upgrades(upgrader.clone(), requested)));
     // Whether a stop signal was received: the next one exits at once.
     let mut stopping = false;
+    // A lame-duck stop under way (`Options::stop_delay`): when it ends.
+    let delay = upgrader.options().get_stop_delay();
+    let lame_duck = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(lame_duck);
+    let mut lame = false;
     loop {
         tokio::select! {
             _ = signals.hup.recv() => {
-                if supervised {
+                if lame {
+                    tracing::warn!("SIGHUP ignored: the service is stopping (stop_delay)");
+                } else if supervised {
                     ask_supervisor(&upgrader);
                 } else {
                     tracing::info!("SIGHUP: upgrade requested");
                     requests.send_modify(|n| *n += 1);
                 }
             }
-            _ = signals.term.recv() => { tracing::info!("SIGTERM: stopping"); stopping = true; upgrader.stop(); }
-            _ = signals.int.recv() => { tracing::info!("SIGINT: stopping"); stopping = true; upgrader.stop(); }
+            Some(signal) = async {
+                tokio::select! {
+                    _ = signals.term.recv() => Some("SIGTERM"),
+                    _ = signals.int.recv() => Some("SIGINT"),
+                }
+            } => {
+                // An upgrade in flight is cancelled by the stop, at once,
+                // as without a delay: the lame duck is for a service that
+                // only serves.
+                if !lame && !delay.is_zero() && !upgrader.upgrading() {
+                    tracing::info!(delay_ms = delay.as_millis() as u64, "{signal}: stopping after stop_delay; still accepting meanwhile (another {signal} stops at once)");
+                    lame = true;
+                    lame_duck.as_mut().reset(tokio::time::Instant::now() + delay);
+                    upgrader.announce_lame_duck(delay);
+                } else {
+                    if lame {
+                        tracing::info!("{signal}: ending stop_delay early: stopping");
+                        lame = false;
+                    } else {
+                        tracing::info!("{signal}: stopping");
+                    }
+                    stopping = true;
+                    upgrader.stop();
+                }
+            }
+            () = &mut lame_duck, if lame => {
+                tracing::info!("stop_delay over: stopping");
+                lame = false;
+                stopping = true;
+                upgrader.stop();
+            }
             () = &mut exit => break,
         }
     }

@@ -238,6 +238,9 @@ pub(crate) enum Notice<'a> {
     },
     /// A real stop: `STOPPING=1`.
     Stopping,
+    /// A lame-duck stop begins: `STOPPING=1`, and a `STATUS=` saying the
+    /// service accepts for `delay` more before it drains.
+    LameDuck { delay: std::time::Duration },
     /// Supervised mode: generation `generation` (`pid`) serves, after
     /// `note` (its start, an upgrade, a replacement); said by the
     /// supervisor, the main process for the life of the service:
@@ -285,6 +288,10 @@ impl Notice<'_> {
                 crate::report::chain(*error)
             )),
             Notice::Stopping => Message::new().stopping().status("stopping"),
+            Notice::LameDuck { delay } => Message::new().stopping().status(&format!(
+                "stopping: still accepting for {} ms (stop_delay), then draining",
+                delay.as_millis()
+            )),
             Notice::Serving {
                 generation,
                 pid,

@@ -261,6 +261,9 @@ struct Supervisor {
     /// The stop was asked for by `SIGTERM` or `SIGINT` (a second one
     /// kills the generations).
     stop_signalled: bool,
+    /// A lame-duck stop (`Options::stop_delay`): when the real stop
+    /// begins.
+    lame_duck_until: Option<Instant>,
     exit_code: i32,
     /// The generation whose exit is being handled, while the messages it
     /// sent before exiting are read.
@@ -309,6 +312,7 @@ impl Supervisor {
             stop_deadline: None,
             files_at_exit: Vec::new(),
             stop_signalled: false,
+            lame_duck_until: None,
             exit_code: 0,
             exiting: None,
             collecting: None,
@@ -455,6 +459,7 @@ impl Supervisor {
             .chain(self.replace_at)
             .chain(self.stop_deadline)
             .chain(self.collecting.as_ref().map(|c| c.deadline))
+            .chain(self.lame_duck_until)
             .min()
     }
 
@@ -474,6 +479,10 @@ impl Supervisor {
         for (pid, _) in late {
             let timeout = self.opts.upgrade_timeout;
             self.kill(pid, format!("was not ready within {timeout:?}"));
+        }
+        if self.lame_duck_until.is_some_and(|t| t <= now) {
+            tracing::info!("supervisor: stop_delay over: stopping");
+            self.stop_now("the end of stop_delay", true);
         }
         if self.collecting.as_ref().is_some_and(|c| c.deadline <= now) {
             tracing::warn!(
@@ -853,7 +862,7 @@ impl Supervisor {
     }
 
     fn request_upgrade(&mut self, requester: Option<Requester>) {
-        if self.stop_deadline.is_some() {
+        if self.stop_deadline.is_some() || self.lame_duck_until.is_some() {
             if let Some(r) = requester {
                 self.answer(&[r], &Err("the service is stopping".to_owned()));
             }
@@ -1421,6 +1430,33 @@ impl Supervisor {
     /// loop ends once all have exited.
     fn stop(&mut self, why: &str) {
         let by_signal = why == "SIGTERM" || why == "SIGINT";
+        if by_signal && self.stop_deadline.is_none() {
+            let delay = self.opts.stop_delay;
+            if self.lame_duck_until.take().is_some() {
+                tracing::info!("supervisor: {why}: ending stop_delay early: stopping");
+            } else if !delay.is_zero() && !self.starting() {
+                // A lame duck: the generations keep serving, the sockets
+                // stay open; no upgrade starts. (During an upgrade the
+                // stop is at once, as without a delay.)
+                tracing::info!(
+                    delay_ms = millis(delay),
+                    "supervisor: {why}: stopping after stop_delay; still accepting meanwhile (another {why} stops at once)"
+                );
+                self.lame_duck_until = Some(Instant::now() + delay);
+                if self.announced {
+                    self.notify.notify(&Notice::LameDuck { delay });
+                }
+                let asked: Vec<Requester> = self.requesters.drain(..).collect();
+                self.answer(&asked, &Err("the service is stopping".to_owned()));
+                self.upgrade_wanted = false;
+                return;
+            }
+        }
+        self.stop_now(why, by_signal);
+    }
+
+    fn stop_now(&mut self, why: &str, by_signal: bool) {
+        self.lame_duck_until = None;
         if self.stop_deadline.is_some() {
             if by_signal && !self.stop_signalled {
                 // The stop began for another reason (the serving generation

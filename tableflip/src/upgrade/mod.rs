@@ -545,6 +545,20 @@ impl Upgrader {
         self.inner.pid_file()
     }
 
+    /// A lame-duck stop begins (`Options::stop_delay`): systemd hears
+    /// `STOPPING=1` and why the service still accepts, from the main
+    /// process.
+    /// Whether an upgrade this process runs is in flight (replace mode).
+    pub(crate) fn upgrading(&self) -> bool {
+        matches!(*self.phase(), Phase::Upgrading { .. })
+    }
+
+    pub(crate) fn announce_lame_duck(&self, delay: std::time::Duration) {
+        if self.is_ready() || self.inner.parent.is_none() {
+            self.inner.notify.notify(&Notice::LameDuck { delay });
+        }
+    }
+
     /// Replace mode, once ready: keeps systemd's fd store in step. The
     /// sockets closed at readiness (a listener moved to another address, or
     /// gone from this release) are removed from it, then those this

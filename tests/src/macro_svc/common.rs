@@ -6,8 +6,9 @@
 //! `VarError::NotPresent`), `panic`, `hang`, `hang-task` (a task that never
 //! ends, then hang), `block` (until an `unblock` file appears),
 //! `block-stop` (the same, then `SIGTERM` to itself before returning),
-//! `exit N`; a `hand-on` file: see [`hand_on`]), `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`, `MS_DRAIN_MS` (read by
-//! [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout:
+//! `exit N`; a `hand-on` file: see [`hand_on`]; a `usr2-upgrade` file:
+//! see [`usr2_upgrades`]), `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`,
+//! `MS_DRAIN_MS`, `MS_STOP_DELAY_MS` (read by [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout:
 //! `start gen= has_parent=`, `listening name= addr=` for each listener
 //! (for the Unix one, `addr` is the declared address and `local` the path
 //! the socket is really bound to, which differs when systemd passed it),
@@ -49,6 +50,9 @@ pub(crate) fn options() -> tableflip::Options {
     }
     if let Some(ms) = ms("MS_DRAIN_MS") {
         opts = opts.drain_timeout(Duration::from_millis(ms));
+    }
+    if let Some(ms) = ms("MS_STOP_DELAY_MS") {
+        opts = opts.stop_delay(Duration::from_millis(ms));
     }
     opts
 }

@@ -17,6 +17,7 @@ mod config {
 #[tableflip::main(
     upgrade_timeout = "2m",
     drain_timeout = "500ms",
+    stop_delay = "2s",
     pid_file = "/tmp/tableflip-ui-tests-main-every-option.pid",
     flavor = "multi_thread",
     mode = "replace",
@@ -28,6 +29,7 @@ async fn main(cx: Context) -> std::io::Result<()> {
     let opts = cx.upgrader().options();
     assert_eq!(opts.get_upgrade_timeout(), Duration::from_secs(120));
     assert_eq!(opts.get_drain_timeout(), Duration::from_millis(500));
+    assert_eq!(opts.get_stop_delay(), Duration::from_secs(2));
     assert_eq!(
         opts.get_pid_file(),
         Some("/tmp/tableflip-ui-tests-main-every-option.pid".as_ref())
