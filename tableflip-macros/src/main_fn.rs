@@ -11,6 +11,7 @@ const OPTIONS: &[(&str, ValueKind)] = &[
     ("upgrade_timeout", ValueKind::Duration),
     ("drain_timeout", ValueKind::Duration),
     ("stop_delay", ValueKind::Duration),
+    ("upgrade_signal", ValueKind::Str),
     ("pid_file", ValueKind::Str),
     ("flavor", ValueKind::Str),
     ("worker_threads", ValueKind::Int),
@@ -22,6 +23,8 @@ const OPTIONS: &[(&str, ValueKind)] = &[
 const FLAVORS: &[&str] = &["multi_thread", "current_thread"];
 
 const MODES: &[&str] = &["supervised", "replace"];
+
+const UPGRADE_SIGNALS: &[&str] = &["SIGHUP", "SIGUSR1", "SIGUSR2", "none"];
 
 pub(crate) fn expand(attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut errors = Errors::default();
@@ -183,6 +186,17 @@ fn check_value(opt: &args::Opt, value: &Value) -> syn::Result<()> {
                 format!("unknown mode `{s}`; expected `supervised` or `replace`{hint}"),
             ))
         }
+        ("upgrade_signal", Value::Str(s, span)) if !UPGRADE_SIGNALS.contains(&s.as_str()) => {
+            let hint = args::closest(s, UPGRADE_SIGNALS.iter().copied())
+                .map(|c| format!("; did you mean `{c}`?"))
+                .unwrap_or_default();
+            Err(syn::Error::new(
+                *span,
+                format!(
+                    "unknown upgrade signal `{s}`; expected `SIGHUP`, `SIGUSR1`, `SIGUSR2` or `none`{hint}"
+                ),
+            ))
+        }
         ("worker_threads", Value::Int(n, span)) if *n == 0 || usize::try_from(*n).is_err() => Err(
             syn::Error::new(*span, "`worker_threads` must be at least 1"),
         ),
@@ -206,6 +220,15 @@ fn config(opts: &[(String, Value)], krate: &syn::Path, errors: &mut Errors) -> V
             ("stop_delay", Value::Millis(ms)) => config.push(quote! {
                 __cfg.stop_delay = ::core::option::Option::Some(#krate::__private::millis(#ms));
             }),
+            ("upgrade_signal", Value::Str(s, _)) => {
+                let signal = match s.as_str() {
+                    "SIGUSR1" => quote! { #krate::UpgradeSignal::Usr1 },
+                    "SIGUSR2" => quote! { #krate::UpgradeSignal::Usr2 },
+                    "none" => quote! { #krate::UpgradeSignal::None },
+                    _ => quote! { #krate::UpgradeSignal::Hup },
+                };
+                config.push(quote! { __cfg.upgrade_signal = ::core::option::Option::Some(#signal); });
+            }
             ("pid_file", Value::Str(s, _)) => {
                 config.push(quote! { __cfg.pid_file = ::core::option::Option::Some(#s); });
             }

@@ -84,7 +84,9 @@ pub use error::{Error, Result};
 pub use fds::{Fds, Handover};
 pub use mode::{ENV_MODE, Mode};
 pub use network::Network;
-pub use options::{DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT, DEFAULT_UPGRADE_TIMEOUT, Options};
+pub use options::{
+    DEFAULT_BACKLOG, DEFAULT_DRAIN_TIMEOUT, DEFAULT_UPGRADE_TIMEOUT, Options, UpgradeSignal,
+};
 pub use protocol::ENV_HANDOVER;
 pub use service::Context;
 pub use systemd::ENV_FDSTORE;
@@ -189,6 +191,7 @@ pub use socket2;
 /// |---|---|---|
 /// | `upgrade_timeout` | how long a new generation may take to be ready (default 60 s) | `upgrade_timeout = "10s"` |
 /// | `drain_timeout` | how long the drain waits for spawned tasks (default 30 s) | `drain_timeout = "500ms"` |
+/// | `upgrade_signal` | the signal that upgrades: `"SIGHUP"` (default), `"SIGUSR1"`, `"SIGUSR2"` or `"none"`; the others are the application's to handle; see [`Options::upgrade_signal`] | `upgrade_signal = "SIGUSR2"` |
 /// | `stop_delay` | a lame-duck stop: how long the service keeps accepting after the first `SIGTERM`/`SIGINT` before it drains (default 0); see [`Options::stop_delay`] | `stop_delay = "5s"` |
 /// | `pid_file` | the PID file, replaced atomically at readiness | `pid_file = "/run/svc.pid"` |
 /// | `mode` | `"supervised"` (default on Linux; replace elsewhere) or `"replace"`: see [`Mode`]; `TABLEFLIP_MODE` in the environment wins | `mode = "replace"` |

@@ -39,6 +39,7 @@ pub struct Options {
     pub(crate) pid_file: Option<PathBuf>,
     pub(crate) drain_timeout: Duration,
     pub(crate) stop_delay: Duration,
+    pub(crate) upgrade_signal: UpgradeSignal,
     pub(crate) backlog: u32,
     pub(crate) socket_setup: Option<SetupHook>,
     pub(crate) executable: Option<PathBuf>,
@@ -56,6 +57,7 @@ impl Options {
             pid_file: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             stop_delay: Duration::ZERO,
+            upgrade_signal: UpgradeSignal::Hup,
             backlog: DEFAULT_BACKLOG,
             socket_setup: None,
             executable: None,
@@ -105,6 +107,21 @@ impl Options {
     #[must_use]
     pub fn stop_delay(mut self, delay: Duration) -> Self {
         self.stop_delay = delay;
+        self
+    }
+
+    /// The signal that upgrades a `#[tableflip::main]` service (and, in
+    /// supervised mode, the supervisor): `SIGHUP` by default, as in Go's
+    /// tableflip; `SIGUSR2` as nginx; or none, for upgrades only through
+    /// [`Upgrader::upgrade`](crate::Upgrader::upgrade). The signals it
+    /// leaves are the application's: it handles them itself (with
+    /// `tokio::signal`), and in supervised mode the supervisor forwards
+    /// `SIGHUP`, `SIGUSR1` and `SIGUSR2` to the serving generation. A
+    /// process that does not handle a signal it gets dies of it (the
+    /// supervisor then replaces the generation).
+    #[must_use]
+    pub fn upgrade_signal(mut self, signal: UpgradeSignal) -> Self {
+        self.upgrade_signal = signal;
         self
     }
 
@@ -195,6 +212,11 @@ impl Options {
         self.stop_delay
     }
 
+    /// See [`upgrade_signal`](Self::upgrade_signal).
+    pub fn get_upgrade_signal(&self) -> UpgradeSignal {
+        self.upgrade_signal
+    }
+
     /// See [`backlog`](Self::backlog).
     pub fn get_backlog(&self) -> u32 {
         self.backlog
@@ -235,5 +257,87 @@ impl std::fmt::Debug for Options {
             .field("raise_fd_limit", &self.raise_fd_limit)
             .field("mode", &self.get_mode())
             .finish()
+    }
+}
+
+/// The signal that upgrades the service: see [`Options::upgrade_signal`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UpgradeSignal {
+    /// `SIGHUP`, the default.
+    Hup,
+    /// `SIGUSR1`.
+    Usr1,
+    /// `SIGUSR2`, as nginx uses it.
+    Usr2,
+    /// No signal upgrades: only [`Upgrader::upgrade`](crate::Upgrader::upgrade)
+    /// (in supervised mode, called in a generation).
+    None,
+}
+
+impl UpgradeSignal {
+    /// How `#[tableflip::main(upgrade_signal = …)]` writes it: `"SIGHUP"`,
+    /// `"SIGUSR1"`, `"SIGUSR2"` or `"none"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpgradeSignal::Hup => "SIGHUP",
+            UpgradeSignal::Usr1 => "SIGUSR1",
+            UpgradeSignal::Usr2 => "SIGUSR2",
+            UpgradeSignal::None => "none",
+        }
+    }
+
+    /// The signal's number, `None` for [`UpgradeSignal::None`].
+    pub fn number(self) -> Option<i32> {
+        match self {
+            UpgradeSignal::Hup => Some(nix::libc::SIGHUP),
+            UpgradeSignal::Usr1 => Some(nix::libc::SIGUSR1),
+            UpgradeSignal::Usr2 => Some(nix::libc::SIGUSR2),
+            UpgradeSignal::None => None,
+        }
+    }
+}
+
+impl std::fmt::Display for UpgradeSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for UpgradeSignal {
+    type Err = String;
+
+    /// `SIGHUP`/`HUP`, `SIGUSR1`/`USR1`, `SIGUSR2`/`USR2`, or `none`.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.trim() {
+            "SIGHUP" | "HUP" => Ok(UpgradeSignal::Hup),
+            "SIGUSR1" | "USR1" => Ok(UpgradeSignal::Usr1),
+            "SIGUSR2" | "USR2" => Ok(UpgradeSignal::Usr2),
+            "none" => Ok(UpgradeSignal::None),
+            other => Err(format!(
+                "{other:?} is not an upgrade signal; expected SIGHUP, SIGUSR1, SIGUSR2 or none"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UpgradeSignal;
+
+    #[test]
+    fn upgrade_signals_parse_and_print() {
+        for s in [
+            UpgradeSignal::Hup,
+            UpgradeSignal::Usr1,
+            UpgradeSignal::Usr2,
+            UpgradeSignal::None,
+        ] {
+            assert_eq!(s.as_str().parse::<UpgradeSignal>(), Ok(s));
+        }
+        assert_eq!("USR2".parse::<UpgradeSignal>(), Ok(UpgradeSignal::Usr2));
+        let err = "SIGTERM".parse::<UpgradeSignal>();
+        assert!(err.is_err_and(|e| e.contains("SIGTERM") && e.contains("SIGUSR2")));
+        assert_eq!(UpgradeSignal::None.number(), None);
     }
 }

@@ -139,6 +139,7 @@ pub struct MainConfig {
     pub upgrade_timeout: Option<Duration>,
     pub drain_timeout: Option<Duration>,
     pub stop_delay: Option<Duration>,
+    pub upgrade_signal: Option<crate::UpgradeSignal>,
     pub pid_file: Option<&'static str>,
     pub options: Option<fn() -> Options>,
     pub mode: Option<crate::Mode>,
@@ -153,6 +154,7 @@ impl MainConfig {
             upgrade_timeout: None,
             drain_timeout: None,
             stop_delay: None,
+            upgrade_signal: None,
             pid_file: None,
             options: None,
             mode: None,
@@ -169,6 +171,9 @@ impl MainConfig {
         }
         if let Some(t) = self.stop_delay {
             opts.stop_delay = t;
+        }
+        if let Some(s) = self.upgrade_signal {
+            opts.upgrade_signal = s;
         }
         if let Some(p) = self.pid_file {
             opts.pid_file = Some(p.into());
@@ -275,7 +280,7 @@ where
     let cx = Context::new(upgrader.clone());
     let outcome = runtime.block_on(async {
         // Signals first: SIGHUP's default action would kill the process.
-        let signals = Signals::install()?;
+        let signals = Signals::install(upgrader.options().get_upgrade_signal())?;
         if let Err(e) = crate::declare::open_all(upgrader.fds()) {
             tracing::error!(error = %chain(&e), "cannot open the declared listeners");
             return Err(());
@@ -393,19 +398,40 @@ fn second_stop() -> ExitCode {
     ExitCode::from(130)
 }
 
+/// The next upgrade signal (its name); never, without one.
+async fn upgrade_signal(
+    upgrade: &mut Option<(tokio::signal::unix::Signal, &'static str)>,
+) -> &'static str {
+    match upgrade {
+        Some((s, name)) => {
+            s.recv().await;
+            name
+        }
+        None => std::future::pending().await,
+    }
+}
+
 struct Signals {
-    hup: tokio::signal::unix::Signal,
+    /// The upgrade signal (`Options::upgrade_signal`), if any.
+    upgrade: Option<(tokio::signal::unix::Signal, &'static str)>,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn install() -> Result<Signals, ()> {
+    fn install(upgrade: crate::UpgradeSignal) -> Result<Signals, ()> {
         let make = |kind: SignalKind, name: &str| {
             signal(kind).map_err(|e| tracing::error!(error = %e, "cannot handle {name}"))
         };
+        let upgrade = match upgrade.number() {
+            Some(n) => Some((
+                make(SignalKind::from_raw(n), upgrade.as_str())?,
+                upgrade.as_str(),
+            )),
+            None => None,
+        };
         Ok(Signals {
-            hup: make(SignalKind::hangup(), "SIGHUP")?,
+            upgrade,
             term: make(SignalKind::terminate(), "SIGTERM")?,
             int: make(SignalKind::interrupt(), "SIGINT")?,
         })
@@ -435,13 +461,13 @@ async fn lifecycle(
     let mut lame = false;
     loop {
         tokio::select! {
-            _ = signals.hup.recv() => {
+            name = upgrade_signal(&mut signals.upgrade) => {
                 if lame {
-                    tracing::warn!("SIGHUP ignored: the service is stopping (stop_delay)");
+                    tracing::warn!("{name} ignored: the service is stopping (stop_delay)");
                 } else if supervised {
                     ask_supervisor(&upgrader);
                 } else {
-                    tracing::info!("SIGHUP: upgrade requested");
+                    tracing::info!("{name}: upgrade requested");
                     requests.send_modify(|n| *n += 1);
                 }
             }
@@ -523,7 +549,7 @@ async fn lifecycle(
                 // successor ending now is not replaced.
                 upgrader.stop();
             }
-            _ = signals.hup.recv() => {
+            _ = upgrade_signal(&mut signals.upgrade) => {
                 if supervised {
                     ask_supervisor(&upgrader);
                 } else {

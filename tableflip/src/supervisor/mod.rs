@@ -536,15 +536,18 @@ impl Supervisor {
             match self.signals.read_signal() {
                 Ok(Some(info)) => {
                     let signo = i32::try_from(info.ssi_signo).unwrap_or(0);
+                    let upgrade = self.opts.upgrade_signal;
                     match Signal::try_from(signo) {
                         Ok(Signal::SIGCHLD) => self.reap(),
-                        Ok(Signal::SIGHUP) => {
-                            tracing::info!("supervisor: SIGHUP: upgrade requested");
+                        _ if upgrade.number() == Some(signo) => {
+                            tracing::info!("supervisor: {upgrade}: upgrade requested");
                             self.request_upgrade(None);
                         }
                         Ok(Signal::SIGTERM) => self.stop("SIGTERM"),
                         Ok(Signal::SIGINT) => self.stop("SIGINT"),
-                        Ok(sig @ (Signal::SIGUSR1 | Signal::SIGUSR2)) => self.forward(sig),
+                        Ok(sig @ (Signal::SIGHUP | Signal::SIGUSR1 | Signal::SIGUSR2)) => {
+                            self.forward(sig);
+                        }
                         _ => {}
                     }
                 }

@@ -7,8 +7,9 @@
 //! ends, then hang), `block` (until an `unblock` file appears),
 //! `block-stop` (the same, then `SIGTERM` to itself before returning),
 //! `exit N`; a `hand-on` file: see [`hand_on`]; a `usr2-upgrade` file:
-//! see [`usr2_upgrades`]), `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`,
-//! `MS_DRAIN_MS`, `MS_STOP_DELAY_MS` (read by [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout:
+//! see [`usr2_upgrades`]; an `app-sighup` file: see [`app_sighup`]),
+//! `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`, `MS_DRAIN_MS`,
+//! `MS_STOP_DELAY_MS`, `MS_UPGRADE_SIGNAL` (read by [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout:
 //! `start gen= has_parent=`, `listening name= addr=` for each listener
 //! (for the Unix one, `addr` is the declared address and `local` the path
 //! the socket is really bound to, which differs when systemd passed it),
@@ -53,6 +54,12 @@ pub(crate) fn options() -> tableflip::Options {
     }
     if let Some(ms) = ms("MS_STOP_DELAY_MS") {
         opts = opts.stop_delay(Duration::from_millis(ms));
+    }
+    if let Some(signal) = std::env::var("MS_UPGRADE_SIGNAL")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        opts = opts.upgrade_signal(signal);
     }
     opts
 }
@@ -172,6 +179,34 @@ fn usr2_upgrades(cx: &Context) -> std::io::Result<()> {
                             Err(e) => event("upgrade-result", &format!("ok=false msg={:?}", e.to_string())),
                         }
                     });
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// With an `app-sighup` file in the control directory: the application
+/// handles `SIGHUP` itself (as a service whose upgrade signal is another
+/// one would, to reopen its logs), printing `app-sighup` each time.
+fn app_sighup(cx: &Context) -> std::io::Result<()> {
+    let wanted =
+        std::env::var_os("TF_CTL").is_some_and(|d| PathBuf::from(d).join("app-sighup").exists());
+    if !wanted {
+        return Ok(());
+    }
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let d = cx.draining();
+    cx.spawn(async move {
+        tokio::pin!(d);
+        loop {
+            tokio::select! {
+                () = &mut d => break,
+                got = hup.recv() => {
+                    if got.is_none() {
+                        break;
+                    }
+                    event("app-sighup", "");
                 }
             }
         }
@@ -310,6 +345,7 @@ pub(crate) async fn init(
         event("orphaned", "");
     }
     usr2_upgrades(&cx)?;
+    app_sighup(&cx)?;
     event("init-done", "");
     // Not tracked by the drain: it only reports that the drain started.
     let draining = cx.draining();

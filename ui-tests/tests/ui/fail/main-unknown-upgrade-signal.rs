@@ -1,0 +1,2 @@
+#[tableflip::main(upgrade_signal = "SIGUSR3")]
+async fn main() {}
