@@ -28,6 +28,25 @@ pub fn signal(pid: u32, sig: Signal) {
     kill(pid_of(pid), sig).unwrap_or_else(|e| panic!("cannot send {sig} to {pid}: {e}"));
 }
 
+/// Stops `pid` (`SIGSTOP`) and waits until every one of its threads is
+/// stopped: `kill` returns once the signal is queued, and a thread that
+/// is woken for another reason (a message on a socket) may still run until
+/// the thread that takes the signal has stopped the whole process.
+pub fn stop_process(pid: u32) {
+    signal(pid, Signal::SIGSTOP);
+    crate::harness::wait_until("every thread is stopped", || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.filter_map(Result::ok).all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')')?.1.trim_start().chars().next())
+                .is_some_and(|c| c == 'T' || c == 't')
+        })
+    });
+}
+
 /// Sends `sig` to `pid` unless it has exited (`ESRCH`); whether it was
 /// sent. For processes that may end on their own at any moment.
 pub fn signal_if_alive(pid: u32, sig: Signal) -> bool {

@@ -576,7 +576,7 @@ fn a_generation_ready_then_gone_before_the_supervisor_looks_was_ready() {
     let mut svc = Service::spawn(cmd);
     let sup = svc.first_pid();
     let generation = svc.wait_kind("blocked", None).pid;
-    signal(sup, Signal::SIGSTOP);
+    stop_process(sup);
     h.ctl.write("unblock", "");
     // Its exit closes its fds after its messages were sent.
     wait_until("the generation has exited", || exiting_or_gone(generation));
@@ -610,7 +610,7 @@ fn a_new_generation_ready_then_gone_leaves_the_old_one_serving() {
         .pid;
     s.svc
         .wait_for("its start", |e| e.kind == "start" && e.pid == new);
-    signal(s.sup, Signal::SIGSTOP);
+    stop_process(s.sup);
     h.ctl.write("unblock", "");
     wait_until("the new generation is a zombie", || {
         proc_state(new) == Some('Z')
@@ -930,7 +930,7 @@ fn a_generation_that_does_not_hand_on_does_not_hold_the_upgrade_up() {
     let mut s = start(&h.ctl, &[("MS_UPGRADE_TIMEOUT_MS", "2000")]);
     let old = s.current;
     s.svc.wait_kind("added-conn", Some(old));
-    signal(old, Signal::SIGSTOP);
+    stop_process(old);
     signal(s.sup, Signal::SIGHUP);
     let new = s.next_generation();
     // It did not get the connection: it opened one of its own.
