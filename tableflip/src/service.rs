@@ -471,10 +471,10 @@ async fn lifecycle(
                     requests.send_modify(|n| *n += 1);
                 }
             }
-            Some(signal) = async {
+            signal = async {
                 tokio::select! {
-                    _ = signals.term.recv() => Some("SIGTERM"),
-                    _ = signals.int.recv() => Some("SIGINT"),
+                    _ = signals.term.recv() => "SIGTERM",
+                    _ = signals.int.recv() => "SIGINT",
                 }
             } => {
                 // An upgrade in flight is cancelled by the stop, at once,

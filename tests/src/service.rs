@@ -99,7 +99,41 @@ pub struct Service {
     consumed: Vec<bool>,
 }
 
+/// The command that runs `exe`, a `macro_svc` build (see
+/// `tests/src/macro_svc/common.rs`), in `mode` (`supervised` or
+/// `replace`): `TF_CTL=ctl`, its Unix listener at `u.sock` in `ctl`,
+/// `RUST_LOG=info`.
+pub fn macro_svc_cmd(exe: impl AsRef<std::ffi::OsStr>, ctl: &Scratch, mode: &str) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.env("TF_CTL", ctl.path())
+        .env("TABLEFLIP_MODE", mode)
+        .env("MS_UNIX", ctl.path().join("u.sock"))
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+/// Sends `cmd`'s stderr (its log) to the file `stderr.log` in `ctl`, for
+/// a test to read; returns its path. Start it with
+/// [`Service::spawn_keeping_stderr`].
+pub fn log_to_file(cmd: &mut Command, ctl: &Scratch) -> std::path::PathBuf {
+    let log = ctl.path().join("stderr.log");
+    let file = std::fs::File::create(&log)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+    cmd.stderr(file);
+    log
+}
+
 impl Service {
+    /// `SIGTERM` to the first process (the supervisor, in supervised
+    /// mode); checks that it exits 0, then waits until every process the
+    /// service had has exited.
+    pub fn terminate_first(&mut self) {
+        signal(self.first_pid(), Signal::SIGTERM);
+        let status = self.wait_first();
+        assert_eq!(status.code(), Some(0), "{status:?}");
+        self.wait_all_exited();
+    }
+
     /// Starts `exe` (the `svc` binary) with `TF_CTL=ctl` and `envs`.
     pub fn start(exe: &str, ctl: &Scratch, envs: &[(&str, &str)]) -> Service {
         Self::spawn(Self::command(exe, ctl, envs))

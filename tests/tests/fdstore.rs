@@ -38,12 +38,8 @@ struct Stored {
 fn start(h: &Harness, exe: &Path, mode: &'static str, env: &[(&str, &str)]) -> Stored {
     let notify = Notify::at_path(&h.ctl);
     let unix = h.ctl.path().join("u.sock");
-    let mut cmd = Command::new(exe);
-    cmd.env("TF_CTL", h.ctl.path())
-        .env("TABLEFLIP_MODE", mode)
-        .env("MS_UNIX", &unix)
-        .env("NOTIFY_SOCKET", &notify.env)
-        .env("RUST_LOG", "info");
+    let mut cmd = macro_svc_cmd(exe, &h.ctl, mode);
+    cmd.env("NOTIFY_SOCKET", &notify.env);
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -4,7 +4,6 @@
 //! once.
 
 use std::path::Path;
-use std::process::Command;
 
 use nix::sys::signal::Signal;
 use tableflip_tests::notify::Notify;
@@ -24,18 +23,12 @@ struct Lame {
 
 fn start(h: &Harness, mode: &str, delay_ms: u64) -> Lame {
     let notify = Notify::at_path(&h.ctl);
-    let log = h.ctl.path().join("stderr.log");
-    let err = std::fs::File::create(&log).expect("the log file");
     let pid_file = h.ctl.path().join("svc.pid");
-    let mut cmd = Command::new(MACRO_SVC);
-    cmd.env("TF_CTL", h.ctl.path())
-        .env("TABLEFLIP_MODE", mode)
-        .env("MS_UNIX", h.ctl.path().join("u.sock"))
-        .env("MS_PID_FILE", &pid_file)
+    let mut cmd = macro_svc_cmd(MACRO_SVC, &h.ctl, mode);
+    cmd.env("MS_PID_FILE", &pid_file)
         .env("MS_STOP_DELAY_MS", delay_ms.to_string())
-        .env("NOTIFY_SOCKET", &notify.env)
-        .env("RUST_LOG", "info")
-        .stderr(err);
+        .env("NOTIFY_SOCKET", &notify.env);
+    let log = log_to_file(&mut cmd, &h.ctl);
     let mut svc = Service::spawn_keeping_stderr(cmd);
     let serving = svc.wait_kind("init-done", None).pid;
     let tcp = svc

@@ -40,12 +40,8 @@ fn start(ctl: &Scratch, extra: &[(&str, &str)]) -> Supervised {
     install_exe(MACRO_SVC, &exe, 0);
     let unix = ctl.path().join("u.sock").display().to_string();
     let pid_file = ctl.path().join("svc.pid");
-    let mut cmd = Command::new(&exe);
-    cmd.env("TF_CTL", ctl.path())
-        .env("TABLEFLIP_MODE", "supervised")
-        .env("MS_UNIX", &unix)
-        .env("MS_PID_FILE", &pid_file)
-        .env("RUST_LOG", "info");
+    let mut cmd = macro_svc_cmd(&exe, ctl, "supervised");
+    cmd.env("MS_PID_FILE", &pid_file);
     for (k, v) in extra {
         cmd.env(k, v);
     }
@@ -334,16 +330,10 @@ fn a_failed_re_exec_leaves_the_supervisor_serving_on_its_old_binary() {
     let h = Harness::new("sup-reexec-fails");
     let exe = h.ctl.path().join("app");
     install_exe(MACRO_SVC, &exe, 0);
-    let log = h.ctl.path().join("stderr.log");
-    let err = std::fs::File::create(&log).expect("the log file");
     let pid_file = h.ctl.path().join("svc.pid");
-    let mut cmd = Command::new(&exe);
-    cmd.env("TF_CTL", h.ctl.path())
-        .env("TABLEFLIP_MODE", "supervised")
-        .env("MS_UNIX", h.ctl.path().join("u.sock"))
-        .env("MS_PID_FILE", &pid_file)
-        .env("RUST_LOG", "info")
-        .stderr(err);
+    let mut cmd = macro_svc_cmd(&exe, &h.ctl, "supervised");
+    cmd.env("MS_PID_FILE", &pid_file);
+    let log = log_to_file(&mut cmd, &h.ctl);
     let mut svc = Service::spawn_keeping_stderr(cmd);
     let sup = svc.first_pid();
     let a = svc.wait_kind("init-done", None).pid;
@@ -398,9 +388,7 @@ fn a_failed_re_exec_leaves_the_supervisor_serving_on_its_old_binary() {
         running(sup) == running(c)
     });
     assert_eq!(reply(&tcp), c);
-    signal(sup, Signal::SIGTERM);
-    assert_eq!(svc.wait_first().code(), Some(0));
-    svc.wait_all_exited();
+    svc.terminate_first();
 }
 
 /// A generation that dies after a deploy left a broken binary at the path
@@ -541,11 +529,7 @@ fn a_first_generation_that_fails_makes_the_supervisor_exit_with_its_status() {
     h.ctl.write("init", "exit 7");
     let exe = h.ctl.path().join("app");
     install_exe(MACRO_SVC, &exe, 0);
-    let out = Command::new(&exe)
-        .env("TF_CTL", h.ctl.path())
-        .env("TABLEFLIP_MODE", "supervised")
-        .env("MS_UNIX", h.ctl.path().join("u.sock"))
-        .env("RUST_LOG", "info")
+    let out = macro_svc_cmd(&exe, &h.ctl, "supervised")
         .output()
         .expect("run the service");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -568,12 +552,7 @@ fn a_generation_ready_then_gone_before_the_supervisor_looks_was_ready() {
     h.ctl.write("init", "block-stop");
     let exe = h.ctl.path().join("app");
     install_exe(MACRO_SVC, &exe, 0);
-    let mut cmd = Command::new(&exe);
-    cmd.env("TF_CTL", h.ctl.path())
-        .env("TABLEFLIP_MODE", "supervised")
-        .env("MS_UNIX", h.ctl.path().join("u.sock"))
-        .env("RUST_LOG", "info");
-    let mut svc = Service::spawn(cmd);
+    let mut svc = Service::spawn(macro_svc_cmd(&exe, &h.ctl, "supervised"));
     let sup = svc.first_pid();
     let generation = svc.wait_kind("blocked", None).pid;
     stop_process(sup);
@@ -642,15 +621,9 @@ fn an_upgrade_asked_for_during_one_is_answered_after_the_re_exec() {
     h.ctl.write("usr2-upgrade", "");
     let exe = h.ctl.path().join("app");
     install_exe(MACRO_SVC, &exe, 0);
-    let log = h.ctl.path().join("stderr.log");
-    let err = std::fs::File::create(&log).expect("the log file");
-    let mut cmd = Command::new(&exe);
-    cmd.env("TF_CTL", h.ctl.path())
-        .env("TABLEFLIP_MODE", "supervised")
-        .env("MS_UNIX", h.ctl.path().join("u.sock"))
-        .env("MS_PID_FILE", h.ctl.path().join("svc.pid"))
-        .env("RUST_LOG", "info")
-        .stderr(err);
+    let mut cmd = macro_svc_cmd(&exe, &h.ctl, "supervised");
+    cmd.env("MS_PID_FILE", h.ctl.path().join("svc.pid"));
+    let log = log_to_file(&mut cmd, &h.ctl);
     let mut svc = Service::spawn_keeping_stderr(cmd);
     let sup = svc.first_pid();
     let a = svc.wait_kind("init-done", None).pid;
@@ -680,9 +653,7 @@ fn an_upgrade_asked_for_during_one_is_answered_after_the_re_exec() {
     assert_eq!(second.get("ok"), "true", "{second:?}");
     let c = second.num::<u32>("child");
     assert!(c != a && c != b, "a third generation: {second:?}");
-    signal(sup, Signal::SIGTERM);
-    assert_eq!(svc.wait_first().code(), Some(0));
-    svc.wait_all_exited();
+    svc.terminate_first();
 }
 
 /// A replacement that keeps failing its init is not started for ever: after

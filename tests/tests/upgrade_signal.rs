@@ -4,8 +4,6 @@
 //! in supervised mode the supervisor forwards `SIGHUP` to the serving
 //! generation.
 
-use std::process::Command;
-
 use nix::sys::signal::Signal;
 use tableflip_tests::*;
 
@@ -15,13 +13,9 @@ fn usr2_upgrades_and_sighup_is_the_applications(mode: &str) {
     let h = Harness::new(&format!("usr2-{mode}"));
     h.ctl.write("app-sighup", "");
     let pid_file = h.ctl.path().join("svc.pid");
-    let mut cmd = Command::new(MACRO_SVC);
-    cmd.env("TF_CTL", h.ctl.path())
-        .env("TABLEFLIP_MODE", mode)
-        .env("MS_UNIX", h.ctl.path().join("u.sock"))
-        .env("MS_PID_FILE", &pid_file)
-        .env("MS_UPGRADE_SIGNAL", "SIGUSR2")
-        .env("RUST_LOG", "info");
+    let mut cmd = macro_svc_cmd(MACRO_SVC, &h.ctl, mode);
+    cmd.env("MS_PID_FILE", &pid_file)
+        .env("MS_UPGRADE_SIGNAL", "SIGUSR2");
     let mut svc = Service::spawn(cmd);
     let supervised = mode == "supervised";
     let first = svc.wait_kind("init-done", None).pid;

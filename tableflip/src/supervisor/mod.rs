@@ -273,9 +273,6 @@ struct Supervisor {
     collecting: Option<Collecting>,
     /// The id of the newest `Collect` request.
     collect_id: u64,
-    /// What was collected, handed to the next generation started (and
-    /// closed here right after).
-    extras: Vec<Held>,
     /// What systemd's fd store holds for the service, as far as the
     /// supervisor knows (it put them there, or they came from
     /// `LISTEN_FDS`, which the store's sockets come back through): listener
@@ -319,7 +316,6 @@ impl Supervisor {
             // Not 0 at every start: an answer to a request made before a
             // re-exec never matches one made after it.
             collect_id: crate::systemd::monotonic_usec(),
-            extras: Vec::new(),
             stored: Vec::new(),
             buf: Vec::new(),
         })
@@ -981,17 +977,23 @@ impl Supervisor {
                 "upgrade: handing the serving generation's connections and files to the new one"
             );
         }
-        self.extras = extras;
-        self.start_generation(Purpose::Upgrade);
-        // The new generation has its own copies now (or never started).
-        self.extras.clear();
+        // Dropped on return: the new generation has its own copies now (or
+        // never started).
+        self.start_generation_with(Purpose::Upgrade, &extras);
     }
 
     /// Starts a generation; a failure to start one is handled as its
     /// failure.
     fn start_generation(&mut self, purpose: Purpose) {
+        self.start_generation_with(purpose, &[]);
+    }
+
+    /// As [`start_generation`](Self::start_generation), handing on
+    /// `extras` (connections and files collected for an upgrade) besides
+    /// the sockets held.
+    fn start_generation_with(&mut self, purpose: Purpose, extras: &[Held]) {
         let number = self.generation.saturating_add(1);
-        match self.spawn(number, purpose) {
+        match self.spawn(number, purpose, extras) {
             Ok(g) => {
                 tracing::info!(
                     pid = g.pid,
@@ -1038,7 +1040,7 @@ impl Supervisor {
         self.stop("an internal error");
     }
 
-    fn spawn(&mut self, number: u64, purpose: Purpose) -> Result<Generation> {
+    fn spawn(&mut self, number: u64, purpose: Purpose, extras: &[Held]) -> Result<Generation> {
         let exe = if purpose == Purpose::Replace && self.failed_replacements > 0 {
             // The binary at the path has just failed to replace a
             // generation that died (a broken deploy, a deleted file): the
@@ -1070,7 +1072,7 @@ impl Supervisor {
             entries: self
                 .held
                 .iter()
-                .chain(&self.extras)
+                .chain(extras)
                 .map(|h| h.meta.clone())
                 .collect(),
             supervisor: Some(protocol::SupervisorMeta {
@@ -1105,7 +1107,7 @@ impl Supervisor {
         let mut inherit: Vec<_> = self
             .held
             .iter()
-            .chain(&self.extras)
+            .chain(extras)
             .map(|h| h.fd.as_raw_fd())
             .collect();
         inherit.extend([
