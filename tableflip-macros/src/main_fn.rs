@@ -13,6 +13,7 @@ const OPTIONS: &[(&str, ValueKind)] = &[
     ("stop_delay", ValueKind::Duration),
     ("upgrade_signal", ValueKind::Str),
     ("pid_file", ValueKind::Str),
+    ("control_socket", ValueKind::Str),
     ("flavor", ValueKind::Str),
     ("worker_threads", ValueKind::Int),
     ("mode", ValueKind::Str),
@@ -168,6 +169,14 @@ fn check_value(opt: &args::Opt, value: &Value) -> syn::Result<()> {
         ("pid_file", Value::Str(s, span)) if s.is_empty() => {
             Err(syn::Error::new(*span, "`pid_file` cannot be empty"))
         }
+        ("control_socket", Value::Str(s, span)) if s.is_empty() => Err(syn::Error::new(
+            *span,
+            "`control_socket` cannot be empty; write a path, or \"none\" for no control socket",
+        )),
+        ("control_socket", Value::Str(s, span)) if s.contains('\0') => Err(syn::Error::new(
+            *span,
+            "`control_socket` cannot contain a NUL byte",
+        )),
         ("flavor", Value::Str(s, span)) if !FLAVORS.contains(&s.as_str()) => {
             let hint = flavor_hint(s)
                 .map(|c| format!("; did you mean `{c}`?"))
@@ -228,6 +237,12 @@ fn config(opts: &[(String, Value)], krate: &syn::Path, errors: &mut Errors) -> V
                     _ => quote! { #krate::UpgradeSignal::Hup },
                 };
                 config.push(quote! { __cfg.upgrade_signal = ::core::option::Option::Some(#signal); });
+            }
+            ("control_socket", Value::Str(s, _)) if s == "none" => {
+                config.push(quote! { __cfg.control_socket = ::core::option::Option::Some(::core::option::Option::None); });
+            }
+            ("control_socket", Value::Str(s, _)) => {
+                config.push(quote! { __cfg.control_socket = ::core::option::Option::Some(::core::option::Option::Some(#s)); });
             }
             ("pid_file", Value::Str(s, _)) => {
                 config.push(quote! { __cfg.pid_file = ::core::option::Option::Some(#s); });

@@ -236,7 +236,7 @@ pub enum Error {
     },
 
     /// The new generation was killed by a signal before it was ready.
-    #[error("the new process (pid {pid}) was killed by signal {signal} before it was ready")]
+    #[error("the new process (pid {pid}) was killed by {} before it was ready", signal_name(*signal))]
     ChildKilled {
         /// The child's PID.
         pid: u32,
@@ -348,3 +348,11 @@ impl From<Error> for io::Error {
 
 /// `Result` with tableflip's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `signal 6 (SIGABRT)`, or `signal 70` for a number without a name.
+fn signal_name(signal: i32) -> String {
+    match nix::sys::signal::Signal::try_from(signal) {
+        Ok(s) => format!("signal {signal} ({})", s.as_str()),
+        Err(_) => format!("signal {signal}"),
+    }
+}

@@ -52,6 +52,7 @@
 mod bind;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod control;
+pub mod ctl;
 mod declare;
 mod error;
 mod fds;

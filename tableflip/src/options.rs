@@ -47,6 +47,7 @@ pub struct Options {
     /// `None`: not chosen; `Upgrader::new` takes [`Mode::Replace`],
     /// `#[tableflip::main]` its own default.
     pub(crate) mode: Option<Mode>,
+    pub(crate) control_socket: crate::ctl::ControlSocket,
 }
 
 impl Options {
@@ -63,6 +64,7 @@ impl Options {
             executable: None,
             raise_fd_limit: true,
             mode: None,
+            control_socket: crate::ctl::ControlSocket::Auto,
         }
     }
 
@@ -207,6 +209,33 @@ impl Options {
         self.drain_timeout
     }
 
+    /// Where the service answers `tableflip-ctl` (see [`crate::ctl`]): a
+    /// Unix socket, created with mode `0600`, on which an upgrade can be
+    /// asked for and its outcome awaited, and the status read. A relative
+    /// path is resolved against the directory the service started in.
+    ///
+    /// Default: `$RUNTIME_DIRECTORY/tableflip.sock` when systemd sets
+    /// `$RUNTIME_DIRECTORY` (`RuntimeDirectory=` in the unit), else none.
+    /// In replace mode it is served on the tokio runtime that is current
+    /// when [`Upgrader::ready`](crate::Upgrader::ready) is called (a path
+    /// that cannot be bound makes `ready` fail); in supervised mode the
+    /// supervisor serves it.
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control_socket = crate::ctl::ControlSocket::Path(path.into());
+        self
+    }
+
+    /// No control socket, even with `$RUNTIME_DIRECTORY` set.
+    pub fn no_control_socket(mut self) -> Self {
+        self.control_socket = crate::ctl::ControlSocket::Off;
+        self
+    }
+
+    /// See [`control_socket`](Self::control_socket).
+    pub fn get_control_socket(&self) -> &crate::ctl::ControlSocket {
+        &self.control_socket
+    }
+
     /// See [`stop_delay`](Self::stop_delay).
     pub fn get_stop_delay(&self) -> Duration {
         self.stop_delay
@@ -256,6 +285,9 @@ impl std::fmt::Debug for Options {
             .field("executable", &self.executable)
             .field("raise_fd_limit", &self.raise_fd_limit)
             .field("mode", &self.get_mode())
+            .field("stop_delay", &self.stop_delay)
+            .field("upgrade_signal", &self.upgrade_signal)
+            .field("control_socket", &self.control_socket)
             .finish()
     }
 }

@@ -143,6 +143,8 @@ pub struct MainConfig {
     pub pid_file: Option<&'static str>,
     pub options: Option<fn() -> Options>,
     pub mode: Option<crate::Mode>,
+    /// `Some(None)`: `control_socket = "none"`.
+    pub control_socket: Option<Option<&'static str>>,
 }
 
 impl MainConfig {
@@ -158,6 +160,7 @@ impl MainConfig {
             pid_file: None,
             options: None,
             mode: None,
+            control_socket: None,
         }
     }
 
@@ -180,6 +183,11 @@ impl MainConfig {
         }
         if let Some(m) = self.mode {
             opts.mode = Some(m);
+        }
+        match self.control_socket {
+            Some(Some(path)) => opts = opts.control_socket(path),
+            Some(None) => opts = opts.no_control_socket(),
+            None => {}
         }
         if opts.mode.is_none() {
             opts.mode = Some(DEFAULT_MAIN_MODE);
@@ -315,7 +323,12 @@ where
             return ExitCode::FAILURE;
         }
     }
-    if let Err(e) = upgrader.ready() {
+    // In the runtime's context: the control socket is served on it.
+    let ready = {
+        let _context = runtime.enter();
+        upgrader.ready()
+    };
+    if let Err(e) = ready {
         tracing::error!(error = %chain(&e), "cannot signal readiness; exiting (a parent generation keeps serving)");
         return ExitCode::FAILURE;
     }
@@ -523,6 +536,9 @@ async fn lifecycle(
                 // A successor that died after taking over is being
                 // replaced: exiting now would kill the replacement.
                 upgrader.settled().await;
+                // Answers to the control socket are written before the
+                // exit (a joined upgrade's outcome, a `retry`).
+                upgrader.ctl_settled(Duration::from_secs(1)).await;
                 upgrader.release_pid_file();
                 return ExitCode::SUCCESS;
             }

@@ -369,6 +369,35 @@ pub(crate) fn single_threaded() -> bool {
     }
 }
 
+/// How long this process has existed, in milliseconds (Linux: its start
+/// time in `/proc/self/stat` against `/proc/uptime`, so an `exec` does
+/// not reset it). `None` where that cannot be read.
+pub(crate) fn process_uptime_ms() -> Option<u64> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // After the command name, which may hold spaces and parentheses.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        // Field 22 (starttime) is the 20th after the name.
+        let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .and_then(|h| u64::try_from(h).ok())
+            .filter(|h| *h > 0)?;
+        let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+        let boot_s: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+        let started_ms = ticks.saturating_mul(1000) / hz;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let now_ms = (boot_s * 1000.0) as u64;
+        Some(now_ms.saturating_sub(started_ms))
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        None
+    }
+}
+
 /// Whether the open file description behind `fd` is non-blocking.
 pub(crate) fn is_nonblocking(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?).contains(OFlag::O_NONBLOCK))

@@ -56,6 +56,30 @@ struct Saved {
     /// `/proc/<pid>/exe`, which says nothing about it.
     #[serde(default)]
     executable: Option<std::path::PathBuf>,
+    /// The control socket, if any.
+    #[serde(default)]
+    ctl: Option<SavedCtl>,
+    /// Its connections (reading their request, or waiting for an upgrade
+    /// that has not started).
+    #[serde(default)]
+    ctl_clients: Vec<SavedClient>,
+    /// The newest upgrade's outcome, for `status`.
+    #[serde(default)]
+    last_upgrade: Option<crate::ctl::LastUpgrade>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedCtl {
+    fd: RawFd,
+    path: std::path::PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedClient {
+    fd: RawFd,
+    #[serde(default)]
+    buf: Vec<u8>,
+    phase: super::ctl::Phase,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -146,6 +170,26 @@ impl State {
         // the generations are restored).
         let requesters = saved.requesters;
         s.backoff = Backoff::default();
+        s.last_upgrade = saved.last_upgrade;
+        if let Some(c) = saved.ctl {
+            let fd = claim(c.fd, "control socket")?;
+            let file = crate::unixfile::SocketFile::bound(c.path.clone(), &c.path, fd.as_fd());
+            s.ctl = Some(super::ctl::CtlSocket {
+                fd,
+                file: Some(file),
+            });
+        }
+        for c in saved.ctl_clients {
+            let fd = claim(c.fd, "control-socket connection")?;
+            s.client_id = s.client_id.wrapping_add(1);
+            s.clients.push(super::ctl::Client {
+                id: s.client_id,
+                fd,
+                buf: c.buf,
+                phase: c.phase,
+                deadline: std::time::Instant::now() + crate::ctl::REQUEST_TIMEOUT,
+            });
+        }
         for meta in saved.held {
             let fd = claim(meta.fd, &format!("socket {:?}", meta.name))?;
             s.held.push(Held { meta, fd });
@@ -231,6 +275,8 @@ fn carried_fds(s: &Supervisor) -> Vec<BorrowedFd<'_>> {
         fds.extend(g.control.as_ref().map(AsFd::as_fd));
         fds.push(g.parent_pipe.as_fd());
     }
+    fds.extend(s.ctl.as_ref().map(|c| c.fd.as_fd()));
+    fds.extend(s.clients.iter().map(|c| c.fd.as_fd()));
     fds
 }
 
@@ -278,6 +324,20 @@ impl Outgoing {
             held,
             generations,
             executable,
+            ctl: s.ctl.as_ref().map(|c| SavedCtl {
+                fd: c.fd.as_raw_fd(),
+                path: c.file.as_ref().map(|f| f.path.clone()).unwrap_or_default(),
+            }),
+            ctl_clients: s
+                .clients
+                .iter()
+                .map(|c| SavedClient {
+                    fd: c.fd.as_raw_fd(),
+                    buf: c.buf.clone(),
+                    phase: c.phase,
+                })
+                .collect(),
+            last_upgrade: s.last_upgrade.clone(),
         };
         let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
         let file = sys::sealed_memfd(c"tableflip-supervisor", &bytes)?;

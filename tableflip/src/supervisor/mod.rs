@@ -35,6 +35,7 @@
 //! is pending, so an idle supervisor never wakes up.
 
 mod carried;
+mod ctl;
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -199,6 +200,19 @@ struct Requester {
     id: u64,
 }
 
+/// What woke the supervisor up.
+#[derive(Debug, Default)]
+struct Woken {
+    /// Signals are pending.
+    signals: bool,
+    /// These generations sent something.
+    gens: Vec<u32>,
+    /// The control socket has connections to accept.
+    ctl: bool,
+    /// These control-socket connections sent something.
+    clients: Vec<u64>,
+}
+
 /// The delay before a replacement starts: none for a crash after a quiet
 /// minute, then doubling from 250 ms up to 8 s while crashes keep coming
 /// within a minute of each other.
@@ -279,6 +293,16 @@ struct Supervisor {
     /// names and socket inodes.
     stored: Vec<(String, u64)>,
     buf: Vec<u8>,
+    /// The control socket (`Options::control_socket`), if any.
+    ctl: Option<ctl::CtlSocket>,
+    /// Its connections.
+    clients: Vec<ctl::Client>,
+    /// The number of the newest connection.
+    client_id: u64,
+    /// The generation that served when the upgrade in flight started.
+    upgrade_from: Option<u32>,
+    /// The newest upgrade's outcome, for `status`.
+    last_upgrade: Option<crate::ctl::LastUpgrade>,
 }
 
 impl Supervisor {
@@ -318,13 +342,40 @@ impl Supervisor {
             collect_id: crate::systemd::monotonic_usec(),
             stored: Vec::new(),
             buf: Vec::new(),
+            ctl: None,
+            clients: Vec::new(),
+            client_id: 0,
+            upgrade_from: None,
+            last_upgrade: None,
         })
+    }
+
+    /// The control socket's path, if the options ask for one.
+    fn ctl_path(&self) -> Option<PathBuf> {
+        let runtime_dir = self
+            .launch
+            .env
+            .iter()
+            .find(|(k, _)| k == "RUNTIME_DIRECTORY")
+            .map(|(_, v)| v.as_os_str());
+        let path = self.opts.control_socket.resolve(runtime_dir)?;
+        Some(self.launch.resolve(&path))
     }
 
     fn fresh(opts: Options) -> Result<Supervisor> {
         let signals = block_signals()?;
         let activated = systemd::listen_fds()?;
         let mut s = Supervisor::base(opts, signals)?;
+        if let Some(path) = s.ctl_path() {
+            let socket = ctl::bind_socket(&path).map_err(|e| {
+                Error::io(
+                    format!("cannot create the control socket {}", path.display()),
+                    e,
+                )
+            })?;
+            tracing::info!(path = %path.display(), "supervisor: control socket: answering upgrade and status requests");
+            s.ctl = Some(socket);
+        }
         for item in activated {
             let mut meta = item.meta;
             meta.fd = item.fd.as_raw_fd();
@@ -351,6 +402,7 @@ impl Supervisor {
         let signals = block_signals()?;
         let mut s = Supervisor::base(opts, signals)?;
         state.restore(&mut s)?;
+        s.resume_ctl();
         tracing::info!(
             pid = std::process::id(),
             generation = s.generation,
@@ -386,7 +438,7 @@ impl Supervisor {
             if self.stop_deadline.is_some() && self.gens.is_empty() {
                 break;
             }
-            let (signal_ready, readable) = match self.wait() {
+            let woken = match self.wait() {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "supervisor: poll failed; stopping the service");
@@ -395,19 +447,25 @@ impl Supervisor {
                     continue;
                 }
             };
-            if signal_ready {
+            if woken.signals {
                 self.read_signals();
             }
-            for pid in readable {
+            for pid in woken.gens {
                 self.read_control(pid);
+            }
+            if woken.ctl {
+                self.accept_clients();
+            }
+            for id in woken.clients {
+                self.read_client(id);
             }
         }
         self.finish()
     }
 
-    /// Waits for a signal, a control message or the next deadline; returns
-    /// whether signals are pending and which generations sent something.
-    fn wait(&mut self) -> std::io::Result<(bool, Vec<u32>)> {
+    /// Waits for a signal, a control message, a control-socket client or
+    /// the next deadline; returns what is ready.
+    fn wait(&mut self) -> std::io::Result<Woken> {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         let timeout = match self.next_deadline() {
             None => PollTimeout::NONE,
@@ -423,27 +481,50 @@ impl Supervisor {
             .iter()
             .filter_map(|g| g.control.as_ref().map(|c| (g.pid, c.as_fd())))
             .collect();
-        let mut fds = Vec::with_capacity(watched.len() + 1);
+        let reading: Vec<(u64, BorrowedFd<'_>)> = self
+            .clients
+            .iter()
+            .filter(|c| c.phase == ctl::Phase::Reading)
+            .map(|c| (c.id, c.fd.as_fd()))
+            .collect();
+        let mut fds = Vec::with_capacity(watched.len() + reading.len() + 2);
         fds.push(PollFd::new(self.signals.as_fd(), PollFlags::POLLIN));
         fds.extend(
             watched
                 .iter()
                 .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
         );
+        fds.extend(
+            reading
+                .iter()
+                .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
+        );
+        if let Some(c) = &self.ctl {
+            fds.push(PollFd::new(c.fd.as_fd(), PollFlags::POLLIN));
+        }
         match poll(&mut fds, timeout) {
             Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => return Ok((false, Vec::new())),
+            Err(nix::errno::Errno::EINTR) => return Ok(Woken::default()),
             Err(e) => return Err(e.into()),
         }
         let fired = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-        let signal_ready = fired(&fds[0]);
-        let readable = watched
-            .iter()
-            .zip(&fds[1..])
-            .filter(|(_, fd)| fired(fd))
-            .map(|((pid, _), _)| *pid)
-            .collect();
-        Ok((signal_ready, readable))
+        let n = watched.len();
+        Ok(Woken {
+            signals: fired(&fds[0]),
+            gens: watched
+                .iter()
+                .zip(&fds[1..=n])
+                .filter(|(_, fd)| fired(fd))
+                .map(|((pid, _), _)| *pid)
+                .collect(),
+            clients: reading
+                .iter()
+                .zip(&fds[n + 1..])
+                .filter(|(_, fd)| fired(fd))
+                .map(|((id, _), _)| *id)
+                .collect(),
+            ctl: self.ctl.is_some() && fds.last().is_some_and(fired),
+        })
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -456,11 +537,18 @@ impl Supervisor {
             .chain(self.stop_deadline)
             .chain(self.collecting.as_ref().map(|c| c.deadline))
             .chain(self.lame_duck_until)
+            .chain(
+                self.clients
+                    .iter()
+                    .filter(|c| c.phase == ctl::Phase::Reading)
+                    .map(|c| c.deadline),
+            )
             .min()
     }
 
     fn run_timers(&mut self) {
         let now = Instant::now();
+        self.ctl_timeouts(now);
         let late: Vec<(u32, Purpose)> = self
             .gens
             .iter()
@@ -715,6 +803,14 @@ impl Supervisor {
                     error: &error,
                 });
                 self.reclaim_pid_file(g.pid);
+                let failed = crate::ctl::Reply::Failed {
+                    joined: false,
+                    failure: ctl::failure_of(g.pid, reason, self.stop_deadline.is_some()),
+                    error: error.clone(),
+                    new_pid: (g.pid != 0).then_some(g.pid),
+                    duration_ms: self.upgrade_started.map_or(0, |t| millis(t.elapsed())),
+                };
+                self.ctl_upgrade_ended(&failed, g.number);
                 let asked = std::mem::take(&mut self.in_flight);
                 self.answer(&asked, &Err(error));
                 self.upgrade_started = None;
@@ -886,6 +982,7 @@ impl Supervisor {
         self.upgrade_wanted = false;
         self.in_flight = std::mem::take(&mut self.requesters);
         self.upgrade_started = Some(Instant::now());
+        self.ctl_upgrade_started();
         self.notify.notify(&Notice::Reloading {
             next: self.generation.saturating_add(1),
         });
@@ -1237,6 +1334,14 @@ impl Supervisor {
                 );
                 let asked = std::mem::take(&mut self.in_flight);
                 self.answer(&asked, &Ok((pid, number)));
+                let upgraded = crate::ctl::Reply::Upgraded {
+                    joined: false,
+                    old_pid: self.upgrade_from.unwrap_or(0),
+                    new_pid: pid,
+                    generation: number,
+                    duration_ms: total_ms,
+                };
+                self.ctl_upgrade_ended(&upgraded, number);
                 if self.stop_deadline.is_none() {
                     let (exe, reads) = (self.gens[i].exe.clone(), reads_state);
                     if reads >= STATE_VERSION {
@@ -1453,6 +1558,7 @@ impl Supervisor {
                 }
                 let asked: Vec<Requester> = self.requesters.drain(..).collect();
                 self.answer(&asked, &Err("the service is stopping".to_owned()));
+                self.ctl_stopping(false);
                 self.upgrade_wanted = false;
                 return;
             }
@@ -1502,6 +1608,7 @@ impl Supervisor {
             .chain(self.in_flight.drain(..))
             .collect();
         self.answer(&asked, &Err("the service is stopping".to_owned()));
+        self.ctl_stopping(true);
         self.upgrade_wanted = false;
         let all: Vec<(usize, Role, u32)> = self
             .gens
@@ -1544,6 +1651,10 @@ impl Supervisor {
             }
         }
         for file in std::mem::take(&mut self.files_at_exit) {
+            file.remove();
+        }
+        self.clients.clear();
+        if let Some(file) = self.ctl.take().and_then(|c| c.file) {
             file.remove();
         }
         if let Some(path) = &self.pid_file {

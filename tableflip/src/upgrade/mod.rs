@@ -117,6 +117,20 @@ struct Inner {
     successor: Mutex<Option<(u32, Option<Signaller>)>>,
     /// In a generation of a supervised service: the supervisor.
     supervised: Option<Supervised>,
+    /// The outcome of each upgrade this process ran (`Upgraded` or
+    /// `Failed`), numbered: control-socket requests that join an upgrade
+    /// in flight wait for the next number.
+    outcomes: tokio::sync::watch::Sender<(u64, Option<crate::ctl::Reply>)>,
+    /// The control socket's connections being answered: the process waits
+    /// for them before it exits ([`Upgrader::ctl_settled`]).
+    ctl_tasks: tokio_util::task::TaskTracker,
+    /// The newest upgrade, for the control socket's `status`: the one
+    /// this process ran, else the one that started it.
+    last_upgrade: Mutex<Option<crate::ctl::LastUpgrade>>,
+    /// A lame-duck stop (`Options::stop_delay`) is under way.
+    lame_duck: AtomicBool,
+    /// The control socket, when no runtime answers it.
+    ctl_unserved: Mutex<Option<std::os::unix::net::UnixListener>>,
     /// A stop has come after readiness: the PID file is removed when the
     /// process is about to exit ([`Upgrader::release_pid_file`], or the
     /// last `Upgrader` dropped), not at the stop, so that it names the
@@ -314,6 +328,11 @@ impl Upgrader {
                 replacements: AtomicU32::new(0),
                 successor: Mutex::new(None),
                 supervised: None,
+                outcomes: tokio::sync::watch::Sender::new((0, None)),
+                ctl_tasks: tokio_util::task::TaskTracker::new(),
+                last_upgrade: Mutex::new(None),
+                lame_duck: AtomicBool::new(false),
+                ctl_unserved: Mutex::new(None),
                 pid_file_at_exit: AtomicBool::new(false),
             }),
         })
@@ -481,6 +500,14 @@ impl Upgrader {
             Ok(false) => return Ok(()),
             Ok(true) => {}
         }
+        // The control socket (replace mode) is claimed like a listener,
+        // before the unclaimed ones are closed; a path that cannot be
+        // bound fails the readiness (the parent keeps serving).
+        let ctl = if self.inner.supervised.is_none() && !self.inner.stub {
+            self.claim_control_socket()?
+        } else {
+            None
+        };
         // Closed now, but their files are removed only once the handover
         // has committed: until then the parent serves on them, and keeps
         // serving if this fails.
@@ -519,6 +546,23 @@ impl Upgrader {
             }
         }
         phase.became_ready();
+        drop(phase);
+        if self.inner.parent.is_some() {
+            // Until it runs one itself, the newest upgrade is the one that
+            // started this generation (as seen from here: from this
+            // process's start to its readiness).
+            *lock(&self.inner.last_upgrade) = Some(crate::ctl::LastUpgrade {
+                ok: true,
+                failure: None,
+                error: None,
+                generation: self.inner.generation,
+                duration_ms: sys::process_uptime_ms().unwrap_or(0),
+                ended_unix_ms: crate::ctl::unix_ms(),
+            });
+        }
+        if let Some(listener) = ctl {
+            self.serve_control_socket(listener);
+        }
         // Committed: the files of sockets no generation serves any more go.
         for file in leftovers {
             file.remove();
@@ -554,6 +598,7 @@ impl Upgrader {
     }
 
     pub(crate) fn announce_lame_duck(&self, delay: std::time::Duration) {
+        self.inner.lame_duck.store(true, Ordering::SeqCst);
         if self.is_ready() || self.inner.parent.is_none() {
             self.inner.notify.notify(&Notice::LameDuck { delay });
         }
@@ -683,12 +728,23 @@ impl Upgrader {
     /// tried. [`Error::NotSupported`] from the [`testing`](crate::testing)
     /// stub.
     pub async fn upgrade(&self) -> Result<u32> {
+        self.upgrade_reporting().await.0
+    }
+
+    /// [`upgrade`](Self::upgrade), with the outcome as the control socket
+    /// reports it when an upgrade ran (not when it was refused). Every
+    /// outcome is also published to the requests that join it.
+    pub(crate) async fn upgrade_reporting(&self) -> (Result<u32>, Option<crate::ctl::Reply>) {
         if self.inner.stub {
-            return Err(Error::NotSupported);
+            return (Err(Error::NotSupported), None);
         }
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Some(sup) = &self.inner.supervised {
-            return self.upgrade_through_supervisor(sup).await;
+            return (self.upgrade_through_supervisor(sup).await, None);
+        }
+        if self.inner.lame_duck.load(Ordering::SeqCst) {
+            tracing::warn!("upgrade refused: the service is stopping (stop_delay)");
+            return (Err(Error::Stopped), None);
         }
         let parent_alive =
             (!self.inner.parent_exited.is_cancelled()).then(|| self.parent_pid().unwrap_or(0));
@@ -700,7 +756,7 @@ impl Upgrader {
             // Logged here, where the reason is known: a caller such as
             // the SIGHUP handler may have no better place to say it.
             tracing::warn!(error = %chain(&e), "upgrade refused");
-            return Err(e);
+            return (Err(e), None);
         }
         // Ends the upgrade however this future ends, dropped included.
         let mut upgrading = UpgradingFlag {
@@ -747,7 +803,132 @@ impl Upgrader {
             }
         }
         drop(upgrading);
-        result
+        let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let reply = match &result {
+            Ok(pid) => crate::ctl::Reply::Upgraded {
+                joined: false,
+                old_pid: me,
+                new_pid: *pid,
+                generation: next,
+                duration_ms,
+            },
+            Err(e) => crate::ctl::Reply::Failed {
+                joined: false,
+                failure: failure_of(e),
+                error: chain(e),
+                new_pid: child_of(e),
+                duration_ms,
+            },
+        };
+        *lock(&self.inner.last_upgrade) = crate::ctl::LastUpgrade::of(&reply, next);
+        self.inner.outcomes.send_modify(|(n, last)| {
+            *n += 1;
+            *last = Some(reply.clone());
+        });
+        (result, Some(reply))
+    }
+
+    /// The bound or inherited control socket, if the options ask for one
+    /// (replace mode).
+    fn claim_control_socket(&self) -> Result<Option<std::os::unix::net::UnixListener>> {
+        let runtime_dir = self
+            .inner
+            .launch
+            .env
+            .iter()
+            .find(|(k, _)| k == "RUNTIME_DIRECTORY")
+            .map(|(_, v)| v.as_os_str());
+        let Some(path) = self.inner.opts.control_socket.resolve(runtime_dir) else {
+            return Ok(None);
+        };
+        let path = self.inner.launch.resolve(&path);
+        let Some(address) = path.to_str() else {
+            return Err(Error::InvalidAddress {
+                network: "unix".to_owned(),
+                address: path.to_string_lossy().into_owned(),
+                reason: "the control socket's path is not valid UTF-8".to_owned(),
+            });
+        };
+        let spec =
+            ListenSpec::new(crate::ctl::LISTENER_NAME, "unix", address).mode(crate::ctl::MODE);
+        self.inner.fds.listen_with(&spec).map(Some)
+    }
+
+    /// Answers the control socket on the current tokio runtime until this
+    /// generation exits; without a runtime, says that it cannot.
+    fn serve_control_socket(&self, listener: std::os::unix::net::UnixListener) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                "the control socket is not answered: Upgrader::ready was called outside a tokio runtime"
+            );
+            // Kept open all the same: the next generation inherits it.
+            *lock(&self.inner.ctl_unserved) = Some(listener);
+            return;
+        };
+        let _guard = handle.enter();
+        match tokio::net::UnixListener::from_std(listener) {
+            Ok(l) => {
+                let addr = l
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+                    .unwrap_or_default();
+                tracing::info!(path = %addr, "control socket: answering upgrade and status requests");
+                handle.spawn(crate::ctl::server::serve(self.clone(), l));
+            }
+            Err(e) => tracing::warn!(error = %e, "the control socket is not answered"),
+        }
+    }
+
+    /// The control socket's answers in flight.
+    pub(crate) fn ctl_tasks(&self) -> &tokio_util::task::TaskTracker {
+        &self.inner.ctl_tasks
+    }
+
+    /// The upgrades' outcomes, as they come.
+    pub(crate) fn ctl_outcomes(
+        &self,
+    ) -> tokio::sync::watch::Receiver<(u64, Option<crate::ctl::Reply>)> {
+        self.inner.outcomes.subscribe()
+    }
+
+    /// Resolves once every control-socket answer in flight has been
+    /// written (or after `timeout`): awaited before the process exits.
+    pub(crate) async fn ctl_settled(&self, timeout: std::time::Duration) {
+        self.inner.ctl_tasks.close();
+        let _ = tokio::time::timeout(timeout, self.inner.ctl_tasks.wait()).await;
+    }
+
+    /// The control socket's `status` (replace mode).
+    pub(crate) fn ctl_status(&self) -> crate::ctl::Status {
+        let me = std::process::id();
+        let state = if self.is_exiting() {
+            "stopping"
+        } else if self.inner.lame_duck.load(Ordering::SeqCst) {
+            "stopping (lame duck)"
+        } else if self.upgrading() {
+            "upgrading"
+        } else if self.is_ready() {
+            "serving"
+        } else {
+            "starting"
+        };
+        let mut pids = Vec::new();
+        if let (Some(parent), false) = (self.parent_pid(), self.parent_exited()) {
+            pids.push(parent);
+        }
+        pids.push(me);
+        pids.extend(lock(&self.inner.successor).as_ref().map(|(pid, _)| *pid));
+        crate::ctl::Status {
+            mode: "replace".to_owned(),
+            state: state.to_owned(),
+            generation: self.inner.generation,
+            pid: me,
+            supervisor_pid: None,
+            pids,
+            uptime_ms: sys::process_uptime_ms().unwrap_or(0),
+            last_upgrade: lock(&self.inner.last_upgrade).clone(),
+        }
     }
 }
 
@@ -833,6 +1014,31 @@ impl Drop for UpgradingFlag<'_> {
         if end.exit {
             inner.exit.cancel();
         }
+    }
+}
+
+/// The kind of an upgrade's failure, for the control socket.
+fn failure_of(e: &Error) -> crate::ctl::Failure {
+    use crate::ctl::Failure;
+    match e {
+        Error::Spawn { .. } | Error::StartDirectory { .. } | Error::NoExecutable { .. } => {
+            Failure::Spawn
+        }
+        Error::ChildExited { .. } => Failure::Exited,
+        Error::ChildKilled { .. } => Failure::Killed,
+        Error::Timeout { .. } => Failure::Timeout,
+        Error::Stopped => Failure::Stopped,
+        _ => Failure::Other,
+    }
+}
+
+/// The new generation's PID named in an upgrade's error, if any.
+fn child_of(e: &Error) -> Option<u32> {
+    match e {
+        Error::ChildExited { pid, .. }
+        | Error::ChildKilled { pid, .. }
+        | Error::Timeout { pid, .. } => Some(*pid),
+        _ => None,
     }
 }
 

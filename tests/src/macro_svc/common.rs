@@ -310,6 +310,8 @@ pub(crate) async fn init(
             std::future::pending::<()>().await;
         }
         "panic" => panic!("init panicked on purpose"),
+        // Killed by a signal (SIGABRT) during its initialisation.
+        "abort" => std::process::abort(),
         "hang" => {
             event("hanging", "");
             std::future::pending::<()>().await;

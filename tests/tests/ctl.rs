@@ -1,0 +1,402 @@
+//! The control socket and `tableflip-ctl`, run as a deploy script runs it,
+//! against real services in both process models: an upgrade's success and
+//! each kind of failure come back with their own exit status and JSON
+//! line; a request made during an upgrade joins it; a stopping service
+//! refuses; a service that cannot be reached says so.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use nix::sys::signal::Signal;
+use tableflip_tests::*;
+
+const MACRO_SVC: &str = env!("CARGO_BIN_EXE_macro_svc");
+const CTL: &str = env!("CARGO_BIN_EXE_tableflip-ctl");
+
+/// What `tableflip-ctl` said.
+#[derive(Debug)]
+struct Said {
+    code: Option<i32>,
+    json: serde_json::Value,
+    stderr: String,
+}
+
+impl Said {
+    fn str(&self, key: &str) -> &str {
+        self.json[key].as_str().unwrap_or("")
+    }
+    fn num(&self, key: &str) -> u64 {
+        self.json[key].as_u64().unwrap_or(u64::MAX)
+    }
+}
+
+/// A running `tableflip-ctl`, killed if the test ends before it does.
+struct Running(Option<std::process::Child>);
+
+impl Running {
+    fn finish(mut self) -> Said {
+        let child = self
+            .0
+            .take()
+            .unwrap_or_else(|| unreachable!("finished once"));
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("tableflip-ctl: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json = stdout
+            .lines()
+            .next()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or(serde_json::Value::Null);
+        Said {
+            code: out.status.code(),
+            json,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_ctl(args: &[&str]) -> Running {
+    let child = Command::new(CTL)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {CTL}: {e}"));
+    Running(Some(child))
+}
+
+fn ctl(args: &[&str]) -> Said {
+    start_ctl(args).finish()
+}
+
+fn socket_of(h: &Harness) -> String {
+    h.ctl.path().join("tableflip.sock").display().to_string()
+}
+
+/// The macro service in `mode`, with its control socket where systemd's
+/// `RuntimeDirectory=` would put it (`$RUNTIME_DIRECTORY/tableflip.sock`),
+/// run from `exe`.
+fn service(h: &Harness, exe: &Path, mode: &str, envs: &[(&str, &str)]) -> (Service, u32) {
+    let mut cmd = macro_svc_cmd(exe, &h.ctl, mode);
+    cmd.env("RUNTIME_DIRECTORY", h.ctl.path())
+        .env("MS_PID_FILE", h.ctl.path().join("svc.pid"));
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    log_to_file(&mut cmd, &h.ctl);
+    let mut svc = Service::spawn_keeping_stderr(cmd);
+    let first = svc.wait_kind("init-done", None).pid;
+    let pid_file = h.ctl.path().join("svc.pid");
+    let main = if mode == "supervised" {
+        svc.first_pid()
+    } else {
+        first
+    };
+    wait_until("the service is ready", || {
+        pid_file_pid(&pid_file) == Some(main)
+    });
+    (svc, first)
+}
+
+fn upgrade_reports_success_and_each_failure(mode: &str) {
+    let h = Harness::new(&format!("ctl-{mode}"));
+    // A copy of the binary, so that it can be removed (a spawn failure).
+    let exe = h.ctl.path().join("svc");
+    install_exe(MACRO_SVC, &exe, 0);
+    let (mut svc, first) = service(&h, &exe, mode, &[("MS_UPGRADE_TIMEOUT_MS", "1500")]);
+    let sock = socket_of(&h);
+    let meta = std::fs::symlink_metadata(&sock).unwrap_or_else(|e| panic!("{sock}: {e}"));
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600,
+        "the control socket is the service's user's only"
+    );
+
+    let status = ctl(&["status", "--socket", &sock, "--json"]);
+    assert_eq!(status.code, Some(0), "{status:?}");
+    assert_eq!(status.str("outcome"), "status");
+    assert_eq!(status.str("mode"), mode);
+    assert_eq!(status.str("state"), "serving");
+    assert_eq!(status.num("generation"), 1);
+    assert_eq!(status.num("pid"), u64::from(first));
+
+    // Success: exit 0, one JSON line with both PIDs.
+    let ok = ctl(&["upgrade", "--socket", &sock]);
+    assert_eq!(ok.code, Some(0), "{ok:?}");
+    assert_eq!(ok.str("outcome"), "upgraded", "{ok:?}");
+    assert_eq!(ok.json["joined"], false);
+    assert_eq!(ok.num("old_pid"), u64::from(first));
+    assert_eq!(ok.num("generation"), 2);
+    let second = u32::try_from(ok.num("new_pid")).unwrap_or(0);
+    svc.wait_kind("init-done", Some(second));
+    svc.wait_kind("draining", Some(first));
+
+    // Each failure: exit 1, its kind, the reason the service logged; the
+    // second generation serves on.
+    for (init, failure, says) in [
+        ("exit 3", "exited", "status 3"),
+        ("abort", "killed", "SIGABRT"),
+        ("hang", "timeout", "1.5s"),
+    ] {
+        h.ctl.write("init", init);
+        let failed = ctl(&["upgrade", "--socket", &sock]);
+        assert_eq!(failed.code, Some(1), "{init}: {failed:?}");
+        assert_eq!(failed.str("outcome"), "failed", "{init}: {failed:?}");
+        assert_eq!(failed.str("failure"), failure, "{init}: {failed:?}");
+        assert!(failed.str("error").contains(says), "{init}: {failed:?}");
+        assert!(failed.stderr.contains(failure), "{init}: {failed:?}");
+        let status = ctl(&["status", "--socket", &sock, "--json"]);
+        assert_eq!(status.num("pid"), u64::from(second), "{status:?}");
+        assert_eq!(status.str("state"), "serving", "{status:?}");
+        assert_eq!(status.json["last_upgrade"]["ok"], false, "{status:?}");
+        assert_eq!(
+            status.json["last_upgrade"]["failure"], failure,
+            "{status:?}"
+        );
+    }
+
+    // Through the PID file (the control socket found among the process's
+    // sockets).
+    h.ctl.write("init", "ok");
+    let pid_file = h.ctl.path().join("svc.pid").display().to_string();
+    let ok = ctl(&["upgrade", "--pid-file", &pid_file]);
+    assert_eq!(ok.code, Some(0), "{ok:?}");
+    assert_eq!(ok.num("old_pid"), u64::from(second));
+    let third = u32::try_from(ok.num("new_pid")).unwrap_or(0);
+    // Replace mode numbers generations by descent (3); the supervisor
+    // numbers every one it started, failed ones included (6).
+    let expected = if mode == "supervised" { 6 } else { 3 };
+    assert_eq!(ok.num("generation"), expected, "{ok:?}");
+    svc.wait_kind("init-done", Some(third));
+    svc.wait_kind("draining", Some(second));
+
+    // The executable is gone: the spawn fails.
+    std::fs::remove_file(&exe).unwrap_or_else(|e| panic!("{e}"));
+    let failed = ctl(&["upgrade", "--socket", &sock]);
+    assert_eq!(failed.code, Some(1), "{failed:?}");
+    assert_eq!(failed.str("failure"), "spawn", "{failed:?}");
+    assert!(failed.str("error").contains("svc"), "{failed:?}");
+
+    let status = ctl(&["status", "--socket", &sock]);
+    assert_eq!(status.code, Some(0), "{status:?}");
+
+    if mode == "supervised" {
+        svc.terminate_first();
+    } else {
+        signal(third, Signal::SIGTERM);
+        svc.wait_all_exited();
+    }
+    wait_until("the control socket's file is removed", || {
+        !Path::new(&sock).exists()
+    });
+}
+
+#[test]
+fn supervised_upgrade_reports_success_and_each_failure() {
+    upgrade_reports_success_and_each_failure("supervised");
+}
+
+#[test]
+fn replace_upgrade_reports_success_and_each_failure() {
+    upgrade_reports_success_and_each_failure("replace");
+}
+
+fn a_request_during_an_upgrade_joins_it(mode: &str) {
+    let h = Harness::new(&format!("ctl-join-{mode}"));
+    let exe = Path::new(MACRO_SVC);
+    let (mut svc, first) = service(&h, exe, mode, &[]);
+    let sock = socket_of(&h);
+    h.ctl.write("init", "block");
+    let asked = start_ctl(&["upgrade", "--socket", &sock, "--timeout", "60s"]);
+    let sup = svc.first_pid();
+    let second = svc
+        .wait_for("the new generation", |e| {
+            e.kind == "start" && e.pid != first && e.pid != sup
+        })
+        .pid;
+    let joined = start_ctl(&["upgrade", "--socket", &sock, "--timeout", "60s"]);
+    let log = h.ctl.path().join("stderr.log");
+    wait_until("the second request has joined the upgrade", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("the request joins it"))
+    });
+    h.ctl.write("unblock", "");
+    let first_said = asked.finish();
+    let joined_said = joined.finish();
+    assert_eq!(first_said.code, Some(0), "{first_said:?}");
+    assert_eq!(first_said.json["joined"], false);
+    assert_eq!(joined_said.code, Some(4), "{joined_said:?}");
+    assert_eq!(joined_said.str("outcome"), "upgraded");
+    assert_eq!(joined_said.json["joined"], true);
+    assert_eq!(joined_said.num("new_pid"), u64::from(second));
+    assert_eq!(first_said.num("new_pid"), u64::from(second));
+    assert!(
+        joined_said.stderr.contains("already running"),
+        "{joined_said:?}"
+    );
+    svc.wait_kind("draining", Some(first));
+    if mode == "supervised" {
+        svc.terminate_first();
+    } else {
+        signal(second, Signal::SIGTERM);
+        svc.wait_all_exited();
+    }
+}
+
+#[test]
+fn supervised_a_request_during_an_upgrade_joins_it() {
+    a_request_during_an_upgrade_joins_it("supervised");
+}
+
+#[test]
+fn replace_a_request_during_an_upgrade_joins_it() {
+    a_request_during_an_upgrade_joins_it("replace");
+}
+
+fn a_stopping_service_refuses(mode: &str) {
+    let h = Harness::new(&format!("ctl-stop-{mode}"));
+    let (mut svc, first) = service(
+        &h,
+        Path::new(MACRO_SVC),
+        mode,
+        &[("MS_STOP_DELAY_MS", "60000")],
+    );
+    let sock = socket_of(&h);
+    let main = if mode == "supervised" {
+        svc.first_pid()
+    } else {
+        first
+    };
+    signal(main, Signal::SIGTERM);
+    let log = h.ctl.path().join("stderr.log");
+    wait_until("the lame-duck stop has begun", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("stopping after stop_delay"))
+    });
+    let refused = ctl(&["upgrade", "--socket", &sock]);
+    assert_eq!(refused.code, Some(3), "{refused:?}");
+    assert_eq!(refused.str("outcome"), "refused");
+    assert!(refused.str("error").contains("stopping"), "{refused:?}");
+    let status = ctl(&["status", "--socket", &sock, "--json"]);
+    assert_eq!(status.str("state"), "stopping (lame duck)", "{status:?}");
+    // A second SIGTERM ends the delay.
+    signal(main, Signal::SIGTERM);
+    svc.wait_kind("draining", Some(first));
+    svc.wait_all_exited();
+}
+
+#[test]
+fn supervised_a_stopping_service_refuses() {
+    a_stopping_service_refuses("supervised");
+}
+
+#[test]
+fn replace_a_stopping_service_refuses() {
+    a_stopping_service_refuses("replace");
+}
+
+#[test]
+fn a_service_that_cannot_be_reached_is_reported() {
+    let h = Harness::new("ctl-unreachable");
+    let missing = h.ctl.path().join("nothing.sock").display().to_string();
+    let said = ctl(&["upgrade", "--socket", &missing]);
+    assert_eq!(said.code, Some(5), "{said:?}");
+    assert!(said.stderr.contains("nothing.sock"), "{said:?}");
+    assert!(said.json.is_null(), "{said:?}");
+    // A PID without a control socket (this test process).
+    let me = std::process::id().to_string();
+    let said = ctl(&["status", "--pid", &me]);
+    assert_eq!(said.code, Some(5), "{said:?}");
+    assert!(said.stderr.contains("no control socket"), "{said:?}");
+    // A PID file that holds no PID.
+    h.ctl.write("bad.pid", "not a pid\n");
+    let bad = h.ctl.path().join("bad.pid").display().to_string();
+    let said = ctl(&["upgrade", "--pid-file", &bad]);
+    assert_eq!(said.code, Some(5), "{said:?}");
+    assert!(said.stderr.contains("does not hold a PID"), "{said:?}");
+    // Something that is not a tableflip service.
+    let path = h.ctl.path().join("other.sock");
+    let other = std::os::unix::net::UnixListener::bind(&path).unwrap_or_else(|e| panic!("{e}"));
+    let answer = std::thread::spawn(move || {
+        if let Ok((mut s, _)) = other.accept() {
+            let _ = std::io::Write::write_all(&mut s, b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let said = ctl(&["upgrade", "--socket", &path.display().to_string()]);
+    assert_eq!(said.code, Some(5), "{said:?}");
+    assert!(said.stderr.contains("not a tableflip reply"), "{said:?}");
+    let _ = answer.join();
+    // Usage errors are clap's: status 2.
+    let said = ctl(&["upgrade"]);
+    assert_eq!(said.code, Some(2), "{said:?}");
+}
+
+fn another_user_is_refused(mode: &str) {
+    use std::os::unix::process::CommandExt;
+    let h = Harness::new(&format!("ctl-user-{mode}"));
+    let (mut svc, first) = service(&h, Path::new(MACRO_SVC), mode, &[]);
+    let sock = socket_of(&h);
+    // The scratch directory must be reachable by the other user for the
+    // mode of the socket itself to be what refuses.
+    let dir_mode: std::fs::Permissions = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(h.ctl.path(), dir_mode).unwrap_or_else(|e| panic!("{e}"));
+    let as_nobody = |args: &[&str]| {
+        let out = Command::new(CTL)
+            .args(args)
+            .uid(65534)
+            .gid(65534)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Mode 0600: the connection itself is refused.
+    let (code, stderr) = as_nobody(&["upgrade", "--socket", &sock]);
+    assert_eq!(code, Some(5), "{stderr}");
+    assert!(
+        stderr.contains("Permission denied") || stderr.contains("permission denied"),
+        "{stderr}"
+    );
+    // Opened up by mistake: the service checks the peer's user itself.
+    let open: std::fs::Permissions = std::os::unix::fs::PermissionsExt::from_mode(0o666);
+    std::fs::set_permissions(&sock, open).unwrap_or_else(|e| panic!("{e}"));
+    let (code, stderr) = as_nobody(&["upgrade", "--socket", &sock]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("neither the service's user nor root"),
+        "{stderr}"
+    );
+    // Nothing was upgraded.
+    let status = ctl(&["status", "--socket", &sock, "--json"]);
+    assert_eq!(status.num("generation"), 1, "{status:?}");
+    if mode == "supervised" {
+        svc.terminate_first();
+    } else {
+        signal(first, Signal::SIGTERM);
+        svc.wait_all_exited();
+    }
+}
+
+#[test]
+#[ignore = "needs root: runs tableflip-ctl as another user"]
+fn supervised_another_user_is_refused() {
+    another_user_is_refused("supervised");
+}
+
+#[test]
+#[ignore = "needs root: runs tableflip-ctl as another user"]
+fn replace_another_user_is_refused() {
+    another_user_is_refused("replace");
+}
