@@ -11,6 +11,7 @@ const OPTIONS: &[(&str, ValueKind)] = &[
     ("upgrade_timeout", ValueKind::Duration),
     ("drain_timeout", ValueKind::Duration),
     ("stop_delay", ValueKind::Duration),
+    ("probation", ValueKind::Duration),
     ("upgrade_signal", ValueKind::Str),
     ("pid_file", ValueKind::Str),
     ("control_socket", ValueKind::Str),
@@ -225,6 +226,9 @@ fn config(opts: &[(String, Value)], krate: &syn::Path, errors: &mut Errors) -> V
             }),
             ("drain_timeout", Value::Millis(ms)) => config.push(quote! {
                 __cfg.drain_timeout = ::core::option::Option::Some(#krate::__private::millis(#ms));
+            }),
+            ("probation", Value::Millis(ms)) => config.push(quote! {
+                __cfg.probation = ::core::option::Option::Some(#krate::__private::millis(#ms));
             }),
             ("stop_delay", Value::Millis(ms)) => config.push(quote! {
                 __cfg.stop_delay = ::core::option::Option::Some(#krate::__private::millis(#ms));

@@ -48,6 +48,8 @@ pub struct Options {
     /// `#[tableflip::main]` its own default.
     pub(crate) mode: Option<Mode>,
     pub(crate) control_socket: crate::ctl::ControlSocket,
+    /// `None`: the drain timeout.
+    pub(crate) probation: Option<Duration>,
 }
 
 impl Options {
@@ -65,6 +67,7 @@ impl Options {
             raise_fd_limit: true,
             mode: None,
             control_socket: crate::ctl::ControlSocket::Auto,
+            probation: None,
         }
     }
 
@@ -229,6 +232,32 @@ impl Options {
     pub fn no_control_socket(mut self) -> Self {
         self.control_socket = crate::ctl::ControlSocket::Off;
         self
+    }
+
+    /// The probation window after an upgrade: a new generation that dies
+    /// (by anything but a clean exit, status 0) within this time after it
+    /// became ready is replaced by the *previous* binary (a rollback), not
+    /// by the binary on disk, which is the one that just crashed. Logged
+    /// at error level, reported by the control socket's `status`
+    /// (`last_upgrade.rolled_back`); at most once per upgrade (a rolled-back
+    /// generation that dies is replaced as any other, from the previous
+    /// binary still, with the usual limits). `Duration::ZERO`: never roll
+    /// back. Default: the drain timeout.
+    ///
+    /// The previous binary is started from the inode that ran (the old
+    /// generation's `/proc/<pid>/exe`), so a binary replaced or deleted on
+    /// disk since still runs. In supervised mode the supervisor keeps it
+    /// open for the window. In replace mode the old generation rolls back,
+    /// so the window also ends when the old generation exits (its drain
+    /// over): use supervised mode for a window longer than the drain.
+    pub fn probation(mut self, window: Duration) -> Self {
+        self.probation = Some(window);
+        self
+    }
+
+    /// See [`probation`](Self::probation).
+    pub fn get_probation(&self) -> Duration {
+        self.probation.unwrap_or(self.drain_timeout)
     }
 
     /// See [`control_socket`](Self::control_socket).

@@ -54,6 +54,15 @@ pub(crate) struct Metadata {
     /// its upgrade out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) supervisor: Option<SupervisorMeta>,
+    /// Set when the child is a rollback: the previous binary, started
+    /// because the upgrade's new generation died during its probation
+    /// (what happened). Shown in the child's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rollback: Option<String>,
+    /// With `rollback`: the path later upgrades start from (the child was
+    /// started from an image, `/proc/…`, which names no release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) executable: Option<std::path::PathBuf>,
 }
 
 /// The supervisor that started this generation.
@@ -129,6 +138,10 @@ pub(crate) struct Handover {
     pub(crate) ready_pipe: OwnedFd,
     pub(crate) entries: Vec<Inherited>,
     pub(crate) supervisor: Option<SupervisorLink>,
+    /// See [`Metadata::rollback`].
+    pub(crate) rollback: Option<String>,
+    /// See [`Metadata::executable`].
+    pub(crate) executable: Option<std::path::PathBuf>,
 }
 
 /// The value of [`ENV_HANDOVER`] for the given protocol fds.
@@ -349,6 +362,8 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
         ready_pipe,
         entries,
         supervisor,
+        rollback: meta.rollback,
+        executable: meta.executable,
     }))
 }
 
@@ -587,6 +602,8 @@ mod tests {
             generation: 1,
             entries: vec![],
             supervisor: None,
+            rollback: None,
+            executable: None,
         };
         let bytes = encode(&meta).unwrap_or_default();
         let text = String::from_utf8_lossy(&bytes);

@@ -139,6 +139,7 @@ pub struct MainConfig {
     pub upgrade_timeout: Option<Duration>,
     pub drain_timeout: Option<Duration>,
     pub stop_delay: Option<Duration>,
+    pub probation: Option<Duration>,
     pub upgrade_signal: Option<crate::UpgradeSignal>,
     pub pid_file: Option<&'static str>,
     pub options: Option<fn() -> Options>,
@@ -156,6 +157,7 @@ impl MainConfig {
             upgrade_timeout: None,
             drain_timeout: None,
             stop_delay: None,
+            probation: None,
             upgrade_signal: None,
             pid_file: None,
             options: None,
@@ -174,6 +176,9 @@ impl MainConfig {
         }
         if let Some(t) = self.stop_delay {
             opts.stop_delay = t;
+        }
+        if let Some(t) = self.probation {
+            opts.probation = Some(t);
         }
         if let Some(s) = self.upgrade_signal {
             opts.upgrade_signal = s;

@@ -5,11 +5,18 @@
 #
 #   sudo examples/systemd/check/run-all.sh PATH/TO/systemd-pid1 DEMO_BINARY [OUT]
 #   sudo SCRIPT=fdstore examples/systemd/check/run-all.sh PATH/TO/systemd-pid1 DEMO_BINARY [OUT]
+#   sudo SCRIPT=ctl examples/systemd/check/run-all.sh PATH/TO/systemd-pid1 DEMO_BINARY [OUT]
 #
 # SCRIPT: scenarios (the default: issue 14's field scenarios, about 90 s
-# per run, 11 runs) or fdstore (systemd's fd store, issue 15: about 60 s
-# per run, 6 runs). DEMO_BINARY: a release build of examples/http.rs
-# (`cargo build --release --example http`, then target/release/examples/http).
+# per run, 11 runs), fdstore (systemd's fd store, issue 15: about 60 s
+# per run, 6 runs) or ctl (`systemctl reload` through tableflip-ctl, issue
+# 16: about 45 s per run, 4 runs). DEMO_BINARY: a release build of
+# examples/http.rs (`cargo build --release --example http`, then
+# target/release/examples/http). SCRIPT=ctl also installs tableflip-ctl
+# (`cargo build --release -p tableflip-ctl`) as
+# /usr/local/bin/tableflip-ctl: CTL_BINARY, by default tableflip-ctl in
+# the directory above DEMO_BINARY's (target/release/ for
+# target/release/examples/http).
 # OUT (default: a new directory under $TMPDIR) keeps every run's results.
 # VERSIONS="254" or ONLY=supervised (a part of the unit's name) run fewer.
 set -uo pipefail
@@ -26,6 +33,7 @@ mkdir -p "$OUT"
 cp "$HERE/$SCRIPT.sh" "$HERE/lib.sh" "$OUT/" || exit 2
 
 # unit file : mode ("" = as the unit says)
+EXTRA=()   # more --bin for the tool
 case $SCRIPT in
 scenarios)
     CONFIGS=(
@@ -44,8 +52,17 @@ fdstore)
         "$UNITS/tableflip-demo-supervised.service:"
     )
     ;;
+ctl)
+    CONFIGS=(
+        "$UNITS/tableflip-demo-ctl.service:"
+        "$UNITS/tableflip-demo-ctl.service:replace"
+    )
+    CTL_BINARY=${CTL_BINARY:-$(dirname "$BIN")/../tableflip-ctl}
+    [ -f "$CTL_BINARY" ] || { echo "no $CTL_BINARY: cargo build --release -p tableflip-ctl, or set CTL_BINARY" >&2; exit 2; }
+    EXTRA=(--bin "$CTL_BINARY:tableflip-ctl")
+    ;;
 *)
-    echo "SCRIPT=$SCRIPT: expected scenarios or fdstore" >&2
+    echo "SCRIPT=$SCRIPT: expected scenarios, fdstore or ctl" >&2
     exit 2
     ;;
 esac
@@ -61,7 +78,7 @@ for v in ${VERSIONS:-252 254}; do
         res="$OUT/$v-$name${mode:+-$mode}"
         rm -rf "$res"; mkdir -p "$res"
         echo "== systemd $v, $name${mode:+ (TABLEFLIP_MODE=$mode)}" >&2
-        RES=$res timeout 900 "$TOOL/run" -v "$v" --bin "$BIN:tableflip-demo" --unit "$unit" \
+        RES=$res timeout 900 "$TOOL/run" -v "$v" --bin "$BIN:tableflip-demo" ${EXTRA[@]+"${EXTRA[@]}"} --unit "$unit" \
             "$OUT/$SCRIPT.sh" "$name.service" $mode > "$res/run.log" 2>&1 || status=1
         {
             echo

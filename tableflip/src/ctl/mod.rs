@@ -242,6 +242,12 @@ pub struct LastUpgrade {
     pub duration_ms: u64,
     /// When it ended: milliseconds since the Unix epoch.
     pub ended_unix_ms: u64,
+    /// Its new generation died during its probation and the previous
+    /// binary was started instead (see
+    /// [`Options::probation`](crate::Options::probation)); `error` says
+    /// what happened.
+    #[serde(default)]
+    pub rolled_back: bool,
 }
 
 impl LastUpgrade {
@@ -260,6 +266,7 @@ impl LastUpgrade {
                 generation: *generation,
                 duration_ms: *duration_ms,
                 ended_unix_ms,
+                rolled_back: false,
             }),
             Reply::Failed {
                 failure,
@@ -273,8 +280,25 @@ impl LastUpgrade {
                 generation,
                 duration_ms: *duration_ms,
                 ended_unix_ms,
+                rolled_back: false,
             }),
             _ => None,
+        }
+    }
+}
+
+impl LastUpgrade {
+    /// The record of a rollback: the upgrade to `generation` was undone
+    /// (`what` happened).
+    pub(crate) fn rolled_back(generation: u64, what: String) -> LastUpgrade {
+        LastUpgrade {
+            ok: false,
+            failure: None,
+            error: Some(what),
+            generation,
+            duration_ms: 0,
+            ended_unix_ms: unix_ms(),
+            rolled_back: true,
         }
     }
 }

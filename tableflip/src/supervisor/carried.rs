@@ -66,6 +66,15 @@ struct Saved {
     /// The newest upgrade's outcome, for `status`.
     #[serde(default)]
     last_upgrade: Option<crate::ctl::LastUpgrade>,
+    /// The binary that served before the last upgrade, open (rollback).
+    #[serde(default)]
+    previous_exe_fd: Option<RawFd>,
+    /// The generation on probation and the milliseconds left of it.
+    #[serde(default)]
+    probation: Option<(u32, u64)>,
+    /// A rollback happened (what).
+    #[serde(default)]
+    rolled_back: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -171,6 +180,16 @@ impl State {
         let requesters = saved.requesters;
         s.backoff = Backoff::default();
         s.last_upgrade = saved.last_upgrade;
+        if let Some(fd) = saved.previous_exe_fd {
+            s.previous_exe = Some(claim(fd, "previous binary")?);
+        }
+        s.probation = saved.probation.map(|(pid, left)| {
+            (
+                pid,
+                std::time::Instant::now() + std::time::Duration::from_millis(left),
+            )
+        });
+        s.rolled_back = saved.rolled_back;
         if let Some(c) = saved.ctl {
             let fd = claim(c.fd, "control socket")?;
             let file = crate::unixfile::SocketFile::bound(c.path.clone(), &c.path, fd.as_fd());
@@ -276,6 +295,7 @@ fn carried_fds(s: &Supervisor) -> Vec<BorrowedFd<'_>> {
         fds.push(g.parent_pipe.as_fd());
     }
     fds.extend(s.ctl.as_ref().map(|c| c.fd.as_fd()));
+    fds.extend(s.previous_exe.as_ref().map(AsFd::as_fd));
     fds.extend(s.clients.iter().map(|c| c.fd.as_fd()));
     fds
 }
@@ -338,6 +358,12 @@ impl Outgoing {
                 })
                 .collect(),
             last_upgrade: s.last_upgrade.clone(),
+            previous_exe_fd: s.previous_exe.as_ref().map(AsRawFd::as_raw_fd),
+            probation: s.probation.map(|(pid, until)| {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                (pid, super::millis(left))
+            }),
+            rolled_back: s.rolled_back.clone(),
         };
         let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
         let file = sys::sealed_memfd(c"tableflip-supervisor", &bytes)?;

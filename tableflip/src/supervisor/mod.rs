@@ -303,6 +303,13 @@ struct Supervisor {
     upgrade_from: Option<u32>,
     /// The newest upgrade's outcome, for `status`.
     last_upgrade: Option<crate::ctl::LastUpgrade>,
+    /// The binary that served before the last upgrade (its inode, open),
+    /// for a rollback (`Options::probation`).
+    previous_exe: Option<OwnedFd>,
+    /// The generation on probation (the last upgrade's) and until when.
+    probation: Option<(u32, Instant)>,
+    /// A rollback happened (what): replacements run `previous_exe`.
+    rolled_back: Option<String>,
 }
 
 impl Supervisor {
@@ -347,6 +354,9 @@ impl Supervisor {
             client_id: 0,
             upgrade_from: None,
             last_upgrade: None,
+            previous_exe: None,
+            probation: None,
+            rolled_back: None,
         })
     }
 
@@ -537,6 +547,7 @@ impl Supervisor {
             .chain(self.stop_deadline)
             .chain(self.collecting.as_ref().map(|c| c.deadline))
             .chain(self.lame_duck_until)
+            .chain(self.probation.map(|(_, until)| until))
             .chain(
                 self.clients
                     .iter()
@@ -549,6 +560,12 @@ impl Supervisor {
     fn run_timers(&mut self) {
         let now = Instant::now();
         self.ctl_timeouts(now);
+        if self.probation.is_some_and(|(_, until)| until <= now) {
+            self.probation = None;
+            if self.rolled_back.is_none() {
+                self.previous_exe = None;
+            }
+        }
         let late: Vec<(u32, Purpose)> = self
             .gens
             .iter()
@@ -753,6 +770,15 @@ impl Supervisor {
             self.stop("the serving generation's exit");
             return;
         }
+        if let Some((_, until)) = self
+            .probation
+            .filter(|(pid, until)| *pid == g.pid && Instant::now() < *until)
+        {
+            if self.previous_exe.is_some() {
+                self.roll_back(g, how, until);
+                return;
+            }
+        }
         let delay = self.backoff.next(Instant::now());
         tracing::error!(
             pid = g.pid,
@@ -772,6 +798,70 @@ impl Supervisor {
             return;
         }
         self.replace_at = Some(Instant::now() + delay);
+    }
+
+    /// The upgrade to generation `pid` has committed: its probation
+    /// begins, with the binary that served before (`from`'s, else the
+    /// supervisor's own, which is the last one committed) kept open.
+    fn start_probation(&mut self, pid: u32, from: Option<u32>) {
+        self.rolled_back = None;
+        self.probation = None;
+        self.previous_exe = None;
+        let window = self.opts.get_probation();
+        if window.is_zero() {
+            return;
+        }
+        let open = |path: String| {
+            nix::fcntl::open(
+                path.as_str(),
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+        };
+        let exe = from
+            .and_then(|p| open(format!("/proc/{p}/exe")).ok())
+            .or_else(|| open("/proc/self/exe".to_owned()).ok());
+        match exe {
+            Some(fd) => {
+                self.previous_exe = Some(fd);
+                self.probation = Some((pid, Instant::now() + window));
+            }
+            None => tracing::warn!(
+                "supervisor: cannot keep the previous binary open: no rollback for this upgrade"
+            ),
+        }
+    }
+
+    /// The last upgrade's generation `g` died during its probation (which
+    /// ends at `until`): the previous binary replaces it, at once. Once per
+    /// upgrade: the probation ends here.
+    fn roll_back(&mut self, g: &Generation, how: &str, until: Instant) {
+        let window = self.opts.get_probation();
+        let after = window.saturating_sub(until.saturating_duration_since(Instant::now()));
+        let what = format!(
+            "generation {} (pid {}) {how} {} ms after it took over, within its probation ({window:?}); rolled back to the previous binary",
+            g.number,
+            g.pid,
+            after.as_millis()
+        );
+        tracing::error!(
+            pid = g.pid,
+            generation = g.number,
+            after_ms = millis(after),
+            "supervisor: ROLLBACK: the new generation {how} during its probation; starting the previous binary in its place, not the one on disk"
+        );
+        self.notify.notify(&Notice::Status {
+            text: &format!("ROLLBACK: {what}"),
+        });
+        self.last_upgrade = Some(crate::ctl::LastUpgrade::rolled_back(g.number, what.clone()));
+        self.rolled_back = Some(what);
+        self.probation = None;
+        if self.starting() {
+            // An upgrade in flight: its new generation takes over, or, if
+            // it fails, a replacement (the previous binary) starts then.
+            return;
+        }
+        self.replace_at = Some(Instant::now());
     }
 
     fn start_failed(&mut self, g: &Generation, purpose: Purpose, reason: &str, code: i32) {
@@ -1138,7 +1228,15 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, number: u64, purpose: Purpose, extras: &[Held]) -> Result<Generation> {
-        let exe = if purpose == Purpose::Replace && self.failed_replacements > 0 {
+        let rollback = self
+            .rolled_back
+            .clone()
+            .filter(|_| purpose == Purpose::Replace);
+        let previous = self.previous_exe.as_ref().map(AsRawFd::as_raw_fd);
+        let exe = if let (Some(_), Some(fd)) = (&rollback, previous) {
+            // The previous binary, by the inode that served (open here).
+            PathBuf::from(format!("/proc/self/fd/{fd}"))
+        } else if purpose == Purpose::Replace && self.failed_replacements > 0 {
             // The binary at the path has just failed to replace a
             // generation that died (a broken deploy, a deleted file): the
             // next attempts run the supervisor's own binary, which is the
@@ -1177,6 +1275,10 @@ impl Supervisor {
                 control_fd: theirs.as_raw_fd(),
                 collects: true,
             }),
+            executable: rollback
+                .as_ref()
+                .and_then(|_| self.launch.executable().ok()),
+            rollback,
         };
         let mut payload = protocol::encode(&meta)?;
         let written = sys::prefill_pipe(parent_w.as_fd(), &payload);
@@ -1334,14 +1436,16 @@ impl Supervisor {
                 );
                 let asked = std::mem::take(&mut self.in_flight);
                 self.answer(&asked, &Ok((pid, number)));
+                let from = self.upgrade_from;
                 let upgraded = crate::ctl::Reply::Upgraded {
                     joined: false,
-                    old_pid: self.upgrade_from.unwrap_or(0),
+                    old_pid: from.unwrap_or(0),
                     new_pid: pid,
                     generation: number,
                     duration_ms: total_ms,
                 };
                 self.ctl_upgrade_ended(&upgraded, number);
+                self.start_probation(pid, from);
                 if self.stop_deadline.is_none() {
                     let (exe, reads) = (self.gens[i].exe.clone(), reads_state);
                     if reads >= STATE_VERSION {

@@ -129,6 +129,14 @@ struct Inner {
     last_upgrade: Mutex<Option<crate::ctl::LastUpgrade>>,
     /// A lame-duck stop (`Options::stop_delay`) is under way.
     lame_duck: AtomicBool,
+    /// This generation is a rollback (what happened), from the handover.
+    rollback_of: Option<String>,
+    /// When the successor in charge became ready (its probation starts).
+    successor_ready_at: Mutex<Option<Instant>>,
+    /// Set once a successor died during its probation: every replacement
+    /// this process starts from then on runs this process's own binary
+    /// (the previous one), with this note.
+    rolling_back: Mutex<Option<String>>,
     /// The control socket, when no runtime answers it.
     ctl_unserved: Mutex<Option<std::os::unix::net::UnixListener>>,
     /// A stop has come after readiness: the PID file is removed when the
@@ -188,7 +196,7 @@ impl Upgrader {
     /// unusable `LISTEN_FDS`; [`Error::PidFile`] when the PID file can never
     /// be replaced by this process (another user's file in a sticky
     /// directory, a directory it cannot write).
-    pub fn new(opts: Options) -> Result<Upgrader> {
+    pub fn new(mut opts: Options) -> Result<Upgrader> {
         if CREATED.swap(true, Ordering::SeqCst) {
             return Err(Error::AlreadyCreated {
                 pid: std::process::id(),
@@ -218,9 +226,17 @@ impl Upgrader {
         }
         let parent_exited = CancellationToken::new();
         let mut supervisor = None;
+        let mut rollback_of = None;
         let (parent, generation, inherited) = match handover {
             Some(mut h) => {
                 supervisor = h.supervisor.take();
+                rollback_of = h.rollback.take();
+                if let (None, Some(path)) = (&opts.executable, h.executable.take()) {
+                    // A rollback runs from an image (`/proc/…`): later
+                    // upgrades start from the release path its parent
+                    // used.
+                    opts.executable = Some(path);
+                }
                 let count = h.entries.len();
                 tracing::info!(
                     generation = h.generation,
@@ -253,7 +269,13 @@ impl Upgrader {
                 (None, 1, systemd::listen_fds()?)
             }
         };
-        let upgrader = Self::build(opts, parent, generation, inherited, parent_exited, false)?;
+        let mut upgrader = Self::build(opts, parent, generation, inherited, parent_exited, false)?;
+        if let Some(what) = rollback_of {
+            tracing::error!(what = %what, "this generation is a ROLLBACK: it runs the previous binary because the new one died during its probation");
+            if let Some(inner) = Arc::get_mut(&mut upgrader.inner) {
+                inner.rollback_of = Some(what);
+            }
+        }
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Some(link) = supervisor {
             let mut upgrader = upgrader;
@@ -333,6 +355,9 @@ impl Upgrader {
                 last_upgrade: Mutex::new(None),
                 lame_duck: AtomicBool::new(false),
                 ctl_unserved: Mutex::new(None),
+                rollback_of: None,
+                successor_ready_at: Mutex::new(None),
+                rolling_back: Mutex::new(None),
                 pid_file_at_exit: AtomicBool::new(false),
             }),
         })
@@ -550,14 +575,20 @@ impl Upgrader {
         if self.inner.parent.is_some() {
             // Until it runs one itself, the newest upgrade is the one that
             // started this generation (as seen from here: from this
-            // process's start to its readiness).
-            *lock(&self.inner.last_upgrade) = Some(crate::ctl::LastUpgrade {
-                ok: true,
-                failure: None,
-                error: None,
-                generation: self.inner.generation,
-                duration_ms: sys::process_uptime_ms().unwrap_or(0),
-                ended_unix_ms: crate::ctl::unix_ms(),
+            // process's start to its readiness), or the rollback it is.
+            *lock(&self.inner.last_upgrade) = Some(match &self.inner.rollback_of {
+                Some(what) => {
+                    crate::ctl::LastUpgrade::rolled_back(self.inner.generation, what.clone())
+                }
+                None => crate::ctl::LastUpgrade {
+                    ok: true,
+                    failure: None,
+                    error: None,
+                    generation: self.inner.generation,
+                    duration_ms: sys::process_uptime_ms().unwrap_or(0),
+                    ended_unix_ms: crate::ctl::unix_ms(),
+                    rolled_back: false,
+                },
             });
         }
         if let Some(listener) = ctl {
@@ -775,6 +806,7 @@ impl Upgrader {
         match &result {
             Ok(pid) => {
                 upgrading.successor = Some(*pid);
+                *lock(&self.inner.successor_ready_at) = Some(Instant::now());
                 let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 // Still the main process: hand systemd over to the child.
                 self.inner.notify.notify(&Notice::HandedOver {

@@ -18,7 +18,13 @@ use crate::{pidfile, protocol, sys};
 impl Upgrader {
     pub(super) async fn run_upgrade(&self) -> Result<u32> {
         let launch = &self.inner.launch;
-        let exe = launch.executable()?;
+        let rollback = lock(&self.inner.rolling_back).clone();
+        let exe = match &rollback {
+            // This process's own binary, the inode that runs (replaced or
+            // deleted on disk since, maybe): the previous one.
+            Some(_) => std::path::PathBuf::from("/proc/self/exe"),
+            None => launch.executable()?,
+        };
         // The next generation writes the PID file as this process's user:
         // refused now, with the reason, if it cannot (privileges dropped
         // since the start, say).
@@ -53,6 +59,8 @@ impl Upgrader {
                 generation: self.inner.generation.saturating_add(1),
                 entries: snapshot.entries.clone(),
                 supervisor: None,
+                executable: rollback.as_ref().and_then(|_| launch.executable().ok()),
+                rollback,
             };
             let mut payload = protocol::encode(&meta)?;
             // Put the metadata into the pipe before the child exists: it is

@@ -80,6 +80,23 @@ pub(super) async fn watch_successor(inner: Weak<Inner>, mut child: Child, pid: u
         }
         phase.successor_died(pid);
     }
+    let probation = upgrader.inner.opts.get_probation();
+    let took_over = lock(&upgrader.inner.successor_ready_at).take();
+    if let Some(after) = took_over.map(|t| t.elapsed()).filter(|e| *e < probation) {
+        let what = format!(
+            "generation {} (pid {pid}) {how} {} ms after it took over, within its probation ({probation:?}); rolled back to the previous binary",
+            upgrader.inner.generation.saturating_add(1),
+            after.as_millis()
+        );
+        tracing::error!(
+            child_pid = pid,
+            how,
+            after_ms = after.as_millis() as u64,
+            probation = ?probation,
+            "ROLLBACK: the new generation died during its probation; starting the previous binary (this process's) in its place, not the one on disk"
+        );
+        *lock(&upgrader.inner.rolling_back) = Some(what);
+    }
     upgrader.inner.replacing.send_replace(true);
     replace_successor(upgrader, pid, how).await;
 }

@@ -64,6 +64,30 @@ pub(crate) fn options() -> tableflip::Options {
     opts
 }
 
+/// A `crash-if-size` file (a size in bytes): a generation whose binary has
+/// that size aborts once it is ready and the test has created `crash-now`
+/// (a release that crashes right after it took over: after the test saw
+/// the upgrade succeed); a binary of another size serves on.
+fn crash_if_size(cx: &Context) {
+    let dir = std::env::var_os("TF_CTL").map(PathBuf::from);
+    let size = dir
+        .and_then(|d| std::fs::read_to_string(d.join("crash-if-size")).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let mine = std::fs::metadata("/proc/self/exe").map(|m| m.len()).ok();
+    if size.is_none() || size != mine {
+        return;
+    }
+    let upgrader = cx.upgrader().clone();
+    tokio::spawn(async move {
+        let now = std::env::var_os("TF_CTL").map(|d| PathBuf::from(d).join("crash-now"));
+        while !upgrader.is_ready() || !now.as_ref().is_some_and(|p| p.exists()) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        event("crashing", "");
+        std::process::abort();
+    });
+}
+
 fn reply() -> String {
     format!("pid {}\n", std::process::id())
 }
@@ -348,6 +372,7 @@ pub(crate) async fn init(
     }
     usr2_upgrades(&cx)?;
     app_sighup(&cx)?;
+    crash_if_size(&cx);
     event("init-done", "");
     // Not tracked by the drain: it only reports that the drain started.
     let draining = cx.draining();

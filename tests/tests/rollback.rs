@@ -1,0 +1,152 @@
+//! Rollback (`Options::probation`): a release that crashes right after it
+//! took over is replaced by the *previous* binary — the inode that served
+//! before, though the path on disk now holds the crashing one — once, and
+//! the status says so; a fixed release then upgrades as usual. Both
+//! process models, two different binaries (copies of the test service of
+//! different sizes; the one of the crashing size aborts once ready).
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use nix::sys::signal::Signal;
+use tableflip_tests::*;
+
+const MACRO_SVC: &str = env!("CARGO_BIN_EXE_macro_svc");
+const CTL: &str = env!("CARGO_BIN_EXE_tableflip-ctl");
+
+fn ctl_json(args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(CTL)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {CTL}: {e}"));
+    let json = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (out.status.code(), json)
+}
+
+fn exe_size(pid: u32) -> u64 {
+    std::fs::metadata(format!("/proc/{pid}/exe")).map_or(0, |m| m.len())
+}
+
+fn a_release_that_crashes_after_taking_over_is_rolled_back(mode: &str) {
+    let h = Harness::new(&format!("rollback-{mode}"));
+    let exe = h.ctl.path().join("svc");
+    install_exe(MACRO_SVC, &exe, 0);
+    let size_a = file_size(&exe);
+    let mut cmd = macro_svc_cmd(&exe, &h.ctl, mode);
+    let pid_file = h.ctl.path().join("svc.pid");
+    cmd.env("RUNTIME_DIRECTORY", h.ctl.path())
+        .env("MS_PID_FILE", &pid_file);
+    let log = log_to_file(&mut cmd, &h.ctl);
+    let mut svc = Service::spawn_keeping_stderr(cmd);
+    let sup = svc.first_pid();
+    let first = svc.wait_kind("init-done", None).pid;
+    let tcp = svc
+        .wait_for("TCP listening", |e| {
+            e.kind == "listening" && e.pid == first && e.get("name") == "TCP"
+        })
+        .get("addr")
+        .to_owned();
+    let main = if mode == "supervised" { sup } else { first };
+    wait_until("the service is ready", || {
+        pid_file_pid(&pid_file) == Some(main)
+    });
+    let sock = h.ctl.path().join("tableflip.sock").display().to_string();
+
+    // Replace mode: the old generation rolls back, so it must still be
+    // there (draining a request) when the new one crashes.
+    let slow = (mode == "replace").then(|| {
+        let addr = tcp.clone();
+        let t = std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap_or_else(|e| panic!("{e}"));
+            s.set_read_timeout(Some(DEADLINE))
+                .unwrap_or_else(|e| panic!("{e}"));
+            writeln!(s, "SLOW 5000").unwrap_or_else(|e| panic!("{e}"));
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        });
+        svc.wait_kind("slow", Some(first));
+        t
+    });
+
+    // Release B, which crashes once it has taken over, at the same path.
+    install_exe(MACRO_SVC, &exe, 4096);
+    let size_b = file_size(&exe);
+    assert_ne!(size_a, size_b);
+    h.ctl.write("crash-if-size", &size_b.to_string());
+    let (code, said) = ctl_json(&["upgrade", "--socket", &sock]);
+    assert_eq!(code, Some(0), "the upgrade itself succeeded: {said}");
+    let second = u32::try_from(said["new_pid"].as_u64().unwrap_or(0)).unwrap_or(0);
+    h.ctl.write("crash-now", "");
+    svc.wait_kind("crashing", Some(second));
+
+    // The previous binary (release A's inode) takes its place.
+    let third = svc
+        .wait_for("the rollback generation", |e| {
+            e.kind == "init-done" && ![sup, first, second].contains(&e.pid)
+        })
+        .pid;
+    assert_eq!(
+        exe_size(third),
+        size_a,
+        "the rollback runs the previous binary"
+    );
+    assert_eq!(file_size(&exe), size_b, "the path still holds release B");
+    let main = if mode == "supervised" { sup } else { third };
+    wait_until("the rollback generation is in charge", || {
+        pid_file_pid(&pid_file) == Some(main)
+    });
+    let (code, status) = ctl_json(&["status", "--socket", &sock, "--json"]);
+    assert_eq!(code, Some(0), "{status}");
+    assert_eq!(status["pid"], third, "{status}");
+    assert_eq!(status["state"], "serving", "{status}");
+    assert_eq!(status["last_upgrade"]["rolled_back"], true, "{status}");
+    assert_eq!(status["last_upgrade"]["ok"], false, "{status}");
+    let what = status["last_upgrade"]["error"].as_str().unwrap_or("");
+    assert!(
+        what.contains("rolled back to the previous binary"),
+        "{status}"
+    );
+    assert!(what.contains(&second.to_string()), "{status}");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("ROLLBACK"), "the rollback is logged loudly");
+    if let Some(t) = slow {
+        assert_eq!(
+            t.join().map(|s| reply_pid(&s)).ok(),
+            Some(first),
+            "the request in flight on the old generation completed"
+        );
+    }
+
+    // A fixed release (another size) upgrades as usual.
+    install_exe(MACRO_SVC, &exe, 8192);
+    let (code, said) = ctl_json(&["upgrade", "--socket", &sock]);
+    assert_eq!(code, Some(0), "{said}");
+    let fourth = u32::try_from(said["new_pid"].as_u64().unwrap_or(0)).unwrap_or(0);
+    svc.wait_kind("init-done", Some(fourth));
+    assert_eq!(exe_size(fourth), file_size(&exe));
+    svc.wait_kind("draining", Some(third));
+    if mode == "supervised" {
+        svc.terminate_first();
+    } else {
+        signal(fourth, Signal::SIGTERM);
+        svc.wait_all_exited();
+    }
+    assert!(!Path::new(&sock).exists());
+}
+
+#[test]
+fn supervised_a_release_that_crashes_after_taking_over_is_rolled_back() {
+    a_release_that_crashes_after_taking_over_is_rolled_back("supervised");
+}
+
+#[test]
+fn replace_a_release_that_crashes_after_taking_over_is_rolled_back() {
+    a_release_that_crashes_after_taking_over_is_rolled_back("replace");
+}
