@@ -68,6 +68,9 @@ pub(crate) enum ToGeneration {
     /// next generation ([`ToSupervisor::HandedOn`], with this `id`: an
     /// answer to an earlier request that timed out is told apart).
     Collect { id: u64 },
+    /// A measurement for the generation to record through the `metrics`
+    /// facade (the supervisor has no exporter; see [`crate::telemetry`]).
+    Metric { metric: crate::telemetry::Metric },
 }
 
 /// Sends `message` with `fds` attached.

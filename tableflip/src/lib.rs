@@ -63,6 +63,7 @@ mod network;
 mod options;
 mod pidfile;
 mod protocol;
+mod telemetry;
 
 /// The handover protocol: what one generation gives the next, and how the
 /// next answers; a contract between versions of this crate.

@@ -533,6 +533,10 @@ async fn lifecycle(
     loop {
         tokio::select! {
             abandoned = &mut drain => {
+                crate::telemetry::emit(&crate::telemetry::Metric::Drained {
+                    seconds: crate::telemetry::seconds(started.elapsed()),
+                    abandoned: abandoned as u64,
+                });
                 if abandoned == 0 {
                     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained; exiting");
                 } else {

@@ -20,9 +20,16 @@
 #
 # Scenarios: good-reload (the binary as installed), broken-reload (the
 # binary replaced by a script that exits 3, as scenarios.sh does), fixed-
-# reload (the good binary put back), then stop. Raw outputs (systemctl
-# status, the journal, each reload's stderr, each load's JSON line) are
-# kept in $RES.
+# reload (the good binary put back); whole-run: a load over these three.
+# Then hung-reload (a binary that never gets ready: the demo's
+# upgrade_timeout, 30 s, ends the upgrade), after-hung-reload (the good
+# binary back), slow-reload (a wrapper script that sleeps 2 s, then execs
+# the good binary: does `systemctl reload` wait for the new generation?),
+# stop. slow-reload comes last: in replace mode, the generation it starts
+# takes the path the wrapper exec'd (/usr/local/bin/good) as its own
+# executable, and later upgrades would run that path, not the unit's.
+# Raw outputs (systemctl status, the journal, each reload's stderr, each
+# load's JSON line) are kept in $RES.
 #
 # Arguments: UNIT [MODE]. MODE (supervised or replace) is written into a
 # drop-in as Environment=TABLEFLIP_MODE=…; without it the unit runs as
@@ -47,7 +54,10 @@ printf 'scenario\treload_exit\treload_s\tok\tfailed\trefused\tmainpid\tgeneratio
 . "$(dirname "$0")/lib.sh"
 drop_in_mode "$MODE"
 printf '#!/bin/sh\necho "broken build" >&2\nexit 3\n' > "$ROOT/usr/local/bin/broken"
-chmod 0755 "$ROOT/usr/local/bin/broken"
+# A release that takes 2 s to start, and one that never gets ready.
+printf '#!/bin/sh\nsleep 2\nexec /usr/local/bin/good "$@"\n' > "$ROOT/usr/local/bin/slow"
+printf '#!/bin/sh\nexec sleep 3600\n' > "$ROOT/usr/local/bin/hung"
+chmod 0755 "$ROOT/usr/local/bin/broken" "$ROOT/usr/local/bin/slow" "$ROOT/usr/local/bin/hung"
 cp "$ROOT$BIN" "$ROOT/usr/local/bin/good"
 
 serving() { N python3 "$L" get "$A" --timeout 2 2>/dev/null | awk '{print $2}'; }
@@ -60,12 +70,11 @@ except Exception: print("?")'
 }
 journal_lines() { C journalctl -u "$U" --no-pager -q | wc -l; }
 journal_since() { C journalctl -u "$U" --no-pager -q | tr -d '\r' | tail -n +$(($1 + 1)); }
-# reload NAME: `systemctl reload` under load; sets rc, secs, the columns
-# before -> after, ctl, reply and said. The scenario's load runs 10 s,
-# from 1 s before the reload.
+# reload NAME [SECONDS]: `systemctl reload` under load, and its row. The
+# scenario's load runs SECONDS (default 10), from 1 s before the reload.
 reload() {
     local name=$1 j t0 t1
-    load_start "$name" 10
+    load_start "$name" "${2:-10}"
     sleep 1
     mp0=$(mainpid) gen0=$(generation) srv0=$(serving)
     j=$(journal_lines)
@@ -118,6 +127,15 @@ reload fixed-reload
 
 wait "$whole_pid"
 row whole-run - - $(load_result whole) - - - - "$(python3 -c 'import json,sys; r=json.loads(open(sys.argv[1]).readline()); print("seconds=%s,errors=%s" % (r["seconds"], ",".join("%s:%s" % kv for kv in r["errors"].items()) or "none"))' "$RES/whole.load")"
+
+# --- more: a hung release, the good one back, a slow one ---------------------
+C install -m 0755 /usr/local/bin/hung "$BIN"
+reload hung-reload 40
+C install -m 0755 /usr/local/bin/good "$BIN"
+reload after-hung-reload
+C install -m 0755 /usr/local/bin/slow "$BIN"
+reload slow-reload
+C install -m 0755 /usr/local/bin/good "$BIN"
 
 # --- stop -------------------------------------------------------------------------
 t0=$(date +%s.%N)

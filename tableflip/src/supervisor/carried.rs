@@ -75,6 +75,10 @@ struct Saved {
     /// A rollback happened (what).
     #[serde(default)]
     rolled_back: Option<String>,
+    /// How long ago the last upgrade committed, in milliseconds, while its
+    /// old generation has not exited.
+    #[serde(default)]
+    committed_ms_ago: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -190,6 +194,9 @@ impl State {
             )
         });
         s.rolled_back = saved.rolled_back;
+        s.committed_at = saved.committed_ms_ago.and_then(|ms| {
+            std::time::Instant::now().checked_sub(std::time::Duration::from_millis(ms))
+        });
         if let Some(c) = saved.ctl {
             let fd = claim(c.fd, "control socket")?;
             let file = crate::unixfile::SocketFile::bound(c.path.clone(), &c.path, fd.as_fd());
@@ -364,6 +371,7 @@ impl Outgoing {
                 (pid, super::millis(left))
             }),
             rolled_back: s.rolled_back.clone(),
+            committed_ms_ago: s.committed_at.map(|t| super::millis(t.elapsed())),
         };
         let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
         let file = sys::sealed_memfd(c"tableflip-supervisor", &bytes)?;

@@ -53,6 +53,7 @@ use crate::options::Options;
 use crate::protocol::{self, EntryMeta};
 use crate::report::chain;
 use crate::systemd::{self, Notice, Notifier};
+use crate::telemetry::Metric;
 use crate::unixfile::SocketFile;
 use crate::upgrade::launch::Launch;
 use crate::{pidfile, sys};
@@ -310,6 +311,11 @@ struct Supervisor {
     probation: Option<(u32, Instant)>,
     /// A rollback happened (what): replacements run `previous_exe`.
     rolled_back: Option<String>,
+    /// The rollback's generation has not been counted yet.
+    rollback_uncounted: bool,
+    /// When the last upgrade committed (the old generation's exit is
+    /// measured from it).
+    committed_at: Option<Instant>,
 }
 
 impl Supervisor {
@@ -357,6 +363,8 @@ impl Supervisor {
             previous_exe: None,
             probation: None,
             rolled_back: None,
+            rollback_uncounted: false,
+            committed_at: None,
         })
     }
 
@@ -736,6 +744,11 @@ impl Supervisor {
                     generation = g.number,
                     "supervisor: the previous generation {how} after its drain"
                 );
+                if let Some(t) = self.committed_at.take() {
+                    self.measure(&Metric::OldGenerationGone {
+                        seconds: crate::telemetry::seconds(t.elapsed()),
+                    });
+                }
             }
             Role::Serving => self.serving_exited(&g, how, clean),
             Role::Starting { purpose, .. } => {
@@ -750,6 +763,7 @@ impl Supervisor {
             // What it handed on is lost with it; the upgrade goes on.
             self.collected();
         }
+        self.measure_alive();
     }
 
     fn serving_exited(&mut self, g: &Generation, how: &str, clean: bool) {
@@ -798,6 +812,22 @@ impl Supervisor {
             return;
         }
         self.replace_at = Some(Instant::now() + delay);
+    }
+
+    /// Logs a measurement and has the serving generation record it (the
+    /// supervisor has no exporter: see [`crate::telemetry`]).
+    fn measure(&self, m: &Metric) {
+        crate::telemetry::emit(m);
+        if let Some(i) = self.gens.iter().position(|g| g.role == Role::Serving) {
+            self.tell(i, &ToGeneration::Metric { metric: m.clone() });
+        }
+    }
+
+    /// The number of generations alive, measured.
+    fn measure_alive(&self) {
+        self.measure(&Metric::GenerationsAlive {
+            count: self.gens.len() as u64,
+        });
     }
 
     /// The upgrade to generation `pid` has committed: its probation
@@ -855,6 +885,7 @@ impl Supervisor {
         });
         self.last_upgrade = Some(crate::ctl::LastUpgrade::rolled_back(g.number, what.clone()));
         self.rolled_back = Some(what);
+        self.rollback_uncounted = true;
         self.probation = None;
         if self.starting() {
             // An upgrade in flight: its new generation takes over, or, if
@@ -900,6 +931,10 @@ impl Supervisor {
                     new_pid: (g.pid != 0).then_some(g.pid),
                     duration_ms: self.upgrade_started.map_or(0, |t| millis(t.elapsed())),
                 };
+                // Measured before the answers: whoever is told can read it.
+                self.measure(&Metric::UpgradeFailed {
+                    reason: ctl::failure_of(g.pid, reason, self.stop_deadline.is_some()),
+                });
                 self.ctl_upgrade_ended(&failed, g.number);
                 let asked = std::mem::take(&mut self.in_flight);
                 self.answer(&asked, &Err(error));
@@ -1073,6 +1108,7 @@ impl Supervisor {
         self.in_flight = std::mem::take(&mut self.requesters);
         self.upgrade_started = Some(Instant::now());
         self.ctl_upgrade_started();
+        self.measure(&Metric::UpgradeStarted);
         self.notify.notify(&Notice::Reloading {
             next: self.generation.saturating_add(1),
         });
@@ -1190,6 +1226,7 @@ impl Supervisor {
                 );
                 self.generation = number;
                 self.gens.push(g);
+                self.measure_alive();
             }
             Err(e) => {
                 let g = Generation {
@@ -1406,6 +1443,9 @@ impl Supervisor {
             }
             Purpose::Replace => {
                 self.failed_replacements = 0;
+                if std::mem::take(&mut self.rollback_uncounted) {
+                    self.measure(&Metric::RolledBack);
+                }
                 self.notify.notify(&Notice::Serving {
                     generation: number,
                     pid,
@@ -1446,6 +1486,11 @@ impl Supervisor {
                 };
                 self.ctl_upgrade_ended(&upgraded, number);
                 self.start_probation(pid, from);
+                self.committed_at = Some(Instant::now());
+                self.measure(&Metric::UpgradeSucceeded {
+                    ready_seconds: crate::telemetry::seconds(Duration::from_millis(total_ms)),
+                });
+                self.measure_alive();
                 if self.stop_deadline.is_none() {
                     let (exe, reads) = (self.gens[i].exe.clone(), reads_state);
                     if reads >= STATE_VERSION {

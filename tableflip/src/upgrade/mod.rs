@@ -594,6 +594,9 @@ impl Upgrader {
         if let Some(listener) = ctl {
             self.serve_control_socket(listener);
         }
+        if self.inner.parent.is_some() {
+            self.measure_takeover();
+        }
         // Committed: the files of sockets no generation serves any more go.
         for file in leftovers {
             file.remove();
@@ -789,6 +792,7 @@ impl Upgrader {
             tracing::warn!(error = %chain(&e), "upgrade refused");
             return (Err(e), None);
         }
+        crate::telemetry::emit(&crate::telemetry::Metric::UpgradeStarted);
         // Ends the upgrade however this future ends, dropped included.
         let mut upgrading = UpgradingFlag {
             upgrader: self,
@@ -853,6 +857,12 @@ impl Upgrader {
             },
         };
         *lock(&self.inner.last_upgrade) = crate::ctl::LastUpgrade::of(&reply, next);
+        if let Err(e) = &result {
+            // A success is recorded by the new generation, which serves on.
+            crate::telemetry::emit(&crate::telemetry::Metric::UpgradeFailed {
+                reason: failure_of(e),
+            });
+        }
         self.inner.outcomes.send_modify(|(n, last)| {
             *n += 1;
             *last = Some(reply.clone());
@@ -910,6 +920,37 @@ impl Upgrader {
             }
             Err(e) => tracing::warn!(error = %e, "the control socket is not answered"),
         }
+    }
+
+    /// Replace mode, a generation started by its parent, once ready: the
+    /// upgrade that started it succeeded (or was a rollback); once the
+    /// parent has exited, how long that took and that one generation is
+    /// left (see [`crate::telemetry`]).
+    fn measure_takeover(&self) {
+        use crate::telemetry::{Metric, emit, seconds};
+        if self.inner.rollback_of.is_some() {
+            emit(&Metric::RolledBack);
+        } else {
+            let up = sys::process_uptime_ms().unwrap_or(0);
+            #[allow(clippy::cast_precision_loss)]
+            emit(&Metric::UpgradeSucceeded {
+                ready_seconds: up as f64 / 1000.0,
+            });
+        }
+        let alive = if self.parent_exited() { 1 } else { 2 };
+        emit(&Metric::GenerationsAlive { count: alive });
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let ready = Instant::now();
+        let parent = self.inner.parent_exited.clone();
+        handle.spawn(async move {
+            parent.cancelled().await;
+            emit(&Metric::OldGenerationGone {
+                seconds: seconds(ready.elapsed()),
+            });
+            emit(&Metric::GenerationsAlive { count: 1 });
+        });
     }
 
     /// The control socket's answers in flight.

@@ -40,7 +40,61 @@ pub(crate) fn event(kind: &str, fields: &str) {
 
 /// `Options` computed at run time, as `#[tableflip::main(options = …)]`
 /// allows.
+/// The recorder's snapshotter, with `MS_METRICS=1`.
+static METRICS: std::sync::OnceLock<metrics_util::debugging::Snapshotter> =
+    std::sync::OnceLock::new();
+
+/// What `METRICS` requests have read so far (the debugging recorder's
+/// snapshots drain what they read).
+static SEEN: std::sync::Mutex<Option<serde_json::Map<String, serde_json::Value>>> =
+    std::sync::Mutex::new(None);
+
+/// `METRICS` requests: every metric recorded in this process, as one JSON
+/// object line: `name` or `name{label=value}` → counter total, gauge
+/// value, or number of histogram samples.
+fn metrics_line() -> String {
+    use metrics_util::debugging::DebugValue;
+    let Some(s) = METRICS.get() else {
+        return "{}\n".to_owned();
+    };
+    let mut seen = SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let out = seen.get_or_insert_with(serde_json::Map::new);
+    for (key, _, _, value) in s.snapshot().into_vec() {
+        let key = key.key();
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let name = if labels.is_empty() {
+            key.name().to_owned()
+        } else {
+            format!("{}{{{}}}", key.name(), labels.join(","))
+        };
+        let before = out
+            .get(&name)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0);
+        #[allow(clippy::cast_precision_loss)]
+        let v = match value {
+            DebugValue::Counter(c) => before + c as f64,
+            // A gauge read again without a new value reads 0: kept.
+            DebugValue::Gauge(g) if g.into_inner() == 0.0 && out.contains_key(&name) => before,
+            DebugValue::Gauge(g) => g.into_inner(),
+            DebugValue::Histogram(h) => before + h.len() as f64,
+        };
+        out.insert(name, serde_json::json!(v));
+    }
+    format!("{}\n", serde_json::Value::Object(out.clone()))
+}
+
 pub(crate) fn options() -> tableflip::Options {
+    if std::env::var_os("MS_METRICS").is_some() && METRICS.get().is_none() {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let _ = METRICS.set(recorder.snapshotter());
+        let _ = recorder.install();
+    }
     let ms = |var: &str| std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok());
     let mut opts = tableflip::Options::new();
     if let Some(path) = std::env::var_os("MS_PID_FILE") {
@@ -96,6 +150,10 @@ async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream:
     let mut stream = BufReader::new(stream);
     let mut line = String::new();
     if stream.read_line(&mut line).await.is_err() {
+        return;
+    }
+    if line.trim() == "METRICS" {
+        let _ = stream.get_mut().write_all(metrics_line().as_bytes()).await;
         return;
     }
     if let Some(ms) = line
