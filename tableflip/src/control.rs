@@ -69,8 +69,8 @@ pub(crate) enum ToGeneration {
     /// answer to an earlier request that timed out is told apart).
     Collect { id: u64 },
     /// A measurement for the generation to record through the `metrics`
-    /// facade (the supervisor has no exporter; see [`crate::telemetry`]).
-    Metric { metric: crate::telemetry::Metric },
+    /// facade (the supervisor has no exporter; see [`crate::metrics`]).
+    Metric { metric: crate::metrics::Metric },
 }
 
 /// Sends `message` with `fds` attached.

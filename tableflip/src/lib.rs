@@ -58,12 +58,12 @@ mod error;
 mod fds;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod metrics;
 mod mode;
 mod network;
 mod options;
 mod pidfile;
 mod protocol;
-mod telemetry;
 
 /// The handover protocol: what one generation gives the next, and how the
 /// next answers; a contract between versions of this crate.
@@ -196,6 +196,8 @@ pub use socket2;
 /// | `upgrade_signal` | the signal that upgrades: `"SIGHUP"` (default), `"SIGUSR1"`, `"SIGUSR2"` or `"none"`; the others are the application's to handle; see [`Options::upgrade_signal`] | `upgrade_signal = "SIGUSR2"` |
 /// | `stop_delay` | a lame-duck stop: how long the service keeps accepting after the first `SIGTERM`/`SIGINT` before it drains (default 0); see [`Options::stop_delay`] | `stop_delay = "5s"` |
 /// | `pid_file` | the PID file, replaced atomically at readiness | `pid_file = "/run/svc.pid"` |
+/// | `control_socket` | where `tableflip-ctl` reaches the service (default `$RUNTIME_DIRECTORY/tableflip.sock` when systemd sets it; `"none"`: no control socket); see [`Options::control_socket`] and [`ctl`] | `control_socket = "/run/svc/tableflip.sock"` |
+/// | `probation` | after an upgrade, how long a crash of the new generation rolls back to the previous binary (default: the drain timeout; `"0s"`: never); see [`Options::probation`] | `probation = "1m"` |
 /// | `mode` | `"supervised"` (default on Linux; replace elsewhere) or `"replace"`: see [`Mode`]; `TABLEFLIP_MODE` in the environment wins | `mode = "replace"` |
 /// | `flavor` | `"multi_thread"` (default) or `"current_thread"` | `flavor = "current_thread"` |
 /// | `worker_threads` | worker threads of the multi-thread runtime | `worker_threads = 4` |

@@ -317,6 +317,7 @@ impl std::fmt::Debug for Options {
             .field("stop_delay", &self.stop_delay)
             .field("upgrade_signal", &self.upgrade_signal)
             .field("control_socket", &self.control_socket)
+            .field("probation", &self.get_probation())
             .finish()
     }
 }

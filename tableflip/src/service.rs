@@ -533,8 +533,8 @@ async fn lifecycle(
     loop {
         tokio::select! {
             abandoned = &mut drain => {
-                crate::telemetry::emit(&crate::telemetry::Metric::Drained {
-                    seconds: crate::telemetry::seconds(started.elapsed()),
+                crate::metrics::emit(&crate::metrics::Metric::Drained {
+                    seconds: crate::metrics::seconds(started.elapsed()),
                     abandoned: abandoned as u64,
                 });
                 if abandoned == 0 {

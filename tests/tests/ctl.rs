@@ -327,8 +327,12 @@ fn a_service_that_cannot_be_reached_is_reported() {
     let path = h.ctl.path().join("other.sock");
     let other = std::os::unix::net::UnixListener::bind(&path).unwrap_or_else(|e| panic!("{e}"));
     let answer = std::thread::spawn(move || {
-        if let Ok((mut s, _)) = other.accept() {
-            let _ = std::io::Write::write_all(&mut s, b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        if let Ok((s, _)) = other.accept() {
+            // The request first, as a server would: then an answer that
+            // is not a tableflip reply.
+            let mut r = std::io::BufReader::new(&s);
+            let _ = std::io::BufRead::read_line(&mut r, &mut String::new());
+            let _ = std::io::Write::write_all(&mut &s, b"HTTP/1.1 400 Bad Request\r\n\r\n");
         }
     });
     let said = ctl(&["upgrade", "--socket", &path.display().to_string()]);

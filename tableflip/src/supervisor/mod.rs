@@ -49,11 +49,11 @@ use nix::unistd::Pid;
 
 use crate::control::{self, Received, ToGeneration, ToSupervisor};
 use crate::error::{Error, Result};
+use crate::metrics::Metric;
 use crate::options::Options;
 use crate::protocol::{self, EntryMeta};
 use crate::report::chain;
 use crate::systemd::{self, Notice, Notifier};
-use crate::telemetry::Metric;
 use crate::unixfile::SocketFile;
 use crate::upgrade::launch::Launch;
 use crate::{pidfile, sys};
@@ -746,7 +746,7 @@ impl Supervisor {
                 );
                 if let Some(t) = self.committed_at.take() {
                     self.measure(&Metric::OldGenerationGone {
-                        seconds: crate::telemetry::seconds(t.elapsed()),
+                        seconds: crate::metrics::seconds(t.elapsed()),
                     });
                 }
             }
@@ -815,9 +815,9 @@ impl Supervisor {
     }
 
     /// Logs a measurement and has the serving generation record it (the
-    /// supervisor has no exporter: see [`crate::telemetry`]).
+    /// supervisor has no exporter: see [`crate::metrics`]).
     fn measure(&self, m: &Metric) {
-        crate::telemetry::emit(m);
+        crate::metrics::emit(m);
         if let Some(i) = self.gens.iter().position(|g| g.role == Role::Serving) {
             self.tell(i, &ToGeneration::Metric { metric: m.clone() });
         }
@@ -1488,7 +1488,7 @@ impl Supervisor {
                 self.start_probation(pid, from);
                 self.committed_at = Some(Instant::now());
                 self.measure(&Metric::UpgradeSucceeded {
-                    ready_seconds: crate::telemetry::seconds(Duration::from_millis(total_ms)),
+                    ready_seconds: crate::metrics::seconds(Duration::from_millis(total_ms)),
                 });
                 self.measure_alive();
                 if self.stop_deadline.is_none() {

@@ -517,7 +517,11 @@ impl Upgrader {
     ///
     /// [`Error::PidFile`] when the PID file cannot be written: the parent is
     /// then not told, so it keeps serving and the upgrade fails (or times
-    /// out). [`Error::Stopped`] after [`stop`](Self::stop).
+    /// out). [`Error::Stopped`] after [`stop`](Self::stop). In replace
+    /// mode, as [`Fds::listen_with`] when the control socket
+    /// ([`Options::control_socket`]) cannot be bound; it is claimed here
+    /// (inherited from the parent, or bound), and answered on the tokio
+    /// runtime current here.
     pub fn ready(&self) -> Result<()> {
         let mut phase = self.phase();
         match phase.check_ready() {
@@ -792,7 +796,7 @@ impl Upgrader {
             tracing::warn!(error = %chain(&e), "upgrade refused");
             return (Err(e), None);
         }
-        crate::telemetry::emit(&crate::telemetry::Metric::UpgradeStarted);
+        crate::metrics::emit(&crate::metrics::Metric::UpgradeStarted);
         // Ends the upgrade however this future ends, dropped included.
         let mut upgrading = UpgradingFlag {
             upgrader: self,
@@ -859,7 +863,7 @@ impl Upgrader {
         *lock(&self.inner.last_upgrade) = crate::ctl::LastUpgrade::of(&reply, next);
         if let Err(e) = &result {
             // A success is recorded by the new generation, which serves on.
-            crate::telemetry::emit(&crate::telemetry::Metric::UpgradeFailed {
+            crate::metrics::emit(&crate::metrics::Metric::UpgradeFailed {
                 reason: failure_of(e),
             });
         }
@@ -925,9 +929,9 @@ impl Upgrader {
     /// Replace mode, a generation started by its parent, once ready: the
     /// upgrade that started it succeeded (or was a rollback); once the
     /// parent has exited, how long that took and that one generation is
-    /// left (see [`crate::telemetry`]).
+    /// left (see [`crate::metrics`]).
     fn measure_takeover(&self) {
-        use crate::telemetry::{Metric, emit, seconds};
+        use crate::metrics::{Metric, emit, seconds};
         if self.inner.rollback_of.is_some() {
             emit(&Metric::RolledBack);
         } else {

@@ -102,7 +102,7 @@ fn read_messages(control: &OwnedFd, weak: &Weak<Inner>, pid: u32) {
                     generation,
                 } => sup.answer(id, Ok((new, generation))),
                 ToGeneration::UpgradeFailed { id, error } => sup.answer(id, Err(error)),
-                ToGeneration::Metric { metric } => crate::telemetry::record(&metric),
+                ToGeneration::Metric { metric } => crate::metrics::record(&metric),
                 ToGeneration::Collect { id } => {
                     if let Err(e) = upgrader.hand_on_to_supervisor(sup, id) {
                         // The supervisor goes on without them when the

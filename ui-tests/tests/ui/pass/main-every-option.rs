@@ -18,6 +18,8 @@ mod config {
     upgrade_timeout = "2m",
     drain_timeout = "500ms",
     stop_delay = "2s",
+    probation = "90s",
+    control_socket = "none",
     upgrade_signal = "SIGUSR2",
     pid_file = "/tmp/tableflip-ui-tests-main-every-option.pid",
     flavor = "multi_thread",
@@ -31,6 +33,11 @@ async fn main(cx: Context) -> std::io::Result<()> {
     assert_eq!(opts.get_upgrade_timeout(), Duration::from_secs(120));
     assert_eq!(opts.get_drain_timeout(), Duration::from_millis(500));
     assert_eq!(opts.get_stop_delay(), Duration::from_secs(2));
+    assert_eq!(opts.get_probation(), Duration::from_secs(90));
+    assert_eq!(
+        opts.get_control_socket(),
+        &tableflip::ctl::ControlSocket::Off
+    );
     assert_eq!(opts.get_upgrade_signal(), tableflip::UpgradeSignal::Usr2);
     assert_eq!(
         opts.get_pid_file(),

@@ -1,5 +1,5 @@
-//! What the handover measures, as `tracing` events and, with the `metrics`
-//! feature, through the [`metrics`](https://docs.rs/metrics) facade (so
+//! Metrics: what the handover measures, as `tracing` events and, with the
+//! `metrics` feature, through the [`metrics`](https://docs.rs/metrics) facade (so
 //! that the exporter the application installed, Prometheus or other,
 //! publishes them). Names, kinds, units and labels are stable:
 //!
@@ -83,28 +83,28 @@ fn log(m: &Metric) {
 pub(crate) fn record(m: &Metric) {
     match m {
         Metric::UpgradeStarted => {
-            metrics::counter!("tableflip_upgrades_started_total").increment(1)
+            ::metrics::counter!("tableflip_upgrades_started_total").increment(1)
         }
         Metric::UpgradeSucceeded { ready_seconds } => {
-            metrics::counter!("tableflip_upgrades_succeeded_total").increment(1);
-            metrics::histogram!("tableflip_upgrade_ready_seconds").record(*ready_seconds);
+            ::metrics::counter!("tableflip_upgrades_succeeded_total").increment(1);
+            ::metrics::histogram!("tableflip_upgrade_ready_seconds").record(*ready_seconds);
         }
         Metric::UpgradeFailed { reason } => {
-            metrics::counter!("tableflip_upgrades_failed_total", "reason" => reason.as_str())
+            ::metrics::counter!("tableflip_upgrades_failed_total", "reason" => reason.as_str())
                 .increment(1);
         }
         Metric::OldGenerationGone { seconds } => {
-            metrics::histogram!("tableflip_upgrade_old_gone_seconds").record(*seconds);
+            ::metrics::histogram!("tableflip_upgrade_old_gone_seconds").record(*seconds);
         }
-        Metric::RolledBack => metrics::counter!("tableflip_rollbacks_total").increment(1),
+        Metric::RolledBack => ::metrics::counter!("tableflip_rollbacks_total").increment(1),
         Metric::Drained { seconds, abandoned } => {
-            metrics::counter!("tableflip_drains_total").increment(1);
-            metrics::histogram!("tableflip_drain_seconds").record(*seconds);
-            metrics::counter!("tableflip_drain_abandoned_tasks_total").increment(*abandoned);
+            ::metrics::counter!("tableflip_drains_total").increment(1);
+            ::metrics::histogram!("tableflip_drain_seconds").record(*seconds);
+            ::metrics::counter!("tableflip_drain_abandoned_tasks_total").increment(*abandoned);
         }
         Metric::GenerationsAlive { count } => {
             #[allow(clippy::cast_precision_loss)]
-            metrics::gauge!("tableflip_generations_alive").set(*count as f64);
+            ::metrics::gauge!("tableflip_generations_alive").set(*count as f64);
         }
     }
 }

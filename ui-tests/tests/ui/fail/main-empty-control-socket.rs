@@ -1,0 +1,2 @@
+#[tableflip::main(control_socket = "")]
+async fn main() {}
