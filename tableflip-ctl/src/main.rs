@@ -20,6 +20,7 @@ use tableflip::ctl::{Command, Reply, Request, Status};
 /// status, through its control socket.
 #[derive(Debug, Parser)]
 #[command(
+    name = "tableflip-ctl",
     version,
     after_help = "Exit status of `upgrade`:\n  \
     0  the upgrade this command started succeeded: the new generation is ready\n  \

@@ -11,7 +11,7 @@ use nix::sys::signal::Signal;
 use tableflip_tests::*;
 
 const MACRO_SVC: &str = env!("CARGO_BIN_EXE_macro_svc");
-const CTL: &str = env!("CARGO_BIN_EXE_tableflip-ctl");
+const CTL: &str = env!("CARGO_BIN_EXE_tableflip-ctl-under-test");
 
 fn ctl_code(args: &[&str]) -> Option<i32> {
     Command::new(CTL)

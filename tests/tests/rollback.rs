@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use tableflip_tests::*;
 
 const MACRO_SVC: &str = env!("CARGO_BIN_EXE_macro_svc");
-const CTL: &str = env!("CARGO_BIN_EXE_tableflip-ctl");
+const CTL: &str = env!("CARGO_BIN_EXE_tableflip-ctl-under-test");
 
 fn ctl_json(args: &[&str]) -> (Option<i32>, serde_json::Value) {
     let out = Command::new(CTL)
