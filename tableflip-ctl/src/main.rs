@@ -286,10 +286,20 @@ fn ask_once(path: &Path, command: Command, deadline: Instant) -> Result<Reply, N
     let mut request = serde_json::to_vec(&Request { command })
         .map_err(|e| NoAnswer::Unreachable(format!("cannot encode the request: {e}")))?;
     request.push(b'\n');
-    stream
-        .write_all(&request)
-        .map_err(|e| NoAnswer::Unreachable(format!("cannot send the request to {shown}: {e}")))?;
+    // A service that refuses (a peer of another user) answers at once and
+    // closes: the write may fail, and the answer is still there to read.
+    let sent = stream.write_all(&request);
     let mut reader = BufReader::new(stream);
+    if let Err(e) = sent {
+        let mut early = Vec::new();
+        let _ = reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(1)));
+        let _ = reader.read_until(b'\n', &mut early);
+        return serde_json::from_slice(&early).map_err(|_| {
+            NoAnswer::Unreachable(format!("cannot send the request to {shown}: {e}"))
+        });
+    }
     let mut answer = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -8,8 +8,10 @@
 //! - [`process`]: signals and process states;
 //! - [`net`]: requests to the services;
 //! - [`notify`]: a fake `NOTIFY_SOCKET` and a model of systemd's rules;
-//! - [`http1`]: a minimal HTTP/1.1 client.
+//! - [`http1`]: a minimal HTTP/1.1 client;
+//! - [`ctl`]: `tableflip-ctl` and the test service with a control socket.
 
+pub mod ctl;
 pub mod harness;
 pub mod http1;
 pub mod net;
@@ -17,6 +19,7 @@ pub mod notify;
 pub mod process;
 pub mod service;
 
+pub use ctl::*;
 pub use harness::*;
 pub use net::*;
 pub use process::*;

@@ -13,100 +13,8 @@ use tableflip_tests::*;
 const MACRO_SVC: &str = env!("CARGO_BIN_EXE_macro_svc");
 const CTL: &str = env!("CARGO_BIN_EXE_tableflip-ctl-under-test");
 
-/// What `tableflip-ctl` said.
-#[derive(Debug)]
-struct Said {
-    code: Option<i32>,
-    json: serde_json::Value,
-    stderr: String,
-}
-
-impl Said {
-    fn str(&self, key: &str) -> &str {
-        self.json[key].as_str().unwrap_or("")
-    }
-    fn num(&self, key: &str) -> u64 {
-        self.json[key].as_u64().unwrap_or(u64::MAX)
-    }
-}
-
-/// A running `tableflip-ctl`, killed if the test ends before it does.
-struct Running(Option<std::process::Child>);
-
-impl Running {
-    fn finish(mut self) -> Said {
-        let child = self
-            .0
-            .take()
-            .unwrap_or_else(|| unreachable!("finished once"));
-        let out = child
-            .wait_with_output()
-            .unwrap_or_else(|e| panic!("tableflip-ctl: {e}"));
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let json = stdout
-            .lines()
-            .next()
-            .and_then(|l| serde_json::from_str(l).ok())
-            .unwrap_or(serde_json::Value::Null);
-        Said {
-            code: out.status.code(),
-            json,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start_ctl(args: &[&str]) -> Running {
-    let child = Command::new(CTL)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {CTL}: {e}"));
-    Running(Some(child))
-}
-
 fn ctl(args: &[&str]) -> Said {
-    start_ctl(args).finish()
-}
-
-fn socket_of(h: &Harness) -> String {
-    h.ctl.path().join("tableflip.sock").display().to_string()
-}
-
-/// The macro service in `mode`, with its control socket where systemd's
-/// `RuntimeDirectory=` would put it (`$RUNTIME_DIRECTORY/tableflip.sock`),
-/// run from `exe`.
-fn service(h: &Harness, exe: &Path, mode: &str, envs: &[(&str, &str)]) -> (Service, u32) {
-    let mut cmd = macro_svc_cmd(exe, &h.ctl, mode);
-    cmd.env("RUNTIME_DIRECTORY", h.ctl.path())
-        .env("MS_PID_FILE", h.ctl.path().join("svc.pid"));
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    log_to_file(&mut cmd, &h.ctl);
-    let mut svc = Service::spawn_keeping_stderr(cmd);
-    let first = svc.wait_kind("init-done", None).pid;
-    let pid_file = h.ctl.path().join("svc.pid");
-    let main = if mode == "supervised" {
-        svc.first_pid()
-    } else {
-        first
-    };
-    wait_until("the service is ready", || {
-        pid_file_pid(&pid_file) == Some(main)
-    });
-    (svc, first)
+    run_ctl(CTL, args)
 }
 
 fn upgrade_reports_success_and_each_failure(mode: &str) {
@@ -114,8 +22,9 @@ fn upgrade_reports_success_and_each_failure(mode: &str) {
     // A copy of the binary, so that it can be removed (a spawn failure).
     let exe = h.ctl.path().join("svc");
     install_exe(MACRO_SVC, &exe, 0);
-    let (mut svc, first) = service(&h, &exe, mode, &[("MS_UPGRADE_TIMEOUT_MS", "1500")]);
-    let sock = socket_of(&h);
+    let mut s = CtlService::start(&h, &exe, mode, &[("MS_UPGRADE_TIMEOUT_MS", "1500")]);
+    let first = s.first;
+    let sock = s.socket.clone();
     let meta = std::fs::symlink_metadata(&sock).unwrap_or_else(|e| panic!("{sock}: {e}"));
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
@@ -138,9 +47,9 @@ fn upgrade_reports_success_and_each_failure(mode: &str) {
     assert_eq!(ok.json["joined"], false);
     assert_eq!(ok.num("old_pid"), u64::from(first));
     assert_eq!(ok.num("generation"), 2);
-    let second = u32::try_from(ok.num("new_pid")).unwrap_or(0);
-    svc.wait_kind("init-done", Some(second));
-    svc.wait_kind("draining", Some(first));
+    let second = ok.pid("new_pid");
+    s.svc.wait_kind("init-done", Some(second));
+    s.svc.wait_kind("draining", Some(first));
 
     // Each failure: exit 1, its kind, the reason the service logged; the
     // second generation serves on.
@@ -173,13 +82,13 @@ fn upgrade_reports_success_and_each_failure(mode: &str) {
     let ok = ctl(&["upgrade", "--pid-file", &pid_file]);
     assert_eq!(ok.code, Some(0), "{ok:?}");
     assert_eq!(ok.num("old_pid"), u64::from(second));
-    let third = u32::try_from(ok.num("new_pid")).unwrap_or(0);
+    let third = ok.pid("new_pid");
     // Replace mode numbers generations by descent (3); the supervisor
     // numbers every one it started, failed ones included (6).
     let expected = if mode == "supervised" { 6 } else { 3 };
     assert_eq!(ok.num("generation"), expected, "{ok:?}");
-    svc.wait_kind("init-done", Some(third));
-    svc.wait_kind("draining", Some(second));
+    s.svc.wait_kind("init-done", Some(third));
+    s.svc.wait_kind("draining", Some(second));
 
     // The executable is gone: the spawn fails.
     std::fs::remove_file(&exe).unwrap_or_else(|e| panic!("{e}"));
@@ -191,12 +100,7 @@ fn upgrade_reports_success_and_each_failure(mode: &str) {
     let status = ctl(&["status", "--socket", &sock]);
     assert_eq!(status.code, Some(0), "{status:?}");
 
-    if mode == "supervised" {
-        svc.terminate_first();
-    } else {
-        signal(third, Signal::SIGTERM);
-        svc.wait_all_exited();
-    }
+    s.stop(third);
     wait_until("the control socket's file is removed", || {
         !Path::new(&sock).exists()
     });
@@ -214,21 +118,19 @@ fn replace_upgrade_reports_success_and_each_failure() {
 
 fn a_request_during_an_upgrade_joins_it(mode: &str) {
     let h = Harness::new(&format!("ctl-join-{mode}"));
-    let exe = Path::new(MACRO_SVC);
-    let (mut svc, first) = service(&h, exe, mode, &[]);
-    let sock = socket_of(&h);
+    let mut s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[]);
+    let (first, sup, sock) = (s.first, s.first_pid, s.socket.clone());
     h.ctl.write("init", "block");
-    let asked = start_ctl(&["upgrade", "--socket", &sock, "--timeout", "60s"]);
-    let sup = svc.first_pid();
-    let second = svc
+    let asked = start_ctl(CTL, &["upgrade", "--socket", &sock, "--timeout", "60s"]);
+    let second = s
+        .svc
         .wait_for("the new generation", |e| {
             e.kind == "start" && e.pid != first && e.pid != sup
         })
         .pid;
-    let joined = start_ctl(&["upgrade", "--socket", &sock, "--timeout", "60s"]);
-    let log = h.ctl.path().join("stderr.log");
+    let joined = start_ctl(CTL, &["upgrade", "--socket", &sock, "--timeout", "60s"]);
     wait_until("the second request has joined the upgrade", || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("the request joins it"))
+        s.logged("the request joins it")
     });
     h.ctl.write("unblock", "");
     let first_said = asked.finish();
@@ -244,13 +146,8 @@ fn a_request_during_an_upgrade_joins_it(mode: &str) {
         joined_said.stderr.contains("already running"),
         "{joined_said:?}"
     );
-    svc.wait_kind("draining", Some(first));
-    if mode == "supervised" {
-        svc.terminate_first();
-    } else {
-        signal(second, Signal::SIGTERM);
-        svc.wait_all_exited();
-    }
+    s.svc.wait_kind("draining", Some(first));
+    s.stop(second);
 }
 
 #[test]
@@ -265,22 +162,13 @@ fn replace_a_request_during_an_upgrade_joins_it() {
 
 fn a_stopping_service_refuses(mode: &str) {
     let h = Harness::new(&format!("ctl-stop-{mode}"));
-    let (mut svc, first) = service(
-        &h,
-        Path::new(MACRO_SVC),
-        mode,
-        &[("MS_STOP_DELAY_MS", "60000")],
-    );
-    let sock = socket_of(&h);
-    let main = if mode == "supervised" {
-        svc.first_pid()
-    } else {
-        first
-    };
+    let delay = [("MS_STOP_DELAY_MS", "60000")];
+    let mut s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &delay);
+    let (first, sock) = (s.first, s.socket.clone());
+    let main = s.main_pid(first);
     signal(main, Signal::SIGTERM);
-    let log = h.ctl.path().join("stderr.log");
     wait_until("the lame-duck stop has begun", || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("stopping after stop_delay"))
+        s.logged("stopping after stop_delay")
     });
     let refused = ctl(&["upgrade", "--socket", &sock]);
     assert_eq!(refused.code, Some(3), "{refused:?}");
@@ -290,8 +178,8 @@ fn a_stopping_service_refuses(mode: &str) {
     assert_eq!(status.str("state"), "stopping (lame duck)", "{status:?}");
     // A second SIGTERM ends the delay.
     signal(main, Signal::SIGTERM);
-    svc.wait_kind("draining", Some(first));
-    svc.wait_all_exited();
+    s.svc.wait_kind("draining", Some(first));
+    s.svc.wait_all_exited();
 }
 
 #[test]
@@ -347,8 +235,8 @@ fn a_service_that_cannot_be_reached_is_reported() {
 fn another_user_is_refused(mode: &str) {
     use std::os::unix::process::CommandExt;
     let h = Harness::new(&format!("ctl-user-{mode}"));
-    let (mut svc, first) = service(&h, Path::new(MACRO_SVC), mode, &[]);
-    let sock = socket_of(&h);
+    let s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[]);
+    let (first, sock) = (s.first, s.socket.clone());
     // The scratch directory must be reachable by the other user for the
     // mode of the socket itself to be what refuses.
     let dir_mode: std::fs::Permissions = std::os::unix::fs::PermissionsExt::from_mode(0o755);
@@ -385,12 +273,7 @@ fn another_user_is_refused(mode: &str) {
     // Nothing was upgraded.
     let status = ctl(&["status", "--socket", &sock, "--json"]);
     assert_eq!(status.num("generation"), 1, "{status:?}");
-    if mode == "supervised" {
-        svc.terminate_first();
-    } else {
-        signal(first, Signal::SIGTERM);
-        svc.wait_all_exited();
-    }
+    s.stop(first);
 }
 
 #[test]

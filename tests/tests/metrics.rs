@@ -5,23 +5,13 @@
 //! carry the same names.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-
-use nix::sys::signal::Signal;
 use tableflip_tests::*;
 
 const MACRO_SVC: &str = env!("CARGO_BIN_EXE_macro_svc");
 const CTL: &str = env!("CARGO_BIN_EXE_tableflip-ctl-under-test");
 
 fn ctl_code(args: &[&str]) -> Option<i32> {
-    Command::new(CTL)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {CTL}: {e}"))
-        .code()
+    run_ctl(CTL, args).code
 }
 
 /// The metrics recorded by the generation that answers on `addr`.
@@ -32,35 +22,18 @@ fn metrics(addr: &str) -> serde_json::Value {
 
 fn the_upgrades_are_measured(mode: &str) {
     let h = Harness::new(&format!("metrics-{mode}"));
-    let mut cmd = macro_svc_cmd(MACRO_SVC, &h.ctl, mode);
-    let pid_file = h.ctl.path().join("svc.pid");
-    cmd.env("RUNTIME_DIRECTORY", h.ctl.path())
-        .env("MS_PID_FILE", &pid_file)
-        .env("MS_METRICS", "1");
-    let log = log_to_file(&mut cmd, &h.ctl);
-    let mut svc = Service::spawn_keeping_stderr(cmd);
-    let sup = svc.first_pid();
-    let first = svc.wait_kind("init-done", None).pid;
-    let tcp = svc
-        .wait_for("TCP listening", |e| {
-            e.kind == "listening" && e.pid == first && e.get("name") == "TCP"
-        })
-        .get("addr")
-        .to_owned();
-    let main = if mode == "supervised" { sup } else { first };
-    wait_until("the service is ready", || {
-        pid_file_pid(&pid_file) == Some(main)
-    });
-    let sock = h.ctl.path().join("tableflip.sock").display().to_string();
+    let mut s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[("MS_METRICS", "1")]);
+    let (sup, first, sock, tcp) = (s.first_pid, s.first, s.socket.clone(), s.tcp.clone());
 
     // A successful upgrade, then a failed one.
     assert_eq!(ctl_code(&["upgrade", "--socket", &sock]), Some(0));
-    let second = svc
+    let second = s
+        .svc
         .wait_for("the second generation", |e| {
             e.kind == "init-done" && e.pid != first && e.pid != sup
         })
         .pid;
-    svc.wait_kind("draining", Some(first));
+    s.svc.wait_kind("draining", Some(first));
     h.ctl.write("init", "exit 3");
     assert_eq!(ctl_code(&["upgrade", "--socket", &sock]), Some(1));
 
@@ -95,7 +68,6 @@ fn the_upgrades_are_measured(mode: &str) {
 
     // The same names in the log, as tracing events (target
     // tableflip::metrics): the first generation's drain among them.
-    let logged = std::fs::read_to_string(&log).unwrap_or_default();
     for name in [
         "tableflip_upgrades_started_total",
         "tableflip_upgrades_succeeded_total",
@@ -104,16 +76,11 @@ fn the_upgrades_are_measured(mode: &str) {
         "tableflip_drain_seconds",
     ] {
         assert!(
-            logged.contains(&format!("metric=\"{name}\"")),
+            s.logged(&format!("metric=\"{name}\"")),
             "{name} is not in the log"
         );
     }
-    if mode == "supervised" {
-        svc.terminate_first();
-    } else {
-        signal(second, Signal::SIGTERM);
-        svc.wait_all_exited();
-    }
+    s.stop(second);
     assert!(!Path::new(&sock).exists());
 }
 

@@ -7,26 +7,14 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
-
-use nix::sys::signal::Signal;
 use tableflip_tests::*;
 
 const MACRO_SVC: &str = env!("CARGO_BIN_EXE_macro_svc");
 const CTL: &str = env!("CARGO_BIN_EXE_tableflip-ctl-under-test");
 
 fn ctl_json(args: &[&str]) -> (Option<i32>, serde_json::Value) {
-    let out = Command::new(CTL)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {CTL}: {e}"));
-    let json = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (out.status.code(), json)
+    let said = run_ctl(CTL, args);
+    (said.code, said.json)
 }
 
 fn exe_size(pid: u32) -> u64 {
@@ -38,25 +26,9 @@ fn a_release_that_crashes_after_taking_over_is_rolled_back(mode: &str) {
     let exe = h.ctl.path().join("svc");
     install_exe(MACRO_SVC, &exe, 0);
     let size_a = file_size(&exe);
-    let mut cmd = macro_svc_cmd(&exe, &h.ctl, mode);
-    let pid_file = h.ctl.path().join("svc.pid");
-    cmd.env("RUNTIME_DIRECTORY", h.ctl.path())
-        .env("MS_PID_FILE", &pid_file);
-    let log = log_to_file(&mut cmd, &h.ctl);
-    let mut svc = Service::spawn_keeping_stderr(cmd);
-    let sup = svc.first_pid();
-    let first = svc.wait_kind("init-done", None).pid;
-    let tcp = svc
-        .wait_for("TCP listening", |e| {
-            e.kind == "listening" && e.pid == first && e.get("name") == "TCP"
-        })
-        .get("addr")
-        .to_owned();
-    let main = if mode == "supervised" { sup } else { first };
-    wait_until("the service is ready", || {
-        pid_file_pid(&pid_file) == Some(main)
-    });
-    let sock = h.ctl.path().join("tableflip.sock").display().to_string();
+    let mut s = CtlService::start(&h, &exe, mode, &[]);
+    let (sup, first, sock) = (s.first_pid, s.first, s.socket.clone());
+    let tcp = s.tcp.clone();
 
     // Replace mode: the old generation rolls back, so it must still be
     // there (draining a request) when the new one crashes.
@@ -71,7 +43,7 @@ fn a_release_that_crashes_after_taking_over_is_rolled_back(mode: &str) {
             let _ = s.read_to_string(&mut out);
             out
         });
-        svc.wait_kind("slow", Some(first));
+        s.svc.wait_kind("slow", Some(first));
         t
     });
 
@@ -84,10 +56,11 @@ fn a_release_that_crashes_after_taking_over_is_rolled_back(mode: &str) {
     assert_eq!(code, Some(0), "the upgrade itself succeeded: {said}");
     let second = u32::try_from(said["new_pid"].as_u64().unwrap_or(0)).unwrap_or(0);
     h.ctl.write("crash-now", "");
-    svc.wait_kind("crashing", Some(second));
+    s.svc.wait_kind("crashing", Some(second));
 
     // The previous binary (release A's inode) takes its place.
-    let third = svc
+    let third = s
+        .svc
         .wait_for("the rollback generation", |e| {
             e.kind == "init-done" && ![sup, first, second].contains(&e.pid)
         })
@@ -98,9 +71,9 @@ fn a_release_that_crashes_after_taking_over_is_rolled_back(mode: &str) {
         "the rollback runs the previous binary"
     );
     assert_eq!(file_size(&exe), size_b, "the path still holds release B");
-    let main = if mode == "supervised" { sup } else { third };
+    let main = s.main_pid(third);
     wait_until("the rollback generation is in charge", || {
-        pid_file_pid(&pid_file) == Some(main)
+        pid_file_pid(&s.pid_file) == Some(main)
     });
     let (code, status) = ctl_json(&["status", "--socket", &sock, "--json"]);
     assert_eq!(code, Some(0), "{status}");
@@ -114,8 +87,7 @@ fn a_release_that_crashes_after_taking_over_is_rolled_back(mode: &str) {
         "{status}"
     );
     assert!(what.contains(&second.to_string()), "{status}");
-    let logged = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(logged.contains("ROLLBACK"), "the rollback is logged loudly");
+    assert!(s.logged("ROLLBACK"), "the rollback is logged loudly");
     if let Some(t) = slow {
         assert_eq!(
             t.join().map(|s| reply_pid(&s)).ok(),
@@ -129,15 +101,10 @@ fn a_release_that_crashes_after_taking_over_is_rolled_back(mode: &str) {
     let (code, said) = ctl_json(&["upgrade", "--socket", &sock]);
     assert_eq!(code, Some(0), "{said}");
     let fourth = u32::try_from(said["new_pid"].as_u64().unwrap_or(0)).unwrap_or(0);
-    svc.wait_kind("init-done", Some(fourth));
+    s.svc.wait_kind("init-done", Some(fourth));
     assert_eq!(exe_size(fourth), file_size(&exe));
-    svc.wait_kind("draining", Some(third));
-    if mode == "supervised" {
-        svc.terminate_first();
-    } else {
-        signal(fourth, Signal::SIGTERM);
-        svc.wait_all_exited();
-    }
+    s.svc.wait_kind("draining", Some(third));
+    s.stop(fourth);
     assert!(!Path::new(&sock).exists());
 }
 
