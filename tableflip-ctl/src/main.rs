@@ -24,7 +24,7 @@ use tableflip::ctl::{Command, Reply, Request, Status};
     version,
     after_help = "Exit status of `upgrade`:\n  \
     0  the upgrade this command started succeeded: the new generation is ready\n  \
-    1  the upgrade failed (the new generation exited, was killed, timed out or could not be started); the old one serves on\n  \
+    1  the upgrade failed (the new generation exited, was killed, timed out or could not be started; or, with --wait-probation, it died during its probation and was rolled back); the old one (or the previous binary) serves on\n  \
     2  usage error\n  \
     3  refused: no upgrade was started (the service is stopping, or cannot upgrade now)\n  \
     4  an upgrade was already running; it was joined and succeeded (it may have started before your binary was in place: run again to be sure)\n  \
@@ -46,6 +46,12 @@ enum Cmd {
         /// How long to wait for the outcome ("90s", "500ms", "5m").
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
         timeout: Duration,
+        /// Answer only once the new generation's probation is over (the
+        /// service's `probation` option): a new release that crashes
+        /// meanwhile is rolled back, and this exits 1 with failure
+        /// `rolled_back`.
+        #[arg(long)]
+        wait_probation: bool,
     },
     /// Print the service's mode, state, generation, processes, uptime and
     /// last upgrade.
@@ -115,7 +121,11 @@ impl NoAnswer {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Upgrade { target, timeout } => upgrade(&target, timeout),
+        Cmd::Upgrade {
+            target,
+            timeout,
+            wait_probation,
+        } => upgrade(&target, timeout, wait_probation),
         Cmd::Status {
             target,
             json,
@@ -124,13 +134,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn upgrade(target: &Target, timeout: Duration) -> ExitCode {
+fn upgrade(target: &Target, timeout: Duration, wait_probation: bool) -> ExitCode {
     let deadline = Instant::now() + timeout;
     let path = match socket_path(target) {
         Ok(p) => p,
         Err(e) => return e.report(),
     };
-    let reply = match ask(&path, Command::Upgrade, deadline) {
+    let request = Request {
+        command: Command::Upgrade,
+        wait_probation,
+    };
+    let reply = match ask(&path, request, deadline) {
         Ok(r) => r,
         Err(e) => return e.report(),
     };
@@ -177,7 +191,11 @@ fn status(target: &Target, json: bool, timeout: Duration) -> ExitCode {
         Ok(p) => p,
         Err(e) => return e.report(),
     };
-    match ask(&path, Command::Status, deadline) {
+    let request = Request {
+        command: Command::Status,
+        wait_probation: false,
+    };
+    match ask(&path, request, deadline) {
         Ok(Reply::Status(s)) => {
             if json {
                 println!("{}", line(&Reply::Status(s)));
@@ -252,10 +270,10 @@ fn tableflip_now_ms() -> u64 {
 
 /// Sends `command`, returns the answer. A `retry` answer (a generation
 /// that has just handed over) is asked again until the deadline.
-fn ask(path: &Path, command: Command, deadline: Instant) -> Result<Reply, NoAnswer> {
+fn ask(path: &Path, request: Request, deadline: Instant) -> Result<Reply, NoAnswer> {
     let mut pause = Duration::from_millis(20);
     loop {
-        match ask_once(path, command, deadline)? {
+        match ask_once(path, request, deadline)? {
             Reply::Retry { error } => {
                 if Instant::now() + pause >= deadline {
                     return Err(NoAnswer::Timeout(format!(
@@ -270,7 +288,7 @@ fn ask(path: &Path, command: Command, deadline: Instant) -> Result<Reply, NoAnsw
     }
 }
 
-fn ask_once(path: &Path, command: Command, deadline: Instant) -> Result<Reply, NoAnswer> {
+fn ask_once(path: &Path, request: Request, deadline: Instant) -> Result<Reply, NoAnswer> {
     let shown = path.display();
     let mut stream = UnixStream::connect(path).map_err(|e| {
         let hint = match e.kind() {
@@ -283,12 +301,12 @@ fn ask_once(path: &Path, command: Command, deadline: Instant) -> Result<Reply, N
         };
         NoAnswer::Unreachable(format!("cannot connect to {shown}: {e}{hint}"))
     })?;
-    let mut request = serde_json::to_vec(&Request { command })
+    let mut line = serde_json::to_vec(&request)
         .map_err(|e| NoAnswer::Unreachable(format!("cannot encode the request: {e}")))?;
-    request.push(b'\n');
+    line.push(b'\n');
     // A service that refuses (a peer of another user) answers at once and
     // closes: the write may fail, and the answer is still there to read.
-    let sent = stream.write_all(&request);
+    let sent = stream.write_all(&line);
     let mut reader = BufReader::new(stream);
     if let Err(e) = sent {
         let mut early = Vec::new();

@@ -26,7 +26,9 @@ fn a_release_that_crashes_after_taking_over_is_rolled_back(mode: &str) {
     let exe = h.ctl.path().join("svc");
     install_exe(MACRO_SVC, &exe, 0);
     let size_a = file_size(&exe);
-    let mut s = CtlService::start(&h, &exe, mode, &[]);
+    // A probation shorter than the default (the drain timeout), so that
+    // waiting for it to pass costs the test little.
+    let mut s = CtlService::start(&h, &exe, mode, &[("MS_PROBATION_MS", "4000")]);
     let (sup, first, sock) = (s.first_pid, s.first, s.socket.clone());
     let tcp = s.tcp.clone();
 
@@ -52,11 +54,25 @@ fn a_release_that_crashes_after_taking_over_is_rolled_back(mode: &str) {
     let size_b = file_size(&exe);
     assert_ne!(size_a, size_b);
     h.ctl.write("crash-if-size", &size_b.to_string());
-    let (code, said) = ctl_json(&["upgrade", "--socket", &sock]);
-    assert_eq!(code, Some(0), "the upgrade itself succeeded: {said}");
-    let second = u32::try_from(said["new_pid"].as_u64().unwrap_or(0)).unwrap_or(0);
+    // The deploy script waits for the probation: the rollback is its
+    // answer.
+    let asked = start_ctl(CTL, &["upgrade", "--socket", &sock, "--wait-probation"]);
+    let second = s
+        .svc
+        .wait_for("the new generation", |e| {
+            e.kind == "init-done" && ![sup, first].contains(&e.pid)
+        })
+        .pid;
+    // Once it has taken over (the old generation drains), it crashes.
+    s.svc.wait_kind("draining", Some(first));
     h.ctl.write("crash-now", "");
     s.svc.wait_kind("crashing", Some(second));
+    let said = asked.finish();
+    assert_eq!(said.code, Some(1), "{said:?}");
+    assert_eq!(said.str("outcome"), "failed", "{said:?}");
+    assert_eq!(said.str("failure"), "rolled_back", "{said:?}");
+    assert_eq!(said.pid("new_pid"), second, "{said:?}");
+    assert!(said.str("error").contains("rolled back"), "{said:?}");
 
     // The previous binary (release A's inode) takes its place.
     let third = s
@@ -96,11 +112,22 @@ fn a_release_that_crashes_after_taking_over_is_rolled_back(mode: &str) {
         );
     }
 
-    // A fixed release (another size) upgrades as usual.
+    // A fixed release (another size) upgrades as usual, and survives its
+    // probation. (In replace mode the old generation answers when it has
+    // drained and exits, which ends the probation it can watch.)
     install_exe(MACRO_SVC, &exe, 8192);
-    let (code, said) = ctl_json(&["upgrade", "--socket", &sock]);
-    assert_eq!(code, Some(0), "{said}");
-    let fourth = u32::try_from(said["new_pid"].as_u64().unwrap_or(0)).unwrap_or(0);
+    let said = run_ctl(CTL, &["upgrade", "--socket", &sock, "--wait-probation"]);
+    assert_eq!(said.code, Some(0), "{said:?}");
+    assert_eq!(said.str("outcome"), "upgraded", "{said:?}");
+    let served = said.num("probation_ms");
+    assert_ne!(served, u64::MAX, "{said:?}");
+    if mode == "supervised" {
+        assert!(
+            served >= 3900,
+            "the answer came after the probation: {said:?}"
+        );
+    }
+    let fourth = said.pid("new_pid");
     s.svc.wait_kind("init-done", Some(fourth));
     assert_eq!(exe_size(fourth), file_size(&exe));
     s.svc.wait_kind("draining", Some(third));

@@ -111,6 +111,12 @@ pub enum Command {
 pub struct Request {
     /// What is asked.
     pub command: Command,
+    /// `upgrade`: answer only once the new generation's probation is over
+    /// (see [`Options::probation`](crate::Options::probation)), so that a
+    /// rollback is the answer (`failed`, failure `rolled_back`). Default:
+    /// answer at readiness.
+    #[serde(default)]
+    pub wait_probation: bool,
 }
 
 /// Why an upgrade did not succeed.
@@ -129,6 +135,9 @@ pub enum Failure {
     Timeout,
     /// The service began to stop during the upgrade.
     Stopped,
+    /// The new generation became ready, then died during its probation:
+    /// the previous binary serves again (a rollback).
+    RolledBack,
     /// Anything else (the message says).
     Other,
 }
@@ -142,6 +151,7 @@ impl Failure {
             Failure::Killed => "killed",
             Failure::Timeout => "timeout",
             Failure::Stopped => "stopped",
+            Failure::RolledBack => "rolled_back",
             Failure::Other => "other",
         }
     }
@@ -166,6 +176,12 @@ pub enum Reply {
         /// From the start of the upgrade to the new generation's
         /// readiness, in milliseconds.
         duration_ms: u64,
+        /// With `wait_probation`: how long the new generation served
+        /// before this answer, in milliseconds (the whole probation, or
+        /// less when it was cut short: a stop, a newer upgrade, or in
+        /// replace mode the old generation's exit).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        probation_ms: Option<u64>,
     },
     /// The upgrade failed; the generation that served keeps serving.
     Failed {
@@ -322,6 +338,26 @@ impl Reply {
         line
     }
 
+    /// `Upgraded` with the probation served so far.
+    pub(crate) fn after_probation(mut self, served_ms: u64) -> Reply {
+        if let Reply::Upgraded { probation_ms, .. } = &mut self {
+            *probation_ms = Some(served_ms);
+        }
+        self
+    }
+
+    /// The answer to a request that waited for the probation of the
+    /// generation `new_pid`, rolled back (`what`).
+    pub(crate) fn rolled_back(new_pid: u32, what: String, joined: bool) -> Reply {
+        Reply::Failed {
+            joined,
+            failure: Failure::RolledBack,
+            error: what,
+            new_pid: Some(new_pid),
+            duration_ms: 0,
+        }
+    }
+
     /// `joined` set, for an outcome handed to a request that joined.
     pub(crate) fn joined(mut self) -> Reply {
         match &mut self {
@@ -391,8 +427,13 @@ mod tests {
         assert_eq!(
             parse_request(br#"{"command":"upgrade","extra":1}"#),
             Ok(Request {
-                command: Command::Upgrade
+                command: Command::Upgrade,
+                wait_probation: false,
             })
+        );
+        assert!(
+            parse_request(br#"{"command":"upgrade","wait_probation":true}"#)
+                .is_ok_and(|r| r.wait_probation)
         );
         assert!(matches!(
             parse_request(b"upgrade"),

@@ -62,8 +62,15 @@ async fn answer(upgrader: Upgrader, stream: UnixStream) {
     let reply = match reply {
         Some(r) => r,
         None => match read_request(read).await {
-            Ok(Command::Upgrade) => upgrade(&upgrader).await,
-            Ok(Command::Status) => Reply::Status(Box::new(upgrader.ctl_status())),
+            Ok(r) if r.command == Command::Status => Reply::Status(Box::new(upgrader.ctl_status())),
+            Ok(r) => {
+                let reply = upgrade(&upgrader).await;
+                if r.wait_probation {
+                    upgrader.ctl_after_probation(reply).await
+                } else {
+                    reply
+                }
+            }
             Err(r) => r,
         },
     };
@@ -73,7 +80,7 @@ async fn answer(upgrader: Upgrader, stream: UnixStream) {
     let _ = write.shutdown().await;
 }
 
-async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Command, Reply> {
+async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<super::Request, Reply> {
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(MAX_REQUEST as u64 + 1);
     let got = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
@@ -87,7 +94,7 @@ async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Command, 
         Ok(Ok(_)) if line.len() > MAX_REQUEST => Err(Reply::BadRequest {
             error: format!("the request is longer than {MAX_REQUEST} bytes"),
         }),
-        Ok(Ok(_)) => parse_request(&line).map(|r| r.command),
+        Ok(Ok(_)) => parse_request(&line),
     }
 }
 

@@ -361,7 +361,7 @@ impl Outgoing {
                 .map(|c| SavedClient {
                     fd: c.fd.as_raw_fd(),
                     buf: c.buf.clone(),
-                    phase: c.phase,
+                    phase: c.phase.clone(),
                 })
                 .collect(),
             last_upgrade: s.last_upgrade.clone(),

@@ -27,17 +27,28 @@ pub(super) struct CtlSocket {
 }
 
 /// Where a connection is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub(super) enum Phase {
     /// Its request line is being read.
     Reading,
     /// It asked for an upgrade that has not started yet (a replacement
-    /// is starting, or no generation serves yet).
-    Pending,
+    /// is starting, or no generation serves yet); `probation`: it waits
+    /// for the probation too.
+    Pending {
+        #[serde(default)]
+        probation: bool,
+    },
     /// It waits for the upgrade in flight (`joined`: it was running
     /// when the request came).
-    InFlight { joined: bool },
+    InFlight {
+        joined: bool,
+        #[serde(default)]
+        probation: bool,
+    },
+    /// The upgrade succeeded (`reply`); it waits for the end of the new
+    /// generation's probation (which began at `since_unix_ms`).
+    Probation { reply: Reply, since_unix_ms: u64 },
 }
 
 /// One connection to the control socket.
@@ -156,7 +167,7 @@ pub(super) enum Read {
     /// Not a whole line yet.
     More,
     /// Its request.
-    Request(Command),
+    Request(ctl::Request),
     /// Answer this and close.
     Answer(Reply),
     /// It went away.
@@ -173,7 +184,7 @@ pub(super) fn read(client: &mut Client) -> Read {
                 client.buf.extend_from_slice(&chunk[..n]);
                 if let Some(end) = client.buf.iter().position(|b| *b == b'\n') {
                     return match ctl::parse_request(&client.buf[..end]) {
-                        Ok(r) => Read::Request(r.command),
+                        Ok(r) => Read::Request(r),
                         Err(reply) => Read::Answer(reply),
                     };
                 }
@@ -279,18 +290,18 @@ impl super::Supervisor {
             Read::More => {}
             Read::Gone => self.clients.retain(|c| c.id != id),
             Read::Answer(reply) => self.answer_client(id, &reply),
-            Read::Request(Command::Status) => {
+            Read::Request(r) if r.command == Command::Status => {
                 let status = Reply::Status(Box::new(self.ctl_status()));
                 self.answer_client(id, &status);
             }
-            Read::Request(Command::Upgrade) => self.ctl_upgrade(id),
+            Read::Request(r) => self.ctl_upgrade(id, r.wait_probation),
         }
     }
 
     /// `upgrade` from connection `id`: joins the upgrade in flight, or
     /// asks for one (it starts now, or once the generation starting is
     /// done).
-    fn ctl_upgrade(&mut self, id: u64) {
+    fn ctl_upgrade(&mut self, id: u64, probation: bool) {
         if self.stop_deadline.is_some() || self.lame_duck_until.is_some() {
             let refused = Reply::Refused {
                 error: "the service is stopping".to_owned(),
@@ -301,9 +312,12 @@ impl super::Supervisor {
         let joined = self.upgrade_started.is_some();
         if let Some(c) = self.clients.iter_mut().find(|c| c.id == id) {
             c.phase = if joined {
-                Phase::InFlight { joined: true }
+                Phase::InFlight {
+                    joined: true,
+                    probation,
+                }
             } else {
-                Phase::Pending
+                Phase::Pending { probation }
             };
         }
         if joined {
@@ -320,8 +334,11 @@ impl super::Supervisor {
     pub(super) fn ctl_upgrade_started(&mut self) {
         self.upgrade_from = self.serving().map(|g| g.pid);
         for c in &mut self.clients {
-            if c.phase == Phase::Pending {
-                c.phase = Phase::InFlight { joined: false };
+            if let Phase::Pending { probation } = c.phase {
+                c.phase = Phase::InFlight {
+                    joined: false,
+                    probation,
+                };
             }
         }
     }
@@ -331,20 +348,30 @@ impl super::Supervisor {
     pub(super) fn ctl_upgrade_ended(&mut self, reply: &Reply, generation: u64) {
         self.last_upgrade = ctl::LastUpgrade::of(reply, generation);
         self.upgrade_from = None;
-        let waiting: Vec<(u64, bool)> = self
+        let waiting: Vec<(u64, bool, bool)> = self
             .clients
             .iter()
             .filter_map(|c| match c.phase {
-                Phase::InFlight { joined } => Some((c.id, joined)),
+                Phase::InFlight { joined, probation } => Some((c.id, joined, probation)),
                 _ => None,
             })
             .collect();
-        for (id, joined) in waiting {
+        let on_probation = matches!(reply, Reply::Upgraded { .. }) && self.probation.is_some();
+        for (id, joined, probation) in waiting {
             let r = if joined {
                 reply.clone().joined()
             } else {
                 reply.clone()
             };
+            if probation && on_probation {
+                if let Some(c) = self.clients.iter_mut().find(|c| c.id == id) {
+                    c.phase = Phase::Probation {
+                        reply: r,
+                        since_unix_ms: ctl::unix_ms(),
+                    };
+                }
+                continue;
+            }
             self.answer_client(id, &r);
         }
     }
@@ -355,10 +382,11 @@ impl super::Supervisor {
         let refused = Reply::Refused {
             error: "the service is stopping".to_owned(),
         };
+        self.ctl_probation_over(None);
         let pending: Vec<u64> = self
             .clients
             .iter()
-            .filter(|c| c.phase == Phase::Pending)
+            .filter(|c| matches!(c.phase, Phase::Pending { .. }))
             .map(|c| c.id)
             .collect();
         for id in pending {
@@ -381,6 +409,31 @@ impl super::Supervisor {
             };
             let generation = self.generation;
             self.ctl_upgrade_ended(&failed, generation);
+        }
+    }
+
+    /// The probation that connections wait for is over: served (`None`,
+    /// or cut short), or ended by the rollback of generation `pid`
+    /// (`what`).
+    pub(super) fn ctl_probation_over(&mut self, rollback: Option<(u32, String)>) {
+        let waiting: Vec<(u64, Reply, u64)> = self
+            .clients
+            .iter()
+            .filter_map(|c| match &c.phase {
+                Phase::Probation {
+                    reply,
+                    since_unix_ms,
+                } => Some((c.id, reply.clone(), *since_unix_ms)),
+                _ => None,
+            })
+            .collect();
+        for (id, reply, since) in waiting {
+            let joined = matches!(reply, Reply::Upgraded { joined: true, .. });
+            let answer = match &rollback {
+                Some((pid, what)) => Reply::rolled_back(*pid, what.clone(), joined),
+                None => reply.after_probation(ctl::unix_ms().saturating_sub(since)),
+            };
+            self.answer_client(id, &answer);
         }
     }
 

@@ -569,6 +569,7 @@ impl Supervisor {
         let now = Instant::now();
         self.ctl_timeouts(now);
         if self.probation.is_some_and(|(_, until)| until <= now) {
+            self.ctl_probation_over(None);
             self.probation = None;
             if self.rolled_back.is_none() {
                 self.previous_exe = None;
@@ -834,6 +835,8 @@ impl Supervisor {
     /// begins, with the binary that served before (`from`'s, else the
     /// supervisor's own, which is the last one committed) kept open.
     fn start_probation(&mut self, pid: u32, from: Option<u32>) {
+        // Those waiting for the previous upgrade's probation: cut short.
+        self.ctl_probation_over(None);
         self.rolled_back = None;
         self.probation = None;
         self.previous_exe = None;
@@ -884,6 +887,7 @@ impl Supervisor {
             text: &format!("ROLLBACK: {what}"),
         });
         self.last_upgrade = Some(crate::ctl::LastUpgrade::rolled_back(g.number, what.clone()));
+        self.ctl_probation_over(Some((g.pid, what.clone())));
         self.rolled_back = Some(what);
         self.rollback_uncounted = true;
         self.probation = None;
@@ -1483,9 +1487,10 @@ impl Supervisor {
                     new_pid: pid,
                     generation: number,
                     duration_ms: total_ms,
+                    probation_ms: None,
                 };
-                self.ctl_upgrade_ended(&upgraded, number);
                 self.start_probation(pid, from);
+                self.ctl_upgrade_ended(&upgraded, number);
                 self.committed_at = Some(Instant::now());
                 self.measure(&Metric::UpgradeSucceeded {
                     ready_seconds: crate::metrics::seconds(Duration::from_millis(total_ms)),

@@ -137,6 +137,12 @@ struct Inner {
     /// this process starts from then on runs this process's own binary
     /// (the previous one), with this note.
     rolling_back: Mutex<Option<String>>,
+    /// The rollbacks this process started: the dead successor and what
+    /// happened (control-socket requests waiting for a probation).
+    rollbacks: tokio::sync::watch::Sender<Option<(u32, String)>>,
+    /// The process is about to exit: requests waiting for a probation are
+    /// answered now.
+    ctl_finishing: CancellationToken,
     /// The control socket, when no runtime answers it.
     ctl_unserved: Mutex<Option<std::os::unix::net::UnixListener>>,
     /// A stop has come after readiness: the PID file is removed when the
@@ -358,6 +364,8 @@ impl Upgrader {
                 rollback_of: None,
                 successor_ready_at: Mutex::new(None),
                 rolling_back: Mutex::new(None),
+                rollbacks: tokio::sync::watch::Sender::new(None),
+                ctl_finishing: CancellationToken::new(),
                 pid_file_at_exit: AtomicBool::new(false),
             }),
         })
@@ -851,6 +859,7 @@ impl Upgrader {
                 new_pid: *pid,
                 generation: next,
                 duration_ms,
+                probation_ms: None,
             },
             Err(e) => crate::ctl::Reply::Failed {
                 joined: false,
@@ -962,6 +971,37 @@ impl Upgrader {
         &self.inner.ctl_tasks
     }
 
+    /// `upgrade` with `wait_probation`: the answer `reply` (`Upgraded`)
+    /// once the new generation's probation is over, or its rollback, or
+    /// this process's exit (which ends the probation in replace mode).
+    pub(crate) async fn ctl_after_probation(&self, reply: crate::ctl::Reply) -> crate::ctl::Reply {
+        let crate::ctl::Reply::Upgraded {
+            new_pid, joined, ..
+        } = &reply
+        else {
+            return reply;
+        };
+        let (new_pid, joined) = (*new_pid, *joined);
+        let window = self.inner.opts.get_probation();
+        let started = Instant::now();
+        let mut rollbacks = self.inner.rollbacks.subscribe();
+        let rolled_back =
+            rollbacks.wait_for(|r| r.as_ref().is_some_and(|(pid, _)| *pid == new_pid));
+        tokio::select! {
+            r = rolled_back => {
+                if let Ok(r) = r {
+                    if let Some((_, what)) = r.clone() {
+                        return crate::ctl::Reply::rolled_back(new_pid, what, joined);
+                    }
+                }
+            }
+            () = tokio::time::sleep(window) => {}
+            () = self.inner.ctl_finishing.cancelled() => {}
+        }
+        let served = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        reply.after_probation(served)
+    }
+
     /// The upgrades' outcomes, as they come.
     pub(crate) fn ctl_outcomes(
         &self,
@@ -972,6 +1012,7 @@ impl Upgrader {
     /// Resolves once every control-socket answer in flight has been
     /// written (or after `timeout`): awaited before the process exits.
     pub(crate) async fn ctl_settled(&self, timeout: std::time::Duration) {
+        self.inner.ctl_finishing.cancel();
         self.inner.ctl_tasks.close();
         let _ = tokio::time::timeout(timeout, self.inner.ctl_tasks.wait()).await;
     }

@@ -95,7 +95,8 @@ pub(super) async fn watch_successor(inner: Weak<Inner>, mut child: Child, pid: u
             probation = ?probation,
             "ROLLBACK: the new generation died during its probation; starting the previous binary (this process's) in its place, not the one on disk"
         );
-        *lock(&upgrader.inner.rolling_back) = Some(what);
+        *lock(&upgrader.inner.rolling_back) = Some(what.clone());
+        upgrader.inner.rollbacks.send_replace(Some((pid, what)));
     }
     upgrader.inner.replacing.send_replace(true);
     replace_successor(upgrader, pid, how).await;

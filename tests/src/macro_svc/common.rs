@@ -106,6 +106,9 @@ pub(crate) fn options() -> tableflip::Options {
     if let Some(ms) = ms("MS_DRAIN_MS") {
         opts = opts.drain_timeout(Duration::from_millis(ms));
     }
+    if let Some(ms) = ms("MS_PROBATION_MS") {
+        opts = opts.probation(Duration::from_millis(ms));
+    }
     if let Some(ms) = ms("MS_STOP_DELAY_MS") {
         opts = opts.stop_delay(Duration::from_millis(ms));
     }
