@@ -369,6 +369,36 @@ pub(crate) fn single_threaded() -> bool {
     }
 }
 
+/// A process started from an image rather than a release path (the
+/// supervisor re-executed through `/proc/<pid>/exe`, a rollback through
+/// `/proc/self/exe` or `/proc/self/fd/<n>`) is named by the kernel after
+/// that path's last component (`exe`, `7`): `ps`, `top` and `systemctl
+/// status` would show that. It takes the name of its `argv[0]` instead
+/// (the first 15 bytes, the kernel's limit). Linux only; best effort.
+pub(crate) fn name_after_argv0_if_started_from_proc() {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let from_proc = exec_fn().is_some_and(|p| p.as_bytes().starts_with(b"/proc/"));
+        if !from_proc {
+            return;
+        }
+        let Some(argv0) = std::env::args_os().next() else {
+            return;
+        };
+        let base = std::path::Path::new(&argv0)
+            .file_name()
+            .map(|n| n.as_bytes().to_vec())
+            .unwrap_or_default();
+        let short: Vec<u8> = base.into_iter().take(15).filter(|b| *b != 0).collect();
+        if let Ok(name) = std::ffi::CString::new(short) {
+            if !name.as_bytes().is_empty() {
+                let _ = nix::sys::prctl::set_name(&name);
+            }
+        }
+    }
+}
+
 /// How long this process has existed, in milliseconds (Linux: its start
 /// time in `/proc/self/stat` against `/proc/uptime`, so an `exec` does
 /// not reset it). `None` where that cannot be read.

@@ -87,6 +87,12 @@ fn a_release_that_crashes_after_taking_over_is_rolled_back(mode: &str) {
         "the rollback runs the previous binary"
     );
     assert_eq!(file_size(&exe), size_b, "the path still holds release B");
+    // Started from an image (`/proc/…`), named after its argv[0] all the
+    // same (what ps and systemctl status show), as is the supervisor after
+    // re-executing itself.
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm(third).trim(), "svc");
+    assert_eq!(comm(sup).trim(), "svc");
     let main = s.main_pid(third);
     wait_until("the rollback generation is in charge", || {
         pid_file_pid(&s.pid_file) == Some(main)

@@ -211,6 +211,7 @@ impl Upgrader {
         if opts.raise_fd_limit {
             raise_fd_limit();
         }
+        sys::name_after_argv0_if_started_from_proc();
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Some(state) = crate::supervisor::carried_state() {
             // This process is a supervisor that re-executed itself.
