@@ -80,8 +80,9 @@ struct Target {
     /// `tableflip`).
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
-    /// The service's process (the supervisor, or the serving generation):
-    /// as with --pid-file.
+    /// The service's main process: the supervisor (supervised mode) or the
+    /// serving generation (replace mode), as the PID file names it; as
+    /// with --pid-file.
     #[arg(long, value_name = "PID")]
     pid: Option<u32>,
 }
@@ -243,7 +244,12 @@ fn human(s: &Status) -> String {
         Some(u) => {
             let ago = tableflip_now_ms().saturating_sub(u.ended_unix_ms) / 1000;
             let ago = humantime::format_duration(Duration::from_secs(ago));
-            let what = if u.ok {
+            let what = if u.rolled_back {
+                format!(
+                    "ROLLED BACK: {} ({ago} ago)",
+                    u.error.as_deref().unwrap_or("")
+                )
+            } else if u.ok {
                 format!(
                     "succeeded: generation {} in {} ms, {ago} ago",
                     u.generation, u.duration_ms
@@ -290,13 +296,26 @@ fn ask(path: &Path, request: Request, deadline: Instant) -> Result<Reply, NoAnsw
 
 fn ask_once(path: &Path, request: Request, deadline: Instant) -> Result<Reply, NoAnswer> {
     let shown = path.display();
-    let mut stream = UnixStream::connect(path).map_err(|e| {
+    let mut stream = connect(path, deadline).map_err(|e| {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            return NoAnswer::Timeout(format!(
+                "cannot connect to {shown} in time: the service does not accept (stuck, or its backlog is full)"
+            ));
+        }
         let hint = match e.kind() {
             std::io::ErrorKind::NotFound => " (is the service running, with a control socket?)",
             std::io::ErrorKind::PermissionDenied => {
                 " (the socket is the service's user's only: run as that user or root)"
             }
-            std::io::ErrorKind::ConnectionRefused => " (nothing listens on it: a stale file?)",
+            std::io::ErrorKind::ConnectionRefused => {
+                " (nothing listens on it: a stale file, or not a socket?)"
+            }
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                " (the service does not accept: stuck, or its backlog is full)"
+            }
             _ => "",
         };
         NoAnswer::Unreachable(format!("cannot connect to {shown}: {e}{hint}"))
@@ -358,6 +377,20 @@ fn ask_once(path: &Path, request: Request, deadline: Instant) -> Result<Reply, N
             String::from_utf8_lossy(&answer).trim()
         ))
     })
+}
+
+/// Connects to `path`, giving up at `deadline` (a service that does not
+/// accept, its backlog full, would block a plain `connect` for ever).
+fn connect(path: &Path, deadline: Instant) -> std::io::Result<UnixStream> {
+    let addr = socket2::SockAddr::unix(path)?;
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    // A Unix stream connect waits for room in the backlog up to the send
+    // timeout (unix(7); net/unix/af_unix.c), then fails with EAGAIN.
+    let left = deadline.saturating_duration_since(Instant::now());
+    socket.set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
+    socket.connect(&addr)?;
+    socket.set_write_timeout(None)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
 }
 
 /// The control socket named by `target`.

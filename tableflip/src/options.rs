@@ -249,7 +249,10 @@ impl Options {
     /// disk since still runs. In supervised mode the supervisor keeps it
     /// open for the window. In replace mode the old generation rolls back,
     /// so the window also ends when the old generation exits (its drain
-    /// over): use supervised mode for a window longer than the drain.
+    /// over), unless a control-socket request waits for the probation
+    /// (`tableflip-ctl upgrade --wait-probation`): the drained old
+    /// generation then stays until the window is over (or a stop signal).
+    /// Use supervised mode for a window longer than the drain without that.
     pub fn probation(mut self, window: Duration) -> Self {
         self.probation = Some(window);
         self

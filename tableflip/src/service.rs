@@ -546,8 +546,23 @@ async fn lifecycle(
                 // replaced: exiting now would kill the replacement.
                 upgrader.settled().await;
                 // Answers to the control socket are written before the
-                // exit (a joined upgrade's outcome, a `retry`).
-                upgrader.ctl_settled(Duration::from_secs(1)).await;
+                // exit (a joined upgrade's outcome, a `retry`); a request
+                // that waits for the new generation's probation keeps this
+                // process (which can roll back) until it is over. A stop
+                // signal cuts it short.
+                let window = upgrader.options().get_probation().max(Duration::from_secs(1));
+                tokio::select! {
+                    () = upgrader.ctl_settled(window) => {}
+                    _ = signals.term.recv() => {
+                        upgrader.stop();
+                        upgrader.ctl_settled(Duration::from_secs(1)).await;
+                    }
+                    _ = signals.int.recv() => {
+                        upgrader.stop();
+                        upgrader.ctl_settled(Duration::from_secs(1)).await;
+                    }
+                }
+                upgrader.settled().await;
                 upgrader.release_pid_file();
                 return ExitCode::SUCCESS;
             }

@@ -287,3 +287,70 @@ fn supervised_another_user_is_refused() {
 fn replace_another_user_is_refused() {
     another_user_is_refused("replace");
 }
+
+fn a_request_without_a_newline_is_answered(mode: &str) {
+    use std::io::{Read, Write};
+    let h = Harness::new(&format!("ctl-eof-{mode}"));
+    let s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[]);
+    let ask = |bytes: &[u8]| {
+        let mut c = std::os::unix::net::UnixStream::connect(&s.socket)
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.set_read_timeout(Some(DEADLINE))
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.write_all(bytes).unwrap_or_else(|e| panic!("{e}"));
+        c.shutdown(std::net::Shutdown::Write)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    };
+    // The end of the stream ends the request.
+    let status = ask(br#"{"command":"status"}"#);
+    assert!(status.contains(r#""outcome":"status""#), "{status:?}");
+    // Nothing at all: said so.
+    let nothing = ask(b"");
+    assert!(nothing.contains(r#""outcome":"bad_request""#), "{nothing:?}");
+    let first = s.first;
+    s.stop(first);
+}
+
+#[test]
+fn supervised_a_request_without_a_newline_is_answered() {
+    a_request_without_a_newline_is_answered("supervised");
+}
+
+#[test]
+fn replace_a_request_without_a_newline_is_answered() {
+    a_request_without_a_newline_is_answered("replace");
+}
+
+/// A supervisor that does not accept (stopped, its backlog full): the
+/// client's `--timeout` covers the connection too.
+#[test]
+fn the_timeout_covers_a_service_that_does_not_accept() {
+    let h = Harness::new("ctl-backlog");
+    let s = CtlService::start(&h, Path::new(MACRO_SVC), "supervised", &[]);
+    let sup = s.first_pid;
+    stop_process(sup);
+    // Fill the control socket's backlog.
+    let addr = socket2::SockAddr::unix(&s.socket).unwrap_or_else(|e| panic!("{e}"));
+    let mut held = Vec::new();
+    loop {
+        let c = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.set_nonblocking(true).unwrap_or_else(|e| panic!("{e}"));
+        match c.connect(&addr) {
+            Ok(()) => held.push(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("connect: {e}"),
+        }
+        assert!(held.len() < 10_000, "the backlog never filled");
+    }
+    let said = ctl(&["status", "--socket", &s.socket, "--timeout", "1s"]);
+    signal(sup, Signal::SIGCONT);
+    drop(held);
+    assert_eq!(said.code, Some(6), "{said:?}");
+    assert!(said.stderr.contains("does not accept"), "{said:?}");
+    let first = s.first;
+    s.stop(first);
+}

@@ -309,7 +309,7 @@ impl LastUpgrade {
     pub(crate) fn rolled_back(generation: u64, what: String) -> LastUpgrade {
         LastUpgrade {
             ok: false,
-            failure: None,
+            failure: Some(Failure::RolledBack),
             error: Some(what),
             generation,
             duration_ms: 0,

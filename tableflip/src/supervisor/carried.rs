@@ -26,7 +26,11 @@ use crate::upgrade::launch::Executable;
 pub(crate) const ENV: &str = "TABLEFLIP_SUPERVISOR";
 
 /// The newest version of the carried state this build reads and writes.
-pub(crate) const VERSION: u32 = 1;
+///
+/// 2: the control socket and its connections, the previous binary and
+/// the probation (fds a build that reads only 1 would keep open unused:
+/// the supervisor does not re-execute into such a build).
+pub(crate) const VERSION: u32 = 2;
 
 /// The largest state accepted.
 const MAX_STATE: usize = 16 << 20;

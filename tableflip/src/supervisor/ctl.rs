@@ -91,15 +91,17 @@ pub(super) fn bind_socket(path: &Path) -> std::io::Result<CtlSocket> {
 }
 
 /// Accepts every connection waiting; returns them (each checked: another
-/// user's is answered `refused` and closed).
-pub(super) fn accept_all(listener: &CtlSocket, open: usize) -> Vec<Client> {
+/// user's is answered `refused` and closed) and whether accepting failed
+/// (out of fds, say: the listener, still readable, is then left alone for
+/// a moment instead of waking the supervisor in a loop).
+pub(super) fn accept_all(listener: &CtlSocket, open: usize) -> (Vec<Client>, bool) {
     let mut new = Vec::new();
     let euid = nix::unistd::geteuid().as_raw();
     let accepting = std::os::unix::net::UnixListener::from(match listener.fd.try_clone() {
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!(error = %e, "supervisor: control socket: cannot accept");
-            return new;
+            return (new, true);
         }
     });
     loop {
@@ -110,8 +112,8 @@ pub(super) fn accept_all(listener: &CtlSocket, open: usize) -> Vec<Client> {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) => {
-                tracing::warn!(error = %e, "supervisor: control socket: cannot accept");
-                break;
+                tracing::warn!(error = %e, "supervisor: control socket: cannot accept; trying again in 100 ms");
+                return (new, true);
             }
         };
         if let Err(e) = stream.set_nonblocking(true) {
@@ -159,7 +161,7 @@ pub(super) fn accept_all(listener: &CtlSocket, open: usize) -> Vec<Client> {
             deadline: Instant::now() + REQUEST_TIMEOUT,
         });
     }
-    new
+    (new, false)
 }
 
 /// What reading a connection gave.
@@ -179,7 +181,18 @@ pub(super) fn read(client: &mut Client) -> Read {
     let mut chunk = [0u8; 512];
     loop {
         match nix::unistd::read(&client.fd, &mut chunk) {
-            Ok(0) => return Read::Gone,
+            // The end of the request without a newline: it is the request.
+            Ok(0) if !client.buf.is_empty() => {
+                return match ctl::parse_request(&client.buf) {
+                    Ok(r) => Read::Request(r),
+                    Err(reply) => Read::Answer(reply),
+                };
+            }
+            Ok(0) => {
+                return Read::Answer(Reply::BadRequest {
+                    error: "no request (the connection was closed before one came)".to_owned(),
+                });
+            }
             Ok(n) => {
                 client.buf.extend_from_slice(&chunk[..n]);
                 if let Some(end) = client.buf.iter().position(|b| *b == b'\n') {
@@ -274,10 +287,14 @@ impl super::Supervisor {
         let Some(listener) = &self.ctl else {
             return;
         };
-        for mut c in accept_all(listener, self.clients.len()) {
+        let (new, failed) = accept_all(listener, self.clients.len());
+        for mut c in new {
             self.client_id = self.client_id.wrapping_add(1);
             c.id = self.client_id;
             self.clients.push(c);
+        }
+        if failed {
+            self.ctl_paused_until = Some(Instant::now() + std::time::Duration::from_millis(100));
         }
     }
 

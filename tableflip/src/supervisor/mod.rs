@@ -316,6 +316,8 @@ struct Supervisor {
     /// When the last upgrade committed (the old generation's exit is
     /// measured from it).
     committed_at: Option<Instant>,
+    /// Accepting on the control socket failed: not polled until then.
+    ctl_paused_until: Option<Instant>,
 }
 
 impl Supervisor {
@@ -365,6 +367,7 @@ impl Supervisor {
             rolled_back: None,
             rollback_uncounted: false,
             committed_at: None,
+            ctl_paused_until: None,
         })
     }
 
@@ -517,7 +520,9 @@ impl Supervisor {
                 .iter()
                 .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
         );
-        if let Some(c) = &self.ctl {
+        let paused = self.ctl_paused_until.is_some_and(|t| t > Instant::now());
+        let listening = self.ctl.as_ref().filter(|_| !paused);
+        if let Some(c) = listening {
             fds.push(PollFd::new(c.fd.as_fd(), PollFlags::POLLIN));
         }
         match poll(&mut fds, timeout) {
@@ -541,7 +546,7 @@ impl Supervisor {
                 .filter(|(_, fd)| fired(fd))
                 .map(|((id, _), _)| *id)
                 .collect(),
-            ctl: self.ctl.is_some() && fds.last().is_some_and(fired),
+            ctl: listening.is_some() && fds.last().is_some_and(fired),
         })
     }
 
@@ -556,6 +561,7 @@ impl Supervisor {
             .chain(self.collecting.as_ref().map(|c| c.deadline))
             .chain(self.lame_duck_until)
             .chain(self.probation.map(|(_, until)| until))
+            .chain(self.ctl_paused_until)
             .chain(
                 self.clients
                     .iter()
@@ -567,6 +573,9 @@ impl Supervisor {
 
     fn run_timers(&mut self) {
         let now = Instant::now();
+        if self.ctl_paused_until.is_some_and(|t| t <= now) {
+            self.ctl_paused_until = None;
+        }
         self.ctl_timeouts(now);
         if self.probation.is_some_and(|(_, until)| until <= now) {
             self.ctl_probation_over(None);

@@ -984,7 +984,8 @@ impl Upgrader {
         };
         let (new_pid, joined) = (*new_pid, *joined);
         let window = self.inner.opts.get_probation();
-        let started = Instant::now();
+        let started = lock(&self.inner.successor_ready_at).unwrap_or_else(Instant::now);
+        let left = window.saturating_sub(started.elapsed());
         let mut rollbacks = self.inner.rollbacks.subscribe();
         let rolled_back =
             rollbacks.wait_for(|r| r.as_ref().is_some_and(|(pid, _)| *pid == new_pid));
@@ -996,7 +997,9 @@ impl Upgrader {
                     }
                 }
             }
-            () = tokio::time::sleep(window) => {}
+            () = tokio::time::sleep(left) => {}
+            // The service stops: the probation is cut short.
+            () = self.inner.stop.cancelled() => {}
             () = self.inner.ctl_finishing.cancelled() => {}
         }
         let served = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -1012,10 +1015,25 @@ impl Upgrader {
 
     /// Resolves once every control-socket answer in flight has been
     /// written (or after `timeout`): awaited before the process exits.
+    /// A request that waits for a probation keeps this process (drained,
+    /// holding the sockets, able to roll back) until the probation is over,
+    /// at most `timeout`; then every answer still pending is written (at
+    /// most 1 s more).
     pub(crate) async fn ctl_settled(&self, timeout: std::time::Duration) {
-        self.inner.ctl_finishing.cancel();
         self.inner.ctl_tasks.close();
+        let waiting = !self.inner.ctl_tasks.is_empty();
+        if waiting {
+            tracing::info!(
+                "waiting for the new generation's probation before exiting: a control-socket request asked for its outcome"
+            );
+        }
         let _ = tokio::time::timeout(timeout, self.inner.ctl_tasks.wait()).await;
+        self.inner.ctl_finishing.cancel();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            self.inner.ctl_tasks.wait(),
+        )
+        .await;
     }
 
     /// The control socket's `status` (replace mode).
