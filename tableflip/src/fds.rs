@@ -1004,13 +1004,28 @@ impl Fds {
         }
         lock(&self.registry)
             .entries
-            .values()
+            .iter()
+            // The control socket's file goes at the exit: the service
+            // answers on it while it drains.
+            .filter(|(name, _)| name.as_str() != crate::ctl::LISTENER_NAME)
+            .map(|(_, e)| e)
             .filter(|e| ready || e.created_here)
             // The file of a socket systemd passed belongs to its socket unit.
             .filter(|e| !e.activated)
             .filter(|e| matches!(e.kind, Kind::Listener | Kind::Packet))
             .filter_map(|e| e.file.clone())
             .collect()
+    }
+
+    /// The control socket's file, if this generation serves one and owns
+    /// its file (see [`owned_unix_files`](Self::owned_unix_files)).
+    pub(crate) fn control_socket_file(&self, ready: bool) -> Option<SocketFile> {
+        let reg = lock(&self.registry);
+        let e = reg.entries.get(crate::ctl::LISTENER_NAME)?;
+        if !(ready || e.created_here) || e.activated {
+            return None;
+        }
+        e.file.clone()
     }
 
     /// Locks the registry and describes every entry for the next

@@ -105,6 +105,9 @@ pub struct Service {
 /// `RUST_LOG=info`.
 pub fn macro_svc_cmd(exe: impl AsRef<std::ffi::OsStr>, ctl: &Scratch, mode: &str) -> Command {
     let mut cmd = Command::new(exe);
+    // A test runner under systemd may have one: every service would put
+    // its control socket there.
+    cmd.env_remove("RUNTIME_DIRECTORY");
     cmd.env("TF_CTL", ctl.path())
         .env("TABLEFLIP_MODE", mode)
         .env("MS_UNIX", ctl.path().join("u.sock"))
@@ -145,6 +148,7 @@ impl Service {
         let mut cmd = Command::new(exe);
         // These tests are about the replace mode.
         cmd.env("TABLEFLIP_MODE", "replace");
+        cmd.env_remove("RUNTIME_DIRECTORY");
         cmd.env("TF_CTL", ctl.path())
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())

@@ -293,8 +293,8 @@ fn a_request_without_a_newline_is_answered(mode: &str) {
     let h = Harness::new(&format!("ctl-eof-{mode}"));
     let s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[]);
     let ask = |bytes: &[u8]| {
-        let mut c = std::os::unix::net::UnixStream::connect(&s.socket)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let mut c =
+            std::os::unix::net::UnixStream::connect(&s.socket).unwrap_or_else(|e| panic!("{e}"));
         c.set_read_timeout(Some(DEADLINE))
             .unwrap_or_else(|e| panic!("{e}"));
         c.write_all(bytes).unwrap_or_else(|e| panic!("{e}"));
@@ -309,7 +309,10 @@ fn a_request_without_a_newline_is_answered(mode: &str) {
     assert!(status.contains(r#""outcome":"status""#), "{status:?}");
     // Nothing at all: said so.
     let nothing = ask(b"");
-    assert!(nothing.contains(r#""outcome":"bad_request""#), "{nothing:?}");
+    assert!(
+        nothing.contains(r#""outcome":"bad_request""#),
+        "{nothing:?}"
+    );
     let first = s.first;
     s.stop(first);
 }
@@ -353,4 +356,50 @@ fn the_timeout_covers_a_service_that_does_not_accept() {
     assert!(said.stderr.contains("does not accept"), "{said:?}");
     let first = s.first;
     s.stop(first);
+}
+
+/// During the drain of a stop (a request still in flight), the control
+/// socket answers: the service is stopping.
+fn a_draining_service_still_answers(mode: &str) {
+    use std::io::{Read, Write};
+    let h = Harness::new(&format!("ctl-drain-{mode}"));
+    let mut s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[]);
+    let (first, sock, tcp) = (s.first, s.socket.clone(), s.tcp.clone());
+    let slow = std::thread::spawn(move || {
+        let mut c = std::net::TcpStream::connect(&tcp).unwrap_or_else(|e| panic!("{e}"));
+        c.set_read_timeout(Some(DEADLINE))
+            .unwrap_or_else(|e| panic!("{e}"));
+        writeln!(c, "SLOW 3000").unwrap_or_else(|e| panic!("{e}"));
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    });
+    s.svc.wait_kind("slow", Some(first));
+    signal(s.main_pid(first), Signal::SIGTERM);
+    s.svc.wait_kind("draining", Some(first));
+    let refused = ctl(&["upgrade", "--socket", &sock]);
+    assert_eq!(refused.code, Some(3), "{refused:?}");
+    assert!(refused.str("error").contains("stopping"), "{refused:?}");
+    let status = ctl(&["status", "--socket", &sock, "--json"]);
+    assert_eq!(status.code, Some(0), "{status:?}");
+    assert_eq!(status.str("state"), "stopping", "{status:?}");
+    assert_eq!(
+        slow.join().map(|r| reply_pid(&r)).ok(),
+        Some(first),
+        "the request in flight completed"
+    );
+    s.svc.wait_all_exited();
+    wait_until("the control socket's file is removed at the exit", || {
+        !Path::new(&sock).exists()
+    });
+}
+
+#[test]
+fn supervised_a_draining_service_still_answers() {
+    a_draining_service_still_answers("supervised");
+}
+
+#[test]
+fn replace_a_draining_service_still_answers() {
+    a_draining_service_still_answers("replace");
 }

@@ -57,6 +57,10 @@ pub const DEFAULT_FILE_NAME: &str = "tableflip.sock";
 /// The permissions of the control socket's file.
 pub const MODE: u32 = 0o600;
 
+/// At most this many control connections are open at once; more are
+/// answered `refused` at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// The longest request line accepted, in bytes.
 pub const MAX_REQUEST: usize = 4096;
 

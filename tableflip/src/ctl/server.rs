@@ -21,13 +21,32 @@ pub(crate) async fn serve(upgrader: Upgrader, listener: UnixListener) {
     let exit = upgrader.exit();
     tokio::pin!(exit);
     let tasks = upgrader.ctl_tasks().clone();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(super::MAX_CONNECTIONS));
+    let mut stopping = false;
     loop {
         tokio::select! {
-            () = &mut exit => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tasks.spawn(answer(upgrader.clone(), stream));
+            () = &mut exit, if !stopping => {
+                if upgrader.successor_pid().is_some() {
+                    // Handed over: the new generation answers.
+                    break;
                 }
+                // A stop: answered ("stopping", the status) while the
+                // process drains, until it exits.
+                stopping = true;
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => match std::sync::Arc::clone(&slots).try_acquire_owned() {
+                    Ok(slot) => {
+                        let upgrader = upgrader.clone();
+                        tasks.spawn(async move {
+                            answer(upgrader, stream).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => {
+                        tasks.spawn(refuse_busy(stream));
+                    }
+                },
                 Err(e) => {
                     // Out of fds, say: the next accept may work.
                     tracing::warn!(error = %e, "control socket: cannot accept a connection");
@@ -37,6 +56,18 @@ pub(crate) async fn serve(upgrader: Upgrader, listener: UnixListener) {
         }
     }
     tracing::debug!("control socket: no longer answering (this generation exits)");
+}
+
+/// More connections than [`super::MAX_CONNECTIONS`]: refused at once.
+async fn refuse_busy(mut stream: UnixStream) {
+    let reply = Reply::Refused {
+        error: format!(
+            "too many control connections (at most {}); try again",
+            super::MAX_CONNECTIONS
+        ),
+    };
+    let _ = stream.write_all(&reply.to_line()).await;
+    let _ = stream.shutdown().await;
 }
 
 async fn answer(upgrader: Upgrader, stream: UnixStream) {
@@ -103,6 +134,7 @@ use tokio::io::AsyncReadExt as _;
 /// `upgrade`: runs an upgrade, or joins the one running, and answers with
 /// its outcome.
 async fn upgrade(upgrader: &Upgrader) -> Reply {
+    let asked = std::time::Instant::now();
     let mut outcomes = upgrader.ctl_outcomes();
     let seen = outcomes.borrow().0;
     if let Some(r) = handed_over(upgrader) {
@@ -129,13 +161,18 @@ async fn upgrade(upgrader: &Upgrader) -> Reply {
         (_, Some(reply)) => reply,
         (Err(Error::UpgradeInProgress { .. }), None) => {
             tracing::info!("control socket: an upgrade is running; the request joins it");
+            // An upgrade that started after this request (a SIGHUP's, while
+            // this one waited for the previous generation) is this one's
+            // too: it starts the binary that was there when it was asked.
+            let joined = upgrader.upgrade_started_before(asked);
             match outcomes.wait_for(|(n, _)| *n > seen).await {
-                Ok(o) => o.1.clone().map_or_else(
-                    || Reply::Refused {
+                Ok(o) => match o.1.clone() {
+                    Some(r) if joined => r.joined(),
+                    Some(r) => r,
+                    None => Reply::Refused {
                         error: "the upgrade ended without an outcome".to_owned(),
                     },
-                    Reply::joined,
-                ),
+                },
                 Err(_) => Reply::Refused {
                     error: "the service is exiting".to_owned(),
                 },

@@ -17,7 +17,7 @@ use crate::unixfile::SocketFile;
 
 /// At most this many connections are open at once; more are answered
 /// `refused` and closed.
-const MAX_CLIENTS: usize = 64;
+const MAX_CLIENTS: usize = ctl::MAX_CONNECTIONS;
 
 /// The listening socket and its file.
 #[derive(Debug)]

@@ -129,6 +129,8 @@ struct Inner {
     last_upgrade: Mutex<Option<crate::ctl::LastUpgrade>>,
     /// A lame-duck stop (`Options::stop_delay`) is under way.
     lame_duck: AtomicBool,
+    /// When the upgrade in flight (or the last one) started.
+    upgrade_started_at: Mutex<Option<Instant>>,
     /// This generation is a rollback (what happened), from the handover.
     rollback_of: Option<String>,
     /// When the successor in charge became ready (its probation starts).
@@ -143,6 +145,8 @@ struct Inner {
     /// The process is about to exit: requests waiting for a probation are
     /// answered now.
     ctl_finishing: CancellationToken,
+    /// The control socket's file, removed at the exit after a stop.
+    ctl_file_at_exit: Mutex<Option<crate::unixfile::SocketFile>>,
     /// The control socket, when no runtime answers it.
     ctl_unserved: Mutex<Option<std::os::unix::net::UnixListener>>,
     /// A stop has come after readiness: the PID file is removed when the
@@ -362,7 +366,9 @@ impl Upgrader {
                 last_upgrade: Mutex::new(None),
                 lame_duck: AtomicBool::new(false),
                 ctl_unserved: Mutex::new(None),
+                ctl_file_at_exit: Mutex::new(None),
                 rollback_of: None,
+                upgrade_started_at: Mutex::new(None),
                 successor_ready_at: Mutex::new(None),
                 rolling_back: Mutex::new(None),
                 rollbacks: tokio::sync::watch::Sender::new(None),
@@ -812,6 +818,7 @@ impl Upgrader {
             successor: None,
         };
         let started = Instant::now();
+        *lock(&self.inner.upgrade_started_at) = Some(started);
         tracing::info!(
             generation = self.inner.generation.saturating_add(1),
             "upgrade: starting the next generation"
@@ -1006,6 +1013,12 @@ impl Upgrader {
         reply.after_probation(served)
     }
 
+    /// Whether the upgrade in flight (or the last one) started before
+    /// `t`.
+    pub(crate) fn upgrade_started_before(&self, t: Instant) -> bool {
+        lock(&self.inner.upgrade_started_at).is_some_and(|s| s < t)
+    }
+
     /// The upgrades' outcomes, as they come.
     pub(crate) fn ctl_outcomes(
         &self,
@@ -1055,7 +1068,13 @@ impl Upgrader {
             pids.push(parent);
         }
         pids.push(me);
+        let starting = match *self.phase() {
+            Phase::Upgrading { child, .. } => child,
+            _ => None,
+        };
+        pids.extend(starting);
         pids.extend(lock(&self.inner.successor).as_ref().map(|(pid, _)| *pid));
+        pids.dedup();
         crate::ctl::Status {
             mode: "replace".to_owned(),
             state: state.to_owned(),
@@ -1098,6 +1117,9 @@ impl Inner {
         for file in self.fds.owned_unix_files(ready, self.notify.stores()) {
             file.remove();
         }
+        // The control socket answers ("stopping", the status) during the
+        // drain: its file goes at the exit.
+        *lock(&self.ctl_file_at_exit) = self.fds.control_socket_file(ready);
         if ready {
             self.pid_file_at_exit.store(true, Ordering::SeqCst);
         }
@@ -1106,6 +1128,9 @@ impl Inner {
     /// Removes the PID file (if it still names this process) when a stop
     /// has deferred it to the exit.
     fn release_pid_file(&self) {
+        if let Some(file) = lock(&self.ctl_file_at_exit).take() {
+            file.remove();
+        }
         if self.pid_file_at_exit.swap(false, Ordering::SeqCst) {
             if let Some(path) = self.pid_file() {
                 pidfile::remove_if_ours(&path, std::process::id());
