@@ -403,3 +403,46 @@ fn supervised_a_draining_service_still_answers() {
 fn replace_a_draining_service_still_answers() {
     a_draining_service_still_answers("replace");
 }
+
+/// Clients that gave up while waiting for an upgrade's outcome free their
+/// slots (supervised mode, which caps them at 64): `status` still answers.
+#[test]
+fn clients_that_hang_up_while_waiting_free_their_slots() {
+    use std::io::Write;
+    let h = Harness::new("ctl-hangup");
+    let s = CtlService::start(&h, Path::new(MACRO_SVC), "supervised", &[]);
+    let (first, sup, sock) = (s.first, s.first_pid, s.socket.clone());
+    let mut s = s;
+    h.ctl.write("init", "block");
+    let asked = start_ctl(CTL, &["upgrade", "--socket", &sock, "--timeout", "60s"]);
+    let second = s
+        .svc
+        .wait_for("the new generation", |e| {
+            e.kind == "start" && e.pid != first && e.pid != sup
+        })
+        .pid;
+    // Every other slot taken by a client that joins the upgrade.
+    let mut waiting = Vec::new();
+    for _ in 0..63 {
+        let mut c =
+            std::os::unix::net::UnixStream::connect(&sock).unwrap_or_else(|e| panic!("{e}"));
+        c.write_all(b"{\"command\":\"upgrade\"}\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        waiting.push(c);
+    }
+    wait_until("63 requests have joined the upgrade", || {
+        std::fs::read_to_string(&s.log)
+            .is_ok_and(|l| l.matches("the request joins it").count() >= 63)
+    });
+    let full = ctl(&["status", "--socket", &sock, "--json"]);
+    assert_eq!(full.code, Some(3), "every slot is taken: {full:?}");
+    drop(waiting);
+    wait_until("the slots are free again", || {
+        ctl(&["status", "--socket", &sock, "--json"]).code == Some(0)
+    });
+    h.ctl.write("unblock", "");
+    let said = asked.finish();
+    assert_eq!(said.code, Some(0), "{said:?}");
+    s.svc.wait_kind("draining", Some(first));
+    s.stop(second);
+}

@@ -212,6 +212,8 @@ struct Woken {
     ctl: bool,
     /// These control-socket connections sent something.
     clients: Vec<u64>,
+    /// These control-socket connections, waiting for an outcome, hung up.
+    hung_up: Vec<u64>,
 }
 
 /// The delay before a replacement starts: none for a crash after a quiet
@@ -480,6 +482,13 @@ impl Supervisor {
             for id in woken.clients {
                 self.read_client(id);
             }
+            if !woken.hung_up.is_empty() {
+                tracing::debug!(
+                    count = woken.hung_up.len(),
+                    "supervisor: control socket: clients waiting for an outcome hung up"
+                );
+                self.clients.retain(|c| !woken.hung_up.contains(&c.id));
+            }
         }
         self.finish()
     }
@@ -508,7 +517,15 @@ impl Supervisor {
             .filter(|c| c.phase == ctl::Phase::Reading)
             .map(|c| (c.id, c.fd.as_fd()))
             .collect();
-        let mut fds = Vec::with_capacity(watched.len() + reading.len() + 2);
+        // Those waiting for an outcome: watched for hang-up only (a client
+        // that gave up frees its slot).
+        let waiting: Vec<(u64, BorrowedFd<'_>)> = self
+            .clients
+            .iter()
+            .filter(|c| c.phase != ctl::Phase::Reading)
+            .map(|c| (c.id, c.fd.as_fd()))
+            .collect();
+        let mut fds = Vec::with_capacity(watched.len() + reading.len() + waiting.len() + 2);
         fds.push(PollFd::new(self.signals.as_fd(), PollFlags::POLLIN));
         fds.extend(
             watched
@@ -519,6 +536,11 @@ impl Supervisor {
             reading
                 .iter()
                 .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
+        );
+        fds.extend(
+            waiting
+                .iter()
+                .map(|(_, fd)| PollFd::new(*fd, PollFlags::empty())),
         );
         let paused = self.ctl_paused_until.is_some_and(|t| t > Instant::now());
         let listening = self.ctl.as_ref().filter(|_| !paused);
@@ -532,7 +554,14 @@ impl Supervisor {
         }
         let fired = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
         let n = watched.len();
+        let r = reading.len();
         Ok(Woken {
+            hung_up: waiting
+                .iter()
+                .zip(&fds[n + 1 + r..])
+                .filter(|(_, fd)| fired(fd))
+                .map(|((id, _), _)| *id)
+                .collect(),
             signals: fired(&fds[0]),
             gens: watched
                 .iter()
@@ -542,7 +571,7 @@ impl Supervisor {
                 .collect(),
             clients: reading
                 .iter()
-                .zip(&fds[n + 1..])
+                .zip(&fds[n + 1..n + 1 + r])
                 .filter(|(_, fd)| fired(fd))
                 .map(|((id, _), _)| *id)
                 .collect(),
