@@ -18,8 +18,8 @@
 //! - `SIGHUP` upgrades; `SIGTERM`/`SIGINT` stop gracefully (a second one
 //!   exits at once). Logs go to stderr (`RUST_LOG` filters).
 //!
-//! The `Router` is wrapped in `hyper_util::service::TowerToHyperService`
-//! and served by `tableflip::http::Server`, whose drain fails no request.
+//! The `Router` is served by `tableflip::http::Server::serve_tower` (one
+//! call: any tower service), whose drain fails no request.
 //! Not `axum::serve(…).with_graceful_shutdown(cx.draining())`: axum's
 //! graceful shutdown closes idle keep-alive connections and connections
 //! accepted just before the drain, so some requests fail at each upgrade.
@@ -31,7 +31,6 @@ use axum::Router;
 use axum::extract::Query;
 use axum::http::StatusCode;
 use axum::routing::get;
-use hyper_util::service::TowerToHyperService;
 use tableflip::{Context, Options, listener};
 use tokio::net::TcpListener;
 
@@ -57,9 +56,7 @@ async fn main(cx: Context) -> std::io::Result<()> {
     let server = tableflip::http::Server::new();
     let serve_cx = cx.clone();
     cx.spawn(async move {
-        server
-            .serve(&serve_cx, listener, TowerToHyperService::new(app))
-            .await;
+        server.serve_tower(&serve_cx, listener, app).await;
     });
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! HTTP serving that drains without failing a request (feature `http`).
 //!
-//! [`Server::serve`] runs a hyper service (or an axum `Router`, wrapped with
-//! `hyper_util::service::TowerToHyperService`) on a listener, HTTP/1.1 and
-//! HTTP/2, and drains it so that an upgrade fails no request and resets no
+//! [`Server::serve_tower`] runs an axum `Router` (any tower service), and
+//! [`Server::serve`] a hyper service, on a TCP or Unix listener
+//! ([`Accept`]), HTTP/1.1 and HTTP/2, and drains it so that an upgrade fails no request and resets no
 //! connection:
 //!
 //! * When the drain starts, the accept loop stops and drops its handle of
@@ -140,12 +140,42 @@ impl Server {
         &mut self.builder
     }
 
-    /// Accepts connections on `listener` and serves each with `service`
-    /// until the drain starts; each connection is a task of `cx`, so the
-    /// drain waits for it. Returns when the drain starts (the listener is
-    /// dropped then: this process's handle only).
-    pub async fn serve<S, B>(&self, cx: &Context, listener: tokio::net::TcpListener, service: S)
+    /// [`serve`](Self::serve) for a tower service, such as an axum
+    /// `Router` (`Router<()>`: with its state given, `.with_state(…)`):
+    /// one call, no wrapper.
+    ///
+    /// ```no_run
+    /// # async fn app(cx: tableflip::Context, listener: tokio::net::TcpListener) {
+    /// # let router = axum::Router::new();
+    /// tableflip::http::Server::new().serve_tower(&cx, listener, router).await;
+    /// # }
+    /// ```
+    pub async fn serve_tower<L, S, B>(&self, cx: &Context, listener: L, service: S)
     where
+        L: Accept,
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        self.serve(cx, listener, service).await;
+    }
+
+    /// Accepts connections on `listener` (a TCP or Unix listener, see
+    /// [`Accept`]) and serves each with `service` until the drain starts;
+    /// each connection is a task of `cx`, so the drain waits for it.
+    /// Returns when the drain starts (the listener is dropped then: this
+    /// process's handle only).
+    pub async fn serve<L, S, B>(&self, cx: &Context, listener: L, service: S)
+    where
+        L: Accept,
         S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
@@ -159,9 +189,8 @@ impl Server {
             tokio::select! {
                 biased;
                 () = &mut draining => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => {
-                        let _ = stream.set_nodelay(true);
+                accepted = listener.accept_io() => match accepted {
+                    Ok(stream) => {
                         let this = self.clone();
                         let conn_cx = cx.clone();
                         let service = service.clone();
@@ -443,6 +472,34 @@ where
 /// without `Connection: upgrade`).
 fn switches_protocols(connect: bool, status: StatusCode) -> bool {
     status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success())
+}
+
+/// A listener [`Server::serve`] accepts connections from: TCP and Unix
+/// stream listeners (tokio's). A TCP connection gets `TCP_NODELAY`.
+pub trait Accept: Send + 'static {
+    /// The accepted connection.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Accepts the next connection.
+    fn accept_io(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        let (stream, _peer) = self.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        self.accept().await.map(|(stream, _peer)| stream)
+    }
 }
 
 #[cfg(test)]

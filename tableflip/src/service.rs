@@ -64,8 +64,8 @@ impl Context {
     /// such as WebSockets it wants to close when the drain starts.
     ///
     /// For HTTP, `tableflip::http::Server` (feature `http`) is the lossless
-    /// way: it serves hyper services and axum `Router`s (through
-    /// `hyper_util::service::TowerToHyperService`), and its drain fails no
+    /// way: it serves hyper services and axum `Router`s (`serve_tower`),
+    /// and its drain fails no
     /// request. Do not pass this future as the graceful-shutdown signal of
     /// axum (`serve(…).with_graceful_shutdown`) or of hyper-util: that
     /// shutdown closes idle keep-alive connections, racing the client's

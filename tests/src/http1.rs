@@ -30,7 +30,7 @@ pub struct Reply {
     pub body: String,
 }
 
-pub fn read_reply(reader: &mut BufReader<TcpStream>) -> std::io::Result<Reply> {
+pub fn read_reply<R: std::io::Read>(reader: &mut BufReader<R>) -> std::io::Result<Reply> {
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Err(std::io::Error::new(

@@ -27,6 +27,7 @@ fn start_with(ctl: &Scratch, envs: &[(&str, &str)]) -> (Service, String, std::pa
     // These tests are about the replace mode.
     cmd.env("TABLEFLIP_MODE", "replace");
     cmd.env("AX_ADDR", &addr)
+        .env("AX_UNIX", ctl.path().join("http.sock"))
         .env("PID_FILE", &pid_file)
         .env("RUST_LOG", "warn")
         .envs(envs.iter().copied());
@@ -76,6 +77,71 @@ fn axum_under_load_fails_no_request_across_upgrades() {
         &total.failures[..total.failures.len().min(20)]
     );
     assert!(total.ok > 0);
+    signal(current, Signal::SIGTERM);
+    svc.wait_all_exited();
+}
+
+/// The axum application on a Unix socket (`serve_tower` on a
+/// `UnixListener`, as behind a reverse proxy): a client making one request
+/// per connection through upgrades sees no failure, and is served by each
+/// generation in turn.
+#[test]
+fn axum_on_a_unix_socket_fails_no_request_across_upgrades() {
+    use std::io::Write;
+    let h = Harness::new("axum-unix");
+    let ctl = &h.ctl;
+    let (mut svc, _addr, pid_file) = start(ctl);
+    let path = ctl.path().join("http.sock");
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (path, stop) = (path.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let (mut ok, mut failures, mut pids) = (0u64, Vec::new(), Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let reply = std::os::unix::net::UnixStream::connect(&path).and_then(|s| {
+                    s.set_read_timeout(Some(DEADLINE))?;
+                    let mut conn = std::io::BufReader::new(s);
+                    write!(
+                        conn.get_mut(),
+                        "GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+                    )?;
+                    tableflip_tests::http1::read_reply(&mut conn)
+                });
+                match reply {
+                    Ok(r) if r.status == 200 => {
+                        ok += 1;
+                        let pid = reply_pid(&r.body);
+                        if !pids.contains(&pid) {
+                            pids.push(pid);
+                        }
+                    }
+                    Ok(r) => failures.push(format!("status {}", r.status)),
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            (ok, failures, pids)
+        })
+    };
+    let mut current = svc.first_pid();
+    for _ in 0..3 {
+        current = upgrade_via_pid_file(&mut svc, &pid_file, current);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failures, pids) = client.join().expect("client thread");
+    eprintln!(
+        "axum on a Unix socket: 3 upgrades, {ok} requests, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{:?}",
+        &failures[..failures.len().min(20)]
+    );
+    assert!(ok > 0);
+    assert!(
+        pids.contains(&current),
+        "the last generation served: {pids:?}"
+    );
     signal(current, Signal::SIGTERM);
     svc.wait_all_exited();
 }

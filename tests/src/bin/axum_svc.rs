@@ -1,6 +1,6 @@
 //! An axum application served through `tableflip::http::Server`, on the
-//! attributes: shows that the drain works for axum (through hyper-util's
-//! `TowerToHyperService`) and over HTTP/2.
+//! attributes: shows that the drain works for axum (`serve_tower`) and
+//! over HTTP/2.
 //!
 //! `AX_ADDR` (the address), `PID_FILE`, `AX_LINGER_MS` (the server's
 //! linger in milliseconds; default `tableflip::http::DEFAULT_LINGER`).
@@ -21,11 +21,15 @@ use axum::extract::Query;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
-use hyper_util::service::TowerToHyperService;
 use tableflip::{Context, Options, listener};
 
 #[listener("tcp", "127.0.0.1:0", env = "AX_ADDR")]
 static HTTP: tokio::net::TcpListener;
+
+/// The same application on a Unix socket (a reverse proxy's upstream),
+/// when `AX_UNIX` names a path.
+#[listener("unix", "/tmp/tableflip-axum-svc.sock", env = "AX_UNIX")]
+static HTTP_UNIX: tokio::net::UnixListener;
 
 fn options() -> Options {
     match std::env::var_os("PID_FILE") {
@@ -90,11 +94,14 @@ async fn main(cx: Context) -> std::io::Result<()> {
         draining.await;
         event("draining");
     });
+    if std::env::var_os("AX_UNIX").is_some() {
+        let unix = HTTP_UNIX.take()?;
+        let (server, app, serving) = (server.clone(), app.clone(), cx.clone());
+        cx.spawn(async move { server.serve_tower(&serving, unix, app).await });
+    }
     let serving = cx.clone();
     cx.spawn(async move {
-        server
-            .serve(&serving, listener, TowerToHyperService::new(app))
-            .await;
+        server.serve_tower(&serving, listener, app).await;
     });
     Ok(())
 }
