@@ -400,13 +400,7 @@ impl super::Supervisor {
             error: "the service is stopping".to_owned(),
         };
         self.ctl_probation_over(None);
-        let pending: Vec<u64> = self
-            .clients
-            .iter()
-            .filter(|c| matches!(c.phase, Phase::Pending { .. }))
-            .map(|c| c.id)
-            .collect();
-        for id in pending {
+        for id in self.client_ids(|c| matches!(c.phase, Phase::Pending { .. })) {
             self.answer_client(id, &refused);
         }
         if in_flight
@@ -457,18 +451,21 @@ impl super::Supervisor {
     /// Connections that did not send their request in time are answered
     /// and closed.
     pub(super) fn ctl_timeouts(&mut self, now: Instant) {
-        let late: Vec<u64> = self
-            .clients
-            .iter()
-            .filter(|c| c.phase == Phase::Reading && c.deadline <= now)
-            .map(|c| c.id)
-            .collect();
-        for id in late {
+        for id in self.client_ids(|c| c.phase == Phase::Reading && c.deadline <= now) {
             let r = Reply::BadRequest {
                 error: format!("no request within {REQUEST_TIMEOUT:?}"),
             };
             self.answer_client(id, &r);
         }
+    }
+
+    /// The connections that `pred` picks (by id: answering one removes it).
+    fn client_ids(&self, pred: impl Fn(&Client) -> bool) -> Vec<u64> {
+        self.clients
+            .iter()
+            .filter(|c| pred(c))
+            .map(|c| c.id)
+            .collect()
     }
 
     fn answer_client(&mut self, id: u64, reply: &Reply) {

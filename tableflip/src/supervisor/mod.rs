@@ -375,14 +375,7 @@ impl Supervisor {
 
     /// The control socket's path, if the options ask for one.
     fn ctl_path(&self) -> Option<PathBuf> {
-        let runtime_dir = self
-            .launch
-            .env
-            .iter()
-            .find(|(k, _)| k == "RUNTIME_DIRECTORY")
-            .map(|(_, v)| v.as_os_str());
-        let path = self.opts.control_socket.resolve(runtime_dir)?;
-        Some(self.launch.resolve(&path))
+        self.launch.control_socket(&self.opts.control_socket)
     }
 
     fn fresh(opts: Options) -> Result<Supervisor> {

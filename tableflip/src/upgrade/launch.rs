@@ -137,6 +137,17 @@ impl Launch {
     pub(crate) fn resolve(&self, path: &Path) -> PathBuf {
         self.start_dir.join(path)
     }
+
+    /// Where the control socket is (`Options::control_socket`, against
+    /// this launch's `$RUNTIME_DIRECTORY` and start directory), if any.
+    pub(crate) fn control_socket(&self, wanted: &crate::ctl::ControlSocket) -> Option<PathBuf> {
+        let runtime_dir = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "RUNTIME_DIRECTORY")
+            .map(|(_, v)| v.as_os_str());
+        Some(self.resolve(&wanted.resolve(runtime_dir)?))
+    }
 }
 
 /// Whether `key` is a variable of tableflip's protocol or of socket

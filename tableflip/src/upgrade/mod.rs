@@ -592,29 +592,10 @@ impl Upgrader {
         phase.became_ready();
         drop(phase);
         if self.inner.parent.is_some() {
-            // Until it runs one itself, the newest upgrade is the one that
-            // started this generation (as seen from here: from this
-            // process's start to its readiness), or the rollback it is.
-            *lock(&self.inner.last_upgrade) = Some(match &self.inner.rollback_of {
-                Some(what) => {
-                    crate::ctl::LastUpgrade::rolled_back(self.inner.generation, what.clone())
-                }
-                None => crate::ctl::LastUpgrade {
-                    ok: true,
-                    failure: None,
-                    error: None,
-                    generation: self.inner.generation,
-                    duration_ms: sys::process_uptime_ms().unwrap_or(0),
-                    ended_unix_ms: crate::ctl::unix_ms(),
-                    rolled_back: false,
-                },
-            });
+            self.record_takeover();
         }
         if let Some(listener) = ctl {
             self.serve_control_socket(listener);
-        }
-        if self.inner.parent.is_some() {
-            self.measure_takeover();
         }
         // Committed: the files of sockets no generation serves any more go.
         for file in leftovers {
@@ -894,17 +875,13 @@ impl Upgrader {
     /// The bound or inherited control socket, if the options ask for one
     /// (replace mode).
     fn claim_control_socket(&self) -> Result<Option<std::os::unix::net::UnixListener>> {
-        let runtime_dir = self
+        let Some(path) = self
             .inner
             .launch
-            .env
-            .iter()
-            .find(|(k, _)| k == "RUNTIME_DIRECTORY")
-            .map(|(_, v)| v.as_os_str());
-        let Some(path) = self.inner.opts.control_socket.resolve(runtime_dir) else {
+            .control_socket(&self.inner.opts.control_socket)
+        else {
             return Ok(None);
         };
-        let path = self.inner.launch.resolve(&path);
         let Some(address) = path.to_str() else {
             return Err(Error::InvalidAddress {
                 network: "unix".to_owned(),
@@ -944,20 +921,37 @@ impl Upgrader {
     }
 
     /// Replace mode, a generation started by its parent, once ready: the
-    /// upgrade that started it succeeded (or was a rollback); once the
-    /// parent has exited, how long that took and that one generation is
-    /// left (see [`crate::metrics`]).
-    fn measure_takeover(&self) {
+    /// upgrade that started it succeeded (as seen from here: from this
+    /// process's start to its readiness), or was a rollback. Until this
+    /// generation runs one itself, that is the newest upgrade (status);
+    /// measured too, and once the parent has exited, how long that took
+    /// and that one generation is left (see [`crate::metrics`]).
+    fn record_takeover(&self) {
         use crate::metrics::{Metric, emit, seconds};
-        if self.inner.rollback_of.is_some() {
-            emit(&Metric::RolledBack);
-        } else {
-            let up = sys::process_uptime_ms().unwrap_or(0);
-            #[allow(clippy::cast_precision_loss)]
-            emit(&Metric::UpgradeSucceeded {
-                ready_seconds: up as f64 / 1000.0,
-            });
-        }
+        let generation = self.inner.generation;
+        let last = match &self.inner.rollback_of {
+            Some(what) => {
+                emit(&Metric::RolledBack);
+                crate::ctl::LastUpgrade::rolled_back(generation, what.clone())
+            }
+            None => {
+                let up = sys::process_uptime_ms().unwrap_or(0);
+                #[allow(clippy::cast_precision_loss)]
+                emit(&Metric::UpgradeSucceeded {
+                    ready_seconds: up as f64 / 1000.0,
+                });
+                crate::ctl::LastUpgrade {
+                    ok: true,
+                    failure: None,
+                    error: None,
+                    generation,
+                    duration_ms: up,
+                    ended_unix_ms: crate::ctl::unix_ms(),
+                    rolled_back: false,
+                }
+            }
+        };
+        *lock(&self.inner.last_upgrade) = Some(last);
         let alive = if self.parent_exited() { 1 } else { 2 };
         emit(&Metric::GenerationsAlive { count: alive });
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
