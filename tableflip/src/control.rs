@@ -47,6 +47,11 @@ pub(crate) enum ToSupervisor {
         id: u64,
         entries: Vec<EntryMeta>,
         done: bool,
+        /// With `done`: the generation cannot hand its application state
+        /// over (why); the upgrade fails. Absent from a build that
+        /// predates it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// A request to upgrade the service (the generation got `SIGHUP`, or
     /// its code called `Upgrader::upgrade`). `id` 0 wants no answer.

@@ -285,6 +285,16 @@ pub enum Error {
         value: String,
     },
 
+    /// Application state could not be handed over (see
+    /// [`Upgrader::hand_over_state`](crate::Upgrader::hand_over_state)), or
+    /// what was handed over cannot be read
+    /// ([`Upgrader::inherited_state`](crate::Upgrader::inherited_state)).
+    #[error("state handover: {reason}")]
+    State {
+        /// What is wrong.
+        reason: String,
+    },
+
     /// Supervised mode cannot run here, or the supervisor failed.
     #[error("supervised mode: {reason}")]
     Supervisor {

@@ -72,6 +72,7 @@ pub mod handover_protocol {}
 mod report;
 mod service;
 mod socket;
+pub mod state;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod supervisor;
 mod sys;
@@ -91,6 +92,7 @@ pub use options::{
 };
 pub use protocol::ENV_HANDOVER;
 pub use service::Context;
+pub use state::State;
 pub use systemd::ENV_FDSTORE;
 
 /// The Rust types tableflip hands out: the traits that say which socket

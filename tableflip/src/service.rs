@@ -94,6 +94,50 @@ impl Context {
         &self.upgrader
     }
 
+    /// Registers the application state this generation hands the next
+    /// one at each upgrade: [`Upgrader::hand_over_state`], where the
+    /// details are.
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    ///
+    /// # fn init(cx: &tableflip::Context) -> tableflip::Result<()> {
+    /// // A counter that survives upgrades: 8 bytes, little-endian.
+    /// let start = match cx.inherited_state()? {
+    ///     Some(state) => {
+    ///         let bytes: [u8; 8] = state.bytes().try_into().unwrap_or_default();
+    ///         u64::from_le_bytes(bytes)
+    ///     }
+    ///     None => 0,
+    /// };
+    /// let served = Arc::new(AtomicU64::new(start));
+    /// let snapshot = Arc::clone(&served);
+    /// cx.hand_over_state(move || {
+    ///     let value = snapshot.load(Ordering::Relaxed);
+    ///     Ok(tableflip::State::new(value.to_le_bytes()))
+    /// });
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn hand_over_state<F>(&self, source: F)
+    where
+        F: Fn() -> std::io::Result<crate::State> + Send + Sync + 'static,
+    {
+        self.upgrader.hand_over_state(source);
+    }
+
+    /// The state the previous generation handed over, taken (`None` for
+    /// the first generation, or after one that handed nothing over):
+    /// [`Upgrader::inherited_state`], where the errors are.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::State`](crate::Error::State) when what arrived is corrupt.
+    pub fn inherited_state(&self) -> crate::Result<Option<crate::State>> {
+        self.upgrader.inherited_state()
+    }
+
     /// How many tasks spawned with [`spawn`](Self::spawn) are still
     /// running.
     pub fn tasks(&self) -> usize {

@@ -1225,3 +1225,94 @@ mod fuzz {
         }
     }
 }
+
+/// The application state's memfd as `tableflip::state` documents it,
+/// built byte by byte: magic, format, fd count, length, CRC-32, padding,
+/// bytes; as hex for `handcraft`.
+fn state_hex(magic: &[u8; 8], format: u32, fds: u32, bytes: &[u8], crc: u32) -> String {
+    let mut all = Vec::new();
+    all.extend_from_slice(magic);
+    all.extend_from_slice(&format.to_le_bytes());
+    all.extend_from_slice(&fds.to_le_bytes());
+    all.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    all.extend_from_slice(&crc.to_le_bytes());
+    all.extend_from_slice(&[0; 4]);
+    all.extend_from_slice(bytes);
+    all.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hands `svc` a state memfd holding `hex` (and a listener), runs its
+/// `take-state` action, and returns the event it printed (`state-taken`
+/// or `action-err`). The service goes on to readiness either way: what
+/// to do about a corrupt state is the application's call.
+fn take_handcrafted_state(hex: &str) -> Event {
+    let _serial = serial();
+    let ctl = Scratch::new("state");
+    ctl.write("listen", "web tcp 127.0.0.1:0\n");
+    ctl.write("actions", "take-state\n");
+    let hand = Hand::new()
+        .make("web", "tcp-listener")
+        .make("state", &format!("memfd:{hex}"))
+        .entries(concat!(
+            r#"{"name":"web","kind":"listener","fd":%web%,"network":"tcp","address":"%web.addr%"},"#,
+            r#"{"name":"tableflip.state","kind":"file","fd":%state%}"#
+        ));
+    let mut run = hand.start(&ctl, &[]);
+    let parent = run.first_pid();
+    let child: u32 = run
+        .wait_kind("hc-spawned", Some(parent))
+        .get("child")
+        .parse()
+        .expect("child pid");
+    let said = run.wait_for("the state taken, or the error", |e| {
+        e.pid == child && (e.kind == "state-taken" || e.kind == "action-err")
+    });
+    run.wait_kind("ready", Some(child));
+    signal(child, Signal::SIGTERM);
+    run.wait_kind("hc-exit", Some(parent));
+    run.wait_all_exited();
+    said
+}
+
+/// A state written by hand to the documented layout is read back: the
+/// format is a contract between builds, not an accident of the encoder.
+#[test]
+fn state_written_by_hand_to_the_documented_layout_is_taken() {
+    let bytes = b"counter=42";
+    let said = take_handcrafted_state(&state_hex(
+        b"TFSTATE\0",
+        1,
+        0,
+        bytes,
+        crc32fast::hash(bytes),
+    ));
+    assert_eq!(said.kind, "state-taken", "{}", said.line);
+    assert_eq!(said.get("len"), "10", "{}", said.line);
+    assert!(said.line.contains("counter=42"), "{}", said.line);
+}
+
+/// Corrupt state: each kind of damage is an error of kind `State` that
+/// names it (never a panic, never bytes that were not handed over).
+#[test]
+fn corrupt_state_is_an_error_naming_the_damage() {
+    let bytes = b"counter=42";
+    let crc = crc32fast::hash(bytes);
+    for (hex, says) in [
+        (
+            state_hex(b"TFSTATE\0", 1, 0, bytes, crc ^ 1),
+            "checksum does not match",
+        ),
+        (state_hex(b"NOTSTATE", 1, 0, bytes, crc), "magic bytes"),
+        (state_hex(b"TFSTATE\0", 7, 0, bytes, crc), "format 7"),
+        (
+            state_hex(b"TFSTATE\0", 1, 2, bytes, crc),
+            "announces 2 fds, and \"tableflip.state.fd.0\" is missing",
+        ),
+        ("00".repeat(5), "shorter than its 32-byte header"),
+    ] {
+        let said = take_handcrafted_state(&hex);
+        assert_eq!(said.kind, "action-err", "{says}: {}", said.line);
+        assert_eq!(said.get("kind"), "State", "{}", said.line);
+        assert!(said.get("msg").contains(says), "{says}: {}", said.line);
+    }
+}

@@ -233,7 +233,11 @@ pub(super) fn write_reply(fd: &OwnedFd, reply: &Reply) {
 /// and whether it ever started (`pid` 0: it did not).
 pub(super) fn failure_of(pid: u32, reason: &str, stopping: bool) -> ctl::Failure {
     use ctl::Failure;
-    if pid == 0 {
+    if reason.starts_with("was not started") {
+        // Before any spawn (the application state could not be handed
+        // over): the serving generation's doing.
+        Failure::Other
+    } else if pid == 0 {
         Failure::Spawn
     } else if stopping {
         Failure::Stopped

@@ -185,6 +185,9 @@ struct Collecting {
     from: u32,
     deadline: Instant,
     received: Vec<Held>,
+    /// The generation could not hand its application state over (why):
+    /// the upgrade fails.
+    error: Option<String>,
 }
 
 /// How long an upgrade waits for the serving generation's connections and
@@ -1074,8 +1077,13 @@ impl Supervisor {
                     g.received.push(Held { meta, fd });
                 }
             }
-            ToSupervisor::HandedOn { id, entries, done } => {
-                self.on_handed_on(pid, id, entries, fds, done);
+            ToSupervisor::HandedOn {
+                id,
+                entries,
+                done,
+                error,
+            } => {
+                self.on_handed_on(pid, id, (entries, fds), done, error);
             }
             ToSupervisor::Ready {
                 state_version,
@@ -1163,6 +1171,7 @@ impl Supervisor {
                     from: self.gens[i].pid,
                     deadline: Instant::now() + self.collect_timeout(),
                     received: Vec::new(),
+                    error: None,
                 });
             }
             None => self.start_generation(Purpose::Upgrade),
@@ -1179,9 +1188,9 @@ impl Supervisor {
         &mut self,
         pid: u32,
         id: u64,
-        entries: Vec<EntryMeta>,
-        fds: Vec<OwnedFd>,
+        (entries, fds): (Vec<EntryMeta>, Vec<OwnedFd>),
         done: bool,
+        error: Option<String>,
     ) {
         let Some(c) = self
             .collecting
@@ -1207,6 +1216,9 @@ impl Supervisor {
                 "upgrade: the serving generation sent connections and files that do not match their fds; they are not handed on"
             );
         }
+        if error.is_some() {
+            c.error = error;
+        }
         if done {
             self.collected();
         }
@@ -1219,6 +1231,14 @@ impl Supervisor {
             return;
         };
         if self.stop_deadline.is_some() {
+            return;
+        }
+        if let Some(error) = c.error {
+            let reason = format!(
+                "was not started: the serving generation (pid {}) cannot hand its application state over: {error}",
+                c.from
+            );
+            self.fail_unstarted(self.generation.saturating_add(1), Purpose::Upgrade, &reason);
             return;
         }
         let held: Vec<&str> = self.held.iter().map(|h| h.meta.name.as_str()).collect();
@@ -1264,6 +1284,20 @@ impl Supervisor {
                 self.measure_alive();
             }
             Err(e) => {
+                self.fail_unstarted(
+                    number,
+                    purpose,
+                    &format!("could not be started: {}", chain(&e)),
+                );
+            }
+        }
+    }
+
+    /// Generation `number` was never started (`reason`): handled as its
+    /// failure.
+    fn fail_unstarted(&mut self, number: u64, purpose: Purpose, reason: &str) {
+        {
+            {
                 let g = Generation {
                     pid: 0,
                     number,
@@ -1274,7 +1308,7 @@ impl Supervisor {
                     control: None,
                     parent_pipe: Arc::new(match sys::pipe_cloexec() {
                         Ok((_, w)) => w,
-                        Err(_) => return self.spawn_impossible(&chain(&e)),
+                        Err(_) => return self.spawn_impossible(reason),
                     }),
                     ready_pipe: None,
                     received: Vec::new(),
@@ -1283,12 +1317,7 @@ impl Supervisor {
                     killed_because: None,
                     hands_on: false,
                 };
-                self.start_failed(
-                    &g,
-                    purpose,
-                    &format!("could not be started: {}", chain(&e)),
-                    1,
-                );
+                self.start_failed(&g, purpose, reason, 1);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The [`Upgrader`]: one per process, it receives the sockets of the
 //! previous generation, and starts and hands over to the next one.
 
+mod app_state;
 mod child;
 pub(crate) mod launch;
 pub(crate) mod spawn;
@@ -155,6 +156,9 @@ struct Inner {
     /// process as long as that process runs (a process manager reading it
     /// during the drain finds the process it must wait for).
     pid_file_at_exit: AtomicBool,
+    /// What this generation hands the next one when an upgrade starts
+    /// ([`Upgrader::hand_over_state`]).
+    state_source: Mutex<Option<crate::state::Source>>,
 }
 
 /// Locks `m`; a panic while it was held leaves the data usable (every
@@ -374,6 +378,7 @@ impl Upgrader {
                 rollbacks: tokio::sync::watch::Sender::new(None),
                 ctl_finishing: CancellationToken::new(),
                 pid_file_at_exit: AtomicBool::new(false),
+                state_source: Mutex::new(None),
             }),
         })
     }

@@ -45,6 +45,10 @@ impl Upgrader {
         env.push((protocol::ENV_HANDOVER.into(), handover.into()));
         env.push((protocol::ENV_HANDOVER_ID.into(), handover_id.into()));
 
+        // The application's state, registered to be handed on with the
+        // rest; the guards keep it registered until the child has its
+        // copies (spawned), and close this process's on return.
+        let _state = self.stage_state()?;
         let (mut child, payload) = {
             // The registry stays locked until the child is spawned, so no fd
             // named in the snapshot can be closed (and its number reused) in

@@ -12,6 +12,7 @@ use super::{Inner, Upgrader, lock};
 use crate::control::{self, Received, ToGeneration, ToSupervisor};
 use crate::error::{Error, Result};
 use crate::protocol::SupervisorLink;
+use crate::report::chain;
 use crate::sys;
 
 type Answer = std::result::Result<(u32, u64), String>;
@@ -104,10 +105,16 @@ fn read_messages(control: &OwnedFd, weak: &Weak<Inner>, pid: u32) {
                 ToGeneration::UpgradeFailed { id, error } => sup.answer(id, Err(error)),
                 ToGeneration::Metric { metric } => crate::metrics::record(&metric),
                 ToGeneration::Collect { id } => {
-                    if let Err(e) = upgrader.hand_on_to_supervisor(sup, id) {
+                    match upgrader.hand_on_to_supervisor(sup, id) {
+                        Ok(()) => {}
+                        Err(e @ Error::State { .. }) => {
+                            tracing::error!(error = %chain(&e), "upgrade: the application state cannot be handed over; the upgrade fails");
+                        }
                         // The supervisor goes on without them when the
                         // answer does not come.
-                        tracing::warn!(error = %crate::report::chain(&e), "upgrade: cannot hand this generation's connections and files to the supervisor; the next generation starts without them");
+                        Err(e) => {
+                            tracing::warn!(error = %chain(&e), "upgrade: cannot hand this generation's connections and files to the supervisor; the next generation starts without them");
+                        }
                     }
                 }
             },
@@ -179,7 +186,14 @@ impl Upgrader {
     /// or stuck runtime does not hold the upgrade up.
     fn hand_on_to_supervisor(&self, sup: &Supervised, id: u64) -> Result<()> {
         let failed = |e| Error::io("cannot send connections and files to the supervisor", e);
+        // The application's state first: if it cannot be handed over, the
+        // upgrade fails (the supervisor is told) rather than losing it.
+        let staged = self.stage_state();
+        let state_error = staged.as_ref().err().map(|e| chain(e));
         let sent = (|| {
+            if staged.is_err() {
+                return Ok(());
+            }
             let snapshot = self.inner.fds.snapshot()?;
             let handed = snapshot.handed_on();
             for chunk in handed.chunks(sys::MAX_FDS_PER_PACKET) {
@@ -190,6 +204,7 @@ impl Upgrader {
                         id,
                         entries,
                         done: false,
+                        error: None,
                     },
                     &fds,
                 )
@@ -206,17 +221,19 @@ impl Upgrader {
         // The copies made of the listeners are not needed: the supervisor
         // holds its own.
         self.inner.fds.release_copies();
+        let staged = staged.map(drop);
         let done = sup
             .send(
                 &ToSupervisor::HandedOn {
                     id,
                     entries: Vec::new(),
                     done: true,
+                    error: state_error,
                 },
                 &[],
             )
             .map_err(failed);
-        sent.and(done)
+        staged.and(sent).and(done)
     }
 
     /// Supervised mode: asks the supervisor for an upgrade, without

@@ -177,6 +177,17 @@ fn make(kind: &str, keep: &mut Keep) -> (Option<OwnedFd>, Option<String>) {
             let f = std::fs::File::open(exe).unwrap_or_else(|e| io("open", e));
             (Some(f.into()), None)
         }
+        memfd if memfd.starts_with("memfd:") => {
+            // A memory file holding the bytes given in hex (the
+            // application state's carrier).
+            let fd =
+                nix::sys::memfd::memfd_create(c"handcraft", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                    .unwrap_or_else(|e| io("memfd_create", e.into()));
+            let mut f = std::fs::File::from(fd);
+            f.write_all(&hex(&memfd["memfd:".len()..]))
+                .unwrap_or_else(|e| io("write", e));
+            (Some(f.into()), None)
+        }
         "pipe-r" => {
             let (r, w) = pipe();
             keep.0.push(w);

@@ -20,7 +20,8 @@
 //!   event `unblocked`, then `ready()`;
 //! - `actions`: lines run in order before `ready()` (see `run_action`):
 //!   `add-file NAME PATH`, `take-file NAME`, `add-conn NAME ADDR`,
-//!   `take-conn-close NAME`, `take-conn-keep NAME`, `chdir DIR`,
+//!   `take-conn-close NAME`, `take-conn-keep NAME`, `take-state` (event
+//!   `state-none`, or `state-taken len= bytes= fds=`), `chdir DIR`,
 //!   `probe-child`, `upgrade-now`, `wait-parent`, `exhaust-fds N` (open
 //!   `/dev/null` until `RLIMIT_NOFILE` is reached, then close `N` of them:
 //!   event `exhausted free=N`; all are closed when the file `release-fds`
@@ -96,6 +97,7 @@ fn error_kind(e: &Error) -> &'static str {
         Error::AlreadyListening { .. } => "AlreadyListening",
         Error::StartDirectory { .. } => "StartDirectory",
         Error::SocketActivation { .. } => "SocketActivation",
+        Error::State { .. } => "State",
         _ => "Other",
     }
 }
@@ -459,6 +461,27 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
                 Err(e) => event("action-err", &format!("action=add-file msg={}", quote(&e))),
             }
         }
+        // The state the previous generation handed over.
+        ["take-state"] => match upg.inherited_state() {
+            Ok(None) => event("state-none", ""),
+            Ok(Some(state)) => event(
+                "state-taken",
+                &format!(
+                    "len={} bytes={} fds={}",
+                    state.bytes().len(),
+                    quote(&String::from_utf8_lossy(state.bytes())),
+                    state.fds().len()
+                ),
+            ),
+            Err(e) => event(
+                "action-err",
+                &format!(
+                    "action=take-state kind={} msg={}",
+                    error_kind(&e),
+                    quote(&text(&e))
+                ),
+            ),
+        },
         ["take-file", name] => match upg.fds().file::<std::fs::File>(name) {
             Ok(Some(mut f)) => {
                 let _ = writeln!(*f, "written by {}", std::process::id());

@@ -9,7 +9,8 @@
 //! `exit N`; a `hand-on` file: see [`hand_on`]; a `usr2-upgrade` file:
 //! see [`usr2_upgrades`]; an `app-sighup` file: see [`app_sighup`]),
 //! `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`, `MS_DRAIN_MS`,
-//! `MS_STOP_DELAY_MS`, `MS_UPGRADE_SIGNAL` (read by [`options`]). Events: `EVENT <pid> <kind> key=value…` on stdout:
+//! `MS_STOP_DELAY_MS`, `MS_UPGRADE_SIGNAL` (read by [`options`]); a `state`
+//! file: see [`state`]. Events: `EVENT <pid> <kind> key=value…` on stdout:
 //! `start gen= has_parent=`, `listening name= addr=` for each listener
 //! (for the Unix one, `addr` is the declared address and `local` the path
 //! the socket is really bound to, which differs when systemd passed it),
@@ -234,6 +235,81 @@ fn hand_on(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     Ok(())
 }
 
+/// With a `state` file in the control directory: the generation takes the
+/// state handed over (event `state-none`; `state-taken len= crc= fds=
+/// extra=` with the extra fds' contents joined by `|`; or `state-error
+/// msg=`), then registers what it hands over, as the file says now:
+/// `SIZE FDS` (SIZE bytes of a pattern seeded by the PID and FDS memfds
+/// holding `fd <i> of <pid>`; event `state-offered len= crc= fds=` each
+/// time the source is called) or `fail` (the source fails).
+fn state(cx: &Context) -> std::io::Result<()> {
+    let Some(spec) = std::env::var_os("TF_CTL")
+        .and_then(|d| std::fs::read_to_string(PathBuf::from(d).join("state")).ok())
+    else {
+        return Ok(());
+    };
+    match cx.inherited_state() {
+        Ok(None) => event("state-none", ""),
+        Ok(Some(state)) => {
+            let (bytes, fds) = state.into_parts();
+            let mut extra = Vec::new();
+            for fd in fds {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text)?;
+                extra.push(text);
+            }
+            event(
+                "state-taken",
+                &format!(
+                    "len={} crc={} fds={} extra={:?}",
+                    bytes.len(),
+                    crc32fast::hash(&bytes),
+                    extra.len(),
+                    extra.join("|")
+                ),
+            );
+        }
+        Err(e) => event("state-error", &format!("msg={:?}", e.to_string())),
+    }
+    let spec = spec.trim().to_owned();
+    if spec == "fail" {
+        cx.hand_over_state(|| Err(std::io::Error::other("no state today")));
+        return Ok(());
+    }
+    let (size, fds) = spec
+        .split_once(' ')
+        .and_then(|(s, f)| Some((s.parse::<usize>().ok()?, f.parse::<usize>().ok()?)))
+        .ok_or_else(|| std::io::Error::other("state: expected `SIZE FDS` or `fail`"))?;
+    let pid = std::process::id();
+    let bytes: std::sync::Arc<Vec<u8>> = std::sync::Arc::new(
+        (0..size)
+            .map(|i| (i as u32).wrapping_mul(31).wrapping_add(pid) as u8)
+            .collect(),
+    );
+    cx.hand_over_state(move || {
+        let mut state = tableflip::State::new(bytes.as_slice());
+        for i in 0..fds {
+            let fd =
+                nix::sys::memfd::memfd_create(c"ms-extra", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                    .map_err(std::io::Error::from)?;
+            let mut file = std::fs::File::from(fd);
+            write!(file, "fd {i} of {pid}")?;
+            std::io::Seek::rewind(&mut file)?;
+            state = state.with_fd(file);
+        }
+        event(
+            "state-offered",
+            &format!(
+                "len={} crc={} fds={fds}",
+                bytes.len(),
+                crc32fast::hash(&bytes)
+            ),
+        );
+        Ok(state)
+    });
+    Ok(())
+}
+
 /// With a `usr2-upgrade` file in the control directory: each `SIGUSR2`
 /// (which the supervisor forwards to the serving generation) calls
 /// `Upgrader::upgrade` in a task the drain waits for: event `upgrade-asked`,
@@ -420,6 +496,8 @@ pub(crate) async fn init(
     // A `hand-on` file (`ADDR PATH`): hand a connection and a file on
     // across upgrades.
     hand_on(&cx)?;
+    // A `state` file: application state across upgrades.
+    state(&cx)?;
     // An `orphan` file in the control directory: leave a process behind
     // that outlives its parent (a shell that starts `sleep` in the
     // background and exits), as a service's scripts do; whoever is PID 1

@@ -1,0 +1,321 @@
+//! Application state handed from one generation to the next: bytes (the
+//! application's own serialization) and extra fds.
+//!
+//! The serving generation registers a source with
+//! [`Upgrader::hand_over_state`](crate::Upgrader::hand_over_state) (or
+//! [`Context::hand_over_state`](crate::Context::hand_over_state)); when an
+//! upgrade starts, the source is called once and what it returns is written
+//! to a sealed memfd (memfd_create(2), `F_SEAL_WRITE`: fcntl(2)) that the
+//! next generation inherits with the listeners. The kernel holds the bytes:
+//! no pipe is pumped, whatever the size, and nothing is written to disk.
+//! The next generation reads it during its init with
+//! [`Upgrader::inherited_state`](crate::Upgrader::inherited_state).
+//!
+//! The layout of the memfd (all integers little-endian):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `TFSTATE\0` |
+//! | 8 | 4 | format version, 1 |
+//! | 12 | 4 | number of extra fds |
+//! | 16 | 8 | length of the bytes, `N` |
+//! | 24 | 4 | CRC-32 (IEEE) of the bytes |
+//! | 28 | 4 | zero |
+//! | 32 | `N` | the bytes |
+//!
+//! The extra fds are handed on as files named `tableflip.state.fd.<i>`, the
+//! memfd as `tableflip.state` (see [`Fds::names`](crate::Fds::names)).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+use crate::error::{Error, Result};
+
+/// The name the memfd is handed on under.
+pub(crate) const NAME: &str = "tableflip.state";
+
+/// The name the `i`-th extra fd is handed on under.
+pub(crate) fn fd_name(i: usize) -> String {
+    format!("{NAME}.fd.{i}")
+}
+
+const MAGIC: [u8; 8] = *b"TFSTATE\0";
+const FORMAT: u32 = 1;
+const HEADER: usize = 32;
+
+/// The most extra fds a state carries (each is one entry of the handover).
+pub const MAX_FDS: usize = 64;
+
+/// State handed from one generation to the next: the application's bytes
+/// and extra fds.
+///
+/// The bytes are the application's own serialization: version it yourself
+/// (a first byte, a serde enum), since the next generation may run another
+/// build. The fds are files of any kind but sockets (regular files,
+/// memfds, pipes, eventfds…): hand connections and listeners on with
+/// [`Fds::add_conn`](crate::Fds::add_conn) and friends, which check them.
+#[derive(Debug, Default)]
+pub struct State {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl State {
+    /// State made of `bytes` and no fds.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> State {
+        State {
+            bytes: bytes.into(),
+            fds: Vec::new(),
+        }
+    }
+
+    /// Adds an fd, handed on after those added before (at most
+    /// [`MAX_FDS`]; more fail the upgrade with [`Error::State`]).
+    #[must_use]
+    pub fn with_fd(mut self, fd: impl Into<OwnedFd>) -> State {
+        self.fds.push(fd.into());
+        self
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The fds, in the order they were added.
+    pub fn fds(&self) -> &[OwnedFd] {
+        &self.fds
+    }
+
+    /// The bytes and the fds, by value.
+    pub fn into_parts(self) -> (Vec<u8>, Vec<OwnedFd>) {
+        (self.bytes, self.fds)
+    }
+}
+
+/// What [`Upgrader::hand_over_state`](crate::Upgrader::hand_over_state)
+/// keeps: called once per upgrade.
+#[derive(Clone)]
+pub(crate) struct Source(
+    pub(crate) std::sync::Arc<dyn Fn() -> std::io::Result<State> + Send + Sync>,
+);
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Source(…)")
+    }
+}
+
+fn corrupt(reason: impl Into<String>) -> Error {
+    Error::State {
+        reason: format!("the state handed over is corrupt: {}", reason.into()),
+    }
+}
+
+/// Writes `bytes` (and the header announcing `fds` extra fds) into a new
+/// sealed memfd.
+pub(crate) fn write(bytes: &[u8], fds: usize) -> Result<File> {
+    let io = |what: &'static str| move |e| Error::io(format!("state handover: {what}"), e);
+    let fds = u32::try_from(fds).map_err(|_| Error::State {
+        reason: "too many fds".to_owned(),
+    })?;
+    let mut header = [0u8; HEADER];
+    header[..8].copy_from_slice(&MAGIC);
+    header[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+    header[12..16].copy_from_slice(&fds.to_le_bytes());
+    header[16..24].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+    header[24..28].copy_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+    let mut file = File::from(memfd().map_err(io("cannot create a memfd"))?);
+    let total = (HEADER + bytes.len()) as u64;
+    // Sized first: one allocation of the pages as they are written, and
+    // ENOSPC (a full tmpfs limit) before anything is copied.
+    file.set_len(total).map_err(io("cannot size the memfd"))?;
+    file.write_all(&header)
+        .and_then(|()| file.write_all(bytes))
+        .map_err(io("cannot write the memfd"))?;
+    seal(&file);
+    Ok(file)
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn memfd() -> std::io::Result<OwnedFd> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    memfd_create(
+        c"tableflip-state",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .map_err(std::io::Error::from)
+}
+
+/// Elsewhere, a file in the temporary directory, unlinked at once.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn memfd() -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir();
+    for attempt in 0..16u32 {
+        let path = dir.join(format!(
+            "tableflip-state-{}-{}-{attempt}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        ));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => {
+                std::fs::remove_file(&path)?;
+                return Ok(f.into());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free temporary file name"))
+}
+
+/// Seals the memfd: neither this process nor the next generation can
+/// change what was handed over.
+fn seal(file: &File) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        let seals = SealFlag::F_SEAL_SHRINK
+            | SealFlag::F_SEAL_GROW
+            | SealFlag::F_SEAL_WRITE
+            | SealFlag::F_SEAL_SEAL;
+        if let Err(e) = fcntl(file.as_fd(), FcntlArg::F_ADD_SEALS(seals)) {
+            tracing::debug!(error = %e, "state handover: cannot seal the memfd");
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = file;
+}
+
+/// Reads what [`write`] wrote: the bytes, and how many extra fds come
+/// with them.
+pub(crate) fn read(file: &File) -> Result<(Vec<u8>, usize)> {
+    let size = file
+        .metadata()
+        .map_err(|e| Error::io("state handover: cannot inspect the memfd", e))?
+        .len();
+    if size < HEADER as u64 {
+        return Err(corrupt(format!(
+            "{size} bytes, shorter than its {HEADER}-byte header"
+        )));
+    }
+    let mut header = [0u8; HEADER];
+    file.read_exact_at(&mut header, 0)
+        .map_err(|e| Error::io("state handover: cannot read the memfd", e))?;
+    if header[..8] != MAGIC {
+        return Err(corrupt("it does not start with the magic bytes TFSTATE"));
+    }
+    let word = |at: usize| {
+        u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    let format = word(8);
+    if format != FORMAT {
+        return Err(Error::State {
+            reason: format!(
+                "the state handed over has format {format}; this build reads format {FORMAT} (an upgrade from a newer tableflip)"
+            ),
+        });
+    }
+    let fds = word(12) as usize;
+    if fds > MAX_FDS {
+        return Err(corrupt(format!(
+            "it announces {fds} fds, more than {MAX_FDS}"
+        )));
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&header[16..24]);
+    let len = u64::from_le_bytes(len);
+    if Some(size) != len.checked_add(HEADER as u64) {
+        return Err(corrupt(format!(
+            "its header announces {len} bytes, the memfd holds {}",
+            size - HEADER as u64
+        )));
+    }
+    let len = usize::try_from(len).map_err(|_| corrupt("too large for this machine"))?;
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(len).map_err(|_| Error::State {
+        reason: format!("cannot allocate {len} bytes for the state handed over"),
+    })?;
+    bytes.resize(len, 0);
+    file.read_exact_at(&mut bytes, HEADER as u64)
+        .map_err(|e| Error::io("state handover: cannot read the memfd", e))?;
+    let crc = word(24);
+    if crc32fast::hash(&bytes) != crc {
+        return Err(corrupt("its checksum does not match its bytes"));
+    }
+    Ok((bytes, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_written_is_read_back() {
+        for size in [0usize, 1, 4096, 1 << 20] {
+            let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            let file = write(&bytes, 3).expect("write");
+            let (back, fds) = read(&file).expect("read");
+            assert_eq!(back, bytes, "size {size}");
+            assert_eq!(fds, 3);
+        }
+    }
+
+    #[test]
+    fn the_memfd_is_sealed() {
+        let mut file = write(b"sealed", 0).expect("write");
+        assert!(
+            file.write_all(b"x").is_err(),
+            "a sealed memfd refuses writes"
+        );
+        assert!(file.set_len(1).is_err(), "and a new size");
+    }
+
+    fn raw(bytes: &[u8]) -> File {
+        let mut file = File::from(memfd().expect("memfd"));
+        file.write_all(bytes).expect("write");
+        file
+    }
+
+    #[test]
+    fn corruption_is_an_error_that_names_it() {
+        let good = {
+            let file = write(b"hello", 0).expect("write");
+            let mut all = vec![0u8; HEADER + 5];
+            file.read_exact_at(&mut all, 0).expect("read");
+            all
+        };
+        let reason = |bytes: &[u8]| match read(&raw(bytes)) {
+            Err(Error::State { reason }) => reason,
+            other => panic!("expected a state error, got {other:?}"),
+        };
+        assert!(reason(&good[..10]).contains("shorter than its 32-byte header"));
+        let mut magic = good.clone();
+        magic[0] = b'X';
+        assert!(reason(&magic).contains("magic"));
+        let mut format = good.clone();
+        format[8] = 9;
+        assert!(reason(&format).contains("format 9"));
+        let mut flipped = good.clone();
+        flipped[HEADER + 1] ^= 1;
+        assert!(reason(&flipped).contains("checksum"));
+        assert!(reason(&good[..HEADER + 4]).contains("announces 5 bytes, the memfd holds 4"));
+        let mut fds = good.clone();
+        fds[12] = 200;
+        assert!(reason(&fds).contains("200 fds"));
+        let mut huge = good;
+        huge[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(reason(&huge).contains("announces"));
+    }
+}

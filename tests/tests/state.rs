@@ -1,0 +1,100 @@
+//! Application state across upgrades (`Context::hand_over_state`,
+//! `Context::inherited_state`), in both process models, with real
+//! processes: 1 byte, 1 MB and 100 MB (through a memfd), with extra fds,
+//! reach the next generation intact; a source that fails fails the
+//! upgrade and the serving generation keeps serving. (A corrupt state is
+//! in `handover.rs`, where a test plays the parent.)
+
+use std::path::Path;
+use tableflip_tests::*;
+
+const MACRO_SVC: &str = env!("CARGO_BIN_EXE_macro_svc");
+const CTL: &str = env!("CARGO_BIN_EXE_tableflip-ctl-under-test");
+
+/// Upgrades through the control socket; returns the new generation.
+fn upgrade(s: &CtlService) -> u32 {
+    let said = run_ctl(CTL, &["upgrade", "--socket", &s.socket, "--timeout", "2m"]);
+    assert_eq!(said.code, Some(0), "{said:?}");
+    said.pid("new_pid")
+}
+
+fn state_reaches_the_next_generation(mode: &str) {
+    let h = Harness::new(&format!("state-{mode}"));
+    h.ctl.write("state", "1 0");
+    let mut s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[]);
+    let first = s.first;
+    s.svc.wait_kind("state-none", Some(first));
+    let mut serving = first;
+    // What each generation hands on, set before the upgrade that starts
+    // the next one: the serving generation read the file when it started.
+    for (size, fds) in [(1 << 20, 2), (100 << 20, 1), (1, 0)] {
+        h.ctl.write("state", &format!("{size} {fds}"));
+        let next = upgrade(&s);
+        let offered = s.svc.wait_kind("state-offered", Some(serving));
+        let taken = s.svc.wait_kind("state-taken", Some(next));
+        assert_eq!(taken.get("len"), offered.get("len"), "{}", taken.line);
+        assert_eq!(taken.get("crc"), offered.get("crc"), "{}", taken.line);
+        assert_eq!(taken.get("fds"), offered.get("fds"), "{}", taken.line);
+        let extra: Vec<String> = (0..offered.num::<usize>("fds"))
+            .map(|i| format!("fd {i} of {serving}"))
+            .collect();
+        assert_eq!(taken.get("extra"), extra.join("|"), "{}", taken.line);
+        serving = next;
+    }
+    // The sizes, in the order they were handed over.
+    let sizes: Vec<String> = s
+        .svc
+        .history
+        .iter()
+        .filter(|e| e.kind == "state-taken")
+        .map(|e| e.get("len").to_owned())
+        .collect();
+    assert_eq!(sizes, ["1", "1048576", "104857600"]);
+    s.stop(serving);
+}
+
+#[test]
+fn supervised_state_of_1_b_1_mb_and_100_mb_reaches_the_next_generation() {
+    state_reaches_the_next_generation("supervised");
+}
+
+#[test]
+fn replace_state_of_1_b_1_mb_and_100_mb_reaches_the_next_generation() {
+    state_reaches_the_next_generation("replace");
+}
+
+fn a_failing_source_fails_the_upgrade(mode: &str) {
+    let h = Harness::new(&format!("state-fail-{mode}"));
+    h.ctl.write("state", "fail");
+    let s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[]);
+    let first = s.first;
+    let said = run_ctl(CTL, &["upgrade", "--socket", &s.socket]);
+    assert_eq!(said.code, Some(1), "{said:?}");
+    assert_eq!(said.str("failure"), "other", "{said:?}");
+    let error = said.str("error");
+    assert!(
+        error.contains("state") && error.contains("no state today"),
+        "the answer names the state source's failure: {said:?}"
+    );
+    // Nothing was started, and the first generation serves on.
+    assert!(
+        !s.svc
+            .history
+            .iter()
+            .any(|e| e.kind == "start" && e.pid != first),
+        "no generation was started: {:#?}",
+        s.svc.lines()
+    );
+    assert_eq!(reply_pid(&tcp_get_line(&s.tcp, "GET").expect("GET")), first);
+    s.stop(first);
+}
+
+#[test]
+fn supervised_a_failing_state_source_fails_the_upgrade() {
+    a_failing_source_fails_the_upgrade("supervised");
+}
+
+#[test]
+fn replace_a_failing_state_source_fails_the_upgrade() {
+    a_failing_source_fails_the_upgrade("replace");
+}
