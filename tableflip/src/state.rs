@@ -27,11 +27,10 @@
 //! memfd as `tableflip.state` (see [`Fds::names`](crate::Fds::names)).
 
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 
 use crate::error::{Error, Result};
+use crate::sys;
 
 /// The name the memfd is handed on under.
 pub(crate) const NAME: &str = "tableflip.state";
@@ -56,17 +55,36 @@ pub const MAX_FDS: usize = 64;
 /// build. The fds are files of any kind but sockets (regular files,
 /// memfds, pipes, eventfds…): hand connections and listeners on with
 /// [`Fds::add_conn`](crate::Fds::add_conn) and friends, which check them.
+///
+/// In the generation that receives it, [`bytes`](Self::bytes) is the
+/// sealed memfd itself, mapped read-only: deserializing from it copies
+/// nothing, and the memory is shared with the file (released when the
+/// `State` is dropped). [`into_parts`](Self::into_parts) copies it into a
+/// `Vec`.
 #[derive(Debug, Default)]
 pub struct State {
-    bytes: Vec<u8>,
+    bytes: Bytes,
     fds: Vec<OwnedFd>,
+}
+
+#[derive(Debug)]
+enum Bytes {
+    Owned(Vec<u8>),
+    /// The received memfd, mapped; the bytes start after the header.
+    Mapped(sys::SealedMap),
+}
+
+impl Default for Bytes {
+    fn default() -> Self {
+        Bytes::Owned(Vec::new())
+    }
 }
 
 impl State {
     /// State made of `bytes` and no fds.
     pub fn new(bytes: impl Into<Vec<u8>>) -> State {
         State {
-            bytes: bytes.into(),
+            bytes: Bytes::Owned(bytes.into()),
             fds: Vec::new(),
         }
     }
@@ -81,7 +99,10 @@ impl State {
 
     /// The bytes.
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        match &self.bytes {
+            Bytes::Owned(v) => v,
+            Bytes::Mapped(m) => m.get(HEADER..).unwrap_or_default(),
+        }
     }
 
     /// The fds, in the order they were added.
@@ -89,9 +110,13 @@ impl State {
         &self.fds
     }
 
-    /// The bytes and the fds, by value.
+    /// The bytes (copied, if they were received) and the fds, by value.
     pub fn into_parts(self) -> (Vec<u8>, Vec<OwnedFd>) {
-        (self.bytes, self.fds)
+        let bytes = match self.bytes {
+            Bytes::Owned(v) => v,
+            Bytes::Mapped(m) => m.get(HEADER..).unwrap_or_default().to_vec(),
+        };
+        (bytes, self.fds)
     }
 }
 
@@ -114,10 +139,8 @@ fn corrupt(reason: impl Into<String>) -> Error {
     }
 }
 
-/// Writes `bytes` (and the header announcing `fds` extra fds) into a new
-/// sealed memfd.
-pub(crate) fn write(bytes: &[u8], fds: usize) -> Result<File> {
-    let io = |what: &'static str| move |e| Error::io(format!("state handover: {what}"), e);
+/// The memfd's header for `bytes` and `fds` extra fds.
+fn header(bytes: &[u8], fds: usize) -> Result<[u8; HEADER]> {
     let fds = u32::try_from(fds).map_err(|_| Error::State {
         reason: "too many fds".to_owned(),
     })?;
@@ -127,92 +150,49 @@ pub(crate) fn write(bytes: &[u8], fds: usize) -> Result<File> {
     header[12..16].copy_from_slice(&fds.to_le_bytes());
     header[16..24].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
     header[24..28].copy_from_slice(&crc32fast::hash(bytes).to_le_bytes());
-    let mut file = File::from(memfd().map_err(io("cannot create a memfd"))?);
-    let total = (HEADER + bytes.len()) as u64;
-    // Sized first: one allocation of the pages as they are written, and
-    // ENOSPC (a full tmpfs limit) before anything is copied.
-    file.set_len(total).map_err(io("cannot size the memfd"))?;
-    file.write_all(&header)
-        .and_then(|()| file.write_all(bytes))
-        .map_err(io("cannot write the memfd"))?;
-    seal(&file);
-    Ok(file)
+    Ok(header)
 }
 
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn memfd() -> std::io::Result<OwnedFd> {
-    use nix::sys::memfd::{MFdFlags, memfd_create};
-    memfd_create(
-        c"tableflip-state",
-        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-    )
-    .map_err(std::io::Error::from)
-}
-
-/// Elsewhere, a file in the temporary directory, unlinked at once.
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn memfd() -> std::io::Result<OwnedFd> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = std::env::temp_dir();
-    for attempt in 0..16u32 {
-        let path = dir.join(format!(
-            "tableflip-state-{}-{}-{attempt}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos())
-        ));
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(f) => {
-                std::fs::remove_file(&path)?;
-                return Ok(f.into());
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Err(std::io::Error::other("no free temporary file name"))
-}
-
-/// Seals the memfd: neither this process nor the next generation can
-/// change what was handed over.
-fn seal(file: &File) {
+/// Writes `bytes` (and the header announcing `fds` extra fds) into a new
+/// sealed memfd.
+pub(crate) fn write(bytes: &[u8], fds: usize) -> Result<File> {
+    let header = header(bytes, fds)?;
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
-        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
-        let seals = SealFlag::F_SEAL_SHRINK
-            | SealFlag::F_SEAL_GROW
-            | SealFlag::F_SEAL_WRITE
-            | SealFlag::F_SEAL_SEAL;
-        if let Err(e) = fcntl(file.as_fd(), FcntlArg::F_ADD_SEALS(seals)) {
-            tracing::debug!(error = %e, "state handover: cannot seal the memfd");
-        }
+        sys::sealed_memfd(c"tableflip-state", &[&header, bytes])
+            .map(File::from)
+            .map_err(|e| Error::io("state handover: cannot write a sealed memfd", e))
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
-    let _ = file;
+    {
+        let _ = header;
+        Err(Error::NotSupported)
+    }
 }
 
-/// Reads what [`write`] wrote: the bytes, and how many extra fds come
-/// with them.
-pub(crate) fn read(file: &File) -> Result<(Vec<u8>, usize)> {
-    let size = file
-        .metadata()
-        .map_err(|e| Error::io("state handover: cannot inspect the memfd", e))?
-        .len();
-    if size < HEADER as u64 {
+/// Reads what [`write`] wrote, mapped: the state (without its extra fds)
+/// and how many extra fds come with it.
+pub(crate) fn read(file: &File) -> Result<(State, usize)> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let map = sys::map_sealed_memfd(file.as_fd(), usize::MAX).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            corrupt(e.to_string())
+        } else {
+            Error::io("state handover: cannot map the memfd", e)
+        }
+    })?;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    return {
+        let _ = file;
+        Err(Error::NotSupported)
+    };
+    let size = map.len() as u64;
+    if map.len() < HEADER {
         return Err(corrupt(format!(
             "{size} bytes, shorter than its {HEADER}-byte header"
         )));
     }
-    let mut header = [0u8; HEADER];
-    file.read_exact_at(&mut header, 0)
-        .map_err(|e| Error::io("state handover: cannot read the memfd", e))?;
+    let header = &map[..HEADER];
     if header[..8] != MAGIC {
         return Err(corrupt("it does not start with the magic bytes TFSTATE"));
     }
@@ -242,19 +222,14 @@ pub(crate) fn read(file: &File) -> Result<(Vec<u8>, usize)> {
             size - HEADER as u64
         )));
     }
-    let len = usize::try_from(len).map_err(|_| corrupt("too large for this machine"))?;
-    let mut bytes = Vec::new();
-    bytes.try_reserve_exact(len).map_err(|_| Error::State {
-        reason: format!("cannot allocate {len} bytes for the state handed over"),
-    })?;
-    bytes.resize(len, 0);
-    file.read_exact_at(&mut bytes, HEADER as u64)
-        .map_err(|e| Error::io("state handover: cannot read the memfd", e))?;
-    let crc = word(24);
-    if crc32fast::hash(&bytes) != crc {
+    if crc32fast::hash(&map[HEADER..]) != word(24) {
         return Err(corrupt("its checksum does not match its bytes"));
     }
-    Ok((bytes, fds))
+    let state = State {
+        bytes: Bytes::Mapped(map),
+        fds: Vec::new(),
+    };
+    Ok((state, fds))
 }
 
 #[cfg(test)]
@@ -267,13 +242,14 @@ mod tests {
             let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
             let file = write(&bytes, 3).expect("write");
             let (back, fds) = read(&file).expect("read");
-            assert_eq!(back, bytes, "size {size}");
+            assert_eq!(back.bytes(), bytes, "size {size}");
             assert_eq!(fds, 3);
         }
     }
 
     #[test]
     fn the_memfd_is_sealed() {
+        use std::io::Write;
         let mut file = write(b"sealed", 0).expect("write");
         assert!(
             file.write_all(b"x").is_err(),
@@ -282,18 +258,29 @@ mod tests {
         assert!(file.set_len(1).is_err(), "and a new size");
     }
 
+    #[test]
+    fn a_memfd_without_seals_is_refused() {
+        let file = File::from(
+            nix::sys::memfd::memfd_create(c"unsealed", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .expect("memfd"),
+        );
+        match read(&file) {
+            Err(Error::State { reason }) => {
+                assert!(reason.contains("not a sealed memory file"), "{reason}");
+            }
+            other => panic!("expected a state error, got {other:?}"),
+        }
+    }
+
     fn raw(bytes: &[u8]) -> File {
-        let mut file = File::from(memfd().expect("memfd"));
-        file.write_all(bytes).expect("write");
-        file
+        File::from(sys::sealed_memfd(c"test", &[bytes]).expect("memfd"))
     }
 
     #[test]
     fn corruption_is_an_error_that_names_it() {
         let good = {
-            let file = write(b"hello", 0).expect("write");
-            let mut all = vec![0u8; HEADER + 5];
-            file.read_exact_at(&mut all, 0).expect("read");
+            let mut all = header(b"hello", 0).expect("header").to_vec();
+            all.extend_from_slice(b"hello");
             all
         };
         let reason = |bytes: &[u8]| match read(&raw(bytes)) {

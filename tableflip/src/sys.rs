@@ -927,18 +927,22 @@ pub(crate) fn clear_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// (only a memfd has seals).
 ///
 /// [memfd_create(2)]: https://man7.org/linux/man-pages/man2/memfd_create.2.html
+/// `parts` are written one after the other (the application state's
+/// header, then its bytes, without joining them in memory first).
 #[cfg(any(target_os = "linux", target_os = "android"))]
-pub(crate) fn sealed_memfd(name: &std::ffi::CStr, data: &[u8]) -> io::Result<OwnedFd> {
+pub(crate) fn sealed_memfd(name: &std::ffi::CStr, parts: &[&[u8]]) -> io::Result<OwnedFd> {
     use nix::sys::memfd::{MFdFlags, memfd_create};
     let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)?;
     let fd = above_stdio(fd)?;
-    let mut rest = data;
-    while !rest.is_empty() {
-        match nix::unistd::write(&fd, rest) {
-            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-            Ok(n) => rest = &rest[n..],
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
+    for part in parts {
+        let mut rest = *part;
+        while !rest.is_empty() {
+            match nix::unistd::write(&fd, rest) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => rest = &rest[n..],
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     let seals = nix::fcntl::SealFlag::F_SEAL_SEAL
@@ -949,22 +953,116 @@ pub(crate) fn sealed_memfd(name: &std::ffi::CStr, data: &[u8]) -> io::Result<Own
     Ok(fd)
 }
 
+/// Checks that `fd` is a memory file sealed against writes and against
+/// shrinking ([memfd_create(2)], "File sealing"): its contents can never
+/// change again, and it can never become shorter.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn check_sealed(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::SealFlag;
+    let not_sealed = || io::Error::new(io::ErrorKind::InvalidData, "not a sealed memory file");
+    // EINVAL: a file that cannot have seals at all (a regular file, a
+    // pipe, a device).
+    let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
+        Ok(bits) => SealFlag::from_bits_retain(bits),
+        Err(nix::errno::Errno::EINVAL) => return Err(not_sealed()),
+        Err(e) => return Err(e.into()),
+    };
+    if !seals.contains(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK) {
+        return Err(not_sealed());
+    }
+    Ok(())
+}
+
+/// The whole of a sealed memory file, mapped read-only ([mmap(2)]): its
+/// pages are shared with the file, not copied.
+///
+/// [mmap(2)]: https://man7.org/linux/man-pages/man2/mmap.2.html
+#[derive(Debug)]
+pub(crate) struct SealedMap {
+    /// The mapping's start; `None` for an empty file (nothing is mapped).
+    ptr: Option<std::ptr::NonNull<libc::c_void>>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only memory that nothing can change (see
+// `map_sealed_memfd`); sharing or sending a pointer to it across threads
+// is as sound as sharing a `&[u8]`.
+unsafe impl Send for SealedMap {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for SealedMap {}
+
+impl std::ops::Deref for SealedMap {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self.ptr {
+            // SAFETY: `ptr` is the start of a live mapping of `len`
+            // readable bytes (unmapped only in `drop`), whose contents
+            // never change (`map_sealed_memfd` checked the seals, which
+            // cannot be removed) and whose file cannot shrink under it (no
+            // SIGBUS): it is valid as a `&[u8]` for as long as `self`.
+            Some(ptr) => unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<u8>(), self.len) },
+            None => &[],
+        }
+    }
+}
+
+impl Drop for SealedMap {
+    fn drop(&mut self) {
+        if let Some(ptr) = self.ptr {
+            // SAFETY: `ptr` and `len` are exactly what `mmap` returned and
+            // was asked for; no slice borrowed from `self` outlives it.
+            unsafe { libc::munmap(ptr.as_ptr(), self.len) };
+        }
+    }
+}
+
+/// Maps the whole of `fd` read-only, after checking that it is a memory
+/// file sealed against writes and shrinking (so that the mapping can be
+/// read as an immutable `&[u8]`), and no larger than `limit`. The pages
+/// are faulted in at once (`MAP_POPULATE`).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn map_sealed_memfd(fd: BorrowedFd<'_>, limit: usize) -> io::Result<SealedMap> {
+    check_sealed(fd)?;
+    let size = nix::sys::stat::fstat(fd)?.st_size;
+    let len = usize::try_from(size).unwrap_or(usize::MAX);
+    if len > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{len} bytes, more than the {limit} accepted"),
+        ));
+    }
+    if len == 0 {
+        return Ok(SealedMap { ptr: None, len });
+    }
+    // SAFETY: a new mapping chosen by the kernel (no address given), of a
+    // file this process holds open; nothing else in the process is
+    // touched. The result is checked before use.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(SealedMap {
+        ptr: std::ptr::NonNull::new(ptr),
+        len,
+    })
+}
+
 /// Reads the whole of a memory file made by [`sealed_memfd`], from its
 /// start, after checking that it is one (sealed against writes), and no
 /// larger than `limit`.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) fn read_sealed_memfd(fd: BorrowedFd<'_>, limit: usize) -> io::Result<Vec<u8>> {
-    let not_sealed = || io::Error::new(io::ErrorKind::InvalidData, "not a sealed memory file");
-    // EINVAL: a file that cannot have seals at all (a regular file, a
-    // pipe, a device).
-    let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
-        Ok(bits) => nix::fcntl::SealFlag::from_bits_retain(bits),
-        Err(nix::errno::Errno::EINVAL) => return Err(not_sealed()),
-        Err(e) => return Err(e.into()),
-    };
-    if !seals.contains(nix::fcntl::SealFlag::F_SEAL_WRITE) {
-        return Err(not_sealed());
-    }
+    check_sealed(fd)?;
     let size = nix::sys::stat::fstat(fd)?.st_size;
     let size = usize::try_from(size).unwrap_or(usize::MAX);
     if size > limit {

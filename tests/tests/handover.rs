@@ -1246,13 +1246,18 @@ fn state_hex(magic: &[u8; 8], format: u32, fds: u32, bytes: &[u8], crc: u32) -> 
 /// or `action-err`). The service goes on to readiness either way: what
 /// to do about a corrupt state is the application's call.
 fn take_handcrafted_state(hex: &str) -> Event {
+    take_handcrafted_state_in("memfd", hex)
+}
+
+/// As [`take_handcrafted_state`], in a memfd of `kind` (`handcraft`'s).
+fn take_handcrafted_state_in(kind: &str, hex: &str) -> Event {
     let _serial = serial();
     let ctl = Scratch::new("state");
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     ctl.write("actions", "take-state\n");
     let hand = Hand::new()
         .make("web", "tcp-listener")
-        .make("state", &format!("memfd:{hex}"))
+        .make("state", &format!("{kind}:{hex}"))
         .entries(concat!(
             r#"{"name":"web","kind":"listener","fd":%web%,"network":"tcp","address":"%web.addr%"},"#,
             r#"{"name":"tableflip.state","kind":"file","fd":%state%}"#
@@ -1315,4 +1320,14 @@ fn corrupt_state_is_an_error_naming_the_damage() {
         assert_eq!(said.get("kind"), "State", "{}", said.line);
         assert!(said.get("msg").contains(says), "{says}: {}", said.line);
     }
+    // A valid state in a memfd that is not sealed: it could change under
+    // the mapping that reads it, so it is refused.
+    let said =
+        take_handcrafted_state_in("memfd-unsealed", &state_hex(b"TFSTATE\0", 1, 0, bytes, crc));
+    assert_eq!(said.get("kind"), "State", "{}", said.line);
+    assert!(
+        said.get("msg").contains("not a sealed memory file"),
+        "{}",
+        said.line
+    );
 }

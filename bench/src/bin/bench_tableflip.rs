@@ -9,6 +9,11 @@
 //!
 //! With `BENCH_BALLAST_MIB=N`, the init function ends by allocating and
 //! touching N MiB (`tableflip_bench::hold_ballast`), before readiness.
+//!
+//! With `BENCH_STATE_MIB=N`, each generation takes the application state
+//! the previous one handed over (checking its size and content), and hands
+//! over N MiB of its own at the next upgrade (`Context::hand_over_state`):
+//! the state section of the bench.
 
 use tableflip::{Context, ListenSpec, Options, listener};
 use tokio::net::TcpListener;
@@ -35,6 +40,45 @@ async fn main(cx: Context) -> Result<(), Box<dyn std::error::Error + Send + Sync
     }
     // `BENCH_BALLAST_MIB`: resident memory before readiness (after init).
     tableflip_bench::hold_ballast()?;
+    state(&cx)?;
+    Ok(())
+}
+
+/// `BENCH_STATE_MIB=N`: the first generation builds N MiB of state;
+/// each next one takes the state handed over as its own (checking its size
+/// and a sample of its bytes, as an application's deserialization would
+/// reject a wrong one), and hands it over again at the next upgrade.
+fn state(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let Some(mib) = std::env::var("BENCH_STATE_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    else {
+        return Ok(());
+    };
+    let len = mib << 20;
+    // The state itself: as received (mapped, nothing copied), or built.
+    let state = match cx.inherited_state()? {
+        Some(inherited) => {
+            let bytes = inherited.bytes();
+            let sample_ok = (0..bytes.len())
+                .step_by(4093)
+                .all(|i| bytes[i] == (i % 251) as u8);
+            if bytes.len() != len || !sample_ok {
+                return Err(format!(
+                    "the state handed over is not the {mib} MiB expected ({} bytes)",
+                    bytes.len()
+                )
+                .into());
+            }
+            inherited
+        }
+        None => tableflip::State::new((0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
+    };
+    let state = std::sync::Arc::new(state);
+    if mib > 0 {
+        // A copy, as an application's serialization would make.
+        cx.hand_over_state(move || Ok(tableflip::State::new(state.bytes())));
+    }
     Ok(())
 }
 

@@ -378,7 +378,7 @@ impl Outgoing {
             committed_ms_ago: s.committed_at.map(|t| super::millis(t.elapsed())),
         };
         let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
-        let file = sys::sealed_memfd(c"tableflip-supervisor", &bytes)?;
+        let file = sys::sealed_memfd(c"tableflip-supervisor", &[&bytes])?;
         Ok(Outgoing { file })
     }
 

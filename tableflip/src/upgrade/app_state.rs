@@ -64,7 +64,7 @@ impl Upgrader {
             return Ok(None);
         };
         let memfd = memfd.into_inner();
-        let (bytes, count) = state::read(&memfd)?;
+        let (state, count) = state::read(&memfd)?;
         let mut extra: Vec<std::os::fd::OwnedFd> = Vec::with_capacity(count);
         for i in 0..count {
             let name = state::fd_name(i);
@@ -80,13 +80,11 @@ impl Upgrader {
             }
         }
         tracing::info!(
-            bytes = bytes.len(),
+            bytes = state.bytes().len(),
             fds = count,
             "took the state the previous generation handed over"
         );
-        Ok(Some(
-            extra.into_iter().fold(State::new(bytes), State::with_fd),
-        ))
+        Ok(Some(extra.into_iter().fold(state, State::with_fd)))
     }
 
     /// At the start of an upgrade: calls the source, if any, and registers

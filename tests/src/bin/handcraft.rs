@@ -177,15 +177,28 @@ fn make(kind: &str, keep: &mut Keep) -> (Option<OwnedFd>, Option<String>) {
             let f = std::fs::File::open(exe).unwrap_or_else(|e| io("open", e));
             (Some(f.into()), None)
         }
-        memfd if memfd.starts_with("memfd:") => {
+        memfd if memfd.starts_with("memfd:") || memfd.starts_with("memfd-unsealed:") => {
             // A memory file holding the bytes given in hex (the
-            // application state's carrier).
-            let fd =
-                nix::sys::memfd::memfd_create(c"handcraft", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-                    .unwrap_or_else(|e| io("memfd_create", e.into()));
+            // application state's carrier), sealed against any change as
+            // tableflip seals it, unless `memfd-unsealed`.
+            use nix::fcntl::SealFlag;
+            use nix::sys::memfd::{MFdFlags, memfd_create};
+            let (kind, data) = memfd.split_once(':').unwrap_or_default();
+            let fd = memfd_create(
+                c"handcraft",
+                MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+            )
+            .unwrap_or_else(|e| io("memfd_create", e.into()));
             let mut f = std::fs::File::from(fd);
-            f.write_all(&hex(&memfd["memfd:".len()..]))
-                .unwrap_or_else(|e| io("write", e));
+            f.write_all(&hex(data)).unwrap_or_else(|e| io("write", e));
+            if kind == "memfd" {
+                let seals = SealFlag::F_SEAL_SHRINK
+                    | SealFlag::F_SEAL_GROW
+                    | SealFlag::F_SEAL_WRITE
+                    | SealFlag::F_SEAL_SEAL;
+                fcntl(&f, FcntlArg::F_ADD_SEALS(seals))
+                    .unwrap_or_else(|e| io("F_ADD_SEALS", e.into()));
+            }
             (Some(f.into()), None)
         }
         "pipe-r" => {

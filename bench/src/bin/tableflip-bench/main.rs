@@ -55,9 +55,9 @@ usage: tableflip-bench [--quick] [--out DIR] [--only SECTIONS]
                   (default: bench/results for a full run, $TMPDIR/tableflip-bench-quick
                   for --quick)
   --only SECTIONS comma-separated subset of: latency, ballast, load, listeners,
-                  drain, generations, overhead, supervisor (default: all)";
+                  drain, generations, overhead, supervisor, state (default: all)";
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "latency",
     "ballast",
     "load",
@@ -66,6 +66,7 @@ const SECTIONS: [&str; 8] = [
     "generations",
     "overhead",
     "supervisor",
+    "state",
 ];
 
 struct Args {
@@ -304,6 +305,10 @@ fn run() -> Result<(), Error> {
     if on("supervisor") {
         eprintln!("supervised mode against replace mode");
         report.supervisor = Some(supervisor::supervisor(&lab, &cfg)?);
+    }
+    if on("state") {
+        eprintln!("application state handed over: {:?} MiB", cfg.state_mib);
+        report.state = scenarios::state(&lab, &cfg)?;
     }
     // The ecdysis generations of the latency test, as a table row too.
     if let Some(ec) = report.latency.iter().find(|l| l.kind == Kind::Ecdysis) {

@@ -441,6 +441,18 @@ impl Service {
         listeners: usize,
         ballast_mib: Option<usize>,
     ) -> Result<(Service, Start), Error> {
+        Service::start_env(lab, kind, addr, listeners, ballast_mib, &[])
+    }
+
+    /// As [`Service::start_with`], with `env` set for the service too.
+    pub(crate) fn start_env(
+        lab: &Lab,
+        kind: Kind,
+        addr: SocketAddr,
+        listeners: usize,
+        ballast_mib: Option<usize>,
+        env: &[(&str, String)],
+    ) -> Result<(Service, Start), Error> {
         let dir = lab.next_dir(kind)?;
         let stop = Arc::new(AtomicBool::new(false));
         let notify_path = dir.join("notify.sock");
@@ -463,6 +475,8 @@ impl Service {
             .env_remove("RUST_LOG")
             .env_remove("BENCH_BALLAST_MIB")
             .env_remove("BENCH_ANNOUNCE_START")
+            .env_remove("BENCH_STATE_MIB")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

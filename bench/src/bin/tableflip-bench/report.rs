@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use crate::procs::Kind;
 use crate::scenarios::{
     BallastResult, Config, DrainLoad, DrainResult, LatencyResult, ListenersResult, LoadResult,
-    ManyResult, OverheadResult,
+    ManyResult, OverheadResult, StateResult,
 };
 use crate::stats::Summary;
 use crate::supervisor::SupervisorResult;
@@ -85,6 +85,7 @@ pub(crate) struct Report {
     pub(crate) many: Vec<ManyResult>,
     pub(crate) overhead: Vec<OverheadResult>,
     pub(crate) supervisor: Option<SupervisorResult>,
+    pub(crate) state: Vec<StateResult>,
 }
 
 fn f(v: f64) -> String {
@@ -156,6 +157,7 @@ impl Report {
         self.many_table(&mut out);
         self.overhead_table(&mut out);
         self.supervisor_table(&mut out);
+        self.state_table(&mut out);
         out
     }
 
@@ -414,6 +416,38 @@ impl Report {
             f(over(tf)),
             f(over(ec))
         );
+    }
+
+    fn state_table(&self, out: &mut String) {
+        let Some(first) = self.state.first() else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "### Application state handed over (tableflip, replace mode; {} rounds at each size: started fresh, upgraded once, stopped)\n",
+            first.upgrades.ready.len()
+        );
+        let _ = writeln!(
+            out,
+            "| state MiB | SIGHUP → ready: median (ms) | p90 | max | SIGHUP → old gone: median (ms) | new generation RSS (MiB) | its peak RSS, VmHWM (MiB) |\n|---|---|---|---|---|---|---|"
+        );
+        for r in &self.state {
+            let ready = Summary::of_ms(&r.upgrades.ready);
+            let gone = Summary::of_ms(&r.upgrades.gone);
+            let mib = |v: &[u64]| kib_to_mib(median_of(v.iter().map(|&k| k as f64)));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.state_mib,
+                f(ready.p50),
+                f(ready.p90),
+                f(ready.max),
+                f(gone.p50),
+                f(mib(&r.new_rss_kib)),
+                f(mib(&r.new_hwm_kib))
+            );
+        }
+        out.push('\n');
     }
 
     fn ballast_table(&self, out: &mut String) {

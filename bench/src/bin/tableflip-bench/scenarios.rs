@@ -47,6 +47,10 @@ pub(crate) struct Config {
     pub(crate) ballast_upgrades: usize,
     /// Upgrades of each mode in the supervised-mode comparison.
     pub(crate) supervisor_upgrades: usize,
+    /// Sizes of the application state handed over (MiB), and upgrades
+    /// (each after a fresh start) at each.
+    pub(crate) state_mib: Vec<usize>,
+    pub(crate) state_upgrades: usize,
 }
 
 impl Config {
@@ -68,6 +72,8 @@ impl Config {
                 ballast_mib: vec![0, 256],
                 ballast_upgrades: 5,
                 supervisor_upgrades: 5,
+                state_mib: vec![0, 100],
+                state_upgrades: 3,
             }
         } else {
             Config {
@@ -85,6 +91,8 @@ impl Config {
                 ballast_mib: vec![0, 256, 1024],
                 ballast_upgrades: 20,
                 supervisor_upgrades: 30,
+                state_mib: vec![0, 1, 100],
+                state_upgrades: 10,
             }
         }
     }
@@ -836,4 +844,57 @@ pub(crate) fn overhead(
         }
     }
     Ok(results)
+}
+
+/// Application state handed over at one size (tableflip, replace mode).
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct StateResult {
+    /// MiB each generation hands over (0: no state source at all).
+    pub(crate) state_mib: usize,
+    pub(crate) upgrades: Timings,
+    /// Peak RSS (`VmHWM`) of each new generation once it serves alone:
+    /// what it built for its own state, plus the copy it read, KiB.
+    pub(crate) new_hwm_kib: Vec<u64>,
+    /// RSS of each new generation once it serves alone, KiB.
+    pub(crate) new_rss_kib: Vec<u64>,
+}
+
+/// The application state's cost: at each size of `cfg.state_mib`,
+/// `cfg.state_upgrades` rounds of a fresh tableflip service that builds
+/// that much state, is upgraded once (the old generation hands the state
+/// over, the new one reads and checks it before its readiness), and is
+/// stopped.
+pub(crate) fn state(lab: &Lab, cfg: &Config) -> Result<Vec<StateResult>, Error> {
+    let mut all = Vec::new();
+    for &mib in &cfg.state_mib {
+        let mut result = StateResult {
+            state_mib: mib,
+            upgrades: Timings::default(),
+            new_hwm_kib: Vec::new(),
+            new_rss_kib: Vec::new(),
+        };
+        for done in 1..=cfg.state_upgrades {
+            let env = [("BENCH_STATE_MIB", mib.to_string())];
+            let (mut svc, _) =
+                Service::start_env(lab, Kind::Tableflip, local(free_port()?), 1, None, &env)?;
+            settle(&svc, 0)?;
+            let u = svc.upgrade()?;
+            result.upgrades.push(&u);
+            let g = settle(&svc, 1)?;
+            result.new_rss_kib.push(g.usage.rss_kib);
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", svc.pid)).unwrap_or_default();
+            result
+                .new_hwm_kib
+                .push(crate::procs::proc_field(&status, "VmHWM:"));
+            svc.stop(Duration::from_secs(10))?;
+            eprint!(
+                "\r  state {mib} MiB: {done}/{} upgrades",
+                cfg.state_upgrades
+            );
+        }
+        eprintln!();
+        all.push(result);
+    }
+    Ok(all)
 }
