@@ -16,6 +16,7 @@ use tableflip_tests::{DEADLINE, Scratch, is_alive, serial, signal, wait_a_little
 
 const HTTP_UPGRADER: &str = env!("CARGO_BIN_EXE_http_upgrader");
 const AXUM: &str = env!("CARGO_BIN_EXE_axum");
+const RATE_LIMIT: &str = env!("CARGO_BIN_EXE_rate_limit");
 
 /// A started example and every generation it upgrades to; all of them are
 /// SIGKILLed on drop.
@@ -417,4 +418,81 @@ fn an_invalid_address_is_reported(exe: &str) {
         stderr.contains("invalid address \"not-an-address\""),
         "the error names the address: {stderr}"
     );
+}
+
+/// `GET path` with an `x-api-key: key` header, on a fresh connection.
+fn get_as(addr: &str, path: &str, key: &str) -> std::io::Result<Reply> {
+    let mut stream = connect(addr)?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes())?;
+    read_reply(&mut BufReader::new(stream))
+}
+
+/// The `rate_limit` example: its counter and its buckets survive upgrades
+/// (the state handover): the new generation goes on counting where the old
+/// one stopped, and a key that spent its tokens stays limited across the
+/// upgrade instead of getting a fresh allowance.
+#[test]
+fn rate_limit_state_survives_upgrades() {
+    let _serial = serial();
+    let scratch = Scratch::new("rate");
+    let pid_file: PathBuf = scratch.path().join("rate.pid");
+    let addr = free_addr();
+    let pid_file_str = pid_file.to_string_lossy().into_owned();
+    let mut demo = Demo::start(
+        RATE_LIMIT,
+        &[("HTTP_ADDR", &addr), ("PID_FILE", &pid_file_str)],
+    );
+    let first = demo.first_pid();
+    wait_until("the PID file names the first generation", || {
+        read_pid(&pid_file) == Some(first)
+    });
+    // Alice spends her 10 tokens (the refill, 1 per second, may give
+    // back one or two on a slow machine): then she is limited.
+    let mut alice = 0;
+    loop {
+        let reply = get_as(&addr, "/", "alice").expect("request");
+        if reply.status == 429 {
+            break;
+        }
+        assert_eq!(reply.status, 200, "{reply:?}");
+        alice += 1;
+        assert!(alice < 30, "never limited: {reply:?}");
+    }
+    let reply = get_as(&addr, "/", "bob").expect("request");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert!(reply.body.starts_with("request 1 of bob"), "{reply:?}");
+
+    signal(first, Signal::SIGHUP);
+    wait_until("the PID file names the second generation", || {
+        read_pid(&pid_file).is_some_and(|p| p != first)
+    });
+    let second = read_pid(&pid_file).unwrap_or_else(|| panic!("no PID file"));
+    demo.pids.push(second);
+    assert_eq!(demo.wait_first().code(), Some(0));
+
+    // The counter goes on: every request the first generation counted.
+    let stats = get(&addr, "/stats").expect("stats");
+    assert_eq!(stats.pid(), second);
+    assert!(
+        stats
+            .body
+            .starts_with(&format!("served {} keys 2", alice + 1)),
+        "{stats:?}"
+    );
+    // Bob's bucket is his old one: request 2, not a fresh request 1.
+    let reply = get_as(&addr, "/", "bob").expect("request");
+    assert_eq!(reply.pid(), second);
+    assert!(reply.body.starts_with("request 2 of bob"), "{reply:?}");
+    // Alice has at most the tokens the refill gave back since she ran
+    // out: far fewer than a fresh bucket's 10.
+    let mut after = 0;
+    while get_as(&addr, "/", "alice").expect("request").status == 200 {
+        after += 1;
+        assert!(after < 10, "Alice got a fresh allowance after the upgrade");
+    }
+    signal(second, Signal::SIGTERM);
+    assert_eq!(demo.wait_later(second), 0);
 }
