@@ -380,9 +380,11 @@ pub struct Served {
     /// Connections accepted over the server's life (those whose handshake
     /// then failed included).
     pub accepted: u64,
-    /// Connections still open when the drain started (in their handshake,
-    /// in a request, idle, or switched to another protocol): the ones the
-    /// drain then waits for, as tasks of the [`Context`].
+    /// Connections still open when the server stopped accepting, just
+    /// after the drain started (in their handshake, in a request, idle, or
+    /// switched to another protocol): the ones the drain then waits for,
+    /// as tasks of the [`Context`]. A connection the drain closes at once
+    /// (one idle for longer than the linger) may or may not be counted.
     pub handed_to_drain: usize,
 }
 

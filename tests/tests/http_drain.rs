@@ -529,20 +529,28 @@ fn live_websocket_is_closed_with_1001_at_the_drain_and_reconnects_to_the_new_gen
     });
     signal(first, Signal::SIGHUP);
     let close = rt.block_on(async {
-        let close = match timeout(DEADLINE, ws.next()).await {
+        match timeout(DEADLINE, ws.next()).await {
             Ok(Some(Ok(Message::Close(frame)))) => frame,
             Ok(Some(Ok(other))) => panic!("before the close frame: {other:?}"),
             other => panic!("no close frame at the drain: {other:?}"),
-        };
-        // tungstenite answers the close frame; the server then ends the
-        // connection.
-        while let Ok(Some(Ok(_))) = timeout(DEADLINE, ws.next()).await {}
-        close
+        }
     });
-    let closed_at = Instant::now();
     let frame = close.expect("a close frame with a code");
     assert_eq!(frame.code, CloseCode::Away, "{frame:?}");
     assert_eq!(frame.reason.as_str(), "going away");
+    // The WebSocket waits for our answering close (tungstenite sends it
+    // when the stream is next polled): still open when the server stopped
+    // accepting, it is the connection handed to the drain.
+    let served = svc.wait_for("the TCP server's served event", |e| {
+        e.pid == first && e.kind == "served" && e.get("listener") == "tcp"
+    });
+    assert_eq!(served.num::<u64>("accepted"), 1, "{}", served.line);
+    assert_eq!(served.num::<usize>("handed_to_drain"), 1, "{}", served.line);
+    rt.block_on(async {
+        // Our answering close goes; the server then ends the connection.
+        while let Ok(Some(Ok(_))) = timeout(DEADLINE, ws.next()).await {}
+    });
+    let closed_at = Instant::now();
     assert!(svc.wait_first().success(), "the old generation exits 0");
     let exit_after = closed_at.elapsed();
     // The drain timeout is 20 s: the drain ended with the WebSocket.
@@ -550,11 +558,6 @@ fn live_websocket_is_closed_with_1001_at_the_drain_and_reconnects_to_the_new_gen
         exit_after < Duration::from_secs(10),
         "the old generation exited {exit_after:?} after the close"
     );
-    let served = svc.wait_for("the TCP server's served event", |e| {
-        e.pid == first && e.kind == "served" && e.get("listener") == "tcp"
-    });
-    assert_eq!(served.num::<u64>("accepted"), 1, "{}", served.line);
-    assert_eq!(served.num::<usize>("handed_to_drain"), 1, "{}", served.line);
     let second = pid_file_pid(&pid_file).expect("pid file");
     assert_ne!(second, first);
     rt.block_on(async {
@@ -568,7 +571,9 @@ fn live_websocket_is_closed_with_1001_at_the_drain_and_reconnects_to_the_new_gen
             .expect("close within the deadline")
             .expect("close");
     });
-    eprintln!("ws-live: the old generation exited {exit_after:?} after its close frame 1001");
+    eprintln!(
+        "ws-live: the old generation exited {exit_after:?} after the WebSocket closed (1001)"
+    );
     signal(second, Signal::SIGTERM);
     svc.wait_all_exited();
 }

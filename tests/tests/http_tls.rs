@@ -541,7 +541,11 @@ fn handshakes_stuck_or_completed_during_the_drain() {
         e.pid == first && e.kind == "served" && e.get("listener") == "tls"
     });
     assert_eq!(served.num::<u64>("accepted"), 4, "{}", served.line);
-    assert_eq!(served.num::<usize>("handed_to_drain"), 4, "{}", served.line);
+    // The three handshakes were open; the idle connection too, unless it
+    // had been idle for the linger (2 s) by the time the drain started
+    // (a slow upgrade): then its close races the count.
+    let handed = served.num::<usize>("handed_to_drain");
+    assert!((3..=4).contains(&handed), "{}", served.line);
     // The new generation serves HTTPS.
     let second = pid_file_pid(&pid_file).expect("pid file");
     let mut c = tls_connect(&tls_addr, &config).expect("connect");
