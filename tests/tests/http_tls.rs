@@ -454,7 +454,7 @@ fn ended_by_server(tcp: &mut TcpStream) -> bool {
 /// first-request timeout): long enough for a handshake begun before an
 /// upgrade to complete during the drain on a loaded machine, far below
 /// the drain timeout (20 s).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// During the drain: connections stuck in their TLS handshake (silent, or
 /// half a ClientHello) hold the drain only until the handshake timeout,
