@@ -2,7 +2,7 @@
 //!
 //! [`Server::serve_tower`] runs an axum `Router` (any tower service), and
 //! [`Server::serve`] a hyper service, on a TCP or Unix listener, or either
-//! behind TLS ([`tls::TlsListener`], feature `tls`; see [`Accept`]), over
+//! behind TLS ([`TlsListener`][tls-listener], feature `tls`; see [`Accept`]), over
 //! HTTP/1.1 and HTTP/2, and drains it so that an upgrade fails no request
 //! and resets no connection:
 //!
@@ -64,10 +64,23 @@
 //!
 //! # TLS
 //!
-//! With the `tls` feature, [`tls::TlsListener`] wraps a listener and a
+//! With the `tls` feature, [`TlsListener`][tls-listener] wraps a listener and a
 //! rustls `ServerConfig` (the crate re-exports the rustls it uses as
-//! [`tls::rustls`]); see the [`tls`] module for the handshake's timeout,
+//! [`tls::rustls`][tls-rustls]); see the [`tls`][tls-module] module for the handshake's timeout,
 //! ALPN (HTTP/2 over TLS) and the crypto provider.
+//!
+// The links to the `tls` module: into the docs when it is built, to
+// docs.rs when it is not.
+#![cfg_attr(
+    feature = "tls",
+    doc = "[tls-listener]: tls::TlsListener\n[tls-rustls]: tls::rustls\n[tls-module]: tls"
+)]
+#![cfg_attr(
+    not(feature = "tls"),
+    doc = "[tls-listener]: https://docs.rs/tableflip/latest/tableflip/http/tls/struct.TlsListener.html\n\
+           [tls-rustls]: https://docs.rs/rustls/0.23\n\
+           [tls-module]: https://docs.rs/tableflip/latest/tableflip/http/tls/index.html"
+)]
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -214,7 +227,7 @@ impl Server {
     /// [`Served`]; the connections still open go on as tasks of `cx`.
     ///
     /// A connection's handshake ([`Accept::handshake`]: TLS, for a
-    /// [`TlsListener`](tls::TlsListener)) runs in the connection's task,
+    /// `tls::TlsListener`) runs in the connection's task,
     /// never in the accept loop, and must complete within the
     /// [first-request timeout](Self::first_request_timeout) (default 10 s),
     /// drain or not: a connection whose handshake fails or takes longer is
@@ -670,7 +683,7 @@ fn switches_protocols(connect: bool, status: StatusCode) -> bool {
 
 /// A listener [`Server::serve`] accepts connections from: TCP and Unix
 /// stream listeners (tokio's), and either behind TLS
-/// ([`TlsListener`](tls::TlsListener), feature `tls`). A TCP connection
+/// (`tls::TlsListener`, feature `tls`). A TCP connection
 /// gets `TCP_NODELAY`.
 ///
 /// Accepting is two steps: [`accept_io`](Self::accept_io) takes the
@@ -695,7 +708,7 @@ pub trait Accept: Send + 'static {
 
     /// Completes a connection accepted by [`accept_io`](Self::accept_io):
     /// nothing for TCP and Unix, the TLS handshake for a
-    /// [`TlsListener`](tls::TlsListener).
+    /// `tls::TlsListener`.
     ///
     /// # Errors
     ///

@@ -40,7 +40,7 @@
 //!
 //! None is on by default.
 //!
-//! - `http`: [`http::Server`](crate::http), hyper and axum (any tower
+//! - `http`: `http::Server`, hyper and axum (any tower
 //!   service) served over HTTP/1.1 and HTTP/2 with a drain that fails no
 //!   request, on TCP and Unix listeners.
 //! - `tls` (includes `http`): HTTPS, `http::tls::TlsListener` (rustls 0.23
