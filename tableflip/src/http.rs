@@ -1,9 +1,10 @@
 //! HTTP serving that drains without failing a request (feature `http`).
 //!
 //! [`Server::serve_tower`] runs an axum `Router` (any tower service), and
-//! [`Server::serve`] a hyper service, on a TCP or Unix listener
-//! ([`Accept`]), HTTP/1.1 and HTTP/2, and drains it so that an upgrade fails no request and resets no
-//! connection:
+//! [`Server::serve`] a hyper service, on a TCP or Unix listener, or either
+//! behind TLS ([`TlsListener`][tls-listener], feature `tls`; see [`Accept`]), over
+//! HTTP/1.1 and HTTP/2, and drains it so that an upgrade fails no request
+//! and resets no connection:
 //!
 //! * When the drain starts, the accept loop stops and drops its handle of
 //!   the listener; connections still queued in the kernel belong to the new
@@ -25,8 +26,12 @@
 //!   tunnel) belongs to the application from then on, but stays a task of
 //!   the [`Context`]: the drain waits until the application has dropped it
 //!   (up to the drain timeout, as any task). To end such connections when
-//!   the drain starts (a WebSocket close frame, say), the application
-//!   watches [`Context::draining`].
+//!   the drain starts, the application watches the [`Drain`] handle that
+//!   every request carries in its extensions (see [WebSockets](#websockets)).
+//! * A connection still in its handshake (TLS) when the drain starts is
+//!   busy: the drain waits for it, at most the first-request timeout,
+//!   which bounds every handshake; once complete, the connection is served
+//!   with the rules above.
 //! * A keep-alive connection that is idle is closed only after it has been
 //!   idle for the *linger* time (default 2 s): an active client sends its
 //!   next request well within it and gets `Connection: close`; closing
@@ -38,6 +43,44 @@
 //! Limits: a request or a switched connection that lasts longer than the
 //! drain timeout is cut when the process exits; a keep-alive client that
 //! stays silent for longer than the linger sees its connection closed.
+//!
+//! [`Server::serve`] returns when the drain starts, with counts
+//! ([`Served`]): connections accepted, and those still open, which the
+//! drain then waits for.
+//!
+//! # WebSockets
+//!
+//! Each request handled by the server carries a [`Drain`] in its
+//! extensions: an axum handler takes it as `Extension<Drain>` and moves it
+//! into the WebSocket's task, which `select!`s on [`Drain::started`] next
+//! to its socket. When the drain starts, the task sends a close frame with
+//! code `1001` ("going away", RFC 6455 §7.4.1), waits briefly for the
+//! client's answering close, and returns: the connection is dropped, the
+//! old generation's drain is not held up, and the client reconnects, to
+//! the new generation (which now accepts every new connection). The
+//! [`Drain`] documentation has the code. A WebSocket that ignores the
+//! drain keeps the old generation alive until the client leaves or the
+//! drain timeout cuts it.
+//!
+//! # TLS
+//!
+//! With the `tls` feature, [`TlsListener`][tls-listener] wraps a listener and a
+//! rustls `ServerConfig` (the crate re-exports the rustls it uses as
+//! [`tls::rustls`][tls-rustls]); see the [`tls`][tls-module] module for the handshake's timeout,
+//! ALPN (HTTP/2 over TLS) and the crypto provider.
+//!
+// The links to the `tls` module: into the docs when it is built, to
+// docs.rs when it is not.
+#![cfg_attr(
+    feature = "tls",
+    doc = "[tls-listener]: tls::TlsListener\n[tls-rustls]: tls::rustls\n[tls-module]: tls"
+)]
+#![cfg_attr(
+    not(feature = "tls"),
+    doc = "[tls-listener]: https://docs.rs/tableflip/latest/tableflip/http/tls/struct.TlsListener.html\n\
+           [tls-rustls]: https://docs.rs/rustls/0.23\n\
+           [tls-module]: https://docs.rs/tableflip/latest/tableflip/http/tls/index.html"
+)]
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -58,12 +101,16 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::service::Context;
 
+#[cfg(feature = "tls")]
+pub mod tls;
+
 /// The default linger: how long a keep-alive connection must have been
 /// idle before the drain closes it.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(2);
 
 /// The default first-request timeout: how long the drain waits for the
-/// first request of a connection that has not sent one.
+/// first request of a connection that has not sent one, and how long any
+/// connection's handshake (TLS) may take.
 pub const DEFAULT_FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -128,7 +175,11 @@ impl Server {
         self
     }
 
-    /// Sets the first-request timeout (see the [module documentation](self)).
+    /// Sets the first-request timeout (default
+    /// [`DEFAULT_FIRST_REQUEST_TIMEOUT`]): during the drain, how long a
+    /// connection that has not sent a request yet is waited for (see the
+    /// [module documentation](self)); at all times, how long its handshake
+    /// ([`Accept::handshake`]: TLS) may take, after which it is closed.
     #[must_use]
     pub fn first_request_timeout(mut self, timeout: Duration) -> Self {
         self.first_request_timeout = timeout;
@@ -150,7 +201,7 @@ impl Server {
     /// tableflip::http::Server::new().serve_tower(&cx, listener, router).await;
     /// # }
     /// ```
-    pub async fn serve_tower<L, S, B>(&self, cx: &Context, listener: L, service: S)
+    pub async fn serve_tower<L, S, B>(&self, cx: &Context, listener: L, service: S) -> Served
     where
         L: Accept,
         S: tower_service::Service<Request<Incoming>, Response = Response<B>>
@@ -165,15 +216,24 @@ impl Server {
         B::Error: Into<BoxError>,
     {
         let service = hyper_util::service::TowerToHyperService::new(service);
-        self.serve(cx, listener, service).await;
+        self.serve(cx, listener, service).await
     }
 
-    /// Accepts connections on `listener` (a TCP or Unix listener, see
-    /// [`Accept`]) and serves each with `service` until the drain starts;
-    /// each connection is a task of `cx`, so the drain waits for it.
-    /// Returns when the drain starts (the listener is dropped then: this
-    /// process's handle only).
-    pub async fn serve<L, S, B>(&self, cx: &Context, listener: L, service: S)
+    /// Accepts connections on `listener` (a TCP or Unix listener, or
+    /// either behind TLS: see [`Accept`]) and serves each with `service`
+    /// until the drain starts; each connection is a task of `cx`, so the
+    /// drain waits for it. Returns when the drain starts (the listener is
+    /// dropped then: this process's handle only), with the counts of
+    /// [`Served`]; the connections still open go on as tasks of `cx`.
+    ///
+    /// A connection's handshake ([`Accept::handshake`]: TLS, for a
+    /// `tls::TlsListener`) runs in the connection's task,
+    /// never in the accept loop, and must complete within the
+    /// [first-request timeout](Self::first_request_timeout) (default 10 s),
+    /// drain or not: a connection whose handshake fails or takes longer is
+    /// closed (logged at debug level). A connection in its handshake is
+    /// busy for the drain, which waits for it as for any task.
+    pub async fn serve<L, S, B>(&self, cx: &Context, listener: L, service: S) -> Served
     where
         L: Accept,
         S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
@@ -185,16 +245,33 @@ impl Server {
     {
         let draining = cx.draining();
         tokio::pin!(draining);
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut accepted: u64 = 0;
         loop {
             tokio::select! {
                 biased;
                 () = &mut draining => break,
-                accepted = listener.accept_io() => match accepted {
-                    Ok(stream) => {
+                next = listener.accept_io() => match next {
+                    Ok(conn) => {
+                        accepted += 1;
+                        let open = OpenConn::new(&open);
                         let this = self.clone();
                         let conn_cx = cx.clone();
                         let service = service.clone();
-                        cx.spawn(async move { this.serve_connection(&conn_cx, stream, service).await });
+                        cx.spawn(async move {
+                            let _open = open;
+                            let limit = this.first_request_timeout;
+                            match tokio::time::timeout(limit, L::handshake(conn)).await {
+                                Ok(Ok(io)) => this.serve_connection(&conn_cx, io, service).await,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "connection handshake failed");
+                                }
+                                Err(_) => tracing::debug!(
+                                    timeout = ?limit,
+                                    "connection handshake timed out"
+                                ),
+                            }
+                        });
                     }
                     Err(e) => {
                         // EMFILE and the like: keep serving what is open,
@@ -205,7 +282,16 @@ impl Server {
                 },
             }
         }
-        tracing::debug!("HTTP server stopped accepting");
+        let served = Served {
+            accepted,
+            handed_to_drain: open.load(Ordering::Acquire),
+        };
+        tracing::debug!(
+            accepted = served.accepted,
+            handed_to_drain = served.handed_to_drain,
+            "HTTP server stopped accepting"
+        );
+        served
     }
 
     /// Serves one connection (already accepted) with the drain rules.
@@ -283,6 +369,124 @@ impl Server {
             }
         }
         log_end(conn.await);
+    }
+}
+
+/// What [`Server::serve`] (and [`serve_tower`](Server::serve_tower))
+/// returns when the drain starts: how much it served, for a log line or a
+/// metric.
+///
+/// ```no_run
+/// # async fn app(cx: tableflip::Context, listener: tokio::net::TcpListener) {
+/// # let router = axum::Router::new();
+/// let served = tableflip::http::Server::new().serve_tower(&cx, listener, router).await;
+/// tracing::info!(
+///     accepted = served.accepted,
+///     draining = served.handed_to_drain,
+///     "stopped accepting"
+/// );
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Served {
+    /// Connections accepted over the server's life (those whose handshake
+    /// then failed included).
+    pub accepted: u64,
+    /// Connections still open when the server stopped accepting, just
+    /// after the drain started (in their handshake, in a request, idle, or
+    /// switched to another protocol): the ones the drain then waits for,
+    /// as tasks of the [`Context`]. A connection the drain closes at once
+    /// (one idle for longer than the linger) may or may not be counted.
+    pub handed_to_drain: usize,
+}
+
+/// Counts a connection as open until its task ends.
+#[derive(Debug)]
+struct OpenConn(Arc<AtomicUsize>);
+
+impl OpenConn {
+    fn new(open: &Arc<AtomicUsize>) -> OpenConn {
+        open.fetch_add(1, Ordering::AcqRel);
+        OpenConn(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The drain signal, as every request handled by a [`Server`] carries it
+/// in its extensions: an axum handler takes `Extension<Drain>`, and code
+/// that outlives the response (a WebSocket, a tunnel) watches it, without
+/// passing the [`Context`] through the application's state.
+///
+/// The drain waits for a connection switched to another protocol until
+/// the application drops it (up to the drain timeout): a WebSocket that
+/// ends itself when the drain starts, with a close frame `1001` ("going
+/// away"), lets the old generation exit at once, and its client
+/// reconnects to the new one.
+///
+/// ```no_run
+/// use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+/// use axum::response::Response;
+/// use axum::Extension;
+/// use tableflip::http::Drain;
+///
+/// async fn ws(upgrade: WebSocketUpgrade, Extension(drain): Extension<Drain>) -> Response {
+///     upgrade.on_upgrade(move |socket| session(socket, drain))
+/// }
+///
+/// async fn session(mut socket: WebSocket, drain: Drain) {
+///     let started = drain.started();
+///     tokio::pin!(started);
+///     loop {
+///         tokio::select! {
+///             () = &mut started => {
+///                 let close = CloseFrame { code: 1001, reason: "going away".into() };
+///                 let _ = socket.send(Message::Close(Some(close))).await;
+///                 break;
+///             }
+///             message = socket.recv() => match message {
+///                 Some(Ok(Message::Text(text))) => {
+///                     if socket.send(Message::Text(text)).await.is_err() {
+///                         break;
+///                     }
+///                 }
+///                 Some(Ok(_)) => {}
+///                 Some(Err(_)) | None => break,
+///             },
+///         }
+///     }
+/// }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Drain {
+    token: tokio_util::sync::CancellationToken,
+}
+
+impl Drain {
+    /// Whether the drain has started.
+    pub fn is_started(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// A future that resolves when the drain starts (at once if it has);
+    /// independent of `self`, usable in `select!` and in spawned tasks.
+    pub fn started(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.token.clone().cancelled_owned()
+    }
+}
+
+impl From<&Context> for Drain {
+    /// The drain signal of `cx`, for code outside a request (the same
+    /// signal as [`Context::draining`]).
+    fn from(cx: &Context) -> Drain {
+        Drain {
+            token: cx.draining_token(),
+        }
     }
 }
 
@@ -439,7 +643,10 @@ where
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(Drain {
+            token: self.state.draining.clone(),
+        });
         let http1 = req.version() < Version::HTTP_2;
         if !http1 {
             self.state.http2.store(true, Ordering::Release);
@@ -475,30 +682,65 @@ fn switches_protocols(connect: bool, status: StatusCode) -> bool {
 }
 
 /// A listener [`Server::serve`] accepts connections from: TCP and Unix
-/// stream listeners (tokio's). A TCP connection gets `TCP_NODELAY`.
+/// stream listeners (tokio's), and either behind TLS
+/// (`tls::TlsListener`, feature `tls`). A TCP connection
+/// gets `TCP_NODELAY`.
+///
+/// Accepting is two steps: [`accept_io`](Self::accept_io) takes the
+/// connection off the listener, in the accept loop, and must not wait for
+/// the peer; [`handshake`](Self::handshake) then runs in the connection's
+/// own task (a TLS handshake: one slow client never holds up the accept
+/// loop), bounded by the server's first-request timeout.
 pub trait Accept: Send + 'static {
-    /// The accepted connection.
+    /// A connection as accepted, before its handshake.
+    type Conn: Send + 'static;
+
+    /// The connection after its handshake: what HTTP is spoken on.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
 
     /// Accepts the next connection.
-    fn accept_io(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+    ///
+    /// # Errors
+    ///
+    /// The listener's accept error (`EMFILE`…); the server logs it and
+    /// tries again 10 ms later.
+    fn accept_io(&self) -> impl Future<Output = std::io::Result<Self::Conn>> + Send;
+
+    /// Completes a connection accepted by [`accept_io`](Self::accept_io):
+    /// nothing for TCP and Unix, the TLS handshake for a
+    /// `tls::TlsListener`.
+    ///
+    /// # Errors
+    ///
+    /// A failed handshake; the server closes the connection.
+    fn handshake(conn: Self::Conn) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
 }
 
 impl Accept for tokio::net::TcpListener {
+    type Conn = tokio::net::TcpStream;
     type Io = tokio::net::TcpStream;
 
-    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+    async fn accept_io(&self) -> std::io::Result<Self::Conn> {
         let (stream, _peer) = self.accept().await?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+
+    async fn handshake(conn: Self::Conn) -> std::io::Result<Self::Io> {
+        Ok(conn)
+    }
 }
 
 impl Accept for tokio::net::UnixListener {
+    type Conn = tokio::net::UnixStream;
     type Io = tokio::net::UnixStream;
 
-    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+    async fn accept_io(&self) -> std::io::Result<Self::Conn> {
         self.accept().await.map(|(stream, _peer)| stream)
+    }
+
+    async fn handshake(conn: Self::Conn) -> std::io::Result<Self::Io> {
+        Ok(conn)
     }
 }
 

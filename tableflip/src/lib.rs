@@ -36,6 +36,21 @@
 //! of the fds travel as versioned metadata (the contract between versions:
 //! [`handover_protocol`]); readiness travels back over a pipe.
 //!
+//! # Cargo features
+//!
+//! None is on by default.
+//!
+//! - `http`: `http::Server`, hyper and axum (any tower
+//!   service) served over HTTP/1.1 and HTTP/2 with a drain that fails no
+//!   request, on TCP and Unix listeners.
+//! - `tls` (includes `http`): HTTPS, `http::tls::TlsListener` (rustls 0.23
+//!   through tokio-rustls, with rustls's `ring` crypto provider; HTTP/2 by
+//!   ALPN); the rustls it is built with is re-exported as
+//!   `http::tls::rustls`.
+//! - `metrics`: upgrade, drain and generation measurements through the
+//!   [`metrics`](https://docs.rs/metrics) facade (the [metrics module](crate::metrics)
+//!   module names them).
+//!
 //! # Platform support
 //!
 //! Unix. Tested on Linux only; macOS compiles. Supervised mode,

@@ -61,7 +61,9 @@ impl Context {
     ///
     /// This is the signal for custom protocols (see `examples/tcp_echo.rs`
     /// for the drain pattern), and for connections an application owns,
-    /// such as WebSockets it wants to close when the drain starts.
+    /// such as WebSockets it wants to close when the drain starts (behind
+    /// `tableflip::http::Server`, each request also carries it as a
+    /// `tableflip::http::Drain` in its extensions, for handlers).
     ///
     /// For HTTP, `tableflip::http::Server` (feature `http`) is the lossless
     /// way: it serves hyper services and axum `Router`s (`serve_tower`),

@@ -5,6 +5,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
@@ -474,4 +475,105 @@ fn websocket_handshake_as_the_first_request_during_the_drain() {
     svc.wait_kind("draining", Some(first));
     assert_websocket_served(websocket_exchange(fresh, &addr, HELLO), first);
     finish_after_websocket(&mut svc, &pid_file, &addr);
+}
+
+/// `/ws-live`, the WebSocket that watches the `Drain` handle every request
+/// carries: a client exchanges a message with the first generation; at
+/// the upgrade it receives a close frame 1001 ("going away"); the old
+/// generation then exits at once (its drain does not wait for the drain
+/// timeout); the client reconnects, and the new generation answers.
+#[test]
+fn live_websocket_is_closed_with_1001_at_the_drain_and_reconnects_to_the_new_generation() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::time::timeout;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let h = Harness::new("ws-live");
+    let ctl = &h.ctl;
+    let (mut svc, addr, pid_file) = start(ctl);
+    let first = svc.first_pid();
+    let url = format!("ws://{addr}/ws-live");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // One text message, its reply's PID.
+    async fn exchange<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, text: &str) -> u32
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        timeout(DEADLINE, ws.send(Message::text(text)))
+            .await
+            .expect("send within the deadline")
+            .expect("send");
+        loop {
+            match timeout(DEADLINE, ws.next()).await {
+                Ok(Some(Ok(Message::Text(reply)))) => {
+                    let (echo, pid) = reply.as_str().split_once('\n').expect("`<text>\\npid <N>`");
+                    assert_eq!(echo, text);
+                    return reply_pid(pid);
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no reply to {text:?}: {other:?}"),
+            }
+        }
+    }
+    let mut ws = rt.block_on(async {
+        let (mut ws, _) = timeout(DEADLINE, tokio_tungstenite::connect_async(&url))
+            .await
+            .expect("handshake within the deadline")
+            .expect("handshake");
+        assert_eq!(exchange(&mut ws, "before").await, first);
+        ws
+    });
+    signal(first, Signal::SIGHUP);
+    let close = rt.block_on(async {
+        match timeout(DEADLINE, ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => frame,
+            Ok(Some(Ok(other))) => panic!("before the close frame: {other:?}"),
+            other => panic!("no close frame at the drain: {other:?}"),
+        }
+    });
+    let frame = close.expect("a close frame with a code");
+    assert_eq!(frame.code, CloseCode::Away, "{frame:?}");
+    assert_eq!(frame.reason.as_str(), "going away");
+    // The WebSocket waits for our answering close (tungstenite sends it
+    // when the stream is next polled): still open when the server stopped
+    // accepting, it is the connection handed to the drain.
+    let served = svc.wait_for("the TCP server's served event", |e| {
+        e.pid == first && e.kind == "served" && e.get("listener") == "tcp"
+    });
+    assert_eq!(served.num::<u64>("accepted"), 1, "{}", served.line);
+    assert_eq!(served.num::<usize>("handed_to_drain"), 1, "{}", served.line);
+    rt.block_on(async {
+        // Our answering close goes; the server then ends the connection.
+        while let Ok(Some(Ok(_))) = timeout(DEADLINE, ws.next()).await {}
+    });
+    let closed_at = Instant::now();
+    assert!(svc.wait_first().success(), "the old generation exits 0");
+    let exit_after = closed_at.elapsed();
+    // The drain timeout is 20 s: the drain ended with the WebSocket.
+    assert!(
+        exit_after < Duration::from_secs(10),
+        "the old generation exited {exit_after:?} after the close"
+    );
+    let second = pid_file_pid(&pid_file).expect("pid file");
+    assert_ne!(second, first);
+    rt.block_on(async {
+        let (mut ws, _) = timeout(DEADLINE, tokio_tungstenite::connect_async(&url))
+            .await
+            .expect("reconnect within the deadline")
+            .expect("reconnect");
+        assert_eq!(exchange(&mut ws, "after").await, second);
+        timeout(DEADLINE, ws.close(None))
+            .await
+            .expect("close within the deadline")
+            .expect("close");
+    });
+    eprintln!(
+        "ws-live: the old generation exited {exit_after:?} after the WebSocket closed (1001)"
+    );
+    signal(second, Signal::SIGTERM);
+    svc.wait_all_exited();
 }
