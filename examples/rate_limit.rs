@@ -53,6 +53,9 @@ static HTTP: TcpListener;
 const BURST: f64 = 10.0;
 const REFILL_PER_SECOND: f64 = 1.0;
 
+/// The name the state is handed over under.
+const STATE: &str = "rate-limiter";
+
 /// The format of the state handed over; bump `VERSION` when it changes.
 const VERSION: u32 = 1;
 
@@ -87,7 +90,7 @@ fn now_ms() -> u64 {
 impl Limiter {
     /// The limiter the previous generation handed over, or an empty one.
     fn restore(cx: &Context) -> Limiter {
-        let saved = match cx.inherited_state() {
+        let saved = match cx.inherited_state(STATE) {
             Ok(Some(state)) => match serde_json::from_slice::<Saved>(state.bytes()) {
                 Ok(saved) if saved.version == VERSION => saved,
                 Ok(saved) => {
@@ -205,7 +208,8 @@ async fn stats(State(limiter): State<Arc<Limiter>>) -> String {
 async fn main(cx: Context) -> std::io::Result<()> {
     let limiter = Arc::new(Limiter::restore(&cx));
     let snapshot = Arc::clone(&limiter);
-    cx.hand_over_state(move || snapshot.snapshot());
+    cx.hand_over_state(STATE, move || snapshot.snapshot())
+        .map_err(std::io::Error::other)?;
 
     let app = Router::new()
         .route("/", get(limited))

@@ -96,9 +96,8 @@ impl Context {
         &self.upgrader
     }
 
-    /// Registers the application state this generation hands the next
-    /// one at each upgrade: [`Upgrader::hand_over_state`], where the
-    /// details are.
+    /// Registers the state `name` this generation hands the next one at
+    /// each upgrade: [`Upgrader::hand_over_state`], where the details are.
     ///
     /// ```no_run
     /// use std::sync::Arc;
@@ -106,7 +105,7 @@ impl Context {
     ///
     /// # fn init(cx: &tableflip::Context) -> tableflip::Result<()> {
     /// // A counter that survives upgrades: 8 bytes, little-endian.
-    /// let start = match cx.inherited_state()? {
+    /// let start = match cx.inherited_state("served")? {
     ///     Some(state) => {
     ///         let bytes: [u8; 8] = state.bytes().try_into().unwrap_or_default();
     ///         u64::from_le_bytes(bytes)
@@ -115,29 +114,35 @@ impl Context {
     /// };
     /// let served = Arc::new(AtomicU64::new(start));
     /// let snapshot = Arc::clone(&served);
-    /// cx.hand_over_state(move || {
+    /// cx.hand_over_state("served", move || {
     ///     let value = snapshot.load(Ordering::Relaxed);
     ///     Ok(tableflip::State::new(value.to_le_bytes()))
-    /// });
+    /// })?;
     /// # Ok(())
     /// # }
     /// ```
-    pub fn hand_over_state<F>(&self, source: F)
-    where
-        F: Fn() -> std::io::Result<crate::State> + Send + Sync + 'static,
-    {
-        self.upgrader.hand_over_state(source);
-    }
-
-    /// The state the previous generation handed over, taken (`None` for
-    /// the first generation, or after one that handed nothing over):
-    /// [`Upgrader::inherited_state`], where the errors are.
     ///
     /// # Errors
     ///
-    /// [`Error::State`](crate::Error::State) when what arrived is corrupt.
-    pub fn inherited_state(&self) -> crate::Result<Option<crate::State>> {
-        self.upgrader.inherited_state()
+    /// [`Error::State`](crate::Error::State) for an invalid name.
+    pub fn hand_over_state<F>(&self, name: &str, source: F) -> crate::Result<()>
+    where
+        F: Fn() -> std::io::Result<crate::State> + Send + Sync + 'static,
+    {
+        self.upgrader.hand_over_state(name, source)
+    }
+
+    /// The state `name` the previous generation handed over, taken
+    /// (`None` for the first generation, or after one that handed nothing
+    /// over under that name): [`Upgrader::inherited_state`], where the
+    /// errors are.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::State`](crate::Error::State) for an invalid name, or when
+    /// what arrived is corrupt.
+    pub fn inherited_state(&self, name: &str) -> crate::Result<Option<crate::State>> {
+        self.upgrader.inherited_state(name)
     }
 
     /// How many tasks spawned with [`spawn`](Self::spawn) are still

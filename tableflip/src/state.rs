@@ -23,8 +23,10 @@
 //! | 28 | 4 | zero |
 //! | 32 | `N` | the bytes |
 //!
-//! The extra fds are handed on as files named `tableflip.state.fd.<i>`, the
-//! memfd as `tableflip.state` (see [`Fds::names`](crate::Fds::names)).
+//! Each state has a name (several parts of a program, or a library, hand
+//! their own over without clashing): the memfd of the state `NAME` is
+//! handed on as a file named `tableflip.state.NAME`, its extra fds as
+//! `tableflip.state.NAME.fd.<i>` (see [`Fds::names`](crate::Fds::names)).
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -32,12 +34,44 @@ use std::os::fd::{AsFd, OwnedFd};
 use crate::error::{Error, Result};
 use crate::sys;
 
-/// The name the memfd is handed on under.
-pub(crate) const NAME: &str = "tableflip.state";
+/// The prefix of every entry of the handover that carries state.
+pub(crate) const PREFIX: &str = "tableflip.state.";
 
-/// The name the `i`-th extra fd is handed on under.
-pub(crate) fn fd_name(i: usize) -> String {
-    format!("{NAME}.fd.{i}")
+/// The entry the memfd of the state `name` is handed on under.
+pub(crate) fn memfd_name(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+/// The entry the `i`-th extra fd of the state `name` is handed on under.
+pub(crate) fn fd_name(name: &str, i: usize) -> String {
+    format!("{PREFIX}{name}.fd.{i}")
+}
+
+/// The longest state name.
+pub const MAX_NAME: usize = 64;
+
+/// Checks a state name: 1 to [`MAX_NAME`] ASCII letters, digits, `-` and
+/// `_` (so that the entries' names cannot be confused). Names starting
+/// with `tableflip` are this crate's own (`reserved` allows them).
+pub(crate) fn check_name(name: &str, reserved: bool) -> Result<()> {
+    let wrong = |why: &str| {
+        Err(Error::State {
+            reason: format!("invalid state name {name:?}: {why}"),
+        })
+    };
+    if name.is_empty() || name.len() > MAX_NAME {
+        return wrong(&format!("it must have 1 to {MAX_NAME} characters"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return wrong("only ASCII letters, digits, `-` and `_` are allowed");
+    }
+    if !reserved && name.starts_with("tableflip") {
+        return wrong("names starting with `tableflip` are reserved for the crate's own state");
+    }
+    Ok(())
 }
 
 const MAGIC: [u8; 8] = *b"TFSTATE\0";
@@ -245,6 +279,27 @@ mod tests {
             assert_eq!(back.bytes(), bytes, "size {size}");
             assert_eq!(fds, 3);
         }
+    }
+
+    #[test]
+    fn state_names_are_checked() {
+        for good in ["a", "cache", "rate-limiter_2", &"x".repeat(MAX_NAME)] {
+            assert!(check_name(good, false).is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("", "1 to 64"),
+            (&"x".repeat(MAX_NAME + 1) as &str, "1 to 64"),
+            ("a.fd.0", "only ASCII"),
+            ("caf\u{e9}", "only ASCII"),
+            ("a b", "only ASCII"),
+            ("tableflip-tls", "reserved"),
+        ] {
+            match check_name(bad, false) {
+                Err(Error::State { reason }) => assert!(reason.contains(says), "{bad}: {reason}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        assert!(check_name("tableflip-tls", true).is_ok());
     }
 
     #[test]

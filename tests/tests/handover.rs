@@ -1254,13 +1254,13 @@ fn take_handcrafted_state_in(kind: &str, hex: &str) -> Event {
     let _serial = serial();
     let ctl = Scratch::new("state");
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
-    ctl.write("actions", "take-state\n");
+    ctl.write("actions", "take-state app\n");
     let hand = Hand::new()
         .make("web", "tcp-listener")
         .make("state", &format!("{kind}:{hex}"))
         .entries(concat!(
             r#"{"name":"web","kind":"listener","fd":%web%,"network":"tcp","address":"%web.addr%"},"#,
-            r#"{"name":"tableflip.state","kind":"file","fd":%state%}"#
+            r#"{"name":"tableflip.state.app","kind":"file","fd":%state%}"#
         ));
     let mut run = hand.start(&ctl, &[]);
     let parent = run.first_pid();
@@ -1311,7 +1311,7 @@ fn corrupt_state_is_an_error_naming_the_damage() {
         (state_hex(b"TFSTATE\0", 7, 0, bytes, crc), "format 7"),
         (
             state_hex(b"TFSTATE\0", 1, 2, bytes, crc),
-            "announces 2 fds, and \"tableflip.state.fd.0\" is missing",
+            "announces 2 fds, and \"tableflip.state.app.fd.0\" is missing",
         ),
         ("00".repeat(5), "shorter than its 32-byte header"),
     ] {

@@ -39,6 +39,9 @@ fn state_reaches_the_next_generation(mode: &str) {
             .map(|i| format!("fd {i} of {serving}"))
             .collect();
         assert_eq!(taken.get("extra"), extra.join("|"), "{}", taken.line);
+        // The second state, handed over beside the first.
+        let second = s.svc.wait_kind("second-state", Some(next));
+        assert_eq!(second.get("text"), format!("second of {serving}"));
         serving = next;
     }
     // The sizes, in the order they were handed over.

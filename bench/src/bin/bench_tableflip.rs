@@ -57,7 +57,7 @@ fn state(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
     let len = mib << 20;
     // The state itself: as received (mapped, nothing copied), or built.
-    let state = match cx.inherited_state()? {
+    let state = match cx.inherited_state("bench")? {
         Some(inherited) => {
             let bytes = inherited.bytes();
             let sample_ok = (0..bytes.len())
@@ -77,7 +77,7 @@ fn state(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let state = std::sync::Arc::new(state);
     if mib > 0 {
         // A copy, as an application's serialization would make.
-        cx.hand_over_state(move || Ok(tableflip::State::new(state.bytes())));
+        cx.hand_over_state("bench", move || Ok(tableflip::State::new(state.bytes())))?;
     }
     Ok(())
 }

@@ -158,7 +158,7 @@ struct Inner {
     pid_file_at_exit: AtomicBool,
     /// What this generation hands the next one when an upgrade starts
     /// ([`Upgrader::hand_over_state`]).
-    state_source: Mutex<Option<crate::state::Source>>,
+    state_sources: Mutex<std::collections::BTreeMap<String, crate::state::Source>>,
 }
 
 /// Locks `m`; a panic while it was held leaves the data usable (every
@@ -378,7 +378,7 @@ impl Upgrader {
                 rollbacks: tokio::sync::watch::Sender::new(None),
                 ctl_finishing: CancellationToken::new(),
                 pid_file_at_exit: AtomicBool::new(false),
-                state_source: Mutex::new(None),
+                state_sources: Mutex::new(std::collections::BTreeMap::new()),
             }),
         })
     }

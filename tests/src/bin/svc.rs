@@ -20,7 +20,7 @@
 //!   event `unblocked`, then `ready()`;
 //! - `actions`: lines run in order before `ready()` (see `run_action`):
 //!   `add-file NAME PATH`, `take-file NAME`, `add-conn NAME ADDR`,
-//!   `take-conn-close NAME`, `take-conn-keep NAME`, `take-state` (event
+//!   `take-conn-close NAME`, `take-conn-keep NAME`, `take-state NAME` (event
 //!   `state-none`, or `state-taken len= bytes= fds=`), `chdir DIR`,
 //!   `probe-child`, `upgrade-now`, `wait-parent`, `exhaust-fds N` (open
 //!   `/dev/null` until `RLIMIT_NOFILE` is reached, then close `N` of them:
@@ -462,7 +462,7 @@ async fn run_action(upg: &Upgrader, held: &mut Held, line: &str) {
             }
         }
         // The state the previous generation handed over.
-        ["take-state"] => match upg.inherited_state() {
+        ["take-state", name] => match upg.inherited_state(name) {
             Ok(None) => event("state-none", ""),
             Ok(Some(state)) => event(
                 "state-taken",

@@ -241,14 +241,16 @@ fn hand_on(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 /// msg=`), then registers what it hands over, as the file says now:
 /// `SIZE FDS` (SIZE bytes of a pattern seeded by the PID and FDS memfds
 /// holding `fd <i> of <pid>`; event `state-offered len= crc= fds=` each
-/// time the source is called) or `fail` (the source fails).
+/// time the source is called) or `fail` (the source fails). A second
+/// state, `ms-second`, is handed over beside it: `second of <pid>` (event
+/// `second-state text=` in the next generation).
 fn state(cx: &Context) -> std::io::Result<()> {
     let Some(spec) = std::env::var_os("TF_CTL")
         .and_then(|d| std::fs::read_to_string(PathBuf::from(d).join("state")).ok())
     else {
         return Ok(());
     };
-    match cx.inherited_state() {
+    match cx.inherited_state("ms") {
         Ok(None) => event("state-none", ""),
         Ok(Some(state)) => {
             let (bytes, fds) = state.into_parts();
@@ -271,9 +273,22 @@ fn state(cx: &Context) -> std::io::Result<()> {
         }
         Err(e) => event("state-error", &format!("msg={:?}", e.to_string())),
     }
+    // A second state, side by side with the first: `second of <pid>`.
+    if let Some(second) = cx
+        .inherited_state("ms-second")
+        .map_err(std::io::Error::other)?
+    {
+        let text = String::from_utf8_lossy(second.bytes()).into_owned();
+        event("second-state", &format!("text={text:?}"));
+    }
+    let second = format!("second of {}", std::process::id());
+    cx.hand_over_state("ms-second", move || {
+        Ok(tableflip::State::new(second.as_bytes()))
+    })
+    .map_err(std::io::Error::other)?;
     let spec = spec.trim().to_owned();
     if spec == "fail" {
-        cx.hand_over_state(|| Err(std::io::Error::other("no state today")));
+        cx.hand_over_state("ms", || Err(std::io::Error::other("no state today")))?;
         return Ok(());
     }
     let (size, fds) = spec
@@ -286,7 +301,7 @@ fn state(cx: &Context) -> std::io::Result<()> {
             .map(|i| (i as u32).wrapping_mul(31).wrapping_add(pid) as u8)
             .collect(),
     );
-    cx.hand_over_state(move || {
+    cx.hand_over_state("ms", move || {
         let mut state = tableflip::State::new(bytes.as_slice());
         for i in 0..fds {
             let fd =
@@ -306,7 +321,7 @@ fn state(cx: &Context) -> std::io::Result<()> {
             ),
         );
         Ok(state)
-    });
+    })?;
     Ok(())
 }
 
