@@ -87,6 +87,9 @@ fn start(ctl: &Scratch, pki: &Pki, envs: &[(&str, &str)]) -> Https {
         .env("AX_TLS_ADDR", &tls_addr)
         .env("AX_TLS_CERT", &pki.cert)
         .env("AX_TLS_KEY", &pki.key)
+        // Declared, so bound even when not served: in the scratch
+        // directory, not the shared default path.
+        .env("AX_UNIX", ctl.path().join("http.sock"))
         .env("PID_FILE", &pid_file)
         .env("RUST_LOG", "warn")
         .envs(envs.iter().copied());
@@ -553,4 +556,71 @@ fn handshakes_stuck_or_completed_during_the_drain() {
     assert_eq!(reply_pid(&reply.body), second);
     signal(second, Signal::SIGTERM);
     svc.wait_all_exited();
+}
+
+/// Connects to `addr` with `config` (whose session cache holds the tickets
+/// of earlier connections), makes one request, and returns how the
+/// handshake went and who answered.
+fn resume_once(addr: &str, config: &Arc<rustls::ClientConfig>) -> (rustls::HandshakeKind, u32) {
+    let mut conn = tls_connect(addr, config).unwrap_or_else(|e| panic!("connect: {e}"));
+    let kind = conn
+        .get_ref()
+        .conn
+        .handshake_kind()
+        .unwrap_or_else(|| panic!("no handshake kind after the handshake"));
+    let reply = tls_request(&mut conn, "/", false).unwrap_or_else(|e| panic!("request: {e}"));
+    assert_eq!(reply.status, 200, "{reply:?}");
+    (kind, reply_pid(&reply.body))
+}
+
+/// Reconnects after each of `upgrades` upgrades; returns the handshake
+/// kinds seen after them, and checks that each was answered by the new
+/// generation.
+fn handshakes_across_upgrades(tickets: &str, upgrades: usize) -> Vec<rustls::HandshakeKind> {
+    let h = Harness::new(&format!("tls-tickets-{tickets}"));
+    let pki = Pki::new(&h.ctl);
+    let mut https = start(&h.ctl, &pki, &[("AX_TLS_TICKETS", tickets)]);
+    let config = pki.client(&[b"http/1.1"]);
+    let mut serving = https.svc.first_pid();
+    let (first, pid) = resume_once(&https.tls_addr, &config);
+    assert_eq!(first, rustls::HandshakeKind::Full);
+    assert_eq!(pid, serving);
+    // The same generation: resumed, whatever the keys.
+    let (again, _) = resume_once(&https.tls_addr, &config);
+    assert_eq!(again, rustls::HandshakeKind::Resumed);
+    let mut kinds = Vec::new();
+    for _ in 0..upgrades {
+        let next = upgrade_via_pid_file(&mut https.svc, &https.pid_file, serving);
+        let (kind, pid) = resume_once(&https.tls_addr, &config);
+        assert_eq!(pid, next, "answered by the new generation");
+        kinds.push(kind);
+        serving = next;
+    }
+    signal(serving, Signal::SIGTERM);
+    https.svc.wait_all_exited();
+    kinds
+}
+
+/// The session-ticket keys handed over (`TicketKeys::handed_over`): a
+/// client that resumed before an upgrade resumes after it, with the new
+/// generation, at every upgrade.
+#[test]
+fn tls_sessions_resume_across_upgrades_with_the_ticket_keys_handed_over() {
+    let kinds = handshakes_across_upgrades("handover", 3);
+    assert!(
+        kinds.iter().all(|k| *k == rustls::HandshakeKind::Resumed),
+        "{kinds:?}"
+    );
+}
+
+/// Without the handover (keys of each process alone), the same client
+/// does a full handshake after each upgrade: what the handover saves, and
+/// proof that the test above can fail.
+#[test]
+fn tls_sessions_do_not_resume_across_upgrades_with_keys_of_one_process() {
+    let kinds = handshakes_across_upgrades("fresh", 2);
+    assert!(
+        kinds.iter().all(|k| *k != rustls::HandshakeKind::Resumed),
+        "{kinds:?}"
+    );
 }

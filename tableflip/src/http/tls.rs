@@ -67,6 +67,9 @@ use tokio_rustls::TlsAcceptor;
 
 use super::Accept;
 
+mod tickets;
+pub use tickets::{DEFAULT_ROTATION, TicketKeys};
+
 /// The rustls this crate was built with: build the
 /// [`ServerConfig`](rustls::ServerConfig) from it (and read PEM files with
 /// its `pki_types::pem::PemObject`) without matching versions by hand.

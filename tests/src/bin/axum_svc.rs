@@ -23,7 +23,10 @@
 //! HTTPS: with `AX_TLS_CERT` and `AX_TLS_KEY` (PEM files: the certificate
 //! chain, the private key), the same application is also served over TLS
 //! (`tableflip::http::tls::TlsListener`, HTTP/1.1 and HTTP/2 by ALPN) on
-//! `AX_TLS_ADDR`.
+//! `AX_TLS_ADDR`. `AX_TLS_TICKETS`: `handover` (session-ticket keys handed
+//! from generation to generation: `tableflip::http::tls::TicketKeys`) or
+//! `fresh` (ticket keys of each process alone); unset: rustls' default (no
+//! tickets in TLS 1.2, stateful resumption in the process's memory).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -205,7 +208,24 @@ async fn main(cx: Context) -> std::io::Result<()> {
         std::env::var_os("AX_TLS_CERT"),
         std::env::var_os("AX_TLS_KEY"),
     ) {
-        let config = Arc::new(tls_config(&cert, &key)?);
+        let mut config = tls_config(&cert, &key)?;
+        // `AX_TLS_TICKETS`: session tickets with keys handed from
+        // generation to generation (`handover`), or with keys of this
+        // process alone (`fresh`: what rustls' own ticketer gives).
+        match std::env::var("AX_TLS_TICKETS").as_deref() {
+            Ok("handover") => {
+                config.ticketer = tableflip::http::tls::TicketKeys::handed_over(cx.upgrader())
+                    .map_err(std::io::Error::other)?;
+            }
+            Ok("fresh") => {
+                config.ticketer = Arc::new(
+                    tableflip::http::tls::TicketKeys::new(tableflip::http::tls::DEFAULT_ROTATION)
+                        .map_err(std::io::Error::other)?,
+                );
+            }
+            _ => {}
+        }
+        let config = Arc::new(config);
         serve(
             &cx,
             &server,
