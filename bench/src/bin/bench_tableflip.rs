@@ -14,6 +14,10 @@
 //! the previous one handed over (checking its size and content), and hands
 //! over N MiB of its own at the next upgrade (`Context::hand_over_state`):
 //! the state section of the bench.
+//!
+//! With `BENCH_TLS_ADDR` (and `BENCH_TLS_CERT`, `BENCH_TLS_KEY`,
+//! `BENCH_TLS_TICKETS`), the contract is served over HTTPS too: the tls
+//! section.
 
 use tableflip::{Context, ListenSpec, Options, listener};
 use tokio::net::TcpListener;
@@ -41,6 +45,49 @@ async fn main(cx: Context) -> Result<(), Box<dyn std::error::Error + Send + Sync
     // `BENCH_BALLAST_MIB`: resident memory before readiness (after init).
     tableflip_bench::hold_ballast()?;
     state(&cx)?;
+    tls(&cx)?;
+    Ok(())
+}
+
+/// `BENCH_TLS_ADDR`, `BENCH_TLS_CERT`, `BENCH_TLS_KEY` (PEM files): the
+/// same contract over HTTPS on that address (opened here, not declared,
+/// so that the other sections bind nothing more), with the session-ticket
+/// keys `BENCH_TLS_TICKETS` says: `handover` (`TicketKeys::handed_over`)
+/// or `fresh` (keys of this process alone, as rustls' own ticketer).
+fn tls(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use tableflip::http::tls::rustls::pki_types::pem::PemObject;
+    use tableflip::http::tls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tableflip::http::tls::{TicketKeys, TlsListener, rustls};
+    let (Some(addr), Some(cert), Some(key)) = (
+        std::env::var_os("BENCH_TLS_ADDR"),
+        std::env::var_os("BENCH_TLS_CERT"),
+        std::env::var_os("BENCH_TLS_KEY"),
+    ) else {
+        return Ok(());
+    };
+    let certs = CertificateDer::pem_file_iter(&cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    config.ticketer = match std::env::var("BENCH_TLS_TICKETS").as_deref() {
+        Ok("handover") => TicketKeys::handed_over(cx.upgrader())?,
+        _ => std::sync::Arc::new(TicketKeys::new(tableflip::http::tls::DEFAULT_ROTATION)?),
+    };
+    let addr = addr.to_string_lossy().into_owned();
+    let listener: TcpListener = cx
+        .upgrader()
+        .listen_with(&ListenSpec::new("HTTPS", "tcp", addr))?;
+    let listener = TlsListener::new(listener, std::sync::Arc::new(config));
+    let server = tableflip::http::Server::new();
+    let serve_cx = cx.clone();
+    cx.spawn(async move {
+        let service = hyper::service::service_fn(tableflip_bench::handle);
+        server.serve(&serve_cx, listener, service).await;
+    });
     Ok(())
 }
 

@@ -21,6 +21,7 @@ mod report;
 mod scenarios;
 mod stats;
 mod supervisor;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -55,9 +56,9 @@ usage: tableflip-bench [--quick] [--out DIR] [--only SECTIONS]
                   (default: bench/results for a full run, $TMPDIR/tableflip-bench-quick
                   for --quick)
   --only SECTIONS comma-separated subset of: latency, ballast, load, listeners,
-                  drain, generations, overhead, supervisor, state (default: all)";
+                  drain, generations, overhead, supervisor, state, tls (default: all)";
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "latency",
     "ballast",
     "load",
@@ -67,6 +68,7 @@ const SECTIONS: [&str; 9] = [
     "overhead",
     "supervisor",
     "state",
+    "tls",
 ];
 
 struct Args {
@@ -147,6 +149,26 @@ fn build_services() -> Result<PathBuf, Error> {
             "--manifest-path",
         ])
         .arg(&manifest);
+        // The variables `cargo run` set for this driver describe this
+        // package; a build script that watches one (ring's watches
+        // CARGO_MANIFEST_DIR) would see it change between `cargo run` and
+        // this build, and everything that depends on it would be rebuilt
+        // at every run, twice.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy().into_owned();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_PACKAGE",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p))
+            {
+                cmd.env_remove(name);
+            }
+        }
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
@@ -309,6 +331,13 @@ fn run() -> Result<(), Error> {
     if on("state") {
         eprintln!("application state handed over: {:?} MiB", cfg.state_mib);
         report.state = scenarios::state(&lab, &cfg)?;
+    }
+    if on("tls") {
+        eprintln!(
+            "TLS resumption across upgrades: {} clients, {} upgrades",
+            cfg.tls_clients, cfg.tls_upgrades
+        );
+        report.tls = tls::tls(&lab, &cfg)?;
     }
     // The ecdysis generations of the latency test, as a table row too.
     if let Some(ec) = report.latency.iter().find(|l| l.kind == Kind::Ecdysis) {

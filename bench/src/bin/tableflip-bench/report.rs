@@ -86,6 +86,7 @@ pub(crate) struct Report {
     pub(crate) overhead: Vec<OverheadResult>,
     pub(crate) supervisor: Option<SupervisorResult>,
     pub(crate) state: Vec<StateResult>,
+    pub(crate) tls: Vec<crate::tls::TlsResult>,
 }
 
 fn f(v: f64) -> String {
@@ -158,6 +159,7 @@ impl Report {
         self.overhead_table(&mut out);
         self.supervisor_table(&mut out);
         self.state_table(&mut out);
+        self.tls_table(&mut out);
         out
     }
 
@@ -416,6 +418,45 @@ impl Report {
             f(over(tf)),
             f(over(ec))
         );
+    }
+
+    fn tls_table(&self, out: &mut String) {
+        let Some(first) = self.tls.first() else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "### TLS session resumption across upgrades ({} upgrades; after each, {} clients with tickets from earlier generations reconnect at once)\n",
+            first.upgrades, first.clients
+        );
+        let _ = writeln!(
+            out,
+            "| certificate key | ticket keys | reconnects resumed | failed | new generation's CPU in its first second: median (ms) | p90 | max | storm: every client answered, median (ms) |\n|---|---|---|---|---|---|---|---|"
+        );
+        for r in &self.tls {
+            let cpu = Summary::of_ms(&r.first_second_cpu_ms);
+            let storm = Summary::of_ms(&r.storm_ms);
+            #[allow(clippy::cast_precision_loss)]
+            let share = if r.reconnects == 0 {
+                0.0
+            } else {
+                100.0 * r.resumed as f64 / r.reconnects as f64
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} of {} ({share:.1} %) | {} | {} | {} | {} | {} |",
+                r.key,
+                r.tickets,
+                r.resumed,
+                r.reconnects,
+                r.failed,
+                f(cpu.p50),
+                f(cpu.p90),
+                f(cpu.max),
+                f(storm.p50)
+            );
+        }
+        out.push('\n');
     }
 
     fn state_table(&self, out: &mut String) {

@@ -51,6 +51,9 @@ pub(crate) struct Config {
     /// (each after a fresh start) at each.
     pub(crate) state_mib: Vec<usize>,
     pub(crate) state_upgrades: usize,
+    /// Upgrades and clients of the TLS resumption section.
+    pub(crate) tls_upgrades: usize,
+    pub(crate) tls_clients: usize,
 }
 
 impl Config {
@@ -74,6 +77,8 @@ impl Config {
                 supervisor_upgrades: 5,
                 state_mib: vec![0, 100],
                 state_upgrades: 3,
+                tls_upgrades: 3,
+                tls_clients: 20,
             }
         } else {
             Config {
@@ -93,6 +98,8 @@ impl Config {
                 supervisor_upgrades: 30,
                 state_mib: vec![0, 1, 100],
                 state_upgrades: 10,
+                tls_upgrades: 20,
+                tls_clients: 100,
             }
         }
     }
