@@ -3,8 +3,8 @@
 //! the results with ratios.
 //!
 //! ```text
-//! cargo run --release -p tableflip-bench                # full run (~5 min), results in bench/results/
-//! cargo run --release -p tableflip-bench -- --quick     # smoke run (~45 s), results in $TMPDIR
+//! cargo run --release -p tableflip-bench                # full run (~6 min), results in bench/results/
+//! cargo run --release -p tableflip-bench -- --quick     # smoke run (~1 min), results in $TMPDIR
 //! cargo run --release -p tableflip-bench -- --help
 //! ```
 //!
