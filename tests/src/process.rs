@@ -235,3 +235,17 @@ pub fn passed_down_by_the_test_runner(fd: &str, target: &str) -> bool {
     const O_CLOEXEC: u32 = 0o2_000_000;
     same && flags.is_some_and(|f| f & O_CLOEXEC == 0)
 }
+
+/// Sockets open in `pid`.
+pub fn socket_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}

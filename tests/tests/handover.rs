@@ -783,11 +783,7 @@ fn inherit_by_hand(meta: &str, generation: &str) {
     let fds = run.wait_kind("hc-fds", None);
     let addr = fds.get("web.addr").to_owned();
     let parent = run.first_pid();
-    let child: u32 = run
-        .wait_kind("hc-spawned", Some(parent))
-        .get("child")
-        .parse()
-        .expect("child pid");
+    let child = spawned_child(&mut run, parent);
     let start = run.wait_kind("start", Some(child));
     assert_eq!(start.get("has_parent"), "true", "{}", start.line);
     assert_eq!(start.get("parent"), parent.to_string(), "{}", start.line);
@@ -857,11 +853,7 @@ fn minimal_version_one_handover_binds_afresh() {
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
     let mut run = Hand::new().meta(r#"{"version":1}"#).start(&ctl, &[]);
     let parent = run.first_pid();
-    let child: u32 = run
-        .wait_kind("hc-spawned", Some(parent))
-        .get("child")
-        .parse()
-        .expect("child pid");
+    let child = spawned_child(&mut run, parent);
     let start = run.wait_kind("start", Some(child));
     assert_eq!(start.get("has_parent"), "true", "{}", start.line);
     let addr = run
@@ -959,11 +951,7 @@ fn generation_u64_max_never_overflows() {
         .eof()
         .start(ctl, &[]);
     let parent = run.first_pid();
-    let child: u32 = run
-        .wait_kind("hc-spawned", Some(parent))
-        .get("child")
-        .parse()
-        .expect("child pid");
+    let child = spawned_child(&mut run, parent);
     let start = run.wait_kind("start", Some(child));
     assert_eq!(start.get("gen"), "18446744073709551615", "{}", start.line);
     run.wait_kind("ready", Some(child));
@@ -1000,11 +988,7 @@ fn metadata_cannot_name_a_socket_file_for_removal() {
         ))
         .start(ctl, &[]);
     let parent = run.first_pid();
-    let child: u32 = run
-        .wait_kind("hc-spawned", Some(parent))
-        .get("child")
-        .parse()
-        .expect("child pid");
+    let child = spawned_child(&mut run, parent);
     run.wait_kind("ready", Some(child));
     run.wait_kind("hc-ready", Some(parent));
     assert!(
@@ -1264,11 +1248,7 @@ fn take_handcrafted_state_in(kind: &str, hex: &str) -> Event {
         ));
     let mut run = hand.start(&ctl, &[]);
     let parent = run.first_pid();
-    let child: u32 = run
-        .wait_kind("hc-spawned", Some(parent))
-        .get("child")
-        .parse()
-        .expect("child pid");
+    let child = spawned_child(&mut run, parent);
     let said = run.wait_for("the state taken, or the error", |e| {
         e.pid == child && (e.kind == "state-taken" || e.kind == "action-err")
     });
@@ -1330,4 +1310,12 @@ fn corrupt_state_is_an_error_naming_the_damage() {
         "{}",
         said.line
     );
+}
+
+/// The target `handcraft` (`parent`) started: its `hc-spawned` event.
+fn spawned_child(run: &mut Service, parent: u32) -> u32 {
+    run.wait_kind("hc-spawned", Some(parent))
+        .get("child")
+        .parse()
+        .expect("child pid")
 }

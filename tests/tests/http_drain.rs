@@ -239,20 +239,6 @@ fn tcp_http_get(addr: &str) -> String {
     reply.body
 }
 
-/// Sockets open in `pid`.
-fn socket_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| {
-                    std::fs::read_link(e.path())
-                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// HTTP/1: a connection the old generation accepted just before the drain,
 /// whose first request comes only after the drain started, is answered
 /// (with `Connection: close`), never closed unread; an idle keep-alive
@@ -575,5 +561,148 @@ fn live_websocket_is_closed_with_1001_at_the_drain_and_reconnects_to_the_new_gen
         "ws-live: the old generation exited {exit_after:?} after the WebSocket closed (1001)"
     );
     signal(second, Signal::SIGTERM);
+    svc.wait_all_exited();
+}
+
+/// What one WebSocket load client saw.
+#[derive(Debug, Default)]
+struct WsTally {
+    /// Messages answered.
+    answered: u64,
+    /// Clean closes with code 1001 ("going away") from a draining
+    /// generation, each followed by a reconnection.
+    going_away: u64,
+    /// Everything else: a refused or failed connection, a reset, a close
+    /// without 1001, a message that got no answer.
+    failures: Vec<String>,
+}
+
+/// A WebSocket client on `/ws-live` until `stop`: sends numbered
+/// messages, one at a time, each until it is answered; when the server
+/// closes with 1001 it reconnects (to whichever generation accepts) and
+/// sends the unanswered message again. `last_pid` is the PID that
+/// answered last.
+fn ws_load_client(
+    addr: String,
+    stop: Arc<AtomicBool>,
+    last_pid: Arc<std::sync::atomic::AtomicU32>,
+) -> WsTally {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::time::timeout;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let mut tally = WsTally::default();
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        tally.failures.push("no runtime".to_owned());
+        return tally;
+    };
+    let url = format!("ws://{addr}/ws-live");
+    rt.block_on(async {
+        let mut n = 0u64;
+        'connect: while !stop.load(Ordering::Relaxed) {
+            let mut ws = match timeout(DEADLINE, tokio_tungstenite::connect_async(&url)).await {
+                Ok(Ok((ws, _))) => ws,
+                other => {
+                    tally.failures.push(format!("connect: {other:?}"));
+                    return;
+                }
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let text = format!("message {n}");
+                if let Err(e) = ws.send(Message::text(text.clone())).await {
+                    tally.failures.push(format!("send {n}: {e}"));
+                    return;
+                }
+                loop {
+                    match timeout(DEADLINE, ws.next()).await {
+                        Ok(Some(Ok(Message::Text(reply)))) => {
+                            let Some((echo, pid)) = reply.as_str().split_once('\n') else {
+                                tally.failures.push(format!("reply {reply:?}"));
+                                return;
+                            };
+                            if echo != text {
+                                tally.failures.push(format!("{echo:?} for {text:?}"));
+                                return;
+                            }
+                            last_pid.store(reply_pid(pid), Ordering::Relaxed);
+                            tally.answered += 1;
+                            n += 1;
+                            break;
+                        }
+                        Ok(Some(Ok(Message::Close(Some(frame)))))
+                            if frame.code == CloseCode::Away =>
+                        {
+                            // The answering close, then the end; the
+                            // unanswered message goes again on the next
+                            // connection.
+                            while let Ok(Some(Ok(_))) = timeout(DEADLINE, ws.next()).await {}
+                            tally.going_away += 1;
+                            continue 'connect;
+                        }
+                        Ok(Some(Ok(_))) => {}
+                        other => {
+                            tally.failures.push(format!("message {n}: {other:?}"));
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = timeout(DEADLINE, ws.close(None)).await;
+        }
+    });
+    tally
+}
+
+/// WebSocket clients through upgrades: each live WebSocket is closed with
+/// 1001 by its draining generation, its client reconnects to the new
+/// generation and goes on; no connection fails, no message goes
+/// unanswered, and each old generation exits as soon as its WebSockets
+/// are closed.
+#[test]
+fn websockets_under_load_reconnect_cleanly_across_upgrades() {
+    let h = Harness::new("ws-load");
+    let (mut svc, addr, pid_file) = start(&h.ctl);
+    let stop = Arc::new(AtomicBool::new(false));
+    let pids: Vec<Arc<std::sync::atomic::AtomicU32>> = (0..4)
+        .map(|_| Arc::new(std::sync::atomic::AtomicU32::new(0)))
+        .collect();
+    let clients: Vec<_> = pids
+        .iter()
+        .map(|pid| {
+            let (addr, stop, pid) = (addr.clone(), Arc::clone(&stop), Arc::clone(pid));
+            std::thread::spawn(move || ws_load_client(addr, stop, pid))
+        })
+        .collect();
+    let mut current = svc.first_pid();
+    let upgrades = 3;
+    for _ in 0..upgrades {
+        // Every client is being answered by the generation in charge.
+        wait_until("every client is answered by the serving generation", || {
+            pids.iter().all(|p| p.load(Ordering::Relaxed) == current)
+        });
+        current = upgrade_via_pid_file(&mut svc, &pid_file, current);
+    }
+    wait_until("every client is answered by the last generation", || {
+        pids.iter().all(|p| p.load(Ordering::Relaxed) == current)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let tallies: Vec<WsTally> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client thread"))
+        .collect();
+    eprintln!("websockets: {upgrades} upgrades: {tallies:?}");
+    for t in &tallies {
+        assert!(t.failures.is_empty(), "{tallies:?}");
+        assert_eq!(
+            t.going_away, upgrades,
+            "one 1001 close per upgrade: {tallies:?}"
+        );
+        assert!(t.answered > 0);
+    }
+    signal(current, Signal::SIGTERM);
     svc.wait_all_exited();
 }

@@ -427,20 +427,6 @@ fn client_hello(config: &Arc<rustls::ClientConfig>) -> (rustls::ClientConnection
     (conn, hello)
 }
 
-/// Sockets open in `pid`.
-fn socket_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| {
-                    std::fs::read_link(e.path())
-                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// Whether the server has ended a raw connection (EOF or reset).
 fn ended_by_server(tcp: &mut TcpStream) -> bool {
     let mut buf = [0u8; 256];

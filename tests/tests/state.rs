@@ -20,7 +20,7 @@ fn upgrade(s: &CtlService) -> u32 {
 
 fn state_reaches_the_next_generation(mode: &str) {
     let h = Harness::new(&format!("state-{mode}"));
-    h.ctl.write("state", "1 0");
+    h.ctl.write("app-state", "1 0");
     let mut s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[]);
     let first = s.first;
     s.svc.wait_kind("state-none", Some(first));
@@ -28,7 +28,7 @@ fn state_reaches_the_next_generation(mode: &str) {
     // What each generation hands on, set before the upgrade that starts
     // the next one: the serving generation read the file when it started.
     for (size, fds) in [(1 << 20, 2), (100 << 20, 1), (1, 0)] {
-        h.ctl.write("state", &format!("{size} {fds}"));
+        h.ctl.write("app-state", &format!("{size} {fds}"));
         let next = upgrade(&s);
         let offered = s.svc.wait_kind("state-offered", Some(serving));
         let taken = s.svc.wait_kind("state-taken", Some(next));
@@ -68,7 +68,7 @@ fn replace_state_of_1_b_1_mb_and_100_mb_reaches_the_next_generation() {
 
 fn a_failing_source_fails_the_upgrade(mode: &str) {
     let h = Harness::new(&format!("state-fail-{mode}"));
-    h.ctl.write("state", "fail");
+    h.ctl.write("app-state", "fail");
     let s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[]);
     let first = s.first;
     let said = run_ctl(CTL, &["upgrade", "--socket", &s.socket]);

@@ -27,9 +27,12 @@ impl Upgrader {
     /// `source` runs on the task or thread that runs the upgrade: keep it
     /// to a serialization. In supervised mode the supervisor waits for it
     /// at most 5 s (or the upgrade timeout, if shorter), then starts the
-    /// next generation without it. It is also called for a rollback (the
-    /// previous binary started again after the new one died during its
-    /// probation), by the generation that rolls back.
+    /// next generation without it. In replace mode it is also called for
+    /// a rollback (the previous binary started again after the new one
+    /// died during its probation), by the old generation, which rolls
+    /// back. A generation the supervisor starts without an upgrade (a
+    /// supervised rollback, or the replacement of a generation that died)
+    /// starts without state: the generation that had it is gone.
     ///
     /// # Errors
     ///

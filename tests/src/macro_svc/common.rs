@@ -9,8 +9,8 @@
 //! `exit N`; a `hand-on` file: see [`hand_on`]; a `usr2-upgrade` file:
 //! see [`usr2_upgrades`]; an `app-sighup` file: see [`app_sighup`]),
 //! `MS_PID_FILE`, `MS_UPGRADE_TIMEOUT_MS`, `MS_DRAIN_MS`,
-//! `MS_STOP_DELAY_MS`, `MS_UPGRADE_SIGNAL` (read by [`options`]); a `state`
-//! file: see [`state`]. Events: `EVENT <pid> <kind> key=value…` on stdout:
+//! `MS_STOP_DELAY_MS`, `MS_UPGRADE_SIGNAL` (read by [`options`]); an
+//! `app-state` file: see [`state`]. Events: `EVENT <pid> <kind> key=value…` on stdout:
 //! `start gen= has_parent=`, `listening name= addr=` for each listener
 //! (for the Unix one, `addr` is the declared address and `local` the path
 //! the socket is really bound to, which differs when systemd passed it),
@@ -235,7 +235,7 @@ fn hand_on(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     Ok(())
 }
 
-/// With a `state` file in the control directory: the generation takes the
+/// With an `app-state` file in the control directory: the generation takes the
 /// state handed over (event `state-none`; `state-taken len= crc= fds=
 /// extra=` with the extra fds' contents joined by `|`; or `state-error
 /// msg=`), then registers what it hands over, as the file says now:
@@ -246,7 +246,7 @@ fn hand_on(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 /// `second-state text=` in the next generation).
 fn state(cx: &Context) -> std::io::Result<()> {
     let Some(spec) = std::env::var_os("TF_CTL")
-        .and_then(|d| std::fs::read_to_string(PathBuf::from(d).join("state")).ok())
+        .and_then(|d| std::fs::read_to_string(PathBuf::from(d).join("app-state")).ok())
     else {
         return Ok(());
     };
@@ -511,7 +511,7 @@ pub(crate) async fn init(
     // A `hand-on` file (`ADDR PATH`): hand a connection and a file on
     // across upgrades.
     hand_on(&cx)?;
-    // A `state` file: application state across upgrades.
+    // An `app-state` file: application state across upgrades.
     state(&cx)?;
     // An `orphan` file in the control directory: leave a process behind
     // that outlives its parent (a shell that starts `sleep` in the
