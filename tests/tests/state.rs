@@ -101,3 +101,47 @@ fn supervised_a_failing_state_source_fails_the_upgrade() {
 fn replace_a_failing_state_source_fails_the_upgrade() {
     a_failing_source_fails_the_upgrade("replace");
 }
+
+/// A source that panics fails the upgrade like one that fails, and the
+/// service upgrades again once it no longer panics (the panic neither
+/// kills the thread that reads the supervisor's messages nor the task
+/// that runs upgrades).
+fn a_panicking_source_fails_the_upgrade(mode: &str) {
+    let h = Harness::new(&format!("state-panic-{mode}"));
+    h.ctl.write("state", "panic");
+    let s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[]);
+    let first = s.first;
+    let said = run_ctl(CTL, &["upgrade", "--socket", &s.socket, "--timeout", "2m"]);
+    assert_eq!(said.code, Some(1), "{said:?}");
+    let error = said.str("error");
+    assert!(
+        error.contains("state") && error.contains("panicked"),
+        "the answer names the state source's panic: {said:?}"
+    );
+    assert_eq!(reply_pid(&tcp_get_line(&s.tcp, "GET").expect("GET")), first);
+    // The service still runs upgrades: the same source fails the next
+    // one the same way.
+    let again = run_ctl(CTL, &["upgrade", "--socket", &s.socket, "--timeout", "2m"]);
+    assert_eq!(again.code, Some(1), "{again:?}");
+    assert!(again.str("error").contains("panicked"), "{again:?}");
+    assert!(
+        !s.svc
+            .history
+            .iter()
+            .any(|e| e.kind == "start" && e.pid != first),
+        "no generation was started: {:#?}",
+        s.svc.lines()
+    );
+    assert_eq!(reply_pid(&tcp_get_line(&s.tcp, "GET").expect("GET")), first);
+    s.stop(first);
+}
+
+#[test]
+fn supervised_a_panicking_state_source_fails_the_upgrade() {
+    a_panicking_source_fails_the_upgrade("supervised");
+}
+
+#[test]
+fn replace_a_panicking_state_source_fails_the_upgrade() {
+    a_panicking_source_fails_the_upgrade("replace");
+}

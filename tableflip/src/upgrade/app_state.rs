@@ -42,7 +42,7 @@ impl Upgrader {
     ///
     /// # Errors of the upgrade
     ///
-    /// If `source` fails, or returns more than [`state::MAX_FDS`] fds, or
+    /// If `source` fails or panics, or returns more than [`state::MAX_FDS`] fds, or
     /// a socket among them, the upgrade fails with [`Error::State`] (the
     /// serving generation keeps serving, with its state), and the
     /// control socket's answer says so.
@@ -136,7 +136,22 @@ impl Upgrader {
         let mut staged = Vec::new();
         for (name, source) in sources {
             let started = std::time::Instant::now();
-            let (bytes, extra) = (source.0)()
+            // A panicking source fails the upgrade like a failing one: it
+            // runs on the task that runs upgrades, or (supervised) on the
+            // thread that reads the supervisor's messages, neither of
+            // which may die.
+            let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (source.0)()))
+                .map_err(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Error::State {
+                        reason: format!("the source of the state {name:?} panicked: {what}"),
+                    }
+                })?;
+            let (bytes, extra) = called
                 .map_err(|e| Error::State {
                     reason: format!("the source of the state {name:?} failed: {e}"),
                 })?

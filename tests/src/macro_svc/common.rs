@@ -241,7 +241,8 @@ fn hand_on(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 /// msg=`), then registers what it hands over, as the file says now:
 /// `SIZE FDS` (SIZE bytes of a pattern seeded by the PID and FDS memfds
 /// holding `fd <i> of <pid>`; event `state-offered len= crc= fds=` each
-/// time the source is called) or `fail` (the source fails). A second
+/// time the source is called), `fail` (the source fails) or `panic` (the
+/// source panics). A second
 /// state, `ms-second`, is handed over beside it: `second of <pid>` (event
 /// `second-state text=` in the next generation).
 fn state(cx: &Context) -> std::io::Result<()> {
@@ -289,6 +290,10 @@ fn state(cx: &Context) -> std::io::Result<()> {
     let spec = spec.trim().to_owned();
     if spec == "fail" {
         cx.hand_over_state("ms", || Err(std::io::Error::other("no state today")))?;
+        return Ok(());
+    }
+    if spec == "panic" {
+        cx.hand_over_state("ms", || panic!("the state source panics"))?;
         return Ok(());
     }
     let (size, fds) = spec

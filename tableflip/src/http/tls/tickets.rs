@@ -209,10 +209,17 @@ impl TicketKeys {
         if !due(&set) {
             return;
         }
+        // The current key issued tickets for one period after it was
+        // made (the first ticket after that rotates it): two periods on,
+        // they have all outlived their lifetime, and it is not kept.
+        let stale = match SystemTime::now().duration_since(set.made_at) {
+            Ok(age) => age >= self.rotation.saturating_mul(2),
+            Err(_) => false,
+        };
         match Key::new(&self.rng) {
             Ok(key) => {
                 let old = std::mem::replace(&mut set.current, key);
-                set.previous = Some(old);
+                set.previous = (!stale).then_some(old);
                 set.made_at = SystemTime::now();
                 tracing::info!("TLS ticket key rotated");
             }
@@ -270,7 +277,9 @@ impl TicketKeys {
             u64::from_le_bytes(a)
         };
         let rotation = Duration::from_secs(u64_at(take(8)?).max(1));
-        let made_at = UNIX_EPOCH + Duration::from_secs(u64_at(take(8)?));
+        let made_at = UNIX_EPOCH
+            .checked_add(Duration::from_secs(u64_at(take(8)?)))
+            .ok_or_else(|| failed("the keys handed over were made at an impossible time"))?;
         let read_key = |id: &[u8], secret: &[u8]| -> Result<Key> {
             let mut i = [0u8; ID_LEN];
             let mut s = [0u8; SECRET_LEN];
@@ -344,6 +353,10 @@ impl rustls::server::ProducesTickets for TicketKeys {
         }
         let (id, rest) = cipher.split_at(ID_LEN);
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        // Keys are erased on time even when no ticket is issued (the
+        // lifetime is enforced by key rotation only: rustls does not
+        // check it for TLS 1.2).
+        self.rotate_if_due();
         let set = self.read();
         let key = std::iter::once(&set.current)
             .chain(set.previous.as_ref())
@@ -391,10 +404,10 @@ mod tests {
 
     #[test]
     fn rotation_keeps_the_previous_key_one_period() {
-        let keys = TicketKeys::new(Duration::from_secs(1)).expect("keys");
+        let keys = TicketKeys::new(Duration::from_secs(10)).expect("keys");
         let old = keys.encrypt(b"a").expect("encrypt");
         // As if the current key were a period old.
-        keys.keys.write().expect("lock").made_at = SystemTime::now() - Duration::from_secs(2);
+        keys.keys.write().expect("lock").made_at = SystemTime::now() - Duration::from_secs(15);
         let new = keys.encrypt(b"b").expect("encrypt");
         assert_ne!(old[..ID_LEN], new[..ID_LEN], "a new key");
         assert_eq!(
@@ -407,10 +420,38 @@ mod tests {
         assert_eq!(next.decrypt(&old).as_deref(), Some(&b"a"[..]));
         assert_eq!(next.decrypt(&new).as_deref(), Some(&b"b"[..]));
         // Another period: the oldest key is gone.
-        keys.keys.write().expect("lock").made_at = SystemTime::now() - Duration::from_secs(2);
+        keys.keys.write().expect("lock").made_at = SystemTime::now() - Duration::from_secs(15);
         let _ = keys.encrypt(b"c");
         assert_eq!(keys.decrypt(&old), None);
         assert_eq!(keys.decrypt(&new).as_deref(), Some(&b"b"[..]));
+    }
+
+    #[test]
+    fn keys_expire_without_new_tickets() {
+        let keys = TicketKeys::new(Duration::from_secs(10)).expect("keys");
+        let ticket = keys.encrypt(b"a").expect("encrypt");
+        // One to two periods on, with no ticket issued since: still read.
+        keys.keys.write().expect("lock").made_at = SystemTime::now() - Duration::from_secs(15);
+        assert_eq!(keys.decrypt(&ticket).as_deref(), Some(&b"a"[..]));
+        // Two periods after its key was made (it was made before), a
+        // ticket is refused, whether a ticket is asked for first or not.
+        let idle = TicketKeys::new(Duration::from_secs(10)).expect("keys");
+        let old = idle.encrypt(b"b").expect("encrypt");
+        idle.keys.write().expect("lock").made_at = SystemTime::now() - Duration::from_secs(25);
+        assert_eq!(idle.decrypt(&old), None, "decrypt alone");
+        let busy = TicketKeys::new(Duration::from_secs(10)).expect("keys");
+        let old = busy.encrypt(b"c").expect("encrypt");
+        busy.keys.write().expect("lock").made_at = SystemTime::now() - Duration::from_secs(25);
+        let _ = busy.encrypt(b"d");
+        assert_eq!(busy.decrypt(&old), None, "after a new ticket");
+    }
+
+    #[test]
+    fn an_impossible_time_is_refused_not_a_panic() {
+        let keys = TicketKeys::new(DEFAULT_ROTATION).expect("keys");
+        let mut bad = keys.encode();
+        bad[9..17].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(TicketKeys::decode(&bad).is_err());
     }
 
     #[test]
