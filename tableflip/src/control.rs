@@ -52,6 +52,12 @@ pub(crate) enum ToSupervisor {
         /// predates it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+        /// The generation is calling its application-state sources: the
+        /// supervisor waits for them up to the upgrade timeout (not the
+        /// shorter collect timeout), and fails the upgrade if they do not
+        /// finish. Absent from a build that predates it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        state: bool,
     },
     /// A request to upgrade the service (the generation got `SIGHUP`, or
     /// its code called `Upgrader::upgrade`). `id` 0 wants no answer.

@@ -108,7 +108,7 @@ fn replace_a_failing_state_source_fails_the_upgrade() {
 /// that runs upgrades).
 fn a_panicking_source_fails_the_upgrade(mode: &str) {
     let h = Harness::new(&format!("state-panic-{mode}"));
-    h.ctl.write("state", "panic");
+    h.ctl.write("app-state", "panic");
     let s = CtlService::start(&h, Path::new(MACRO_SVC), mode, &[]);
     let first = s.first;
     let said = run_ctl(CTL, &["upgrade", "--socket", &s.socket, "--timeout", "2m"]);
@@ -144,4 +144,54 @@ fn supervised_a_panicking_state_source_fails_the_upgrade() {
 #[test]
 fn replace_a_panicking_state_source_fails_the_upgrade() {
     a_panicking_source_fails_the_upgrade("replace");
+}
+
+/// Supervised mode: a state source slower than the supervisor's 5 s wait
+/// for connections and files is waited for (up to the upgrade timeout),
+/// not dropped: the next generation gets the state.
+#[test]
+fn supervised_a_slow_state_source_is_waited_for() {
+    let h = Harness::new("state-slow");
+    h.ctl.write("app-state", "slow 6000");
+    let mut s = CtlService::start(&h, Path::new(MACRO_SVC), "supervised", &[]);
+    let first = s.first;
+    let next = upgrade(&s);
+    s.svc.wait_kind("state-slow", Some(first));
+    let taken = s.svc.wait_kind("state-taken", Some(next));
+    assert_eq!(taken.get("len"), "4", "{}", taken.line);
+    s.stop(next);
+}
+
+/// Supervised mode: a state source that has not returned within the
+/// upgrade timeout fails the upgrade (the serving generation keeps its
+/// state and serves on), rather than starting the next generation without
+/// the state.
+#[test]
+fn supervised_a_state_source_past_the_upgrade_timeout_fails_the_upgrade() {
+    let h = Harness::new("state-late");
+    h.ctl.write("app-state", "slow 6000");
+    let s = CtlService::start(
+        &h,
+        Path::new(MACRO_SVC),
+        "supervised",
+        &[("MS_UPGRADE_TIMEOUT_MS", "2500")],
+    );
+    let first = s.first;
+    let said = run_ctl(CTL, &["upgrade", "--socket", &s.socket]);
+    assert_eq!(said.code, Some(1), "{said:?}");
+    assert!(
+        said.str("error")
+            .contains("did not return within the upgrade timeout"),
+        "{said:?}"
+    );
+    assert!(
+        !s.svc
+            .history
+            .iter()
+            .any(|e| e.kind == "start" && e.pid != first),
+        "no generation was started: {:#?}",
+        s.svc.lines()
+    );
+    assert_eq!(reply_pid(&tcp_get_line(&s.tcp, "GET").expect("GET")), first);
+    s.stop(first);
 }

@@ -188,6 +188,12 @@ struct Collecting {
     /// The generation could not hand its application state over (why):
     /// the upgrade fails.
     error: Option<String>,
+    /// When the generation was asked.
+    asked_at: Instant,
+    /// It said it is calling its application-state sources: a timeout
+    /// fails the upgrade instead of starting the next generation without
+    /// the state.
+    state: bool,
 }
 
 /// How long an upgrade waits for the serving generation's connections and
@@ -629,10 +635,18 @@ impl Supervisor {
             self.stop_now("the end of stop_delay", true);
         }
         if self.collecting.as_ref().is_some_and(|c| c.deadline <= now) {
-            tracing::warn!(
-                timeout = ?self.collect_timeout(),
-                "upgrade: the serving generation did not hand over its connections and files in time; the new generation starts without them"
-            );
+            let timeout = self.opts.upgrade_timeout;
+            match self.collecting.as_mut() {
+                Some(c) if c.state => {
+                    c.error = Some(format!(
+                        "its application-state sources did not return within the upgrade timeout ({timeout:?})"
+                    ));
+                }
+                _ => tracing::warn!(
+                    timeout = ?self.collect_timeout(),
+                    "upgrade: the serving generation did not hand over its connections and files in time; the new generation starts without them"
+                ),
+            }
             self.collected();
         }
         if self.replace_at.is_some_and(|t| t <= now) {
@@ -1082,7 +1096,11 @@ impl Supervisor {
                 entries,
                 done,
                 error,
+                state,
             } => {
+                if state {
+                    self.state_coming(pid, id);
+                }
                 self.on_handed_on(pid, id, (entries, fds), done, error);
             }
             ToSupervisor::Ready {
@@ -1172,6 +1190,8 @@ impl Supervisor {
                     deadline: Instant::now() + self.collect_timeout(),
                     received: Vec::new(),
                     error: None,
+                    asked_at: Instant::now(),
+                    state: false,
                 });
             }
             None => self.start_generation(Purpose::Upgrade),
@@ -1221,6 +1241,20 @@ impl Supervisor {
         }
         if done {
             self.collected();
+        }
+    }
+
+    /// The serving generation is calling its application-state sources:
+    /// they get the upgrade timeout, not the collect timeout.
+    fn state_coming(&mut self, pid: u32, id: u64) {
+        let timeout = self.opts.upgrade_timeout;
+        if let Some(c) = self
+            .collecting
+            .as_mut()
+            .filter(|c| c.from == pid && c.id == id)
+        {
+            c.state = true;
+            c.deadline = c.deadline.max(c.asked_at + timeout);
         }
     }
 

@@ -25,9 +25,10 @@ impl Upgrader {
     /// most what happened during the upgrade.
     ///
     /// `source` runs on the task or thread that runs the upgrade: keep it
-    /// to a serialization. In supervised mode the supervisor waits for it
-    /// at most 5 s (or the upgrade timeout, if shorter), then starts the
-    /// next generation without it. In replace mode it is also called for
+    /// to a serialization. In supervised mode it runs on the thread that
+    /// reads the supervisor's messages (which wait meanwhile), and the
+    /// supervisor waits for it up to the upgrade timeout: if it has not
+    /// returned by then, the upgrade fails. In replace mode it is also called for
     /// a rollback (the previous binary started again after the new one
     /// died during its probation), by the old generation, which rolls
     /// back. A generation the supervisor starts without an upgrade (a
@@ -115,6 +116,11 @@ impl Upgrader {
             "took the state the previous generation handed over"
         );
         Ok(Some(extra.into_iter().fold(state, State::with_fd)))
+    }
+
+    /// Whether a state source is registered.
+    pub(super) fn has_state_sources(&self) -> bool {
+        !lock(&self.inner.state_sources).is_empty()
     }
 
     /// At the start of an upgrade: calls every source, and registers their

@@ -188,6 +188,22 @@ impl Upgrader {
         let failed = |e| Error::io("cannot send connections and files to the supervisor", e);
         // The application's state first: if it cannot be handed over, the
         // upgrade fails (the supervisor is told) rather than losing it.
+        if self.has_state_sources() {
+            // The sources may take longer than the collect timeout: the
+            // supervisor is told to wait for them (up to the upgrade
+            // timeout) rather than start the next generation without them.
+            sup.send(
+                &ToSupervisor::HandedOn {
+                    id,
+                    entries: Vec::new(),
+                    done: false,
+                    error: None,
+                    state: true,
+                },
+                &[],
+            )
+            .map_err(failed)?;
+        }
         let staged = self.stage_state();
         let state_error = staged.as_ref().err().map(|e| chain(e));
         let sent = (|| {
@@ -205,6 +221,7 @@ impl Upgrader {
                         entries,
                         done: false,
                         error: None,
+                        state: false,
                     },
                     &fds,
                 )
@@ -229,6 +246,7 @@ impl Upgrader {
                     entries: Vec::new(),
                     done: true,
                     error: state_error,
+                    state: false,
                 },
                 &[],
             )

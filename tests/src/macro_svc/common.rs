@@ -241,8 +241,9 @@ fn hand_on(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 /// msg=`), then registers what it hands over, as the file says now:
 /// `SIZE FDS` (SIZE bytes of a pattern seeded by the PID and FDS memfds
 /// holding `fd <i> of <pid>`; event `state-offered len= crc= fds=` each
-/// time the source is called), `fail` (the source fails) or `panic` (the
-/// source panics). A second
+/// time the source is called), `fail` (the source fails), `panic` (the
+/// source panics) or `slow MS` (the source prints `state-slow`, takes MS
+/// milliseconds, and hands over `slow`). A second
 /// state, `ms-second`, is handed over beside it: `second of <pid>` (event
 /// `second-state text=` in the next generation).
 fn state(cx: &Context) -> std::io::Result<()> {
@@ -294,6 +295,17 @@ fn state(cx: &Context) -> std::io::Result<()> {
     }
     if spec == "panic" {
         cx.hand_over_state("ms", || panic!("the state source panics"))?;
+        return Ok(());
+    }
+    if let Some(ms) = spec
+        .strip_prefix("slow ")
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        cx.hand_over_state("ms", move || {
+            event("state-slow", "");
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok(tableflip::State::new(&b"slow"[..]))
+        })?;
         return Ok(());
     }
     let (size, fds) = spec
