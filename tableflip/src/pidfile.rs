@@ -1,6 +1,6 @@
 //! The PID file, replaced atomically.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,13 @@ use crate::error::{Error, Result};
 
 /// Writes `pid` to `path` atomically: a temporary file in the same
 /// directory (mode 0644, a name no other user can predict, created
-/// exclusively), fsync, rename over `path`, fsync of the directory.
+/// exclusively), renamed over `path`.
+///
+/// Not synced to disk (no `fsync` of the file or the directory): a PID
+/// file needs atomic replacement, which `rename` gives, not durability
+/// across a power loss, after which the PID it names means nothing. On a
+/// disk-backed directory the two `fsync`s cost readiness about 2 ms
+/// (BENCHMARKS.md, "Readiness and the PID file's disk").
 ///
 /// A reader sees either the old or the new content, never a partial one.
 /// `rename` replaces a symlink at `path` rather than following it, so a
@@ -51,9 +57,7 @@ pub(crate) fn write(path: &Path, pid: u32) -> Result<()> {
         // The umask may have narrowed the mode: set it exactly.
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
         writeln!(file, "{pid}")?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(&dir)?.sync_all()
+        fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -49,12 +49,14 @@ impl std::fmt::Display for Error {
 }
 
 const USAGE: &str = "\
-usage: tableflip-bench [--quick] [--out DIR] [--only SECTIONS]
+usage: tableflip-bench [--quick] [--out DIR] [--run-dir DIR] [--only SECTIONS]
 
   --quick         a smoke run (well under a minute), for CI
   --out DIR       where to write results.md, results.json and the SVG plots
                   (default: bench/results for a full run, $TMPDIR/tableflip-bench-quick
                   for --quick)
+  --run-dir DIR   where the services' PID files and sockets go (default:
+                  /dev/shm, tmpfs; a directory on a disk shows what fsync costs)
   --only SECTIONS comma-separated subset of: latency, ballast, load, listeners,
                   drain, generations, overhead, supervisor, state, tls (default: all)";
 
@@ -75,6 +77,9 @@ struct Args {
     quick: bool,
     out: Option<PathBuf>,
     only: Vec<String>,
+    /// Where the services' PID files and sockets go (default: a new
+    /// directory in /dev/shm, tmpfs, as /run would be).
+    run_dir: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Option<Args>, Error> {
@@ -82,11 +87,18 @@ fn parse_args() -> Result<Option<Args>, Error> {
         quick: false,
         out: None,
         only: SECTIONS.iter().map(|s| (*s).to_owned()).collect(),
+        run_dir: None,
     };
     let mut it = std::env::args_os().skip(1);
     while let Some(arg) = it.next() {
         match arg.to_str() {
             Some("--quick") => args.quick = true,
+            Some("--run-dir") => {
+                let dir = it
+                    .next()
+                    .ok_or_else(|| Error::msg("--run-dir needs a directory"))?;
+                args.run_dir = Some(dir.into());
+            }
             Some("--out") => {
                 let dir = it
                     .next()
@@ -235,10 +247,10 @@ fn run() -> Result<(), Error> {
     }
     // PID files and sockets on tmpfs when there is one, as /run would be.
     let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() {
-        shm.to_owned()
-    } else {
-        std::env::temp_dir()
+    let base = match &args.run_dir {
+        Some(dir) => dir.clone(),
+        None if shm.is_dir() => shm.to_owned(),
+        None => std::env::temp_dir(),
     };
     let run_dir = base.join(format!("tableflip-bench-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)
