@@ -66,6 +66,20 @@ fn replace_state_of_1_b_1_mb_and_100_mb_reaches_the_next_generation() {
     state_reaches_the_next_generation("replace");
 }
 
+/// After an upgrade that failed before any spawn: no generation but
+/// `first` ever started, and `first` still answers.
+fn assert_first_serves_alone(s: &CtlService, first: u32) {
+    assert!(
+        !s.svc
+            .history
+            .iter()
+            .any(|e| e.kind == "start" && e.pid != first),
+        "no generation was started: {:#?}",
+        s.svc.lines()
+    );
+    assert_eq!(reply_pid(&tcp_get_line(&s.tcp, "GET").expect("GET")), first);
+}
+
 fn a_failing_source_fails_the_upgrade(mode: &str) {
     let h = Harness::new(&format!("state-fail-{mode}"));
     h.ctl.write("app-state", "fail");
@@ -80,15 +94,7 @@ fn a_failing_source_fails_the_upgrade(mode: &str) {
         "the answer names the state source's failure: {said:?}"
     );
     // Nothing was started, and the first generation serves on.
-    assert!(
-        !s.svc
-            .history
-            .iter()
-            .any(|e| e.kind == "start" && e.pid != first),
-        "no generation was started: {:#?}",
-        s.svc.lines()
-    );
-    assert_eq!(reply_pid(&tcp_get_line(&s.tcp, "GET").expect("GET")), first);
+    assert_first_serves_alone(&s, first);
     s.stop(first);
 }
 
@@ -124,15 +130,7 @@ fn a_panicking_source_fails_the_upgrade(mode: &str) {
     let again = run_ctl(CTL, &["upgrade", "--socket", &s.socket, "--timeout", "2m"]);
     assert_eq!(again.code, Some(1), "{again:?}");
     assert!(again.str("error").contains("panicked"), "{again:?}");
-    assert!(
-        !s.svc
-            .history
-            .iter()
-            .any(|e| e.kind == "start" && e.pid != first),
-        "no generation was started: {:#?}",
-        s.svc.lines()
-    );
-    assert_eq!(reply_pid(&tcp_get_line(&s.tcp, "GET").expect("GET")), first);
+    assert_first_serves_alone(&s, first);
     s.stop(first);
 }
 
@@ -184,14 +182,6 @@ fn supervised_a_state_source_past_the_upgrade_timeout_fails_the_upgrade() {
             .contains("did not return within the upgrade timeout"),
         "{said:?}"
     );
-    assert!(
-        !s.svc
-            .history
-            .iter()
-            .any(|e| e.kind == "start" && e.pid != first),
-        "no generation was started: {:#?}",
-        s.svc.lines()
-    );
-    assert_eq!(reply_pid(&tcp_get_line(&s.tcp, "GET").expect("GET")), first);
+    assert_first_serves_alone(&s, first);
     s.stop(first);
 }

@@ -127,14 +127,15 @@ impl Upgrader {
     /// states to be handed on. The entries stay registered as long as the
     /// returned guards live: until the next generation has its copies.
     pub(super) fn stage_state(&self) -> Result<Vec<Handover<File>>> {
-        let fds = &self.inner.fds;
-        // What an earlier generation handed over and this one did not
-        // take is not handed on again.
-        for entry in fds.names() {
-            if entry.starts_with(state::PREFIX) {
-                fds.remove(&entry);
-            }
+        // Nothing to stage is the common case: no walk of the registry on
+        // the upgrade path. (No state entry is left from before: what an
+        // earlier generation handed over and this one did not take was
+        // closed at readiness, and what an earlier upgrade staged is
+        // unregistered when its guards drop.)
+        if !self.has_state_sources() {
+            return Ok(Vec::new());
         }
+        let fds = &self.inner.fds;
         let sources: Vec<(String, state::Source)> = lock(&self.inner.state_sources)
             .iter()
             .map(|(n, s)| (n.clone(), s.clone()))

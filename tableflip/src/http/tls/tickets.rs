@@ -159,20 +159,13 @@ impl TicketKeys {
     ///
     /// As [`handed_over`](Self::handed_over).
     pub fn handed_over_with(upgrader: &Upgrader, rotation: Duration) -> Result<Arc<TicketKeys>> {
-        let inherited = match upgrader.take_state(STATE_NAME) {
-            Ok(Some(state)) => match TicketKeys::decode(state.bytes()) {
-                Ok(keys) => Some(keys),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the TLS ticket keys handed over cannot be read; new keys (clients do a full handshake once)");
-                    None
-                }
-            },
-            Ok(None) => None,
-            Err(e) => {
+        let inherited = upgrader
+            .take_state(STATE_NAME)
+            .and_then(|state| state.map(|s| TicketKeys::decode(s.bytes())).transpose())
+            .unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "the TLS ticket keys handed over cannot be read; new keys (clients do a full handshake once)");
                 None
-            }
-        };
+            });
         let keys = match inherited {
             Some(keys) => {
                 tracing::info!(
