@@ -65,6 +65,30 @@ pub fn proc_state(pid: u32) -> Option<char> {
     after.trim_start().chars().next()
 }
 
+/// Whether `pid` is a zombie whose exit has been reported to its parent:
+/// the parent has `SIGCHLD` pending (`ShdPnd` in `/proc/<parent>/status`),
+/// which holds while the parent blocks the signal (a `signalfd`) and has not
+/// read it. A zombie alone is not enough: the leader of a multi-threaded
+/// process shows `Z` while its other threads are still exiting, and the
+/// kernel tells the parent only once the last of them is gone.
+pub fn exit_reported_to_parent(pid: u32) -> bool {
+    const SIGCHLD_BIT: u64 = 1 << (libc::SIGCHLD - 1);
+    if proc_state(pid) != Some('Z') {
+        return false;
+    }
+    let Some(parent) = parent_of(pid) else {
+        return false;
+    };
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{parent}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|m| m & SIGCHLD_BIT != 0)
+}
+
 /// Whether `pid` has begun to exit (the kernel's `PF_EXITING` flag, set
 /// before the process's fds are closed), is a zombie, or is gone. A process
 /// whose fds have been closed by its exit is always in one of these states,
