@@ -85,7 +85,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -94,13 +94,17 @@ use hyper::body::{Body, Incoming};
 use hyper::header::{CONNECTION, HeaderValue};
 use hyper::service::Service;
 use hyper::{Method, Request, Response, StatusCode, Version};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use hyper::body::{Bytes, Frame, SizeHint};
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, oneshot};
 
 use crate::service::Context;
 
+pub(crate) mod handoff;
 #[cfg(feature = "tls")]
 pub mod tls;
 
@@ -146,9 +150,11 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// ```
 #[derive(Debug, Clone)]
 pub struct Server {
-    builder: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     linger: Duration,
     first_request_timeout: Duration,
+    hand_over_idle: bool,
 }
 
 impl Default for Server {
@@ -162,9 +168,11 @@ impl Server {
     /// default linger.
     pub fn new() -> Self {
         Server {
-            builder: auto::Builder::new(TokioExecutor::new()),
+            http1: http1::Builder::new(),
+            http2: http2::Builder::new(TokioExecutor::new()),
             linger: DEFAULT_LINGER,
             first_request_timeout: DEFAULT_FIRST_REQUEST_TIMEOUT,
+            hand_over_idle: true,
         }
     }
 
@@ -186,9 +194,24 @@ impl Server {
         self
     }
 
-    /// hyper's connection builder, to tune HTTP/1 and HTTP/2 settings.
-    pub fn builder_mut(&mut self) -> &mut auto::Builder<TokioExecutor> {
-        &mut self.builder
+    /// Whether idle HTTP/1 connections are handed to the next generation
+    /// when the drain starts (default: yes; see the [module
+    /// documentation](self#idle-connections-go-to-the-next-generation)).
+    /// Without it, the drain closes them after the linger.
+    #[must_use]
+    pub fn hand_over_idle(mut self, on: bool) -> Self {
+        self.hand_over_idle = on;
+        self
+    }
+
+    /// hyper's HTTP/1 connection builder, to tune HTTP/1 settings.
+    pub fn http1_mut(&mut self) -> &mut http1::Builder {
+        &mut self.http1
+    }
+
+    /// hyper's HTTP/2 connection builder, to tune HTTP/2 settings.
+    pub fn http2_mut(&mut self) -> &mut http2::Builder<TokioExecutor> {
+        &mut self.http2
     }
 
     /// [`serve`](Self::serve) for a tower service, such as an axum
@@ -247,48 +270,89 @@ impl Server {
         tokio::pin!(draining);
         let open = Arc::new(AtomicUsize::new(0));
         let mut accepted: u64 = 0;
+        let mut taken_over: u64 = 0;
+        let key = listener.handover_key().filter(|_| self.hand_over_idle);
+        // Connections the previous generation hands over, for this
+        // listener (until the route is dropped, at this server's drain).
+        let mut route = match (key, cx.upgrader().http_predecessor()) {
+            (Some(key), Some(from)) if !cx.is_draining() => from.route(key).await,
+            _ => None,
+        };
         loop {
-            tokio::select! {
+            let (conn, prefix, answered) = tokio::select! {
                 biased;
                 () = &mut draining => break,
+                handed = next_handed(&mut route) => match handed {
+                    Some(h) => match L::from_handed_over(h.fd) {
+                        Ok(io) => {
+                            taken_over += 1;
+                            (Arrival::HandedOver(io), h.bytes, true)
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "a connection handed over cannot be served");
+                            continue;
+                        }
+                    },
+                    None => {
+                        route = None;
+                        continue;
+                    }
+                },
                 next = listener.accept_io() => match next {
                     Ok(conn) => {
                         accepted += 1;
-                        let open = OpenConn::new(&open);
-                        let this = self.clone();
-                        let conn_cx = cx.clone();
-                        let service = service.clone();
-                        cx.spawn(async move {
-                            let _open = open;
-                            let limit = this.first_request_timeout;
-                            match tokio::time::timeout(limit, L::handshake(conn)).await {
-                                Ok(Ok(io)) => this.serve_connection(&conn_cx, io, service).await,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(error = %e, "connection handshake failed");
-                                }
-                                Err(_) => tracing::debug!(
-                                    timeout = ?limit,
-                                    "connection handshake timed out"
-                                ),
-                            }
-                        });
+                        (Arrival::Accepted(conn), Bytes::new(), false)
                     }
                     Err(e) => {
                         // EMFILE and the like: keep serving what is open,
                         // retry shortly rather than spin.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
                     }
                 },
-            }
+            };
+            let open = OpenConn::new(&open);
+            let this = self.clone();
+            let conn_cx = cx.clone();
+            let service = service.clone();
+            cx.spawn(async move {
+                let _open = open;
+                let io = match conn {
+                    Arrival::HandedOver(io) => io,
+                    Arrival::Accepted(conn) => {
+                        let limit = this.first_request_timeout;
+                        match tokio::time::timeout(limit, L::handshake(conn)).await {
+                            Ok(Ok(io)) => io,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "connection handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(timeout = ?limit, "connection handshake timed out");
+                                return;
+                            }
+                        }
+                    }
+                };
+                let handoff = key.map(|key| HandOff {
+                    key,
+                    fd_of: L::handover_fd,
+                });
+                this.run_conn(&conn_cx, io, prefix, answered, service, handoff)
+                    .await;
+            });
         }
+        drop(route);
         let served = Served {
             accepted,
             handed_to_drain: open.load(Ordering::Acquire),
+            taken_over,
         };
         tracing::debug!(
             accepted = served.accepted,
             handed_to_drain = served.handed_to_drain,
+            taken_over = served.taken_over,
             "HTTP server stopped accepting"
         );
         served
@@ -296,7 +360,9 @@ impl Server {
 
     /// Serves one connection (already accepted) with the drain rules.
     /// Returns when the connection is over: closed, or, if a response
-    /// switched it to another protocol, dropped by the application.
+    /// switched it to another protocol, dropped by the application. A
+    /// connection served this way is never handed over to the next
+    /// generation (this function does not know its listener).
     pub async fn serve_connection<I, S, B>(&self, cx: &Context, io: I, service: S)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -307,8 +373,48 @@ impl Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let (io, released) = Tracked::new(io);
-        self.drive_connection(cx, io, service).await;
+        self.run_conn(cx, io, Bytes::new(), false, service, None)
+            .await;
+    }
+
+    /// Serves one connection: `prefix` first (bytes already read from it),
+    /// `answered` if it has been answered before (handed over). With
+    /// `handoff`, an idle HTTP/1 connection goes to the next generation
+    /// when the drain starts.
+    async fn run_conn<I, S, B>(
+        &self,
+        cx: &Context,
+        io: I,
+        prefix: Bytes,
+        answered: bool,
+        service: S,
+        handoff: Option<HandOff<I>>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let (alive, released) = oneshot::channel();
+        let state = Arc::new(ConnState::new(cx.draining_token()));
+        if answered {
+            state.answered.store(true, Ordering::Release);
+        }
+        let mut io = ConnIo {
+            io,
+            prefix,
+            no_shutdown: Arc::new(AtomicBool::new(false)),
+            _alive: alive,
+        };
+        let service = Arc::new(service);
+        match self.sniff(cx, &mut io, handoff.as_ref()).await {
+            Sniffed::H2 => self.drive_h2(cx, io, &state, service).await,
+            Sniffed::H1 => self.drive_h1(cx, io, &state, service, handoff).await,
+            Sniffed::Done => return,
+        }
         // hyper has let go of the connection. If it was switched to another
         // protocol, the application holds it now (axum runs a WebSocket in
         // a task of its own): this task, which the drain waits for, ends
@@ -316,10 +422,215 @@ impl Server {
         let _ = released.await;
     }
 
-    /// Runs hyper's side of one connection with the drain rules, until
-    /// hyper is done with it (closed, or handed to the application by a
-    /// protocol switch).
-    async fn drive_connection<I, S, B>(&self, cx: &Context, io: I, service: S)
+    /// Reads until the connection's protocol is known: HTTP/2 starts with
+    /// its preface (RFC 9113 §3.4), anything else is HTTP/1. The bytes read
+    /// go back in front of the connection. If the drain starts first, the
+    /// connection is handed over (with what it sent so far) or, if it
+    /// cannot be, given the first-request timeout.
+    async fn sniff<I>(
+        &self,
+        cx: &Context,
+        io: &mut ConnIo<I>,
+        handoff: Option<&HandOff<I>>,
+    ) -> Sniffed
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let mut seen: Vec<u8> = Vec::with_capacity(PREFACE.len());
+        let draining = cx.draining();
+        tokio::pin!(draining);
+        let mut cut_at: Option<tokio::time::Instant> = None;
+        let h2 = loop {
+            if seen.len() == PREFACE.len() {
+                break true;
+            }
+            let mut chunk = [0u8; 24];
+            let want = PREFACE.len() - seen.len();
+            tokio::select! {
+                read = io.read(&mut chunk[..want]) => match read {
+                    // EOF: hyper sees it too, and ends the connection.
+                    Ok(0) => break false,
+                    Ok(n) => {
+                        seen.extend_from_slice(&chunk[..n]);
+                        if seen[..] != PREFACE[..seen.len()] {
+                            break false;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "HTTP connection ended with an error");
+                        return Sniffed::Done;
+                    }
+                },
+                () = &mut draining, if cut_at.is_none() => {
+                    if let Some(h) = handoff {
+                        let mut bytes = std::mem::take(&mut seen);
+                        bytes.extend_from_slice(&io.prefix);
+                        if self.hand_over(cx, h.key, (h.fd_of)(&io.io), &bytes).await {
+                            return Sniffed::Done;
+                        }
+                        seen = bytes;
+                        seen.truncate(seen.len() - io.prefix.len());
+                    }
+                    cut_at = Some(tokio::time::Instant::now() + self.first_request_timeout);
+                }
+                () = sleep_until_opt(cut_at) => {
+                    tracing::debug!("a connection that sent no request was closed by the drain");
+                    return Sniffed::Done;
+                }
+            }
+        };
+        let mut front = seen;
+        front.extend_from_slice(&io.prefix);
+        io.prefix = Bytes::from(front);
+        if h2 { Sniffed::H2 } else { Sniffed::H1 }
+    }
+
+    /// Hands the connection over to the next generation, if it serves the
+    /// listener; true once it has it (this process must let go of it).
+    async fn hand_over(
+        &self,
+        cx: &Context,
+        key: u64,
+        fd: Option<BorrowedFd<'_>>,
+        bytes: &[u8],
+    ) -> bool {
+        let (Some(next), Some(fd)) = (cx.upgrader().http_successor(), fd) else {
+            return false;
+        };
+        if !next
+            .wait_serving(key, Instant::now() + handoff::SERVING_WAIT)
+            .await
+        {
+            return false;
+        }
+        let handed = next.hand_over(key, fd, bytes).await;
+        tracing::trace!(handed, "idle connection handover");
+        handed
+    }
+
+    /// HTTP/2: GOAWAY when the drain starts; the open streams finish.
+    async fn drive_h2<I, S, B>(
+        &self,
+        cx: &Context,
+        io: ConnIo<I>,
+        state: &Arc<ConnState>,
+        service: Arc<S>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        state.http2.store(true, Ordering::Release);
+        let service = DrainService {
+            inner: service,
+            state: Arc::clone(state),
+        };
+        let conn = self.http2.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => return log_end(result.map_err(Into::into)),
+            () = cx.draining() => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        log_end(conn.await.map_err(Into::into));
+    }
+
+    /// HTTP/1: when the drain starts, the connection is handed over as soon
+    /// as it is idle (the request in flight, if any, answered as usual);
+    /// if it cannot be, the drain rules of the module documentation apply.
+    async fn drive_h1<I, S, B>(
+        &self,
+        cx: &Context,
+        mut io: ConnIo<I>,
+        state: &Arc<ConnState>,
+        service: Arc<S>,
+        mut handoff: Option<HandOff<I>>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        loop {
+            let svc = DrainService {
+                inner: Arc::clone(&service),
+                state: Arc::clone(state),
+            };
+            let no_shutdown = Arc::clone(&io.no_shutdown);
+            let mut conn = self
+                .http1
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades();
+            if !cx.is_draining() {
+                tokio::select! {
+                    result = &mut conn => return log_end(result.map_err(Into::into)),
+                    () = cx.draining() => {}
+                }
+            }
+            let Some(h) = handoff.take() else {
+                return self.drain_h1(conn, state).await;
+            };
+            // Hand over: wait (serving) until the connection is idle.
+            state.handing_over.store(true, Ordering::Release);
+            loop {
+                if state.switched.load(Ordering::Acquire) || state.closing.load(Ordering::Acquire) {
+                    state.handing_over.store(false, Ordering::Release);
+                    return self.drain_h1(conn, state).await;
+                }
+                if state.in_flight.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                tokio::select! {
+                    result = &mut conn => return log_end(result.map_err(Into::into)),
+                    () = state.changed.notified() => {}
+                }
+            }
+            // Idle. Never answered: hyper has written nothing, and holds
+            // what it read (a request's start) in its buffer. Answered:
+            // hyper closes an idle connection at once on a graceful
+            // shutdown (after flushing), without shutting the socket down.
+            let begun = state.begun.load(Ordering::Acquire);
+            if state.answered.load(Ordering::Acquire) {
+                no_shutdown.store(true, Ordering::Release);
+                Pin::new(&mut conn).graceful_shutdown();
+                let result = (&mut conn).await;
+                if result.is_err() || state.begun.load(Ordering::Acquire) != begun {
+                    // It was not idle after all: hyper answered with
+                    // `Connection: close` (or failed) and is done with it.
+                    return log_end(result.map_err(Into::into));
+                }
+            }
+            let Some(parts) = conn.into_parts() else {
+                return;
+            };
+            let mut back = parts.io.into_inner();
+            no_shutdown.store(false, Ordering::Release);
+            let mut bytes = parts.read_buf.to_vec();
+            bytes.extend_from_slice(&back.prefix);
+            if self.hand_over(cx, h.key, (h.fd_of)(&back.io), &bytes).await {
+                return;
+            }
+            // Refused, or the next generation is gone: this process serves
+            // the connection on, with today's drain rules.
+            state.handing_over.store(false, Ordering::Release);
+            back.prefix = Bytes::from(bytes);
+            io = back;
+        }
+    }
+
+    /// The drain rules without handover (module documentation): HTTP/1
+    /// responses get `Connection: close`; an idle connection is closed once
+    /// it has been idle for the linger, one never answered after the
+    /// first-request timeout.
+    async fn drain_h1<I, S, B>(&self, mut conn: H1Conn<I, S>, state: &Arc<ConnState>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
@@ -329,25 +640,7 @@ impl Server {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let state = Arc::new(ConnState::new(cx.draining_token()));
-        let service = DrainService {
-            inner: service,
-            state: Arc::clone(&state),
-        };
-        let conn = self
-            .builder
-            .serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        let draining = cx.draining();
-        tokio::select! {
-            result = conn.as_mut() => return log_end(result),
-            () = draining => {}
-        }
         loop {
-            if state.http2.load(Ordering::Acquire) {
-                conn.as_mut().graceful_shutdown();
-                break;
-            }
             let limit = if state.answered.load(Ordering::Acquire) {
                 self.linger
             } else {
@@ -355,20 +648,20 @@ impl Server {
             };
             match state.idle_for() {
                 Some(idle) if idle >= limit => {
-                    conn.as_mut().graceful_shutdown();
+                    Pin::new(&mut conn).graceful_shutdown();
                     break;
                 }
                 idle => {
                     let wait = idle.map_or(limit, |i| limit - i);
                     tokio::select! {
-                        result = conn.as_mut() => return log_end(result),
+                        result = &mut conn => return log_end(result.map_err(Into::into)),
                         () = tokio::time::sleep(wait), if idle.is_some() => {}
                         () = state.changed.notified() => {}
                     }
                 }
             }
         }
-        log_end(conn.await);
+        log_end(conn.await.map_err(Into::into));
     }
 }
 
@@ -398,7 +691,12 @@ pub struct Served {
     /// switched to another protocol): the ones the drain then waits for,
     /// as tasks of the [`Context`]. A connection the drain closes at once
     /// (one idle for longer than the linger) may or may not be counted.
+    /// Idle connections handed to the next generation are among them
+    /// (they are handed over during the drain).
     pub handed_to_drain: usize,
+    /// Connections the previous generation handed over to this server
+    /// (idle keep-alive connections it did not close).
+    pub taken_over: u64,
 }
 
 /// Counts a connection as open until its task ends.
@@ -496,39 +794,80 @@ fn log_end(result: Result<(), BoxError>) {
     }
 }
 
-/// A connection's transport, which closes a channel when it is dropped.
+/// hyper's HTTP/1 connection over a [`ConnIo`].
+type H1Conn<I, S> = http1::UpgradeableConnection<TokioIo<ConnIo<I>>, DrainService<S>>;
+
+/// How a connection came to the accept loop.
+enum Arrival<C, I> {
+    /// Accepted, before its handshake.
+    Accepted(C),
+    /// Handed over by the previous generation.
+    HandedOver(I),
+}
+
+/// What [`Server::sniff`] found.
+enum Sniffed {
+    H1,
+    H2,
+    /// Handed over, closed, or failed: nothing more to do.
+    Done,
+}
+
+/// How to hand a connection of one listener over.
+struct HandOff<I> {
+    key: u64,
+    fd_of: for<'a> fn(&'a I) -> Option<BorrowedFd<'a>>,
+}
+
+async fn next_handed(route: &mut Option<handoff::Route>) -> Option<handoff::Handed> {
+    match route {
+        Some(r) => r.conns.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection's transport as hyper sees it: `prefix` (bytes already read
+/// from it) first; a shutdown that can be skipped (a connection handed
+/// over must not be shut down: the next generation serves it); and a
+/// channel closed when it is dropped.
 ///
 /// A connection switched to another protocol outlives hyper's connection
 /// future: hyper hands the transport to the application (inside
 /// `hyper::upgrade::Upgraded`), so its drop is the one event that says the
 /// connection is over.
 #[derive(Debug)]
-struct Tracked<I> {
+struct ConnIo<I> {
     io: I,
+    prefix: Bytes,
+    no_shutdown: Arc<AtomicBool>,
     /// Never sent on: dropped with the transport.
     _alive: oneshot::Sender<Infallible>,
 }
 
-impl<I> Tracked<I> {
-    /// Wraps `io`; the receiver resolves (with an error) when the wrapper
-    /// is dropped.
-    fn new(io: I) -> (Tracked<I>, oneshot::Receiver<Infallible>) {
-        let (alive, released) = oneshot::channel();
-        (Tracked { io, _alive: alive }, released)
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+impl<I: AsyncRead + Unpin> AsyncRead for ConnIo<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for ConnIo<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
@@ -557,6 +896,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.no_shutdown.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
@@ -564,12 +906,24 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
 /// What the drain needs to know about one connection.
 #[derive(Debug)]
 struct ConnState {
+    /// Requests whose response has not been handed to hyper in full (its
+    /// body's end included).
     in_flight: AtomicUsize,
+    /// Requests begun, ever.
+    begun: AtomicU64,
     /// When the connection last went idle (accepted, or a response done).
     idle_since: Mutex<Instant>,
     http2: AtomicBool,
     /// Whether a response was produced on this connection.
     answered: AtomicBool,
+    /// The connection is being handed over once idle: responses keep it
+    /// alive (no `Connection: close`).
+    handing_over: AtomicBool,
+    /// A response switched it to another protocol.
+    switched: AtomicBool,
+    /// The client or the application asked for it to close (HTTP/1.0,
+    /// `Connection: close`): it is never handed over.
+    closing: AtomicBool,
     changed: Notify,
     draining: tokio_util::sync::CancellationToken,
 }
@@ -578,9 +932,13 @@ impl ConnState {
     fn new(draining: tokio_util::sync::CancellationToken) -> Self {
         ConnState {
             in_flight: AtomicUsize::new(0),
+            begun: AtomicU64::new(0),
             idle_since: Mutex::new(Instant::now()),
             http2: AtomicBool::new(false),
             answered: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
+            switched: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             changed: Notify::new(),
             draining,
         }
@@ -601,6 +959,7 @@ impl ConnState {
 
     fn begin(&self) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.begun.fetch_add(1, Ordering::AcqRel);
         self.changed.notify_one();
     }
 
@@ -615,8 +974,9 @@ impl ConnState {
     }
 }
 
-/// Marks the request in flight until its response is produced (also when
-/// the response future is dropped).
+/// Marks the request in flight until its response is handed to hyper in
+/// full: until the body's last frame is taken, or the body (or the
+/// response future) is dropped.
 struct InFlight(Arc<ConnState>);
 
 impl Drop for InFlight {
@@ -625,12 +985,53 @@ impl Drop for InFlight {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request in flight until its end.
+    struct DrainBody<B> {
+        #[pin]
+        inner: B,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<B> std::fmt::Debug for DrainBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrainBody").finish_non_exhaustive()
+    }
+}
+
+impl<B: Body> Body for DrainBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if matches!(frame, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.guard.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Wraps the application's service: tracks requests in flight and adds
-/// `Connection: close` to HTTP/1 responses during the drain, except to
-/// those that switch protocols.
-#[derive(Debug, Clone)]
+/// `Connection: close` to HTTP/1 responses during the drain (unless the
+/// connection is being handed over), except to those that switch
+/// protocols.
+#[derive(Debug)]
 struct DrainService<S> {
-    inner: S,
+    inner: Arc<S>,
     state: Arc<ConnState>,
 }
 
@@ -638,10 +1039,11 @@ impl<S, B> Service<Request<Incoming>> for DrainService<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>>,
     S::Future: Send + 'static,
+    B: Body,
 {
-    type Response = Response<B>;
+    type Response = Response<DrainBody<B>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(Drain {
@@ -651,24 +1053,52 @@ where
         if !http1 {
             self.state.http2.store(true, Ordering::Release);
         }
+        if req.version() < Version::HTTP_11 || asks_to_close(req.headers()) {
+            self.state.closing.store(true, Ordering::Release);
+        }
         let connect = req.method() == Method::CONNECT;
         self.state.begin();
         let guard = InFlight(Arc::clone(&self.state));
         let future = self.inner.call(req);
         Box::pin(async move {
-            let mut response = future.await?;
+            let response = future.await?;
+            let state = &guard.0;
+            let switches = switches_protocols(connect, response.status());
+            if switches {
+                state.switched.store(true, Ordering::Release);
+            }
+            if asks_to_close(response.headers()) {
+                state.closing.store(true, Ordering::Release);
+            }
+            let (mut parts, body) = response.into_parts();
             if http1
-                && guard.0.draining.is_cancelled()
-                && !switches_protocols(connect, response.status())
+                && state.draining.is_cancelled()
+                && !state.handing_over.load(Ordering::Acquire)
+                && !switches
             {
-                response
-                    .headers_mut()
+                parts
+                    .headers
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
-            drop(guard);
-            Ok(response)
+            Ok(Response::from_parts(
+                parts,
+                DrainBody {
+                    inner: body,
+                    guard: Some(guard),
+                },
+            ))
         })
     }
+}
+
+/// Whether a `Connection` header says `close` (RFC 9112 §9.6).
+fn asks_to_close(headers: &hyper::HeaderMap) -> bool {
+    headers.get_all(CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|option| option.trim().eq_ignore_ascii_case("close"))
+        })
+    })
 }
 
 /// Whether a response with `status` to a request (a `CONNECT` one if
@@ -714,6 +1144,51 @@ pub trait Accept: Send + 'static {
     ///
     /// A failed handshake; the server closes the connection.
     fn handshake(conn: Self::Conn) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+
+    /// For [idle-connection handover](crate::http#idle-connections-go-to-the-next-generation):
+    /// a number that names this listener's socket alike in every
+    /// generation (TCP and Unix: its inode number). `None` (the default)
+    /// keeps this listener's connections from being handed over: a TLS
+    /// connection's session lives in this process's memory.
+    fn handover_key(&self) -> Option<u64> {
+        None
+    }
+
+    /// For handover: the socket under a connection (`None` by default).
+    fn handover_fd(io: &Self::Io) -> Option<BorrowedFd<'_>> {
+        let _ = io;
+        None
+    }
+
+    /// For handover: a connection handed over by the previous generation,
+    /// accepted there by this same listener, as this listener's `Io`.
+    ///
+    /// # Errors
+    ///
+    /// If `fd` is not such a connection (by default, always: `Unsupported`).
+    fn from_handed_over(fd: OwnedFd) -> std::io::Result<Self::Io> {
+        drop(fd);
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this listener takes no connection handed over",
+        ))
+    }
+}
+
+/// Checks that `fd` is a connected stream socket of `domain`.
+fn handed_stream(fd: &OwnedFd, domain: socket2::Domain, what: &str) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(fd);
+    let ok = sock.r#type()? == socket2::Type::STREAM
+        && sock.domain()? == domain
+        && sock.peer_addr().is_ok();
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the connection handed over is not a connected {what} socket"),
+        ))
+    }
 }
 
 impl Accept for tokio::net::TcpListener {
@@ -729,6 +1204,27 @@ impl Accept for tokio::net::TcpListener {
     async fn handshake(conn: Self::Conn) -> std::io::Result<Self::Io> {
         Ok(conn)
     }
+
+    fn handover_key(&self) -> Option<u64> {
+        handoff::key_of(self.as_fd())
+    }
+
+    fn handover_fd(io: &Self::Io) -> Option<BorrowedFd<'_>> {
+        Some(io.as_fd())
+    }
+
+    fn from_handed_over(fd: OwnedFd) -> std::io::Result<Self::Io> {
+        let local = socket2::SockRef::from(&fd).local_addr()?;
+        let domain = if local.is_ipv6() {
+            socket2::Domain::IPV6
+        } else {
+            socket2::Domain::IPV4
+        };
+        handed_stream(&fd, domain, "TCP")?;
+        let stream = std::net::TcpStream::from(fd);
+        stream.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(stream)
+    }
 }
 
 impl Accept for tokio::net::UnixListener {
@@ -741,6 +1237,21 @@ impl Accept for tokio::net::UnixListener {
 
     async fn handshake(conn: Self::Conn) -> std::io::Result<Self::Io> {
         Ok(conn)
+    }
+
+    fn handover_key(&self) -> Option<u64> {
+        handoff::key_of(self.as_fd())
+    }
+
+    fn handover_fd(io: &Self::Io) -> Option<BorrowedFd<'_>> {
+        Some(io.as_fd())
+    }
+
+    fn from_handed_over(fd: OwnedFd) -> std::io::Result<Self::Io> {
+        handed_stream(&fd, socket2::Domain::UNIX, "Unix stream")?;
+        let stream = std::os::unix::net::UnixStream::from(fd);
+        stream.set_nonblocking(true)?;
+        tokio::net::UnixStream::from_std(stream)
     }
 }
 

@@ -599,6 +599,21 @@ pub(crate) fn watch_process(pid: u32) -> io::Result<tokio::io::unix::AsyncFd<Own
     .map_err(io::Error::from)
 }
 
+#[cfg(feature = "http")]
+/// `fd` registered with the tokio reactor for reading and writing (it
+/// must be non-blocking). Must run inside a tokio runtime.
+pub(crate) fn register_async(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an `OwnedFd` owns one open fd, `as_raw_fd` always returns
+    // that same fd, and it is closed only when the `AsyncFd` drops it.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            fd,
+            tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+        )
+    }
+    .map_err(io::Error::from)
+}
+
 /// No pidfds here (`spawn_inheriting` never starts a process off Linux).
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn watch_process(_pid: u32) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {

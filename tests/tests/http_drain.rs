@@ -239,17 +239,18 @@ fn tcp_http_get(addr: &str) -> String {
     reply.body
 }
 
-/// HTTP/1: a connection the old generation accepted just before the drain,
-/// whose first request comes only after the drain started, is answered
-/// (with `Connection: close`), never closed unread; an idle keep-alive
-/// connection is closed cleanly (EOF, no reset) once it has been idle for
-/// the linger.
+/// HTTP/1 without idle-connection handover (`hand_over_idle(false)`, or a
+/// new generation that takes none): a connection the old generation
+/// accepted just before the drain, whose first request comes only after
+/// the drain started, is answered (with `Connection: close`), never closed
+/// unread; an idle keep-alive connection is closed cleanly (EOF, no reset)
+/// once it has been idle for the linger.
 #[test]
 fn fresh_connections_are_answered_and_idle_ones_closed_cleanly() {
     use std::io::{Read, Write};
     let h = Harness::new("fresh");
     let ctl = &h.ctl;
-    let (mut svc, addr, pid_file) = start(ctl);
+    let (mut svc, addr, pid_file) = start_with(ctl, &[("AX_HAND_OVER", "off")]);
     let first = svc.first_pid();
     let mut idle = tableflip_tests::http1::connect(&addr).expect("connect");
     let reply = tableflip_tests::http1::request(&mut idle, "/", true).expect("request");
@@ -414,7 +415,9 @@ fn finish_after_websocket(svc: &mut Service, pid_file: &std::path::Path, addr: &
 /// machine takes between two steps of a test, so the drain never closes
 /// the idle keep-alive connection before its next request.
 fn start_for_websockets(ctl: &Scratch) -> (Service, String, std::path::PathBuf) {
-    start_with(ctl, &[("AX_LINGER_MS", "60000")])
+    // Without idle-connection handover: these tests are about the old
+    // generation's drain (`http_handover.rs` has the handover's).
+    start_with(ctl, &[("AX_LINGER_MS", "60000"), ("AX_HAND_OVER", "off")])
 }
 
 /// A keep-alive connection that served `GET /` before the upgrade sends a

@@ -3,6 +3,8 @@
 
 mod app_state;
 mod child;
+#[cfg(feature = "http")]
+mod http_conns;
 pub(crate) mod launch;
 pub(crate) mod spawn;
 mod state;
@@ -159,6 +161,9 @@ struct Inner {
     /// What this generation hands the next one when an upgrade starts
     /// ([`Upgrader::hand_over_state`]).
     state_sources: Mutex<std::collections::BTreeMap<String, crate::state::Source>>,
+    /// The channels that idle HTTP connections are handed over on.
+    #[cfg(feature = "http")]
+    http_conns: Mutex<crate::http::handoff::Ends>,
 }
 
 /// Locks `m`; a panic while it was held leaves the data usable (every
@@ -343,6 +348,22 @@ impl Upgrader {
                 start_dir: launch.start_dir.clone(),
             },
         );
+        // Taken now: entries not claimed by readiness are closed then.
+        #[cfg(feature = "http")]
+        let http_conns = crate::http::handoff::Ends {
+            predecessor: match fds.conn::<socket2::Socket>(crate::http::handoff::CHANNEL) {
+                Ok(Some(end)) => crate::http::handoff::Slot::Fd(end.into_inner().into()),
+                Ok(None) => crate::http::handoff::Slot::None,
+                Err(e) => {
+                    tracing::warn!(
+                        error = %chain(&e),
+                        "the channel for idle connections handed over is unusable; none are taken"
+                    );
+                    crate::http::handoff::Slot::None
+                }
+            },
+            ..Default::default()
+        };
         let notify = if stub {
             Notifier::none()
         } else {
@@ -379,6 +400,8 @@ impl Upgrader {
                 ctl_finishing: CancellationToken::new(),
                 pid_file_at_exit: AtomicBool::new(false),
                 state_sources: Mutex::new(std::collections::BTreeMap::new()),
+                #[cfg(feature = "http")]
+                http_conns: Mutex::new(http_conns),
             }),
         })
     }

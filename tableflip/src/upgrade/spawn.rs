@@ -49,6 +49,9 @@ impl Upgrader {
         // rest; the guards keep it registered until the child has its
         // copies (spawned), and close this process's on return.
         let _state = self.stage_state()?;
+        // The channel idle HTTP connections are handed over on.
+        #[cfg(feature = "http")]
+        let _conns = self.stage_http_conns();
         let (mut child, payload) = {
             // The registry stays locked until the child is spawned, so no fd
             // named in the snapshot can be closed (and its number reused) in
@@ -184,6 +187,8 @@ impl Upgrader {
             *lock(&self.inner.successor) = Some((pid, child.signaller()));
             tokio::spawn(watch_successor(Arc::downgrade(&self.inner), child, pid));
         }
+        #[cfg(feature = "http")]
+        self.commit_http_conns();
         Ok(pid)
     }
 

@@ -89,10 +89,14 @@ fn read_messages(control: &OwnedFd, weak: &Weak<Inner>, pid: u32) {
             Ok(Some(Received::Message(msg, _))) => match msg {
                 ToGeneration::Drain { successor } => {
                     match successor {
-                        Some(next) => tracing::info!(
-                            successor_pid = next,
-                            "the supervisor says a new generation (pid {next}) has taken over: draining"
-                        ),
+                        Some(next) => {
+                            tracing::info!(
+                                successor_pid = next,
+                                "the supervisor says a new generation (pid {next}) has taken over: draining"
+                            );
+                            #[cfg(feature = "http")]
+                            upgrader.commit_http_conns();
+                        }
                         None => tracing::info!("the supervisor says the service stops: draining"),
                     }
                     upgrader.stop();
@@ -204,6 +208,10 @@ impl Upgrader {
             )
             .map_err(failed)?;
         }
+        // The channel idle HTTP connections are handed over on, sent
+        // with the rest; the supervisor passes it to the next generation.
+        #[cfg(feature = "http")]
+        let _conns = self.stage_http_conns();
         let staged = self.stage_state();
         let state_error = staged.as_ref().err().map(|e| chain(e));
         let sent = (|| {

@@ -6,7 +6,10 @@
 //! linger in milliseconds; default `tableflip::http::DEFAULT_LINGER`),
 //! `AX_FIRST_REQUEST_TIMEOUT_MS` (its first-request timeout, which also
 //! bounds a TLS handshake; default
-//! `tableflip::http::DEFAULT_FIRST_REQUEST_TIMEOUT`).
+//! `tableflip::http::DEFAULT_FIRST_REQUEST_TIMEOUT`), `AX_HAND_OVER`
+//! (`off`: idle connections are not handed to the next generation,
+//! `Server::hand_over_idle(false)`, nor taken from the previous one;
+//! `first-only`: only the first generation does; default on).
 //! `GET /` answers `pid <N>`; `GET /slow?ms=N` prints
 //! `EVENT <pid> slow-start` on stdout, then waits N ms and answers the
 //! same. `GET /ws` is a WebSocket (axum's): each text message `M` is
@@ -18,7 +21,7 @@
 //! `EVENT <pid> draining` when its drain starts (from then on, every
 //! response gets the drain's treatment), and, as each server stops
 //! accepting, `EVENT <pid> served listener=<tcp|unix|tls> accepted=<N>
-//! handed_to_drain=<M>` (`tableflip::http::Served`).
+//! handed_to_drain=<M> taken_over=<K>` (`tableflip::http::Served`).
 //!
 //! HTTPS: with `AX_TLS_CERT` and `AX_TLS_KEY` (PEM files: the certificate
 //! chain, the private key), the same application is also served over TLS
@@ -168,8 +171,8 @@ fn serve<L: Accept>(cx: &Context, server: &Server, name: &'static str, listener:
     cx.spawn(async move {
         let served = server.serve_tower(&serving, listener, app).await;
         event(&format!(
-            "served listener={name} accepted={} handed_to_drain={}",
-            served.accepted, served.handed_to_drain
+            "served listener={name} accepted={} handed_to_drain={} taken_over={}",
+            served.accepted, served.handed_to_drain, served.taken_over
         ));
     });
 }
@@ -194,6 +197,14 @@ async fn main(cx: Context) -> std::io::Result<()> {
         .and_then(|ms| ms.parse().ok())
     {
         server = server.first_request_timeout(Duration::from_millis(ms));
+    }
+    match std::env::var("AX_HAND_OVER").as_deref() {
+        Ok("off") => server = server.hand_over_idle(false),
+        // The first generation hands over; those after it do not take.
+        Ok("first-only") if cx.upgrader().generation() > 1 => {
+            server = server.hand_over_idle(false);
+        }
+        _ => {}
     }
     event("start");
     let draining = cx.draining();
