@@ -9,6 +9,9 @@
 //! * When the drain starts, the accept loop stops and drops its handle of
 //!   the listener; connections still queued in the kernel belong to the new
 //!   generation, which shares the socket.
+//! * Idle HTTP/1 keep-alive connections (TCP and Unix) are handed to the
+//!   new generation: see [below](#idle-connections-go-to-the-next-generation).
+//!   The rules that follow are for the connections that are not.
 //! * A connection accepted just before the drain counts as busy until its
 //!   first request is answered: it is never closed unread (the failure mode
 //!   of a plain graceful shutdown, which closes it as "idle" while the
@@ -42,11 +45,48 @@
 //!
 //! Limits: a request or a switched connection that lasts longer than the
 //! drain timeout is cut when the process exits; a keep-alive client that
-//! stays silent for longer than the linger sees its connection closed.
+//! stays silent for longer than the linger on a connection that is not
+//! handed over sees its connection closed.
 //!
 //! [`Server::serve`] returns when the drain starts, with counts
 //! ([`Served`]): connections accepted, and those still open, which the
 //! drain then waits for.
+//!
+//! # Idle connections go to the next generation
+//!
+//! When the drain starts, each HTTP/1 connection on a TCP or Unix listener
+//! is handed to the new generation as soon as it is idle: at once if no
+//! request is in flight, else once its response has been written (that
+//! response keeps the connection alive: no `Connection: close`). The old
+//! generation stops reading the connection, and sends its socket
+//! (`SCM_RIGHTS`, [unix(7)]) with the bytes it read and had not parsed
+//! yet — the start of the next request, at most 16 KiB — over a
+//! `SOCK_SEQPACKET` channel made at each upgrade and inherited by the new
+//! generation with the listeners (in supervised mode too: the supervisor
+//! passes it on; the generations then speak directly). The new
+//! generation's [`Server`] serving the same listener takes it, answers
+//! that it has it, and serves it as a connection it accepted, those bytes
+//! first. The old generation closes its copy: the client sees no close,
+//! and the old generation exits as soon as its last request in flight is
+//! answered. A connection that has sent nothing yet goes over too.
+//!
+//! The connection stays with the old generation, under the rules above,
+//! when it cannot be handed over safely:
+//!
+//! * HTTP/2: its GOAWAY already makes the drain race-free.
+//! * TLS ([`TlsListener`][tls-listener]): the session's keys are in the old
+//!   process's memory. (A custom [`Accept`] is handed over only if it
+//!   implements [`Accept::handover_key`] and its two companions.)
+//! * The client or the application asked to close it (`Connection:
+//!   close`, HTTP/1.0), or it switched to another protocol.
+//! * The new generation does not take it: it runs no [`Server`] on the
+//!   same listener within 0.5 s of its readiness, runs a build without it,
+//!   was built with [`Server::hand_over_idle`]`(false)`, refuses it (its
+//!   server stopped meanwhile), or is gone. The old generation learns so
+//!   before it reads the connection again: nothing is read twice or lost.
+//! * More than 16 KiB read and not parsed (pipelined requests).
+//!
+//! [unix(7)]: https://man7.org/linux/man-pages/man7/unix.7.html
 //!
 //! # WebSockets
 //!

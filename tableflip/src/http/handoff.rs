@@ -52,6 +52,11 @@ pub(crate) const MAX_BUFFERED: usize = 16 * 1024;
 /// just after its readiness).
 pub(crate) const SERVING_WAIT: Duration = Duration::from_millis(500);
 
+/// The most connections in flight on the channel at once (sent, not yet
+/// answered): fds in flight count against the sender's `RLIMIT_NOFILE`
+/// (`ETOOMANYREFS`, unix(7)).
+const IN_FLIGHT: usize = 128;
+
 const SERVING: u8 = b'S';
 const STOPPED: u8 = b'X';
 const CONN: u8 = b'C';
@@ -178,6 +183,7 @@ pub(crate) struct Ends {
 #[derive(Debug)]
 pub(crate) struct Successor {
     channel: Channel,
+    in_flight: tokio::sync::Semaphore,
     state: Mutex<SuccessorState>,
     /// Bumped at every change of `state`.
     changed: watch::Sender<u64>,
@@ -196,6 +202,7 @@ impl Successor {
         slot.get_or_start(|fd| {
             let this = Arc::new(Successor {
                 channel: Channel::new(fd)?,
+                in_flight: tokio::sync::Semaphore::new(IN_FLIGHT),
                 state: Mutex::new(SuccessorState::default()),
                 changed: watch::Sender::new(0),
             });
@@ -285,6 +292,9 @@ impl Successor {
         if bytes.len() > MAX_BUFFERED {
             return false;
         }
+        let Ok(_permit) = self.in_flight.acquire().await else {
+            return false;
+        };
         let (answer, answered) = oneshot::channel();
         let id = {
             let mut state = lock(&self.state);
@@ -320,18 +330,20 @@ pub(crate) struct Handed {
 /// This generation's side of the channel from the generation it replaced.
 #[derive(Debug)]
 pub(crate) struct Predecessor {
-    channel: Channel,
+    /// `None` once the previous generation is gone (the fd is closed then).
+    channel: Mutex<Option<Arc<Channel>>>,
     routes: Mutex<HashMap<u64, mpsc::UnboundedSender<Handed>>>,
 }
 
 impl Predecessor {
     pub(crate) fn start(slot: &mut Slot<Predecessor>) -> Option<Arc<Predecessor>> {
         slot.get_or_start(|fd| {
+            let channel = Arc::new(Channel::new(fd)?);
             let this = Arc::new(Predecessor {
-                channel: Channel::new(fd)?,
+                channel: Mutex::new(Some(Arc::clone(&channel))),
                 routes: Mutex::new(HashMap::new()),
             });
-            tokio::spawn(Arc::clone(&this).read());
+            tokio::spawn(Arc::clone(&this).read(channel));
             Ok(this)
         })
     }
@@ -339,6 +351,7 @@ impl Predecessor {
     /// Takes the connections handed over for the listener `key`, until the
     /// returned route is dropped. `None` if another server takes them.
     pub(crate) async fn route(self: &Arc<Self>, key: u64) -> Option<Route> {
+        let channel = lock(&self.channel).clone()?;
         let (tx, rx) = mpsc::unbounded_channel();
         {
             let mut routes = lock(&self.routes);
@@ -347,7 +360,7 @@ impl Predecessor {
             }
             routes.insert(key, tx);
         }
-        if let Err(e) = self.channel.send(&packet(SERVING, &[key], &[]), &[]).await {
+        if let Err(e) = channel.send(&packet(SERVING, &[key], &[]), &[]).await {
             tracing::debug!(error = %e, "the previous generation cannot be told this one serves");
         }
         Some(Route {
@@ -357,10 +370,17 @@ impl Predecessor {
         })
     }
 
-    async fn read(self: Arc<Self>) {
+    async fn read(self: Arc<Self>, channel: Arc<Channel>) {
+        self.read_until_closed(&channel).await;
+        // The previous generation is gone: its end is closed, and so is
+        // this one, once no route sends on it.
+        lock(&self.channel).take();
+    }
+
+    async fn read_until_closed(&self, channel: &Channel) {
         let mut buf = vec![0u8; 17 + MAX_BUFFERED];
         loop {
-            let (len, mut fds) = match self.channel.recv(&mut buf).await {
+            let (len, mut fds) = match channel.recv(&mut buf).await {
                 Ok(Some(got)) => got,
                 Ok(None) => break,
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => continue,
@@ -379,7 +399,7 @@ impl Predecessor {
             let (Some(fd), true) = (fds.pop(), fds.is_empty()) else {
                 // Not what the previous generation sends: refused, and
                 // whatever came is closed.
-                let _ = self.channel.send(&packet_id(REFUSED, id), &[]).await;
+                let _ = channel.send(&packet_id(REFUSED, id), &[]).await;
                 continue;
             };
             let route = lock(&self.routes)
@@ -388,12 +408,12 @@ impl Predecessor {
                 .cloned();
             let Some(route) = route else {
                 drop(fd);
-                let _ = self.channel.send(&packet_id(REFUSED, id), &[]).await;
+                let _ = channel.send(&packet_id(REFUSED, id), &[]).await;
                 continue;
             };
             // Taken before it is read: from the answer on, the previous
             // generation no longer touches it.
-            let _ = self.channel.send(&packet_id(TAKEN, id), &[]).await;
+            let _ = channel.send(&packet_id(TAKEN, id), &[]).await;
             let bytes = Bytes::copy_from_slice(&packet[17..]);
             if route.send(Handed { fd, bytes }).is_err() {
                 tracing::debug!(
@@ -420,10 +440,9 @@ impl Drop for Route {
     fn drop(&mut self) {
         lock(&self.from.routes).remove(&self.key);
         // Best effort: connections sent meanwhile are refused anyway.
-        let _ = self
-            .from
-            .channel
-            .try_send(&packet(STOPPED, &[self.key], &[]));
+        if let Some(channel) = lock(&self.from.channel).clone() {
+            let _ = channel.try_send(&packet(STOPPED, &[self.key], &[]));
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! to the next generation ([`crate::http::handoff`]): made when the
 //! upgrade starts, put to use when the next generation takes over.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use super::{Upgrader, lock};
@@ -9,45 +10,82 @@ use crate::fds::Handover;
 use crate::http::handoff::{self, Predecessor, Slot, Successor};
 use crate::sys;
 
+/// The channel made for one upgrade: the next generation's end, registered
+/// to be handed on as long as this lives, and this process's.
+pub(super) struct Staged {
+    _theirs: Handover<socket2::Socket>,
+    mine: Option<OwnedFd>,
+}
+
 impl Upgrader {
-    /// At the start of an upgrade: makes the channel, and registers the
-    /// next generation's end to be handed on with the rest (as long as the
-    /// guard lives: until the next generation has its copy). Without it
-    /// (no fd left), the drain closes idle connections as before.
-    pub(super) fn stage_http_conns(&self) -> Option<Handover<socket2::Socket>> {
+    /// At the start of an upgrade: makes the channel. Without it (no fd
+    /// left), the drain closes idle connections as before.
+    pub(super) fn stage_http_conns(&self) -> Option<Staged> {
+        let warn = |e: &dyn std::fmt::Display| {
+            tracing::warn!(
+                error = %e,
+                "upgrade: no channel to hand idle connections over; the drain closes them"
+            );
+        };
         let (mine, theirs) = match sys::seqpacket_pair() {
             Ok(pair) => pair,
             Err(e) => {
-                tracing::warn!(
-                    error = %e,
-                    "upgrade: no channel to hand idle connections over; the drain closes them"
-                );
+                warn(&e);
                 return None;
             }
         };
-        let guard = match self
+        match self
             .inner
             .fds
             .add_conn(handoff::CHANNEL, socket2::Socket::from(theirs))
         {
-            Ok(guard) => guard,
+            Ok(guard) => Some(Staged {
+                _theirs: guard,
+                mine: Some(mine),
+            }),
             Err(e) => {
-                tracing::warn!(
-                    error = %crate::report::chain(&e),
-                    "upgrade: no channel to hand idle connections over; the drain closes them"
-                );
-                return None;
+                warn(&crate::report::chain(&e));
+                None
             }
-        };
-        lock(&self.inner.http_conns).staged = Some(mine);
-        Some(guard)
+        }
     }
 
-    /// The next generation has taken over: idle connections go to it.
-    pub(super) fn commit_http_conns(&self) {
+    /// Replace mode: the next generation has taken over; idle connections
+    /// go to it. (Without this, a failed upgrade's channel closes with
+    /// `staged`.)
+    pub(super) fn commit_http_conns(&self, staged: Option<&mut Staged>) {
+        if let Some(fd) = staged.and_then(|s| s.mine.take()) {
+            lock(&self.inner.http_conns).successor = Slot::Fd(fd);
+        }
+    }
+
+    /// Supervised mode: keeps this process's end until the supervisor says
+    /// whether the next generation took over (a later upgrade's replaces
+    /// it); the next generation's end is closed with `staged`, sent.
+    pub(super) fn keep_http_conns(&self, staged: Option<Staged>) {
+        if let Some(fd) = staged.and_then(|mut s| s.mine.take()) {
+            lock(&self.inner.http_conns).staged = Some(fd);
+        }
+    }
+
+    /// Supervised mode: the next generation has taken over.
+    pub(super) fn commit_kept_http_conns(&self) {
         let mut ends = lock(&self.inner.http_conns);
         if let Some(fd) = ends.staged.take() {
             ends.successor = Slot::Fd(fd);
+        }
+    }
+
+    /// At readiness: the channel from the previous generation starts being
+    /// read, on the tokio runtime current here (it closes when the previous
+    /// generation exits). Without a runtime, it is closed: nothing could
+    /// serve what comes on it.
+    pub(super) fn start_http_predecessor(&self) {
+        let mut ends = lock(&self.inner.http_conns);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = Predecessor::start(&mut ends.predecessor);
+        } else {
+            ends.predecessor = Slot::None;
         }
     }
 
@@ -57,7 +95,9 @@ impl Upgrader {
         Successor::start(&mut lock(&self.inner.http_conns).successor)
     }
 
-    /// The channel from the generation this one replaced, if any.
+    /// The channel from the generation this one replaced, if any (started
+    /// on the current tokio runtime on first use: a server may start
+    /// before readiness).
     pub(crate) fn http_predecessor(&self) -> Option<Arc<Predecessor>> {
         Predecessor::start(&mut lock(&self.inner.http_conns).predecessor)
     }

@@ -584,6 +584,8 @@ impl Upgrader {
         // has committed: until then the parent serves on them, and keeps
         // serving if this fails.
         let (leftovers, closed) = self.inner.fds.close_unclaimed();
+        #[cfg(feature = "http")]
+        self.start_http_predecessor();
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Some(sup) = &self.inner.supervised {
             // The supervisor writes the PID file (its own PID), and removes

@@ -51,7 +51,7 @@ impl Upgrader {
         let _state = self.stage_state()?;
         // The channel idle HTTP connections are handed over on.
         #[cfg(feature = "http")]
-        let _conns = self.stage_http_conns();
+        let mut conns = self.stage_http_conns();
         let (mut child, payload) = {
             // The registry stays locked until the child is spawned, so no fd
             // named in the snapshot can be closed (and its number reused) in
@@ -188,7 +188,7 @@ impl Upgrader {
             tokio::spawn(watch_successor(Arc::downgrade(&self.inner), child, pid));
         }
         #[cfg(feature = "http")]
-        self.commit_http_conns();
+        self.commit_http_conns(conns.as_mut());
         Ok(pid)
     }
 

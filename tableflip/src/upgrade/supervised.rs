@@ -95,7 +95,7 @@ fn read_messages(control: &OwnedFd, weak: &Weak<Inner>, pid: u32) {
                                 "the supervisor says a new generation (pid {next}) has taken over: draining"
                             );
                             #[cfg(feature = "http")]
-                            upgrader.commit_http_conns();
+                            upgrader.commit_kept_http_conns();
                         }
                         None => tracing::info!("the supervisor says the service stops: draining"),
                     }
@@ -211,7 +211,7 @@ impl Upgrader {
         // The channel idle HTTP connections are handed over on, sent
         // with the rest; the supervisor passes it to the next generation.
         #[cfg(feature = "http")]
-        let _conns = self.stage_http_conns();
+        let conns = self.stage_http_conns();
         let staged = self.stage_state();
         let state_error = staged.as_ref().err().map(|e| chain(e));
         let sent = (|| {
@@ -246,6 +246,8 @@ impl Upgrader {
         // The copies made of the listeners are not needed: the supervisor
         // holds its own.
         self.inner.fds.release_copies();
+        #[cfg(feature = "http")]
+        self.keep_http_conns(conns);
         let staged = staged.map(drop);
         let done = sup
             .send(
