@@ -333,6 +333,8 @@ pub(crate) struct Predecessor {
     /// `None` once the previous generation is gone (the fd is closed then).
     channel: Mutex<Option<Arc<Channel>>>,
     routes: Mutex<HashMap<u64, mpsc::UnboundedSender<Handed>>>,
+    /// Set once the channel is closed.
+    closed: watch::Sender<bool>,
 }
 
 impl Predecessor {
@@ -342,6 +344,7 @@ impl Predecessor {
             let this = Arc::new(Predecessor {
                 channel: Mutex::new(Some(Arc::clone(&channel))),
                 routes: Mutex::new(HashMap::new()),
+                closed: watch::Sender::new(false),
             });
             tokio::spawn(Arc::clone(&this).read(channel));
             Ok(this)
@@ -373,8 +376,17 @@ impl Predecessor {
     async fn read(self: Arc<Self>, channel: Arc<Channel>) {
         self.read_until_closed(&channel).await;
         // The previous generation is gone: its end is closed, and so is
-        // this one, once no route sends on it.
+        // this one (a route sending at this moment holds it a moment
+        // longer).
         lock(&self.channel).take();
+        drop(channel);
+        self.closed.send_replace(true);
+    }
+
+    /// Resolves once the channel is closed.
+    pub(crate) async fn closed(&self) {
+        let mut closed = self.closed.subscribe();
+        let _ = closed.wait_for(|c| *c).await;
     }
 
     async fn read_until_closed(&self, channel: &Channel) {

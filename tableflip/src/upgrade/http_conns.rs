@@ -89,6 +89,24 @@ impl Upgrader {
         }
     }
 
+    /// Once the parent has exited: its channel is closed (its reader
+    /// sees the end at once; waited for up to 1 s).
+    pub(super) async fn http_predecessor_closed(&self) {
+        let running = {
+            let mut ends = lock(&self.inner.http_conns);
+            match &ends.predecessor {
+                Slot::Running(p) => Some(Arc::clone(p)),
+                _ => {
+                    ends.predecessor = Slot::None;
+                    None
+                }
+            }
+        };
+        if let Some(p) = running {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), p.closed()).await;
+        }
+    }
+
     /// The channel to the generation that took over, if any (started on
     /// the current tokio runtime on first use).
     pub(crate) fn http_successor(&self) -> Option<Arc<Successor>> {

@@ -532,6 +532,9 @@ impl Upgrader {
     /// noticed as EOF on a pipe only the parent holds.
     pub async fn wait_for_parent(&self) {
         self.inner.parent_exited.cancelled().await;
+        // The channel idle HTTP connections came on is closed by then too.
+        #[cfg(feature = "http")]
+        self.http_predecessor_closed().await;
     }
 
     /// Resolves once no replacement of a dead successor is in flight (at

@@ -691,7 +691,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "| library | connections | SIGHUP → ready ms | SIGHUP → old gone ms | requests | failed | p50 / p99 / max ms | closed by the old generation (FIN / RST), last close ms |\n|---|---|---|---|---|---|---|---|"
+            "| library | connections | SIGHUP → ready ms | SIGHUP → old gone ms | requests | failed | p50 / p99 / max ms | idle: closed by the old generation (FIN / RST), last close ms; handed to the new one (its next request answered there), per second of ready → gone |\n|---|---|---|---|---|---|---|---|"
         );
         for d in &self.drain {
             let (requests, failed, lat, closes) = if d.load != DrainLoad::Idle {
@@ -719,17 +719,7 @@ impl Report {
                     "–".to_owned(),
                 )
             } else {
-                (
-                    "–".into(),
-                    "–".into(),
-                    "–".into(),
-                    format!(
-                        "{} / {}, {}",
-                        d.closed_eof,
-                        d.closed_reset,
-                        f(d.last_close_ms)
-                    ),
-                )
+                ("–".into(), "–".into(), "–".into(), idle_ends(d))
             };
             let _ = writeln!(
                 out,
@@ -833,4 +823,34 @@ impl Report {
         }
         out.push('\n');
     }
+}
+
+/// The idle drain's outcome: closes, and connections handed over.
+fn idle_ends(d: &crate::scenarios::DrainResult) -> String {
+    let mut out = if d.closed_eof + d.closed_reset > 0 {
+        format!(
+            "closed {} / {}, last {} ms",
+            d.closed_eof,
+            d.closed_reset,
+            f(d.last_close_ms)
+        )
+    } else {
+        "none closed".to_owned()
+    };
+    if d.carried_over + d.carried_failed > 0 {
+        let window_s = (d.gone_ms - d.ready_ms) / 1000.0;
+        let rate = if window_s > 0.0 {
+            format!(", {:.0}/s", d.carried_over as f64 / window_s)
+        } else {
+            String::new()
+        };
+        out.push_str(&format!("; handed over {}{rate}", d.carried_over));
+        if d.carried_failed > 0 {
+            out.push_str(&format!(
+                " (**{} open but not answered**)",
+                d.carried_failed
+            ));
+        }
+    }
+    out
 }

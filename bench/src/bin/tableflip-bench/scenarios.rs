@@ -583,6 +583,14 @@ impl DrainLoad {
     }
 }
 
+/// How an idle connection of the drain test ended the upgrade.
+enum IdleEnd {
+    /// Closed by the old generation (at, EOF rather than reset).
+    Closed(Instant, bool),
+    /// Still open when the old generation was gone.
+    Open(tokio::net::TcpStream),
+}
+
 /// Draining many open connections, for one library.
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct DrainResult {
@@ -596,6 +604,12 @@ pub(crate) struct DrainResult {
     pub(crate) closed_reset: usize,
     /// Idle: the last close seen, ms after `SIGHUP`.
     pub(crate) last_close_ms: f64,
+    /// Idle: connections still open after the upgrade, whose next request
+    /// the new generation answered on the same connection (handed over).
+    pub(crate) carried_over: usize,
+    /// Idle: connections still open after the upgrade whose next request
+    /// failed.
+    pub(crate) carried_failed: usize,
     /// Active: the requests during the test.
     pub(crate) requests: usize,
     pub(crate) failed: usize,
@@ -669,6 +683,8 @@ pub(crate) fn drain(
         closed_eof: 0,
         closed_reset: 0,
         last_close_ms: 0.0,
+        carried_over: 0,
+        carried_failed: 0,
         requests: 0,
         failed: 0,
         failures: BTreeMap::new(),
@@ -720,31 +736,85 @@ pub(crate) fn drain(
         result.failures = stats.failures;
         result.latency = stats.latency;
     } else {
-        // Watch every connection for its end.
+        // Watch every connection for its end, until the upgrade is over.
+        let (over, over_rx) = tokio::sync::watch::channel(false);
         let watchers: Vec<_> = streams
             .into_iter()
             .map(|mut stream| {
+                let mut over = over_rx.clone();
                 rt.spawn(async move {
                     use tokio::io::AsyncReadExt;
                     let mut byte = [0u8; 1];
-                    let end = stream.read(&mut byte).await;
-                    (Instant::now(), end.map(|n| n == 0).unwrap_or(false))
+                    tokio::select! {
+                        end = stream.read(&mut byte) => {
+                            IdleEnd::Closed(Instant::now(), end.map(|n| n == 0).unwrap_or(false))
+                        }
+                        _ = over.wait_for(|o| *o) => IdleEnd::Open(stream),
+                    }
                 })
             })
             .collect();
         let u = svc.upgrade()?;
         result.ready_ms = ms(u.ready);
         result.gone_ms = ms(u.gone);
+        // The old generation is gone: whatever it closed, it has closed.
+        let _ = over.send(true);
+        let mut open = Vec::new();
         for w in watchers {
-            let (at, eof) = rt
+            match rt
                 .block_on(w)
-                .map_err(|e| Error::msg(format!("watcher: {e}")))?;
-            if eof {
-                result.closed_eof += 1;
-            } else {
-                result.closed_reset += 1;
+                .map_err(|e| Error::msg(format!("watcher: {e}")))?
+            {
+                IdleEnd::Closed(at, eof) => {
+                    if eof {
+                        result.closed_eof += 1;
+                    } else {
+                        result.closed_reset += 1;
+                    }
+                    result.last_close_ms = result.last_close_ms.max(ms(at - u.hup_at));
+                }
+                IdleEnd::Open(stream) => open.push(stream),
             }
-            result.last_close_ms = result.last_close_ms.max(ms(at - u.hup_at));
+        }
+        // Those still open: is the next request answered, and by the new
+        // generation, on the same connection?
+        let new_pid = svc.pid;
+        let answered = rt.block_on(async move {
+            let sem = Arc::new(tokio::sync::Semaphore::new(256));
+            let checks: Vec<_> = open
+                .into_iter()
+                .map(|mut stream| {
+                    let sem = Arc::clone(&sem);
+                    tokio::spawn(async move {
+                        let _permit = sem.acquire_owned().await.ok()?;
+                        let mut buf = Vec::new();
+                        let reply = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            load::exchange(
+                                &mut stream,
+                                &mut buf,
+                                b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n",
+                            ),
+                        )
+                        .await
+                        .ok()?
+                        .ok()?;
+                        Some(reply.pid)
+                    })
+                })
+                .collect();
+            let mut by = Vec::with_capacity(checks.len());
+            for c in checks {
+                by.push(c.await.ok().flatten());
+            }
+            by
+        });
+        for pid in answered {
+            if pid == Some(new_pid) {
+                result.carried_over += 1;
+            } else {
+                result.carried_failed += 1;
+            }
         }
     }
     svc.stop(Duration::from_secs(30))?;
