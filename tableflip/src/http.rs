@@ -633,12 +633,13 @@ impl Server {
                     () = state.changed.notified() => {}
                 }
             }
-            // Idle. Never answered: hyper has written nothing, and holds
-            // what it read (a request's start) in its buffer. Answered:
-            // hyper closes an idle connection at once on a graceful
-            // shutdown (after flushing), without shutting the socket down.
+            // Idle. No request begun in this process (new, or handed over
+            // and silent since): hyper has written nothing, and holds what
+            // it read (a request's start) in its buffer. Otherwise hyper
+            // closes an idle connection at once on a graceful shutdown
+            // (after flushing), without shutting the socket down.
             let begun = state.begun.load(Ordering::Acquire);
-            if state.answered.load(Ordering::Acquire) {
+            if begun > 0 {
                 no_shutdown.store(true, Ordering::Release);
                 Pin::new(&mut conn).graceful_shutdown();
                 let result = (&mut conn).await;

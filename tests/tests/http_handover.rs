@@ -142,8 +142,17 @@ fn idle_connection_is_carried_over(mode: &str) {
     let target = if mode == "replace" { new } else { target };
     let newer = upgrade(&mut svc, target, new, &addr);
     assert_answered_by(&mut idle, newer, "the same connection, a second time");
+    // Handed over, then silent through the next upgrade: it goes on again
+    // (the generation that took it does not wait for its next request).
+    let target = if mode == "replace" { newer } else { target };
+    let newest = upgrade(&mut svc, target, newer, &addr);
+    assert_answered_by(
+        &mut idle,
+        newest,
+        "a connection silent since it was handed over",
+    );
     drop(idle);
-    stop(svc, if mode == "replace" { newer } else { target });
+    stop(svc, if mode == "replace" { newest } else { target });
 }
 
 #[test]
