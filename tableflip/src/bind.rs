@@ -228,6 +228,9 @@ pub(crate) fn bind(
     }
     if let Some(hook) = setup {
         hook(&socket, spec)?;
+        // The registry hands its sockets out as close-on-exec without
+        // looking again (`socket::convert_own`): whatever the hook did.
+        socket.set_cloexec(true)?;
     }
     match socket.bind(&addr) {
         Ok(()) => {}

@@ -147,7 +147,8 @@ impl<T: FromFd> DeclaredListener<T> {
         match std::mem::replace(&mut *slot, Slot::Pending) {
             Slot::Open(fd, address) => {
                 *slot = Slot::Taken(address);
-                socket::convert(fd).map_err(|e| {
+                // Opened by the registry: close-on-exec already.
+                socket::convert_own(fd).map_err(|e| {
                     Error::io(format!("cannot use listener {name} as {}", T::TYPE_NAME), e)
                 })
             }
@@ -229,7 +230,9 @@ impl ListenerDecl {
             Kind::Packet
         };
         let (fd, inherited) = fds.open_fd(&spec, network, kind)?;
-        let actual = socket::inspect(fd.as_fd(), kind).map_or(address, |(_, a)| a);
+        // Opened by the registry, which checked it (bound here, or
+        // inherited and checked): only its address is read.
+        let actual = socket::bound_address(fd.as_fd()).unwrap_or(address);
         *slot = Slot::Open(fd, actual.clone());
         Ok(Some((inherited, actual)))
     }

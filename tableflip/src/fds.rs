@@ -69,8 +69,14 @@ impl Lent {
     fn copy(&self) -> std::io::Result<Option<OwnedFd>> {
         // Looked at first without duplicating: closing a duplicate of a
         // file that took the number would drop this process's record locks
-        // on it (fcntl(2)).
-        if !self.alive() {
+        // on it (fcntl(2)). By its local address when known: that call
+        // also fails on anything but a socket; the inode is compared on
+        // the duplicate below.
+        let looks_alive = match self.id.local() {
+            Some(local) => sys::local_addr_of_number(self.raw).as_ref() == Some(local),
+            None => self.alive(),
+        };
+        if !looks_alive {
             return Ok(None);
         }
         let dup = match sys::dup_number(self.raw) {
@@ -79,13 +85,21 @@ impl Lent {
             // EMFILE and the like say nothing about the socket.
             Err(e) => return Err(e),
         };
-        if SockId::of(dup.as_fd()).ok() == Some(self.id.clone()) {
+        // The same socket (inodes are unique among live sockets; its
+        // address was checked above, against an inode number reused over
+        // the life of the process), unless the number changed between the
+        // look and the duplicate (another thread closed and reused it).
+        let ino = sys::socket_inode_of_number(dup.as_raw_fd());
+        let same = match self.id.local() {
+            Some(_) => ino == Some(self.id.ino()),
+            None => SockId::of(dup.as_fd()).ok() == Some(self.id.clone()),
+        };
+        if same {
             return Ok(Some(dup));
         }
-        // Changed between the look and the duplicate (another thread
-        // closed and reused the number): never close a duplicate of what
-        // may be a file (see above); a socket's is harmless to close.
-        if sys::socket_inode_of_number(dup.as_raw_fd()).is_none() {
+        // Never close a duplicate of what may be a file (see above); a
+        // socket's is harmless to close.
+        if ino.is_none() {
             std::mem::forget(dup);
         }
         Ok(None)
@@ -125,6 +139,9 @@ struct Entry {
     /// Identifies the entry, so a guard never removes a newer entry that
     /// reuses the name.
     id: u64,
+    /// The identity of the socket in `Slot::Owned`, when the handover's
+    /// checks read it: lending it then reads nothing again.
+    owned_id: Option<SockId>,
 }
 
 impl Entry {
@@ -142,6 +159,7 @@ impl Entry {
             was_blocking: false,
             file: None,
             id: 0,
+            owned_id: None,
         }
     }
 
@@ -275,8 +293,10 @@ fn check_runtime<T: FromFd>(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Converts an fd of the registry, or a duplicate of one: close-on-exec
+/// already (see [`socket::convert_own`]).
 fn convert<T: FromFd>(name: &str, fd: OwnedFd) -> Result<T> {
-    socket::convert(fd)
+    socket::convert_own(fd)
         .map_err(|e| Error::io(format!("cannot use {name:?} as {}", T::TYPE_NAME), e))
 }
 
@@ -294,7 +314,14 @@ fn lend(name: &str, entry: &mut Entry) -> Result<OwnedFd> {
             what: entry.kind.describe(),
         });
     };
-    let lent = Lent::of(fd).map_err(|e| Error::io(format!("cannot inspect {name:?}"), e))?;
+    let lent = match entry.owned_id.take() {
+        // Read by the handover's checks, with the fd owned ever since.
+        Some(id) => Lent {
+            raw: fd.as_raw_fd(),
+            id,
+        },
+        None => Lent::of(fd).map_err(|e| Error::io(format!("cannot inspect {name:?}"), e))?,
+    };
     let Slot::Owned(fd) = std::mem::replace(&mut entry.slot, Slot::Lent(lent)) else {
         unreachable!("checked above");
     };
@@ -307,6 +334,7 @@ const MAX_UNIX_PATH: usize = 107;
 impl Fds {
     pub(crate) fn new(inherited: Vec<Inherited>, defaults: Defaults) -> Self {
         let mut reg = Registry::default();
+        reg.entries.reserve(inherited.len());
         for item in inherited {
             let mut entry = Entry::new(
                 item.meta.kind,
@@ -315,6 +343,7 @@ impl Fds {
                 Slot::Owned(item.fd),
             );
             entry.unclaimed = true;
+            entry.owned_id = item.id;
             entry.activated = item.meta.activated;
             entry.unnamed = item.unnamed;
             if !item.meta.activated && item.network.is_some_and(Network::is_unix) {

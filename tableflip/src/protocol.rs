@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::network::Network;
-use crate::socket::{self, Kind};
+use crate::socket::{self, Kind, SockId};
 use crate::sys;
 
 /// The environment variable that carries the handover to the child.
@@ -124,6 +124,9 @@ pub(crate) struct Inherited {
     /// Came back from systemd's fd store (see [`crate::systemd`]): a
     /// socket an earlier run of the service bound, not a socket unit's.
     pub(crate) from_store: bool,
+    /// The socket's identity, as the checks read it (`None`: a file, or
+    /// not read).
+    pub(crate) id: Option<SockId>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -255,6 +258,20 @@ pub(crate) fn inspect_handed_on<R>(
     sys::inspect_received(fd, f).map_err(|e| format!("fd {fd} {e}"))?
 }
 
+/// As [`inspect_handed_on`], with the received fds locked by the caller.
+fn inspect_handed_on_locked<R>(
+    received: &mut sys::ReceivedFds,
+    fd: RawFd,
+    f: impl FnOnce(BorrowedFd<'_>) -> Result<R, String>,
+) -> Result<R, String> {
+    if fd < 0 {
+        return Err(format!("fd {fd} is not a valid fd number"));
+    }
+    received
+        .inspect(fd, f)
+        .map_err(|e| format!("fd {fd} {e}"))?
+}
+
 /// Checks that `fd` is an inherited pipe end of the right direction
 /// (`readable`: the read end).
 fn check_pipe(fd: RawFd, what: &str, readable: bool) -> Result<()> {
@@ -314,34 +331,38 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
     let meta: Metadata = serde_json::from_slice(&raw)
         .map_err(|e| Error::handover(format!("the metadata is not valid: {e}")))?;
     check_version(meta.version)?;
+    // The entries' fds are inspected, then claimed, under one hold of the
+    // lock on received fds: each is checked once (a handover may carry
+    // thousands).
+    let mut received = sys::ReceivedFds::lock();
     let mut protocol_fds = vec![parent_fd, ready_fd];
     if let Some(sup) = &meta.supervisor {
-        check_control(sup.control_fd, &protocol_fds)?;
+        check_control(&mut received, sup.control_fd, &protocol_fds)?;
         protocol_fds.push(sup.control_fd);
     }
-    let checked = check_entries(&meta.entries, &protocol_fds)?;
+    let checked = check_entries(&mut received, &meta.entries, &protocol_fds)?;
 
     // Everything is valid: take ownership.
-    let take = |fd: RawFd, what: &str| {
-        sys::claim_received(fd)
-            .map_err(|e| Error::handover(format!("cannot take the {what}: fd {fd} {e}")))
+    let mut take = |fd: RawFd, what: &dyn Fn() -> String| {
+        received
+            .claim(fd)
+            .map_err(|e| Error::handover(format!("cannot take the {}: fd {fd} {e}", what())))
     };
-    let parent_pipe = take(parent_fd, "parent")?;
-    let ready_pipe = take(ready_fd, "ready")?;
+    let parent_pipe = take(parent_fd, &|| "parent".to_owned())?;
+    let ready_pipe = take(ready_fd, &|| "ready".to_owned())?;
     let supervisor = match &meta.supervisor {
         Some(sup) => Some(SupervisorLink {
             pid: sup.pid,
-            control: take(sup.control_fd, "control socket")?,
+            control: take(sup.control_fd, &|| "control socket".to_owned())?,
             collects: sup.collects,
         }),
         None => None,
     };
     let mut entries = Vec::with_capacity(checked.len());
-    for (meta, network) in checked {
-        let fd = take(
-            meta.fd,
-            &format!("{} {:?}", meta.kind.describe(), meta.name),
-        )?;
+    for (meta, (network, id)) in meta.entries.into_iter().zip(checked) {
+        let fd = take(meta.fd, &|| {
+            format!("{} {:?}", meta.kind.describe(), meta.name)
+        })?;
         if meta.kind != Kind::File {
             sys::set_nonblocking(fd.as_fd()).map_err(|e| {
                 Error::handover(format!("cannot make fd {} non-blocking: {e}", meta.fd))
@@ -353,8 +374,10 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
             fd,
             unnamed: false,
             from_store: false,
+            id,
         });
     }
+    drop(received);
     Ok(Some(Handover {
         parent_pid: meta.parent_pid,
         generation: meta.generation,
@@ -370,13 +393,13 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
 /// Checks that `fd` is an inherited Unix `SOCK_SEQPACKET` socket, other
 /// than the protocol's pipes: the control channel of a supervised
 /// generation.
-fn check_control(fd: RawFd, protocol_fds: &[RawFd]) -> Result<()> {
+fn check_control(received: &mut sys::ReceivedFds, fd: RawFd, protocol_fds: &[RawFd]) -> Result<()> {
     if fd <= 2 || protocol_fds.contains(&fd) {
         return Err(Error::handover(format!(
             "the control fd {fd} is a standard stream or one of the protocol's pipes"
         )));
     }
-    inspect_handed_on(fd, |borrowed| {
+    inspect_handed_on_locked(received, fd, |borrowed| {
         let sock = socket2::SockRef::from(&borrowed);
         match (sock.r#type(), sock.local_addr().map(|a| a.is_unix())) {
             (Ok(socket2::Type::SEQPACKET), Ok(true)) => Ok(()),
@@ -487,11 +510,13 @@ impl Read for PipeReader<'_> {
     }
 }
 
-/// Validates every entry with its fd only borrowed.
+/// Validates every entry with its fd only borrowed; returns, for each in
+/// order, its network and its socket's identity.
 fn check_entries(
+    received: &mut sys::ReceivedFds,
     entries: &[EntryMeta],
     protocol_fds: &[RawFd],
-) -> Result<Vec<(EntryMeta, Option<Network>)>> {
+) -> Result<Vec<(Option<Network>, Option<SockId>)>> {
     let mut names = std::collections::HashSet::new();
     let mut fds = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(entries.len());
@@ -544,11 +569,11 @@ fn check_entries(
         if matches!(e.kind, Kind::Listener | Kind::Packet) && e.address.is_none() {
             return Err(bad("the entry names no address".to_owned()));
         }
-        inspect_handed_on(e.fd, |fd| {
-            socket::check_fd(fd, e.kind, network).map_err(|r| format!("fd {}: {r}", e.fd))
+        let id = inspect_handed_on_locked(received, e.fd, |fd| {
+            socket::check_fd_id(fd, e.kind, network).map_err(|r| format!("fd {}: {r}", e.fd))
         })
         .map_err(bad)?;
-        out.push((e.clone(), network));
+        out.push((network, id));
     }
     Ok(out)
 }

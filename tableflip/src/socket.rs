@@ -166,6 +166,16 @@ pub(crate) fn convert<T: FromFd>(fd: OwnedFd) -> io::Result<T> {
     T::from_fd(fd)
 }
 
+/// As [`convert`], for an fd this process made close-on-exec itself (a
+/// socket it bound with `SOCK_CLOEXEC`, a received fd it claimed, a
+/// duplicate made with `F_DUPFD_CLOEXEC`): the flag is this process's
+/// alone, so only non-blocking mode is checked (it belongs to the open
+/// file description, which another process may share).
+pub(crate) fn convert_own<T: FromFd>(fd: OwnedFd) -> io::Result<T> {
+    sys::set_nonblocking(fd.as_fd())?;
+    T::from_fd(fd)
+}
+
 /// Checks that `fd` is what an entry of `kind` on `network` must be.
 /// Returns a description of the mismatch.
 pub(crate) fn check_fd(
@@ -173,13 +183,24 @@ pub(crate) fn check_fd(
     kind: Kind,
     network: Option<Network>,
 ) -> Result<(), String> {
+    check_fd_id(fd, kind, network).map(|_| ())
+}
+
+/// As [`check_fd`]; returns the socket's identity (`None` for a file),
+/// read by the same system calls as the checks (a handover of thousands
+/// of listeners makes one pass over each fd).
+pub(crate) fn check_fd_id(
+    fd: BorrowedFd<'_>,
+    kind: Kind,
+    network: Option<Network>,
+) -> Result<Option<SockId>, String> {
     let st = fstat(fd).map_err(|e| format!("fstat failed: {e}"))?;
     let is_socket = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFSOCK;
     if kind == Kind::File {
         return if is_socket {
             Err("it is a socket, expected a file".to_owned())
         } else {
-            Ok(())
+            Ok(None)
         };
     }
     if !is_socket {
@@ -203,7 +224,12 @@ pub(crate) fn check_fd(
     let ty = sock
         .r#type()
         .map_err(|e| format!("cannot read its socket type: {e}"))?;
-    let unix = socket_is_unix(&sock)?;
+    // The family from the local address (one call for both: the address
+    // is needed below, and as the socket's identity).
+    let local = sock
+        .local_addr()
+        .map_err(|e| format!("cannot read its address: {e}"))?;
+    let unix = socket_is_unix(&local)?;
     let actual = socket_kind_name(unix, ty);
     let expected_ty = network.socket_type();
     if unix != network.is_unix() || ty != expected_ty {
@@ -227,10 +253,7 @@ pub(crate) fn check_fd(
         }
     }
     if !network.is_unix() {
-        let v6 = match sock.local_addr() {
-            Ok(a) => a.is_ipv6(),
-            Err(e) => return Err(format!("cannot read its address: {e}")),
-        };
+        let v6 = local.is_ipv6();
         match network {
             Network::Tcp4 | Network::Udp4 if v6 => {
                 return Err(format!("it is an IPv6 socket, expected {network}"));
@@ -241,7 +264,10 @@ pub(crate) fn check_fd(
             _ => {}
         }
     }
-    Ok(())
+    Ok(Some(SockId {
+        ino: st.st_ino,
+        local: Some(local),
+    }))
 }
 
 fn socket_kind_name(unix: bool, ty: socket2::Type) -> &'static str {
@@ -255,11 +281,11 @@ fn socket_kind_name(unix: bool, ty: socket2::Type) -> &'static str {
     }
 }
 
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn socket_is_unix(sock: &socket2::SockRef<'_>) -> Result<bool, String> {
-    let domain = sock
-        .domain()
-        .map_err(|e| format!("cannot read its domain: {e}"))?;
+/// Whether a socket whose local address is `local` is a Unix socket (the
+/// address family of `getsockname(2)` is the socket's domain, bound or
+/// not).
+fn socket_is_unix(local: &socket2::SockAddr) -> Result<bool, String> {
+    let domain = local.domain();
     if domain == socket2::Domain::UNIX {
         Ok(true)
     } else if domain == socket2::Domain::IPV4 || domain == socket2::Domain::IPV6 {
@@ -267,14 +293,6 @@ fn socket_is_unix(sock: &socket2::SockRef<'_>) -> Result<bool, String> {
     } else {
         Err("it is a socket of an unsupported address family".to_owned())
     }
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn socket_is_unix(sock: &socket2::SockRef<'_>) -> Result<bool, String> {
-    let addr = sock
-        .local_addr()
-        .map_err(|e| format!("cannot read its address: {e}"))?;
-    Ok(addr.domain() == socket2::Domain::UNIX)
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -312,17 +330,36 @@ pub(crate) fn inspect(fd: BorrowedFd<'_>, kind: Kind) -> Result<(Network, String
             socket2::Type::SEQPACKET => Network::Unixpacket,
             _ => return Err("unsupported Unix socket type".to_owned()),
         };
-        let address = if let Some(path) = local.as_pathname() {
-            path.display().to_string()
-        } else {
-            abstract_name(&local).map_or_else(|| "@".to_owned(), |n| format!("@{n}"))
-        };
-        (network, address)
+        (network, unix_address(&local))
     } else {
         return Err("unsupported address family".to_owned());
     };
     check_fd(fd, kind, Some(network))?;
     Ok((network, address))
+}
+
+/// A Unix socket's address as tableflip writes it: its path, or `@name`
+/// for an abstract one (`@` alone when unbound).
+fn unix_address(local: &socket2::SockAddr) -> String {
+    if let Some(path) = local.as_pathname() {
+        path.display().to_string()
+    } else {
+        abstract_name(local).map_or_else(|| "@".to_owned(), |n| format!("@{n}"))
+    }
+}
+
+/// The address a socket is bound to, as [`inspect`] reports it, read with
+/// one system call and no check (for a socket the registry opened and
+/// checked).
+pub(crate) fn bound_address(fd: BorrowedFd<'_>) -> Option<String> {
+    let local = socket2::SockRef::from(&fd).local_addr().ok()?;
+    if let Some(inet) = local.as_socket() {
+        Some(inet.to_string())
+    } else if local.is_unix() {
+        Some(unix_address(&local))
+    } else {
+        None
+    }
 }
 
 /// The path a Unix socket is bound to (`None` for an abstract or unbound
@@ -348,6 +385,11 @@ impl SockId {
     /// The socket's inode.
     pub(crate) fn ino(&self) -> u64 {
         self.ino
+    }
+
+    /// The socket's local address, when it could be read.
+    pub(crate) fn local(&self) -> Option<&socket2::SockAddr> {
+        self.local.as_ref()
     }
 
     pub(crate) fn of(fd: BorrowedFd<'_>) -> io::Result<SockId> {

@@ -60,11 +60,12 @@ impl std::fmt::Display for NotReceived {
 }
 
 /// Checks, under the [`CLAIMED`] lock, that `fd` can be a received fd:
-/// a valid number, open, not close-on-exec, not claimed before.
+/// a valid number, open, not close-on-exec, not claimed before. Returns
+/// its fd flags.
 fn check_received(
     fd: RawFd,
     claimed: &std::collections::BTreeSet<RawFd>,
-) -> Result<(), NotReceived> {
+) -> Result<libc::c_int, NotReceived> {
     if fd < 0 {
         return Err(NotReceived::Closed(io::Error::from_raw_os_error(
             libc::EBADF,
@@ -79,7 +80,7 @@ fn check_received(
     if flags & libc::FD_CLOEXEC != 0 {
         return Err(NotReceived::CloseOnExec);
     }
-    Ok(())
+    Ok(flags)
 }
 
 fn claimed() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<RawFd>> {
@@ -124,16 +125,89 @@ pub(crate) fn inspect_received<R>(
 /// claimed already; `Closed` also when close-on-exec cannot be set.
 pub(crate) fn claim_received(fd: RawFd) -> Result<OwnedFd, NotReceived> {
     let mut claimed = claimed();
-    check_received(fd, &claimed)?;
+    let flags = check_received(fd, &claimed)?;
+    claim_checked(fd, flags, &mut claimed)
+}
+
+/// Takes ownership of `fd`, checked by [`check_received`] (which read
+/// `flags`) under the same hold of the lock `claimed` guards, and makes
+/// it close-on-exec.
+fn claim_checked(
+    fd: RawFd,
+    flags: libc::c_int,
+    claimed: &mut std::collections::BTreeSet<RawFd>,
+) -> Result<OwnedFd, NotReceived> {
     claimed.insert(fd);
     // SAFETY: the fd is open, was passed across `exec` (not close-on-exec:
     // nothing in this process opened it through std, tokio or this crate),
-    // and has not been claimed before (the set above, under its lock): no
-    // other `OwnedFd` of this crate owns it, so this one is the only owner
-    // and its drop the only close.
+    // and has not been claimed before (checked by the caller under the
+    // lock it still holds): no other `OwnedFd` of this crate owns it, so
+    // this one is the only owner and its drop the only close.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    set_cloexec(owned.as_fd()).map_err(NotReceived::Closed)?;
+    // The flags were read under the same lock hold, and nothing but this
+    // crate changes a received fd's flags: set close-on-exec without
+    // reading them again.
+    fcntl(
+        owned.as_fd(),
+        FcntlArg::F_SETFD(FdFlag::from_bits_retain(flags) | FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| NotReceived::Closed(e.into()))?;
     Ok(owned)
+}
+
+/// The fds received across `exec`, locked for inspecting and then claiming
+/// many at once (a handover of thousands of listeners): each fd is checked
+/// once, when inspected, and claimed under the same hold of the lock
+/// without being checked again. As [`inspect_received`] and
+/// [`claim_received`], one fd at a time.
+pub(crate) struct ReceivedFds {
+    claimed: std::sync::MutexGuard<'static, std::collections::BTreeSet<RawFd>>,
+    /// The fds inspected under this hold of the lock, with their fd flags.
+    inspected: std::collections::HashMap<RawFd, libc::c_int>,
+}
+
+impl std::fmt::Debug for ReceivedFds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceivedFds")
+            .field("inspected", &self.inspected.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReceivedFds {
+    /// Locks the received fds (the lock [`inspect_received`] and
+    /// [`claim_received`] take: do not call them while this lives).
+    pub(crate) fn lock() -> ReceivedFds {
+        ReceivedFds {
+            claimed: claimed(),
+            inspected: std::collections::HashMap::new(),
+        }
+    }
+
+    /// As [`inspect_received`].
+    pub(crate) fn inspect<R>(
+        &mut self,
+        fd: RawFd,
+        f: impl FnOnce(BorrowedFd<'_>) -> R,
+    ) -> Result<R, NotReceived> {
+        let flags = check_received(fd, &self.claimed)?;
+        self.inspected.insert(fd, flags);
+        // SAFETY: as in `inspect_received`: `fd` is open and unclaimed
+        // (checked above), and stays so while the borrow lives, which
+        // cannot leave `f`; the lock is held meanwhile (by `self`).
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        Ok(f(borrowed))
+    }
+
+    /// As [`claim_received`]; an fd [`inspect`](Self::inspect)ed under
+    /// this hold of the lock is not checked again.
+    pub(crate) fn claim(&mut self, fd: RawFd) -> Result<OwnedFd, NotReceived> {
+        let flags = match self.inspected.remove(&fd) {
+            Some(flags) if !self.claimed.contains(&fd) => flags,
+            _ => check_received(fd, &self.claimed)?,
+        };
+        claim_checked(fd, flags, &mut self.claimed)
+    }
 }
 
 /// The path `execve` was called with to start this program (the
@@ -191,6 +265,25 @@ pub(crate) fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
         return Ok(fd);
     }
     dup_handed_on(fd.as_fd())
+}
+
+/// The local address of the socket the fd number `fd` refers to, now
+/// ([getsockname(2)], which only reads: the number need not be the
+/// caller's). `None` when the number is not open or not a socket
+/// (`ENOTSOCK`).
+///
+/// [getsockname(2)]: https://man7.org/linux/man-pages/man2/getsockname.2.html
+pub(crate) fn local_addr_of_number(fd: RawFd) -> Option<socket2::SockAddr> {
+    // SAFETY: `try_init` hands the closure a zeroed `sockaddr_storage` and
+    // its size; `getsockname` writes at most that many bytes into it and
+    // sets the length it wrote, or fails (a closed number, a file) and
+    // writes nothing: what `try_init` requires of the closure.
+    let got = unsafe {
+        socket2::SockAddr::try_init(|storage, len| {
+            cvt(libc::getsockname(fd, storage.cast(), len)).map(drop)
+        })
+    };
+    got.ok().map(|((), addr)| addr)
 }
 
 /// Whether the fd number `fd` refers, now, to a socket, and its inode if

@@ -583,6 +583,7 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
             fd: owned,
             unnamed,
             from_store,
+            id: None,
         });
     }
     Ok(out)
