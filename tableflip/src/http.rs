@@ -431,12 +431,8 @@ impl Server {
         handoff: Option<HandOff<I>>,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: AppService<B>,
+        B: AppBody,
     {
         let (alive, released) = oneshot::channel();
         let state = Arc::new(ConnState::new(cx.draining_token()));
@@ -558,12 +554,8 @@ impl Server {
         service: Arc<S>,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: AppService<B>,
+        B: AppBody,
     {
         state.http2.store(true, Ordering::Release);
         let service = DrainService {
@@ -592,12 +584,8 @@ impl Server {
         mut handoff: Option<HandOff<I>>,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: AppService<B>,
+        B: AppBody,
     {
         loop {
             let svc = DrainService {
@@ -674,12 +662,8 @@ impl Server {
     async fn drain_h1<I, S, B>(&self, mut conn: H1Conn<I, S>, state: &Arc<ConnState>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: Service<Request<Incoming>, Response = Response<B>> + Send + Sync + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
+        S: AppService<B>,
+        B: AppBody,
     {
         loop {
             let limit = if state.answered.load(Ordering::Acquire) {
@@ -834,6 +818,36 @@ fn log_end(result: Result<(), BoxError>) {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
 }
+
+/// The bounds the server puts on the application's service.
+trait AppService<B>:
+    Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S, B> AppService<B> for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Send
+        + Sync
+        + 'static
+{
+}
+
+/// The bounds the server puts on a response body.
+trait AppBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> AppBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
 
 /// hyper's HTTP/1 connection over a [`ConnIo`].
 type H1Conn<I, S> = http1::UpgradeableConnection<TokioIo<ConnIo<I>>, DrainService<S>>;
