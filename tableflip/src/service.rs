@@ -588,8 +588,16 @@ async fn lifecycle(
                     seconds: crate::metrics::seconds(started.elapsed()),
                     abandoned: abandoned as u64,
                 });
+                #[cfg(feature = "http")]
+                let handed_over = upgrader.http_conns_handed_over();
+                #[cfg(not(feature = "http"))]
+                let handed_over = 0_u64;
                 if abandoned == 0 {
-                    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained; exiting");
+                    tracing::info!(
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        idle_connections_handed_over = handed_over,
+                        "drained; exiting"
+                    );
                 } else {
                     tracing::warn!(abandoned, "drain timeout passed; exiting with tasks still running");
                 }

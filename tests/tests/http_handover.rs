@@ -142,6 +142,12 @@ fn idle_connection_is_carried_over(mode: &str) {
     let target = if mode == "replace" { new } else { target };
     let newer = upgrade(&mut svc, target, new, &addr);
     assert_answered_by(&mut idle, newer, "the same connection, a second time");
+    // The second generation's server says it took one (`Served::taken_over`):
+    // the other requests of this test asked to close.
+    let served = svc.wait_for("the second generation's server stops", |e| {
+        e.kind == "served" && e.pid == new && e.get("listener") == "tcp"
+    });
+    assert_eq!(served.get("taken_over"), "1", "{}", served.line);
     // Handed over, then silent through the next upgrade: it goes on again
     // (the generation that took it does not wait for its next request).
     let target = if mode == "replace" { newer } else { target };

@@ -184,6 +184,8 @@ pub(crate) struct Ends {
 pub(crate) struct Successor {
     channel: Channel,
     in_flight: tokio::sync::Semaphore,
+    /// Connections the next generation took.
+    handed: std::sync::atomic::AtomicU64,
     state: Mutex<SuccessorState>,
     /// Bumped at every change of `state`.
     changed: watch::Sender<u64>,
@@ -203,6 +205,7 @@ impl Successor {
             let this = Arc::new(Successor {
                 channel: Channel::new(fd)?,
                 in_flight: tokio::sync::Semaphore::new(IN_FLIGHT),
+                handed: std::sync::atomic::AtomicU64::new(0),
                 state: Mutex::new(SuccessorState::default()),
                 changed: watch::Sender::new(0),
             });
@@ -315,7 +318,17 @@ impl Successor {
             lock(&self.state).waiting.remove(&id);
             return false;
         }
-        answered.await.unwrap_or(false)
+        let taken = answered.await.unwrap_or(false);
+        if taken {
+            self.handed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// How many connections the next generation took.
+    pub(crate) fn handed_over(&self) -> u64 {
+        self.handed.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

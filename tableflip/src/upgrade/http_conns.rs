@@ -107,6 +107,15 @@ impl Upgrader {
         }
     }
 
+    /// How many idle HTTP connections this process handed to the
+    /// generation that took over.
+    pub(crate) fn http_conns_handed_over(&self) -> u64 {
+        match &lock(&self.inner.http_conns).successor {
+            Slot::Running(s) => s.handed_over(),
+            _ => 0,
+        }
+    }
+
     /// The channel to the generation that took over, if any (started on
     /// the current tokio runtime on first use).
     pub(crate) fn http_successor(&self) -> Option<Arc<Successor>> {
