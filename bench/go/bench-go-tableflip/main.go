@@ -81,7 +81,11 @@ func run() error {
 	}
 	defer upg.Stop()
 
-	go handleSignals(upg)
+	// Subscribed before readiness, so that a SIGHUP sent as soon as this
+	// generation is ready upgrades it (unsubscribed, it would end it).
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	go handleSignals(upg, sig)
 
 	server := &http.Server{Handler: http.HandlerFunc(handle)}
 	serving := make(chan error, len(addrs))
@@ -122,9 +126,7 @@ func run() error {
 }
 
 // handleSignals upgrades on SIGHUP and stops on SIGTERM or SIGINT.
-func handleSignals(upg *tableflip.Upgrader) {
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+func handleSignals(upg *tableflip.Upgrader, sig <-chan os.Signal) {
 	stopping := false
 	for s := range sig {
 		switch {
