@@ -10,8 +10,9 @@
 //!
 //! Run through `cargo run`, the driver first builds the three service
 //! binaries of this package (`cargo build --bins`, the xtask pattern), with
-//! the same profile, so one command is enough. See `BENCHMARKS.md` at the
-//! workspace root for the method.
+//! the same profile, and the Go peer (`bench/go/`, Go's tableflip) with the
+//! `go` found on `PATH` when there is one, so one command is enough. See
+//! `BENCHMARKS.md` at the workspace root for the method.
 
 mod elf;
 mod load;
@@ -58,14 +59,20 @@ usage: tableflip-bench [--quick] [--out DIR] [--run-dir DIR] [--only SECTIONS]
   --run-dir DIR   where the services' PID files and sockets go (default:
                   /dev/shm, tmpfs; a directory on a disk shows what fsync costs)
   --only SECTIONS comma-separated subset of: latency, ballast, load, listeners,
-                  drain, generations, overhead, supervisor, state, tls (default: all)";
+                  drain, intermittent, generations, overhead, supervisor, state,
+                  tls (default: all)
 
-const SECTIONS: [&str; 10] = [
+Go's tableflip is the third peer when `go` (on PATH) and the Debian package
+golang-github-cloudflare-tableflip-dev are installed; otherwise it is
+skipped with a message.";
+
+const SECTIONS: [&str; 11] = [
     "latency",
     "ballast",
     "load",
     "listeners",
     "drain",
+    "intermittent",
     "generations",
     "overhead",
     "supervisor",
@@ -207,6 +214,94 @@ fn build_services() -> Result<PathBuf, Error> {
     Ok(dir)
 }
 
+/// Where Debian's Go packages put their sources (`GOPATH` layout).
+const DEBIAN_GOPATH: &str = "/usr/share/gocode";
+
+/// The import path of Go's tableflip.
+const GO_TABLEFLIP: &str = "github.com/cloudflare/tableflip";
+
+/// Builds the Go peer (`bench/go/bench-go-tableflip`) into `bin_dir` with
+/// the `go` found on `PATH`, in GOPATH mode against the Debian package of
+/// Go's tableflip (no network). Returns `Ok(false)` after one message when
+/// Go or the package is missing: the rest of the bench runs without it.
+fn build_go(bin_dir: &Path) -> Result<bool, Error> {
+    let skip = |why: String| {
+        eprintln!(
+            "Go's tableflip skipped: {why} (install them with `apt-get install golang-go golang-github-cloudflare-tableflip-dev`)"
+        );
+        Ok(false)
+    };
+    let Some(go) = find_on_path("go") else {
+        return skip("`go` was not found on PATH".into());
+    };
+    // The user's GOPATH first, then Debian's.
+    let mut gopath: Vec<PathBuf> = std::env::var_os("GOPATH")
+        .map(|v| std::env::split_paths(&v).collect())
+        .unwrap_or_default();
+    gopath.push(PathBuf::from(DEBIAN_GOPATH));
+    if !gopath.iter().any(|p| {
+        p.join("src")
+            .join(GO_TABLEFLIP)
+            .join("upgrader.go")
+            .is_file()
+    }) {
+        return skip(format!(
+            "{GO_TABLEFLIP} is not in GOPATH {} (Debian package golang-github-cloudflare-tableflip-dev)",
+            std::env::join_paths(&gopath)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+    }
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("go/bench-go-tableflip");
+    if !source.join("main.go").is_file() {
+        return skip(format!(
+            "its source {} is not here (the driver runs outside its repository)",
+            source.display()
+        ));
+    }
+    let gopath = std::env::join_paths(&gopath)
+        .map_err(|e| Error::msg(format!("cannot build GOPATH: {e}")))?;
+    let out = bin_dir.join(Kind::GoTableflip.binary());
+    let mut cmd = std::process::Command::new(&go);
+    cmd.arg("build")
+        .arg("-o")
+        .arg(&out)
+        .arg(".")
+        .current_dir(&source)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", gopath)
+        .env("GOFLAGS", "")
+        .env("GOPROXY", "off");
+    // Go needs a build cache; without HOME or GOCACHE, one next to the binary.
+    if std::env::var_os("GOCACHE").is_none() && std::env::var_os("HOME").is_none() {
+        cmd.env("GOCACHE", bin_dir.join("go-build-cache"));
+    }
+    eprintln!("building Go's tableflip service: {cmd:?}");
+    let output = cmd
+        .output()
+        .map_err(|e| Error::msg(format!("cannot run {}: {e}", go.display())))?;
+    if !output.status.success() {
+        return Err(Error::msg(format!(
+            "building the Go service in {} failed ({}):\n{}",
+            source.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim_end()
+        )));
+    }
+    Ok(true)
+}
+
+/// The first executable file called `name` in a directory of `PATH`.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
 /// Raises the soft fd limit to the hard one (the drain test holds 10 000
 /// connections in the driver and in the service, which inherits it).
 fn raise_fd_limit() -> Result<u64, Error> {
@@ -224,6 +319,7 @@ fn run() -> Result<(), Error> {
     };
     let started = Instant::now();
     let bin_dir = build_services()?;
+    let go = build_go(&bin_dir)?;
     if cfg!(debug_assertions) {
         eprintln!("warning: a debug build; measure with `cargo run --release`");
     }
@@ -245,6 +341,12 @@ fn run() -> Result<(), Error> {
             "the drain test needs {needed} fds; the hard limit is {fd_limit} (raise it with ulimit -Hn)"
         )));
     }
+    let needed = cfg.intermittent_clients as u64 + 1000;
+    if args.only.iter().any(|s| s == "intermittent") && fd_limit < needed {
+        return Err(Error::msg(format!(
+            "the intermittent test needs {needed} fds; the hard limit is {fd_limit} (raise it with ulimit -Hn)"
+        )));
+    }
     // PID files and sockets on tmpfs when there is one, as /run would be.
     let shm = Path::new("/dev/shm");
     let base = match &args.run_dir {
@@ -258,7 +360,7 @@ fn run() -> Result<(), Error> {
 
     // From here on the reaper thread owns every child's exit status.
     let reaper = Reaper::start()?;
-    let lab = Lab::new(bin_dir, run_dir.clone(), reaper);
+    let lab = Lab::new(bin_dir, run_dir.clone(), reaper, go);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -288,7 +390,7 @@ fn run() -> Result<(), Error> {
         report.ballast = scenarios::ballast(&lab, &cfg)?;
     }
     if on("load") {
-        for kind in [Kind::Tableflip, Kind::Ecdysis] {
+        for kind in lab.peers() {
             eprintln!("under load: {}", kind.name());
             report
                 .load
@@ -303,7 +405,7 @@ fn run() -> Result<(), Error> {
     }
     if on("drain") {
         for &load in &cfg.drain_loads {
-            for kind in [Kind::Tableflip, Kind::Ecdysis] {
+            for kind in lab.peers() {
                 eprintln!(
                     "scale: drain {} connections, {}: {}",
                     cfg.drain_conns,
@@ -315,6 +417,20 @@ fn run() -> Result<(), Error> {
                     .push(scenarios::drain(&lab, &rt, &cfg, kind, load)?);
             }
         }
+    }
+    if on("intermittent") {
+        for kind in lab.peers() {
+            eprintln!(
+                "intermittent clients: {} keep-alive clients idle 0.5–5 s between requests, {} upgrades: {}",
+                cfg.intermittent_clients,
+                cfg.intermittent_upgrades,
+                kind.name()
+            );
+            report
+                .intermittent
+                .push(scenarios::intermittent(&lab, &rt, &cfg, kind)?);
+        }
+        plot::intermittent(&report.intermittent, &out.join("intermittent.svg"))?;
     }
     if on("generations") {
         eprintln!("scale: {} consecutive upgrades", cfg.many_upgrades);
@@ -329,6 +445,9 @@ fn run() -> Result<(), Error> {
             vec![("tableflip", &report.many[0].generations)];
         if let Some(ec) = report.latency.iter().find(|l| l.kind == Kind::Ecdysis) {
             series.push(("ecdysis (latency test)", &ec.generations));
+        }
+        if let Some(go) = report.latency.iter().find(|l| l.kind == Kind::GoTableflip) {
+            series.push(("Go tableflip (latency test)", &go.generations));
         }
         plot::generations(&series, &out.join("generations.svg"))?;
     }
@@ -351,13 +470,13 @@ fn run() -> Result<(), Error> {
         );
         report.tls = tls::tls(&lab, &cfg)?;
     }
-    // The ecdysis generations of the latency test, as a table row too.
-    if let Some(ec) = report.latency.iter().find(|l| l.kind == Kind::Ecdysis) {
+    // The peers' generations of the latency test, as table rows too.
+    for peer in report.latency.iter().filter(|l| l.kind != Kind::Tableflip) {
         report.many.push(scenarios::ManyResult {
-            kind: Kind::Ecdysis,
-            upgrades: ec.upgrades.ready.len(),
-            timings: ec.upgrades.clone(),
-            generations: ec.generations.clone(),
+            kind: peer.kind,
+            upgrades: peer.upgrades.ready.len(),
+            timings: peer.upgrades.clone(),
+            generations: peer.generations.clone(),
         });
     }
     machine.load_after = report::loadavg();

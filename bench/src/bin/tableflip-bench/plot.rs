@@ -11,7 +11,7 @@ use plotters::prelude::*;
 
 use crate::Error;
 use crate::load::{Mode, Outcome};
-use crate::scenarios::{Generation, LatencyResult, LoadResult};
+use crate::scenarios::{Generation, IntermittentResult, LatencyResult, LoadResult};
 use crate::stats::quantile;
 
 fn perr<E: std::fmt::Debug>(e: E) -> Error {
@@ -25,6 +25,8 @@ const PER_REQUEST_LIGHT: RGBColor = RGBColor(255, 195, 140);
 const READY: RGBColor = RGBColor(44, 160, 44);
 const GONE: RGBColor = RGBColor(120, 120, 120);
 const FAIL: RGBColor = RGBColor(214, 39, 40);
+const THIRD: RGBColor = RGBColor(148, 103, 189);
+const THIRD_LIGHT: RGBColor = RGBColor(200, 175, 225);
 
 /// Per bucket of `width` over `[lo, hi)`: (bucket middle, max, median).
 fn buckets(points: &[(f64, f64)], lo: f64, hi: f64, width: f64) -> Vec<(f64, f64, f64)> {
@@ -167,6 +169,89 @@ pub(crate) fn timeline(loads: &[LoadResult], path: &Path) -> Result<(), Error> {
     root.present().map_err(perr)
 }
 
+/// Intermittent clients around upgrades, one panel per library: every
+/// request placed at its start time from the nearest `SIGHUP` before it
+/// (or from the next one, when that is less than 1 s away), so that each
+/// request appears once; per 20 ms bucket the median and the worst
+/// latency, and every failed request as a cross.
+pub(crate) fn intermittent(results: &[IntermittentResult], path: &Path) -> Result<(), Error> {
+    if results.is_empty() {
+        return Ok(());
+    }
+    let (lo, hi, width) = (-1000.0, 5000.0, 20.0);
+    let root = SVGBackend::new(path, (1000, 360 * results.len() as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(perr)?;
+    let worst = results
+        .iter()
+        .flat_map(|r| &r.samples)
+        .map(|s| f64::from(s.latency_us) / 1e3)
+        .fold(1.0, f64::max);
+    let ymax = 10f64.powf(worst.log10().ceil() + 1.0);
+    for (area, r) in root.split_evenly((results.len(), 1)).iter().zip(results) {
+        let hups: Vec<f64> = r.upgrades.iter().map(|u| u.hup_us as f64 / 1e3).collect();
+        let mut points = Vec::new();
+        let mut failures = Vec::new();
+        for s in &r.samples {
+            let t = s.start_us as f64 / 1e3;
+            let Some(x) = since_nearest_hup(&hups, t, -lo) else {
+                continue;
+            };
+            let y = f64::from(s.latency_us) / 1e3;
+            if s.outcome == Outcome::Ok {
+                points.push((x, y));
+            } else {
+                failures.push((x, y.max(0.011)));
+            }
+        }
+        let ready = median(
+            r.upgrades
+                .iter()
+                .map(|u| (u.ready_us - u.hup_us) as f64 / 1e3),
+        );
+        let gone = median(
+            r.upgrades
+                .iter()
+                .map(|u| (u.gone_us - u.hup_us) as f64 / 1e3),
+        );
+        let caption = format!(
+            "{}: {} intermittent keep-alive clients, {} upgrades overlaid; {} of {} requests failed",
+            r.kind.name(),
+            r.clients,
+            r.upgrades.len(),
+            r.stats.failed,
+            r.stats.requests
+        );
+        latency_panel(
+            area,
+            &caption,
+            "ms since SIGHUP (20 ms buckets)",
+            (lo, hi),
+            ymax,
+            &[points, Vec::new()],
+            width,
+            &failures,
+            &[
+                (ready, "new generation ready (median)", READY),
+                (gone, "old generation gone (median)", GONE),
+            ],
+        )?;
+    }
+    root.present().map_err(perr)
+}
+
+/// `t` (ms) from the last of `hups` (ms, ascending) at or before it, or
+/// from the next one when that is less than `before` ms after it; `None`
+/// when neither applies.
+fn since_nearest_hup(hups: &[f64], t: f64, before: f64) -> Option<f64> {
+    let next = hups.partition_point(|&h| h <= t);
+    if let Some(&h) = hups.get(next) {
+        if h - t < before {
+            return Some(t - h);
+        }
+    }
+    next.checked_sub(1).map(|i| t - hups[i])
+}
+
 fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
@@ -203,6 +288,9 @@ fn latency_panel(
         .draw()
         .map_err(perr)?;
     for (mode, pts) in [Mode::KeepAlive, Mode::PerRequest].into_iter().zip(points) {
+        if pts.is_empty() {
+            continue;
+        }
         let (dark, light) = color_of(mode);
         let b = buckets(pts, lo, hi, width);
         chart
@@ -259,25 +347,25 @@ pub(crate) fn latency_cdf(results: &[LatencyResult], path: &Path) -> Result<(), 
     let root = SVGBackend::new(path, (1000, 400)).into_drawing_area();
     root.fill(&WHITE).map_err(perr)?;
     let panels = root.split_evenly((1, 2));
-    let colors = [KEEP_ALIVE, PER_REQUEST];
-    let lights = [KEEP_ALIVE_LIGHT, PER_REQUEST_LIGHT];
+    let colors = [KEEP_ALIVE, PER_REQUEST, THIRD];
+    let lights = [KEEP_ALIVE_LIGHT, PER_REQUEST_LIGHT, THIRD_LIGHT];
     let mut ready_series = Vec::new();
     let mut gone_series = Vec::new();
     for (i, r) in results.iter().enumerate() {
         ready_series.push((
             format!("{}: SIGHUP → ready", r.kind.name()),
             r.upgrades.ready.clone(),
-            colors[i % 2],
+            colors[i % 3],
         ));
         ready_series.push((
             format!("{}: fresh start (floor)", r.kind.name()),
             r.floor.clone(),
-            lights[i % 2],
+            lights[i % 3],
         ));
         gone_series.push((
             format!("{}: SIGHUP → old gone", r.kind.name()),
             r.upgrades.gone.clone(),
-            colors[i % 2],
+            colors[i % 3],
         ));
     }
     cdf_panel(&panels[0], "new generation ready", &ready_series)?;
@@ -346,7 +434,7 @@ pub(crate) fn generations(series: &[(&str, &[Generation])], path: &Path) -> Resu
     let root = SVGBackend::new(path, (1000, 400)).into_drawing_area();
     root.fill(&WHITE).map_err(perr)?;
     let panels = root.split_evenly((1, 2));
-    let colors = [KEEP_ALIVE, PER_REQUEST];
+    let colors = [KEEP_ALIVE, PER_REQUEST, THIRD];
     let last = series
         .iter()
         .map(|(_, g)| g.len())
@@ -386,7 +474,7 @@ pub(crate) fn generations(series: &[(&str, &[Generation])], path: &Path) -> Resu
             .draw()
             .map_err(perr)?;
         for (i, (name, gens)) in series.iter().enumerate() {
-            let color = colors[i % 2];
+            let color = colors[i % 3];
             let value = |g: &Generation| {
                 if y_desc == "fds" {
                     g.usage.fds as f64
@@ -416,6 +504,18 @@ pub(crate) fn generations(series: &[(&str, &[Generation])], path: &Path) -> Resu
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn requests_are_placed_from_the_nearest_sighup() {
+        let hups = [1000.0, 5000.0];
+        let at = |t| super::since_nearest_hup(&hups, t, 1000.0);
+        assert_eq!(at(500.0), Some(-500.0));
+        assert_eq!(at(-100.0), None);
+        assert_eq!(at(1000.0), Some(0.0));
+        assert_eq!(at(3000.0), Some(2000.0));
+        assert_eq!(at(4200.0), Some(-800.0));
+        assert_eq!(at(9000.0), Some(4000.0));
+    }
+
     #[test]
     fn buckets_keep_max_and_median() {
         let pts = [(0.5, 1.0), (0.6, 3.0), (0.7, 2.0), (2.5, 9.0), (7.0, 1.0)];

@@ -13,6 +13,11 @@
 //! - **PID file.** As a cross-check, an inotify watch on the service's
 //!   directory timestamps every replacement of its PID file (both
 //!   libraries rename a temporary file over it at readiness).
+//!
+//! Go's tableflip does not speak the notify protocol: its service sends
+//! `READY=1` with its own `MAINPID=` right after the library's `Ready()`
+//! returns (which has written the PID file and told the parent), as a
+//! `Type=notify` service built on it would.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -299,7 +304,7 @@ fn watch_pid_file(
     Ok(log)
 }
 
-/// The three services under test.
+/// The services under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum Kind {
@@ -307,6 +312,10 @@ pub(crate) enum Kind {
     Tableflip,
     /// ecdysis's `TokioEcdysisBuilder` + hyper's graceful shutdown.
     Ecdysis,
+    /// Go's `github.com/cloudflare/tableflip` + `net/http`'s
+    /// `Server.Shutdown` (`bench/go/`), when Go is there to build it.
+    #[serde(rename = "go-tableflip")]
+    GoTableflip,
     /// Plain `#[tokio::main]` + hyper, no upgrades.
     Tokio,
 }
@@ -317,6 +326,7 @@ impl Kind {
         match self {
             Kind::Tableflip => "tableflip",
             Kind::Ecdysis => "ecdysis",
+            Kind::GoTableflip => "Go tableflip",
             Kind::Tokio => "plain tokio",
         }
     }
@@ -326,6 +336,7 @@ impl Kind {
         match self {
             Kind::Tableflip => "bench-tableflip",
             Kind::Ecdysis => "bench-ecdysis",
+            Kind::GoTableflip => "bench-go-tableflip",
             Kind::Tokio => "bench-tokio",
         }
     }
@@ -338,17 +349,31 @@ pub(crate) struct Lab {
     pub(crate) bin_dir: PathBuf,
     pub(crate) run_dir: PathBuf,
     pub(crate) reaper: Arc<Reaper>,
+    /// Whether Go's tableflip service was built (it needs Go and the
+    /// Debian package of the library).
+    pub(crate) go: bool,
     counter: Arc<Mutex<u32>>,
 }
 
 impl Lab {
-    pub(crate) fn new(bin_dir: PathBuf, run_dir: PathBuf, reaper: Arc<Reaper>) -> Lab {
+    pub(crate) fn new(bin_dir: PathBuf, run_dir: PathBuf, reaper: Arc<Reaper>, go: bool) -> Lab {
         Lab {
             bin_dir,
             run_dir,
             reaper,
+            go,
             counter: Arc::new(Mutex::new(0)),
         }
+    }
+
+    /// The libraries compared: tableflip, ecdysis, and Go's tableflip
+    /// when it could be built.
+    pub(crate) fn peers(&self) -> Vec<Kind> {
+        let mut kinds = vec![Kind::Tableflip, Kind::Ecdysis];
+        if self.go {
+            kinds.push(Kind::GoTableflip);
+        }
+        kinds
     }
 
     pub(crate) fn next_dir(&self, kind: Kind) -> Result<PathBuf, Error> {

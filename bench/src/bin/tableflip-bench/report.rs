@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 
 use crate::procs::Kind;
 use crate::scenarios::{
-    BallastResult, Config, DrainLoad, DrainResult, LatencyResult, ListenersResult, LoadResult,
-    ManyResult, OverheadResult, StateResult,
+    BallastResult, Config, DrainLoad, DrainResult, IntermittentResult, LatencyResult,
+    ListenersResult, LoadResult, ManyResult, OverheadResult, StateResult,
 };
 use crate::stats::Summary;
 use crate::supervisor::SupervisorResult;
@@ -82,12 +82,16 @@ pub(crate) struct Report {
     pub(crate) load: Vec<LoadResult>,
     pub(crate) listeners: Vec<ListenersResult>,
     pub(crate) drain: Vec<DrainResult>,
+    pub(crate) intermittent: Vec<IntermittentResult>,
     pub(crate) many: Vec<ManyResult>,
     pub(crate) overhead: Vec<OverheadResult>,
     pub(crate) supervisor: Option<SupervisorResult>,
     pub(crate) state: Vec<StateResult>,
     pub(crate) tls: Vec<crate::tls::TlsResult>,
 }
+
+/// The libraries tableflip is compared with, each in its own tables.
+const PEERS: [Kind; 2] = [Kind::Ecdysis, Kind::GoTableflip];
 
 fn f(v: f64) -> String {
     if v >= 100.0 {
@@ -107,6 +111,15 @@ fn ratio(a: f64, b: f64) -> String {
     } else {
         "–".into()
     }
+}
+
+/// ` (3 Eof, 1 Reset)`, or nothing when there was no failure.
+fn failure_kinds(failures: &std::collections::BTreeMap<String, usize>) -> String {
+    if failures.is_empty() {
+        return String::new();
+    }
+    let kinds: Vec<String> = failures.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    format!(" ({})", kinds.join(", "))
 }
 
 fn yes(met: bool) -> &'static str {
@@ -150,11 +163,18 @@ impl Report {
             );
         }
         self.targets(&mut out);
-        self.latency_table(&mut out);
-        self.ballast_table(&mut out);
+        for peer in PEERS {
+            self.latency_table(&mut out, peer);
+        }
+        for peer in PEERS {
+            self.ballast_table(&mut out, peer);
+        }
         self.load_table(&mut out);
-        self.listeners_table(&mut out);
+        for peer in PEERS {
+            self.listeners_table(&mut out, peer);
+        }
         self.drain_table(&mut out);
+        self.intermittent_table(&mut out);
         self.many_table(&mut out);
         self.overhead_table(&mut out);
         self.supervisor_table(&mut out);
@@ -240,6 +260,19 @@ impl Report {
                     "| (outside the target) clients idle longer than the 2 s linger: intermittent drain | tableflip {t}, ecdysis {e} | see the note |"
                 );
             }
+        }
+        if !self.intermittent.is_empty() {
+            let each: Vec<String> = self
+                .intermittent
+                .iter()
+                .map(|r| format!("{} {}", r.kind.name(), r.stats.failed))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| (outside the target) intermittent keep-alive clients, idle 0.5–5 s, across {} upgrades: failed requests | {} | see the note |",
+                self.intermittent[0].upgrades.len(),
+                each.join(", ")
+            );
         }
         if let (Some(tf), Some(tk)) = (
             self.overhead_of(Kind::Tableflip),
@@ -355,21 +388,20 @@ impl Report {
         );
     }
 
-    fn latency_table(&self, out: &mut String) {
-        let (Some(tf), Some(ec)) = (
-            self.latency_of(Kind::Tableflip),
-            self.latency_of(Kind::Ecdysis),
-        ) else {
+    fn latency_table(&self, out: &mut String, peer: Kind) {
+        let (Some(tf), Some(ec)) = (self.latency_of(Kind::Tableflip), self.latency_of(peer)) else {
             return;
         };
         let _ = writeln!(
             out,
-            "### Upgrade latency, no load ({} upgrades each, interleaved)\n",
+            "### Upgrade latency, no load: tableflip and {} ({} upgrades each, interleaved)\n",
+            peer.name(),
             tf.upgrades.ready.len()
         );
         let _ = writeln!(
             out,
-            "| measure (ms) | tableflip min | median | p90 | max | ecdysis min | median | p90 | max | ratio of medians |\n|---|---|---|---|---|---|---|---|---|---|"
+            "| measure (ms) | tableflip min | median | p90 | max | {} min | median | p90 | max | ratio of medians |\n|---|---|---|---|---|---|---|---|---|---|",
+            peer.name()
         );
         let rows: [(&str, &Vec<f64>, &Vec<f64>); 4] = [
             (
@@ -491,18 +523,23 @@ impl Report {
         out.push('\n');
     }
 
-    fn ballast_table(&self, out: &mut String) {
+    fn ballast_table(&self, out: &mut String, peer: Kind) {
         let Some(first) = self.ballast.first() else {
             return;
         };
+        if !self.ballast.iter().any(|b| b.kind == peer) {
+            return;
+        }
         let _ = writeln!(
             out,
-            "### Upgrade latency against the service's memory size ({} rounds at each size: each library started fresh, upgraded once, stopped; interleaved)\n",
+            "### Upgrade latency against the service's memory size: tableflip and {} ({} rounds at each size: each library started fresh, upgraded once, stopped; interleaved)\n",
+            peer.name(),
             first.upgrades.ready.len()
         );
         let _ = writeln!(
             out,
-            "| ballast MiB | measure (ms) | tableflip median | p90 | max | ecdysis median | p90 | max | ratio of medians |\n|---|---|---|---|---|---|---|---|---|"
+            "| ballast MiB | measure (ms) | tableflip median | p90 | max | {} median | p90 | max | ratio of medians |\n|---|---|---|---|---|---|---|---|---|",
+            peer.name()
         );
         let mut sizes: Vec<usize> = self.ballast.iter().map(|b| b.ballast_mib).collect();
         sizes.dedup();
@@ -513,7 +550,7 @@ impl Report {
                     .iter()
                     .find(|b| b.ballast_mib == mib && b.kind == k)
             };
-            let (Some(t), Some(e)) = (get(Kind::Tableflip), get(Kind::Ecdysis)) else {
+            let (Some(t), Some(e)) = (get(Kind::Tableflip), get(peer)) else {
                 continue;
             };
             let row = |out: &mut String, name: &str, a: &[f64], b: &[f64]| {
@@ -635,18 +672,20 @@ impl Report {
         out.push('\n');
     }
 
-    fn listeners_table(&self, out: &mut String) {
-        if self.listeners.is_empty() {
+    fn listeners_table(&self, out: &mut String, peer: Kind) {
+        if !self.listeners.iter().any(|l| l.kind == peer) {
             return;
         }
         let n = self.listeners[0].upgrades.ready.len();
         let _ = writeln!(
             out,
-            "### Scale: inherited listeners ({n} upgrades and {n} fresh starts at each count; medians, ms)\n"
+            "### Scale: inherited listeners, tableflip and {} ({n} upgrades and {n} fresh starts at each count; medians, ms)\n",
+            peer.name()
         );
         let _ = writeln!(
             out,
-            "| listeners | tableflip ready | ecdysis ready | ratio | tableflip floor | tableflip ready − floor | tableflip old gone | ecdysis old gone | fds (tableflip / ecdysis) |\n|---|---|---|---|---|---|---|---|---|"
+            "| listeners | tableflip ready | {p} ready | ratio | tableflip floor | tableflip ready − floor | tableflip old gone | {p} old gone | fds (tableflip / {p}) |\n|---|---|---|---|---|---|---|---|---|",
+            p = peer.name()
         );
         let counts: Vec<usize> = {
             let mut c: Vec<usize> = self.listeners.iter().map(|l| l.listeners).collect();
@@ -659,7 +698,7 @@ impl Report {
                     .iter()
                     .find(|l| l.listeners == count && l.kind == k)
             };
-            let (Some(t), Some(e)) = (get(Kind::Tableflip), get(Kind::Ecdysis)) else {
+            let (Some(t), Some(e)) = (get(Kind::Tableflip), get(peer)) else {
                 continue;
             };
             let p = |v: &Vec<f64>| Summary::of_ms(v).p50;
@@ -734,6 +773,50 @@ impl Report {
                 lat,
                 closes
             );
+        }
+        out.push('\n');
+    }
+
+    fn intermittent_table(&self, out: &mut String) {
+        let Some(first) = self.intermittent.first() else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "### Intermittent clients across upgrades ({} keep-alive clients, each idle 0.5–5 s between requests)\n",
+            first.clients
+        );
+        let _ = writeln!(
+            out,
+            "| library | upgrades | requests | failed | of which sent during an upgrade (SIGHUP → old gone) | p50 ms | p99 ms | max ms | SIGHUP → ready (median ms) | SIGHUP → old gone: median / max ms |\n|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for r in &self.intermittent {
+            let m = &r.stats;
+            let gone = Summary::of_ms(&r.timings.gone);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} / {} |",
+                r.kind.name(),
+                r.upgrades.len(),
+                m.requests,
+                m.failed,
+                failure_kinds(&m.failures),
+                r.failed_during_upgrades,
+                f(m.latency.p50),
+                f(m.latency.p99),
+                f(m.latency.max),
+                f(Summary::of_ms(&r.timings.ready).p50),
+                f(gone.p50),
+                f(gone.max)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n| library | SIGHUP → old generation gone, each upgrade in order (ms) |\n|---|---|"
+        );
+        for r in &self.intermittent {
+            let each: Vec<String> = r.timings.gone.iter().map(|&g| f(g)).collect();
+            let _ = writeln!(out, "| {} | {} |", r.kind.name(), each.join(", "));
         }
         out.push('\n');
     }

@@ -54,6 +54,12 @@ pub(crate) struct Config {
     /// Upgrades and clients of the TLS resumption section.
     pub(crate) tls_upgrades: usize,
     pub(crate) tls_clients: usize,
+    /// The intermittent section: keep-alive clients idle 0.5–5 s between
+    /// requests, upgrades of each library, and how long the clients run
+    /// before the first upgrade.
+    pub(crate) intermittent_clients: usize,
+    pub(crate) intermittent_upgrades: usize,
+    pub(crate) intermittent_warmup: Duration,
 }
 
 impl Config {
@@ -79,6 +85,9 @@ impl Config {
                 state_upgrades: 3,
                 tls_upgrades: 3,
                 tls_clients: 20,
+                intermittent_clients: 100,
+                intermittent_upgrades: 2,
+                intermittent_warmup: Duration::from_secs(2),
             }
         } else {
             Config {
@@ -100,6 +109,9 @@ impl Config {
                 state_upgrades: 10,
                 tls_upgrades: 20,
                 tls_clients: 100,
+                intermittent_clients: 1000,
+                intermittent_upgrades: 20,
+                intermittent_warmup: INTERMITTENT_IDLE.1,
             }
         }
     }
@@ -208,7 +220,7 @@ pub(crate) struct LatencyResult {
 /// followed by a fresh start of the same binary (the floor), the two
 /// libraries taking turns.
 pub(crate) fn latency(lab: &Lab, cfg: &Config) -> Result<Vec<LatencyResult>, Error> {
-    let kinds = [Kind::Tableflip, Kind::Ecdysis];
+    let kinds = lab.peers();
     let mut services = Vec::new();
     let mut results = Vec::new();
     for kind in kinds {
@@ -317,7 +329,8 @@ pub(crate) fn ballast(lab: &Lab, cfg: &Config) -> Result<Vec<BallastResult>, Err
     }
     let mut all = Vec::new();
     for &mib in &cfg.ballast_mib {
-        let mut results: Vec<BallastResult> = [Kind::Tableflip, Kind::Ecdysis]
+        let mut results: Vec<BallastResult> = lab
+            .peers()
             .into_iter()
             .map(|kind| BallastResult {
                 kind,
@@ -520,7 +533,7 @@ pub(crate) struct ListenersResult {
 pub(crate) fn listeners(lab: &Lab, cfg: &Config) -> Result<Vec<ListenersResult>, Error> {
     let mut results = Vec::new();
     for &n in &cfg.listener_counts {
-        for kind in [Kind::Tableflip, Kind::Ecdysis] {
+        for kind in lab.peers() {
             let (mut svc, _) = Service::start(lab, kind, local(free_port()?), n)?;
             let mut upgrades = Timings::default();
             for _ in 0..cfg.listener_upgrades {
@@ -821,6 +834,128 @@ pub(crate) fn drain(
     Ok(result)
 }
 
+/// The shortest and longest idle time of an intermittent client between
+/// two requests.
+pub(crate) const INTERMITTENT_IDLE: (Duration, Duration) =
+    (Duration::from_millis(500), Duration::from_secs(5));
+
+/// The pause after an upgrade has completed (old generation gone) before
+/// the next `SIGHUP`: uniform in this range, so that the upgrades fall at
+/// every phase of the clients' idle times.
+const INTERMITTENT_GAP: (Duration, Duration) =
+    (Duration::from_millis(500), Duration::from_millis(2000));
+
+/// The intermittent section's results for one library.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct IntermittentResult {
+    pub(crate) kind: Kind,
+    pub(crate) clients: usize,
+    pub(crate) duration_s: f64,
+    pub(crate) stats: ModeStats,
+    /// Failed requests sent while two generations were alive (SIGHUP →
+    /// old generation gone), of `stats.failed`.
+    pub(crate) failed_during_upgrades: usize,
+    pub(crate) upgrades: Vec<UpgradeMark>,
+    pub(crate) timings: Timings,
+    #[serde(skip)]
+    pub(crate) samples: Vec<Sample>,
+}
+
+/// Keep-alive clients that each send a request, stay idle 0.5–5 s
+/// ([`INTERMITTENT_IDLE`], uniformly), and repeat, on the same connection
+/// while the server keeps it (a connection closed while idle is replaced,
+/// as a pooling client does: see `load`), across
+/// `cfg.intermittent_upgrades` upgrades of `kind`.
+pub(crate) fn intermittent(
+    lab: &Lab,
+    rt: &Runtime,
+    cfg: &Config,
+    kind: Kind,
+) -> Result<IntermittentResult, Error> {
+    let (mut svc, _) = Service::start(lab, kind, local(free_port()?), 1)?;
+    let addr = svc.addr;
+    let epoch = Instant::now();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let clients: Vec<_> = (0..cfg.intermittent_clients)
+        .map(|i| {
+            let mut stopped = stopped.clone();
+            rt.spawn(async move {
+                let mut conn = None;
+                let mut buf = Vec::with_capacity(256);
+                let mut samples = Vec::new();
+                let mut seed = (i as u64) ^ 0x5DEE_CE66_D1CE_4E5B;
+                // Spread the first requests over one longest idle time.
+                let mut pause = uniform(seed, (Duration::ZERO, INTERMITTENT_IDLE.1));
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        _ = stopped.changed() => break,
+                    }
+                    samples.push(
+                        load::request(addr, &mut conn, &mut buf, Mode::KeepAlive, epoch).await,
+                    );
+                    seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    pause = uniform(seed, INTERMITTENT_IDLE);
+                }
+                samples
+            })
+        })
+        .collect();
+    std::thread::sleep(cfg.intermittent_warmup);
+    let mut marks = Vec::new();
+    let mut timings = Timings::default();
+    let mut outcome = Ok(());
+    for i in 0..cfg.intermittent_upgrades {
+        match svc.upgrade() {
+            Ok(u) => {
+                timings.push(&u);
+                let hup_us = load::micros_since(epoch, u.hup_at);
+                marks.push(UpgradeMark {
+                    hup_us,
+                    ready_us: hup_us + u64::try_from(u.ready.as_micros()).unwrap_or(0),
+                    gone_us: hup_us + u64::try_from(u.gone.as_micros()).unwrap_or(0),
+                });
+            }
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+        std::thread::sleep(uniform(0xB5AD_4ECE_DA1C_E2A9 ^ i as u64, INTERMITTENT_GAP));
+    }
+    let _ = stop.send(true);
+    let duration_s = epoch.elapsed().as_secs_f64();
+    let mut samples = Vec::new();
+    for c in clients {
+        samples.extend(
+            rt.block_on(c)
+                .map_err(|e| Error::msg(format!("intermittent client: {e}")))?,
+        );
+    }
+    outcome?;
+    svc.stop(Duration::from_secs(30))?;
+    samples.sort_by_key(|s| s.start_us);
+    let failed_during_upgrades = samples
+        .iter()
+        .filter(|s| s.outcome != Outcome::Ok)
+        .filter(|s| {
+            marks
+                .iter()
+                .any(|m| s.start_us >= m.hup_us && s.start_us <= m.gone_us)
+        })
+        .count();
+    Ok(IntermittentResult {
+        kind,
+        clients: cfg.intermittent_clients,
+        duration_s,
+        stats: ModeStats::of(Mode::KeepAlive, &samples),
+        failed_during_upgrades,
+        upgrades: marks,
+        timings,
+        samples,
+    })
+}
+
 /// Many consecutive upgrades of one library: the resource use of every
 /// generation.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -874,7 +1009,10 @@ pub(crate) fn overhead(
     rt: &Runtime,
     cfg: &Config,
 ) -> Result<Vec<OverheadResult>, Error> {
-    let kinds = [Kind::Tokio, Kind::Tableflip, Kind::Ecdysis];
+    let mut kinds = vec![Kind::Tokio, Kind::Tableflip, Kind::Ecdysis];
+    if lab.go {
+        kinds.push(Kind::GoTableflip);
+    }
     let mut results: Vec<OverheadResult> = kinds
         .iter()
         .map(|&kind| {
