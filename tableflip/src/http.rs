@@ -540,7 +540,7 @@ impl Server {
         {
             return false;
         }
-        let handed = next.hand_over(key, fd, bytes).await;
+        let handed = next.hand_over(key, fd, bytes, None).await;
         tracing::trace!(handed, "idle connection handover");
         handed
     }
@@ -606,16 +606,46 @@ impl Server {
             let Some(h) = handoff.take() else {
                 return self.drain_h1(conn, state).await;
             };
-            // Hand over: wait (serving) until the connection is idle.
+            let Some(next) = cx.upgrader().http_successor() else {
+                return self.drain_h1(conn, state).await;
+            };
+            // Does the next generation serve this listener? Then this
+            // connection waits for its turn on the channel, served here
+            // meanwhile (its responses keep it alive), then until it is
+            // idle.
+            let serving = next.wait_serving(h.key, Instant::now() + handoff::SERVING_WAIT);
+            tokio::select! {
+                result = &mut conn => return log_end(result.map_err(Into::into)),
+                serving = serving => if !serving {
+                    return self.drain_h1(conn, state).await;
+                },
+            }
             state.handing_over.store(true, Ordering::Release);
+            // A busy connection gives its place back: a long request must
+            // not hold up the idle ones.
+            let mut turn = None;
             loop {
                 if state.switched.load(Ordering::Acquire) || state.closing.load(Ordering::Acquire) {
                     state.handing_over.store(false, Ordering::Release);
                     return self.drain_h1(conn, state).await;
                 }
                 if state.in_flight.load(Ordering::Acquire) == 0 {
-                    break;
+                    if turn.is_some() {
+                        break;
+                    }
+                    tokio::select! {
+                        result = &mut conn => return log_end(result.map_err(Into::into)),
+                        taken = next.turn() => match taken {
+                            Some(t) => turn = Some(t),
+                            None => {
+                                state.handing_over.store(false, Ordering::Release);
+                                return self.drain_h1(conn, state).await;
+                            }
+                        },
+                    }
+                    continue;
                 }
+                turn = None;
                 tokio::select! {
                     result = &mut conn => return log_end(result.map_err(Into::into)),
                     () = state.changed.notified() => {}
@@ -644,7 +674,11 @@ impl Server {
             no_shutdown.store(false, Ordering::Release);
             let mut bytes = parts.read_buf.to_vec();
             bytes.extend_from_slice(&back.prefix);
-            if self.hand_over(cx, h.key, (h.fd_of)(&back.io), &bytes).await {
+            let handed = match (h.fd_of)(&back.io) {
+                Some(fd) => next.hand_over(h.key, fd, &bytes, turn).await,
+                None => false,
+            };
+            if handed {
                 return;
             }
             // Refused, or the next generation is gone: this process serves

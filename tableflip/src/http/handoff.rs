@@ -183,7 +183,7 @@ pub(crate) struct Ends {
 #[derive(Debug)]
 pub(crate) struct Successor {
     channel: Channel,
-    in_flight: tokio::sync::Semaphore,
+    in_flight: Arc<tokio::sync::Semaphore>,
     /// Connections the next generation took.
     handed: std::sync::atomic::AtomicU64,
     state: Mutex<SuccessorState>,
@@ -204,7 +204,7 @@ impl Successor {
         slot.get_or_start(|fd| {
             let this = Arc::new(Successor {
                 channel: Channel::new(fd)?,
-                in_flight: tokio::sync::Semaphore::new(IN_FLIGHT),
+                in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
                 handed: std::sync::atomic::AtomicU64::new(0),
                 state: Mutex::new(SuccessorState::default()),
                 changed: watch::Sender::new(0),
@@ -291,12 +291,24 @@ impl Successor {
     /// generation has it (this process must then close its copy without
     /// reading or writing); false if it refused or is gone (this process
     /// still owns it, nothing was read from it).
-    pub(crate) async fn hand_over(&self, key: u64, conn: BorrowedFd<'_>, bytes: &[u8]) -> bool {
+    /// `turn`: one of the [`IN_FLIGHT`] places, taken with
+    /// [`turn`](Self::turn) (taken here if `None`).
+    pub(crate) async fn hand_over(
+        &self,
+        key: u64,
+        conn: BorrowedFd<'_>,
+        bytes: &[u8],
+        turn: Option<Turn>,
+    ) -> bool {
         if bytes.len() > MAX_BUFFERED {
             return false;
         }
-        let Ok(_permit) = self.in_flight.acquire().await else {
-            return false;
+        let _turn = match turn {
+            Some(t) => t,
+            None => match self.turn().await {
+                Some(t) => t,
+                None => return false,
+            },
         };
         let (answer, answered) = oneshot::channel();
         let id = {
@@ -326,11 +338,27 @@ impl Successor {
         taken
     }
 
+    /// Waits for a place among the connections in flight on the channel:
+    /// a connection waits for it while it is still served here, so that a
+    /// request it gets meanwhile is answered at once.
+    pub(crate) async fn turn(&self) -> Option<Turn> {
+        Arc::clone(&self.in_flight)
+            .acquire_owned()
+            .await
+            .ok()
+            .map(Turn)
+    }
+
     /// How many connections the next generation took.
     pub(crate) fn handed_over(&self) -> u64 {
         self.handed.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
+
+/// A place among the connections in flight on the channel (held, never
+/// read).
+#[derive(Debug)]
+pub(crate) struct Turn(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
 /// A connection the previous generation handed over.
 #[derive(Debug)]
@@ -496,7 +524,10 @@ mod tests {
         let mut route = previous.route(7).await.expect("route");
         assert!(next.wait_serving(7, deadline()).await);
         let (ours, mut client) = UnixStream::pair().expect("connection");
-        assert!(next.hand_over(7, ours.as_fd(), b"GET / HT").await, "taken");
+        assert!(
+            next.hand_over(7, ours.as_fd(), b"GET / HT", None).await,
+            "taken"
+        );
         drop(ours);
         let handed = route.conns.recv().await.expect("handed over");
         assert_eq!(&handed.bytes[..], b"GET / HT");
@@ -516,7 +547,7 @@ mod tests {
         // before the connection arrived.
         lock(&next.state).serving.insert(8);
         let (ours, mut client) = UnixStream::pair().expect("connection");
-        assert!(!next.hand_over(8, ours.as_fd(), b"").await, "refused");
+        assert!(!next.hand_over(8, ours.as_fd(), b"", None).await, "refused");
         (&ours).write_all(b"still ours").expect("write");
         let mut got = [0u8; 10];
         client.read_exact(&mut got).expect("read");
@@ -532,7 +563,7 @@ mod tests {
         wait_stopped(&next, 7).await;
         let (ours, _client) = UnixStream::pair().expect("connection");
         assert!(
-            !next.hand_over(7, ours.as_fd(), b"").await,
+            !next.hand_over(7, ours.as_fd(), b"", None).await,
             "no longer served"
         );
         // The channel's other end closed: everything waiting is answered.
@@ -541,7 +572,7 @@ mod tests {
         lock(&next.state).serving.insert(7);
         drop(b);
         assert!(!next.wait_serving(9, deadline()).await, "the channel ended");
-        assert!(!next.hand_over(7, ours.as_fd(), b"").await);
+        assert!(!next.hand_over(7, ours.as_fd(), b"", None).await);
     }
 
     async fn wait_stopped(next: &Successor, key: u64) {
