@@ -716,6 +716,17 @@ impl Report {
                 e.fds
             );
         }
+        for l in self.listeners.iter().filter(|l| l.kind == peer) {
+            if let Some(failure) = &l.failure {
+                let first_line = failure.lines().next().unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "\n{} failed an upgrade at {} listeners (its figures there cover the upgrades before): {first_line}",
+                    peer.name(),
+                    l.listeners
+                );
+            }
+        }
         out.push('\n');
     }
 
