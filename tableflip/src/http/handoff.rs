@@ -53,9 +53,14 @@ pub(crate) const MAX_BUFFERED: usize = 16 * 1024;
 pub(crate) const SERVING_WAIT: Duration = Duration::from_millis(500);
 
 /// The most connections in flight on the channel at once (sent, not yet
-/// answered): fds in flight count against the sender's `RLIMIT_NOFILE`
-/// (`ETOOMANYREFS`, unix(7)).
-const IN_FLIGHT: usize = 128;
+/// answered). Fds in flight count against the sender's `RLIMIT_NOFILE`
+/// (`ETOOMANYREFS`, unix(7)), and a request that arrives on a connection
+/// in flight waits in the kernel until the next generation serves it: the
+/// fewer in flight, the shorter that wait. Measured with 10 000 active
+/// connections handed over (tableflip-bench, drain section): p99 latency
+/// 7.05 ms with 128, 1.81 ms with 32, 1.33–1.41 ms with 16, at 55 000,
+/// 40 000 and 41 000–45 000 handovers per second.
+const IN_FLIGHT: usize = 16;
 
 const SERVING: u8 = b'S';
 const STOPPED: u8 = b'X';
