@@ -18,6 +18,10 @@
 //! With `BENCH_TLS_ADDR` (and `BENCH_TLS_CERT`, `BENCH_TLS_KEY`,
 //! `BENCH_TLS_TICKETS`), the contract is served over HTTPS too: the tls
 //! section.
+//!
+//! With `BENCH_HAND_OVER=off`, idle connections are not handed to the next
+//! generation at the drain (`Server::hand_over_idle(false)`): the drain of
+//! before issue 18, for a before/after comparison in one build.
 
 use tableflip::{Context, ListenSpec, Options, listener};
 use tokio::net::TcpListener;
@@ -82,7 +86,8 @@ fn tls(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .upgrader()
         .listen_with(&ListenSpec::new("HTTPS", "tcp", addr))?;
     let listener = TlsListener::new(listener, std::sync::Arc::new(config));
-    let server = tableflip::http::Server::new();
+    let hand_over = std::env::var("BENCH_HAND_OVER").as_deref() != Ok("off");
+    let server = tableflip::http::Server::new().hand_over_idle(hand_over);
     let serve_cx = cx.clone();
     cx.spawn(async move {
         let service = hyper::service::service_fn(tableflip_bench::handle);
@@ -131,7 +136,8 @@ fn state(cx: &Context) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
 /// Serves the contract on `listener` until the drain.
 fn serve(cx: &Context, listener: TcpListener) {
-    let server = tableflip::http::Server::new();
+    let hand_over = std::env::var("BENCH_HAND_OVER").as_deref() != Ok("off");
+    let server = tableflip::http::Server::new().hand_over_idle(hand_over);
     let serve_cx = cx.clone();
     cx.spawn(async move {
         let service = hyper::service::service_fn(tableflip_bench::handle);
