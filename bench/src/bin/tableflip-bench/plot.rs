@@ -11,7 +11,7 @@ use plotters::prelude::*;
 
 use crate::Error;
 use crate::load::{Mode, Outcome};
-use crate::scenarios::{Generation, IntermittentResult, LatencyResult, LoadResult};
+use crate::scenarios::{Generation, IntermittentResult, LatencyResult, LoadResult, UpgradeMark};
 use crate::stats::quantile;
 
 fn perr<E: std::fmt::Debug>(e: E) -> Error {
@@ -91,16 +91,7 @@ pub(crate) fn around_upgrades(loads: &[LoadResult], path: &Path) -> Result<(), E
                 }
             }
         }
-        let ready = median(
-            load.upgrades
-                .iter()
-                .map(|u| (u.ready_us - u.hup_us) as f64 / 1e3),
-        );
-        let gone = median(
-            load.upgrades
-                .iter()
-                .map(|u| (u.gone_us - u.hup_us) as f64 / 1e3),
-        );
+        let (ready, gone) = ready_and_gone(&load.upgrades);
         let caption = format!(
             "{}: request latency around each of {} upgrades (overlaid; {} failed)",
             load.kind.name(),
@@ -203,16 +194,7 @@ pub(crate) fn intermittent(results: &[IntermittentResult], path: &Path) -> Resul
                 failures.push((x, y.max(0.011)));
             }
         }
-        let ready = median(
-            r.upgrades
-                .iter()
-                .map(|u| (u.ready_us - u.hup_us) as f64 / 1e3),
-        );
-        let gone = median(
-            r.upgrades
-                .iter()
-                .map(|u| (u.gone_us - u.hup_us) as f64 / 1e3),
-        );
+        let (ready, gone) = ready_and_gone(&r.upgrades);
         let caption = format!(
             "{}: {} intermittent keep-alive clients, {} upgrades overlaid; {} of {} requests failed",
             r.kind.name(),
@@ -250,6 +232,14 @@ fn since_nearest_hup(hups: &[f64], t: f64, before: f64) -> Option<f64> {
         }
     }
     next.checked_sub(1).map(|i| t - hups[i])
+}
+
+/// Medians of SIGHUP → ready and SIGHUP → gone over `upgrades`, ms.
+fn ready_and_gone(upgrades: &[UpgradeMark]) -> (f64, f64) {
+    let since_hup = |at: fn(&UpgradeMark) -> u64| {
+        median(upgrades.iter().map(|u| (at(u) - u.hup_us) as f64 / 1e3))
+    };
+    (since_hup(|u| u.ready_us), since_hup(|u| u.gone_us))
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {

@@ -379,6 +379,18 @@ pub(crate) struct UpgradeMark {
     pub(crate) gone_us: u64,
 }
 
+impl UpgradeMark {
+    /// The upgrade `u` on the clock of the load that started at `epoch`.
+    fn of(epoch: Instant, u: &Upgrade) -> UpgradeMark {
+        let hup_us = load::micros_since(epoch, u.hup_at);
+        UpgradeMark {
+            hup_us,
+            ready_us: hup_us + u64::try_from(u.ready.as_micros()).unwrap_or(0),
+            gone_us: hup_us + u64::try_from(u.gone.as_micros()).unwrap_or(0),
+        }
+    }
+}
+
 /// Per client mode, under load.
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct ModeStats {
@@ -463,12 +475,7 @@ pub(crate) fn under_load(
         match svc.upgrade() {
             Ok(u) => {
                 timings.push(&u);
-                let hup_us = load::micros_since(epoch, u.hup_at);
-                marks.push(UpgradeMark {
-                    hup_us,
-                    ready_us: hup_us + u64::try_from(u.ready.as_micros()).unwrap_or(0),
-                    gone_us: hup_us + u64::try_from(u.gone.as_micros()).unwrap_or(0),
-                });
+                marks.push(UpgradeMark::of(epoch, &u));
             }
             Err(e) => {
                 outcome = Err(e);
@@ -936,12 +943,7 @@ pub(crate) fn intermittent(
         match svc.upgrade() {
             Ok(u) => {
                 timings.push(&u);
-                let hup_us = load::micros_since(epoch, u.hup_at);
-                marks.push(UpgradeMark {
-                    hup_us,
-                    ready_us: hup_us + u64::try_from(u.ready.as_micros()).unwrap_or(0),
-                    gone_us: hup_us + u64::try_from(u.gone.as_micros()).unwrap_or(0),
-                });
+                marks.push(UpgradeMark::of(epoch, &u));
             }
             Err(e) => {
                 outcome = Err(e);
