@@ -79,6 +79,30 @@ fn slow_ms(query: Option<&str>) -> Option<Duration> {
     Some(Duration::from_millis(ms)).filter(|d| *d <= MAX_SLOW)
 }
 
+/// The tableflip services' options: the PID file comes from `PID_FILE`.
+pub fn tableflip_options() -> tableflip::Options {
+    match std::env::var_os("PID_FILE") {
+        Some(path) => tableflip::Options::new().pid_file(path),
+        None => tableflip::Options::new(),
+    }
+}
+
+/// Serves the contract on `listener` with `tableflip::http::Server` until
+/// the drain (the tableflip services). Idle connections are handed to the
+/// next generation at the drain, unless `BENCH_HAND_OVER=off`
+/// (`Server::hand_over_idle(false)`: the drain of before issue 18, for a
+/// before/after in one build).
+pub fn serve_tableflip<L: tableflip::http::Accept>(cx: &tableflip::Context, listener: L) {
+    let hand_over = std::env::var("BENCH_HAND_OVER").as_deref() != Ok("off");
+    let server = tableflip::http::Server::new().hand_over_idle(hand_over);
+    let serve_cx = cx.clone();
+    cx.spawn(async move {
+        server
+            .serve(&serve_cx, listener, hyper::service::service_fn(handle))
+            .await;
+    });
+}
+
 /// The main listener's address: `BENCH_ADDR`, or [`DEFAULT_ADDR`].
 pub fn main_addr() -> String {
     std::env::var("BENCH_ADDR").unwrap_or_else(|_| DEFAULT_ADDR.to_owned())

@@ -201,12 +201,12 @@ fn build_services() -> Result<PathBuf, Error> {
             )));
         }
     }
-    for kind in [Kind::Tableflip, Kind::Ecdysis, Kind::Tokio] {
-        if !dir.join(kind.binary()).is_file() {
+    let binaries = [Kind::Tableflip, Kind::Ecdysis, Kind::Tokio].map(Kind::binary);
+    for binary in binaries.into_iter().chain([tls::TLS_BINARY]) {
+        if !dir.join(binary).is_file() {
             return Err(Error::msg(format!(
-                "{} is missing from {}; run the driver with `cargo run --release -p tableflip-bench`, \
+                "{binary} is missing from {}; run the driver with `cargo run --release -p tableflip-bench`, \
                  or build first with `cargo build --release -p tableflip-bench --bins`",
-                kind.binary(),
                 dir.display()
             )));
         }

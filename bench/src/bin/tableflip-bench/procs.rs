@@ -478,6 +478,20 @@ impl Service {
         ballast_mib: Option<usize>,
         env: &[(&str, String)],
     ) -> Result<(Service, Start), Error> {
+        Service::start_binary(lab, kind, kind.binary(), addr, listeners, ballast_mib, env)
+    }
+
+    /// As [`Service::start_env`], running `binary` (of the bin directory)
+    /// as a service of `kind`.
+    pub(crate) fn start_binary(
+        lab: &Lab,
+        kind: Kind,
+        binary: &str,
+        addr: SocketAddr,
+        listeners: usize,
+        ballast_mib: Option<usize>,
+        env: &[(&str, String)],
+    ) -> Result<(Service, Start), Error> {
         let dir = lab.next_dir(kind)?;
         let stop = Arc::new(AtomicBool::new(false));
         let notify_path = dir.join("notify.sock");
@@ -488,7 +502,7 @@ impl Service {
             .append(true)
             .open(dir.join("log"))
             .map_err(|e| Error::msg(format!("cannot open the service log: {e}")))?;
-        let exe = lab.bin_dir.join(kind.binary());
+        let exe = lab.bin_dir.join(binary);
         let mut cmd = Command::new(&exe);
         // The peers' process model: each generation replaces the last
         // (the supervised mode has its own scenario).

@@ -20,6 +20,9 @@ use crate::scenarios::Config;
 /// The name the run's certificate is for.
 const HOST: &str = "localhost";
 
+/// The tableflip service with HTTPS (`bench/src/bin/bench_tableflip_tls.rs`).
+pub(crate) const TLS_BINARY: &str = "bench-tableflip-tls";
+
 /// What one ticket-key mode measured.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub(crate) struct TlsResult {
@@ -220,9 +223,10 @@ pub(crate) fn tls(lab: &Lab, cfg: &Config) -> Result<Vec<TlsResult>, Error> {
                 ("BENCH_TLS_KEY", pki.key.display().to_string()),
                 ("BENCH_TLS_TICKETS", tickets.to_owned()),
             ];
-            let (mut svc, _) = Service::start_env(
+            let (mut svc, _) = Service::start_binary(
                 lab,
                 Kind::Tableflip,
+                TLS_BINARY,
                 SocketAddr::from(([127, 0, 0, 1], free_port()?)),
                 1,
                 None,
