@@ -457,7 +457,7 @@ fn run() -> Result<(), Error> {
     }
     if on("supervisor") {
         eprintln!("supervised mode against replace mode");
-        report.supervisor = Some(supervisor::supervisor(&lab, &cfg)?);
+        report.supervisor = Some(supervisor::supervisor(&lab, &rt, &cfg)?);
     }
     if on("state") {
         eprintln!("application state handed over: {:?} MiB", cfg.state_mib);

@@ -369,6 +369,31 @@ impl Report {
         }
         let _ = writeln!(
             out,
+            "\n| idle keep-alive connections across one upgrade | connections | SIGHUP → ready ms | SIGHUP → old gone ms | closed by the old generation | handed over (next request answered by the new generation on the same connection) | not answered by the new one | handed over per second of ready → gone |\n|---|---|---|---|---|---|---|---|"
+        );
+        for (name, i) in [
+            ("replace mode", &s.idle_replace),
+            ("supervised mode", &s.idle_supervised),
+        ] {
+            let window = (i.gone_ms - i.ready_ms) / 1e3;
+            let rate = if window > 0.0 {
+                format!("{:.0}", i.carried_over as f64 / window)
+            } else {
+                "–".to_owned()
+            };
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {} | {} | {} | {} | {rate} |",
+                i.connections,
+                f(i.ready_ms),
+                f(i.gone_ms),
+                i.closed_eof + i.closed_reset,
+                i.carried_over,
+                i.carried_failed
+            );
+        }
+        let _ = writeln!(
+            out,
             "\n| the supervisor | RSS KiB | PSS KiB | USS KiB | anonymous KiB | threads |\n|---|---|---|---|---|---|"
         );
         for (name, m) in [

@@ -691,7 +691,10 @@ pub(crate) struct DrainResult {
 }
 
 /// Opens `n` keep-alive connections, each with one request answered.
-async fn open_many(addr: SocketAddr, n: usize) -> Result<Vec<tokio::net::TcpStream>, Error> {
+pub(crate) async fn open_many(
+    addr: SocketAddr,
+    n: usize,
+) -> Result<Vec<tokio::net::TcpStream>, Error> {
     let sem = Arc::new(tokio::sync::Semaphore::new(128));
     let mut tasks = Vec::with_capacity(n);
     for _ in 0..n {
@@ -809,88 +812,138 @@ pub(crate) fn drain(
         result.failures = stats.failures;
         result.latency = stats.latency;
     } else {
-        // Watch every connection for its end, until the upgrade is over.
-        let (over, over_rx) = tokio::sync::watch::channel(false);
-        let watchers: Vec<_> = streams
+        let idle = idle_across_upgrade(rt, streams, || {
+            let u = svc.upgrade()?;
+            Ok((u.hup_at, u.ready, u.gone, svc.pid))
+        })?;
+        result.ready_ms = idle.ready_ms;
+        result.gone_ms = idle.gone_ms;
+        result.closed_eof = idle.closed_eof;
+        result.closed_reset = idle.closed_reset;
+        result.last_close_ms = idle.last_close_ms;
+        result.carried_over = idle.carried_over;
+        result.carried_failed = idle.carried_failed;
+    }
+    svc.stop(Duration::from_secs(30))?;
+    Ok(result)
+}
+
+/// What became of idle keep-alive connections across one upgrade.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub(crate) struct IdleAcross {
+    pub(crate) connections: usize,
+    pub(crate) ready_ms: f64,
+    pub(crate) gone_ms: f64,
+    /// Closed by the old generation: EOF, reset, and the last close (ms
+    /// after the SIGHUP).
+    pub(crate) closed_eof: usize,
+    pub(crate) closed_reset: usize,
+    pub(crate) last_close_ms: f64,
+    /// Still open once the old generation was gone: answered by the new
+    /// generation on the same connection (handed over), or not.
+    pub(crate) carried_over: usize,
+    pub(crate) carried_failed: usize,
+}
+
+/// Watches every stream of `streams` (idle keep-alive connections, each
+/// answered once) through the upgrade `upgrade` runs — it returns when
+/// the SIGHUP was sent, SIGHUP → ready, SIGHUP → old generation gone, and
+/// the new generation's PID — then sends a request on each connection
+/// still open and counts those the new generation answers.
+pub(crate) fn idle_across_upgrade(
+    rt: &Runtime,
+    streams: Vec<tokio::net::TcpStream>,
+    upgrade: impl FnOnce() -> Result<(Instant, Duration, Duration, u32), Error>,
+) -> Result<IdleAcross, Error> {
+    let mut result = IdleAcross {
+        connections: streams.len(),
+        ..IdleAcross::default()
+    };
+    // Watch every connection for its end, until the upgrade is over.
+    let (over, over_rx) = tokio::sync::watch::channel(false);
+    let watchers: Vec<_> = streams
+        .into_iter()
+        .map(|mut stream| {
+            let mut over = over_rx.clone();
+            rt.spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut byte = [0u8; 1];
+                tokio::select! {
+                    end = stream.read(&mut byte) => {
+                        IdleEnd::Closed(Instant::now(), end.map(|n| n == 0).unwrap_or(false))
+                    }
+                    _ = over.wait_for(|o| *o) => IdleEnd::Open(stream),
+                }
+            })
+        })
+        .collect();
+    let upgraded = upgrade();
+    // The old generation is gone (or the upgrade failed): whatever it
+    // closed, it has closed.
+    let _ = over.send(true);
+    let mut open = Vec::new();
+    let mut closed = Vec::new();
+    for w in watchers {
+        match rt
+            .block_on(w)
+            .map_err(|e| Error::msg(format!("watcher: {e}")))?
+        {
+            IdleEnd::Closed(at, eof) => closed.push((at, eof)),
+            IdleEnd::Open(stream) => open.push(stream),
+        }
+    }
+    let (hup_at, ready, gone, new_pid) = upgraded?;
+    result.ready_ms = ms(ready);
+    result.gone_ms = ms(gone);
+    for (at, eof) in closed {
+        if eof {
+            result.closed_eof += 1;
+        } else {
+            result.closed_reset += 1;
+        }
+        result.last_close_ms = result
+            .last_close_ms
+            .max(ms(at.saturating_duration_since(hup_at)));
+    }
+    // Those still open: is the next request answered, and by the new
+    // generation, on the same connection?
+    let answered = rt.block_on(async move {
+        let sem = Arc::new(tokio::sync::Semaphore::new(256));
+        let checks: Vec<_> = open
             .into_iter()
             .map(|mut stream| {
-                let mut over = over_rx.clone();
-                rt.spawn(async move {
-                    use tokio::io::AsyncReadExt;
-                    let mut byte = [0u8; 1];
-                    tokio::select! {
-                        end = stream.read(&mut byte) => {
-                            IdleEnd::Closed(Instant::now(), end.map(|n| n == 0).unwrap_or(false))
-                        }
-                        _ = over.wait_for(|o| *o) => IdleEnd::Open(stream),
-                    }
+                let sem = Arc::clone(&sem);
+                tokio::spawn(async move {
+                    let _permit = sem.acquire_owned().await.ok()?;
+                    let mut buf = Vec::new();
+                    let reply = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        load::exchange(
+                            &mut stream,
+                            &mut buf,
+                            b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n",
+                        ),
+                    )
+                    .await
+                    .ok()?
+                    .ok()?;
+                    Some(reply.pid)
                 })
             })
             .collect();
-        let u = svc.upgrade()?;
-        result.ready_ms = ms(u.ready);
-        result.gone_ms = ms(u.gone);
-        // The old generation is gone: whatever it closed, it has closed.
-        let _ = over.send(true);
-        let mut open = Vec::new();
-        for w in watchers {
-            match rt
-                .block_on(w)
-                .map_err(|e| Error::msg(format!("watcher: {e}")))?
-            {
-                IdleEnd::Closed(at, eof) => {
-                    if eof {
-                        result.closed_eof += 1;
-                    } else {
-                        result.closed_reset += 1;
-                    }
-                    result.last_close_ms = result.last_close_ms.max(ms(at - u.hup_at));
-                }
-                IdleEnd::Open(stream) => open.push(stream),
-            }
+        let mut by = Vec::with_capacity(checks.len());
+        for c in checks {
+            by.push(c.await.ok().flatten());
         }
-        // Those still open: is the next request answered, and by the new
-        // generation, on the same connection?
-        let new_pid = svc.pid;
-        let answered = rt.block_on(async move {
-            let sem = Arc::new(tokio::sync::Semaphore::new(256));
-            let checks: Vec<_> = open
-                .into_iter()
-                .map(|mut stream| {
-                    let sem = Arc::clone(&sem);
-                    tokio::spawn(async move {
-                        let _permit = sem.acquire_owned().await.ok()?;
-                        let mut buf = Vec::new();
-                        let reply = tokio::time::timeout(
-                            Duration::from_secs(10),
-                            load::exchange(
-                                &mut stream,
-                                &mut buf,
-                                b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n",
-                            ),
-                        )
-                        .await
-                        .ok()?
-                        .ok()?;
-                        Some(reply.pid)
-                    })
-                })
-                .collect();
-            let mut by = Vec::with_capacity(checks.len());
-            for c in checks {
-                by.push(c.await.ok().flatten());
-            }
-            by
-        });
-        for pid in answered {
-            if pid == Some(new_pid) {
-                result.carried_over += 1;
-            } else {
-                result.carried_failed += 1;
-            }
+        by
+    });
+    for pid in answered {
+        if pid == Some(new_pid) {
+            result.carried_over += 1;
+        } else {
+            result.carried_failed += 1;
         }
     }
-    svc.stop(Duration::from_secs(30))?;
     Ok(result)
 }
 

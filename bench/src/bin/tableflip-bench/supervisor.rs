@@ -15,7 +15,7 @@ use crate::Error;
 use crate::procs::{
     Kind, Lab, Log, Notification, STEP_TIMEOUT, Service, free_port, proc_field, signal,
 };
-use crate::scenarios::{Config, probe};
+use crate::scenarios::{Config, IdleAcross, idle_across_upgrade, open_many, probe};
 use crate::stats::{Summary, ms};
 
 /// The results of the supervised-mode scenario.
@@ -37,6 +37,11 @@ pub(crate) struct SupervisorResult {
     pub(crate) idle_seconds: f64,
     pub(crate) idle_cpu_ticks: u64,
     pub(crate) idle_context_switches: u64,
+    /// Idle keep-alive connections across one upgrade of each mode (the
+    /// idle-connection handover of `tableflip::http`): replace, then
+    /// supervised.
+    pub(crate) idle_replace: IdleAcross,
+    pub(crate) idle_supervised: IdleAcross,
 }
 
 /// A process's memory from `/proc/<pid>/smaps_rollup`, KiB, and threads.
@@ -155,6 +160,13 @@ impl Supervised {
     /// `SIGHUP` to the supervisor; waits for `READY=1` and for the old
     /// generation's exit. Returns both durations.
     fn upgrade(&self) -> Result<(Duration, Duration), Error> {
+        self.upgrade_timed()
+            .map(|(_, ready, gone, _)| (ready, gone))
+    }
+
+    /// As [`upgrade`](Self::upgrade); also returns when the SIGHUP was
+    /// sent and the new generation's PID.
+    fn upgrade_timed(&self) -> Result<(Instant, Duration, Duration, u32), Error> {
         let old = probe(self.addr)?;
         let mark = self.notify.mark();
         let hup_at = Instant::now();
@@ -175,7 +187,7 @@ impl Supervised {
         if now == old {
             return Err(self.failure(&format!("still answered by {old} after the upgrade")));
         }
-        Ok((ready.at - hup_at, gone_at - hup_at))
+        Ok((hup_at, ready.at - hup_at, gone_at - hup_at, now))
     }
 
     fn stop(self) -> Result<(), Error> {
@@ -217,7 +229,11 @@ impl Drop for Supervised {
 /// Runs the scenario: `rounds` upgrades of each mode, interleaved, each
 /// on a service of its own that has just started (the supervised one
 /// lives on for the footprint readings).
-pub(crate) fn supervisor(lab: &Lab, cfg: &Config) -> Result<SupervisorResult, Error> {
+pub(crate) fn supervisor(
+    lab: &Lab,
+    rt: &tokio::runtime::Runtime,
+    cfg: &Config,
+) -> Result<SupervisorResult, Error> {
     let rounds = cfg.supervisor_upgrades;
     let dir = lab.run_dir.join("supervised");
     std::fs::create_dir_all(&dir)
@@ -240,6 +256,15 @@ pub(crate) fn supervisor(lab: &Lab, cfg: &Config) -> Result<SupervisorResult, Er
         s_ready.push(ms(ready));
         s_gone.push(ms(gone));
     }
+    // Idle keep-alive connections across one more upgrade of each.
+    let n = cfg.drain_conns / 10;
+    let streams = rt.block_on(open_many(replace.addr, n))?;
+    let idle_replace = idle_across_upgrade(rt, streams, || {
+        let u = replace.upgrade()?;
+        Ok((u.hup_at, u.ready, u.gone, replace.pid))
+    })?;
+    let streams = rt.block_on(open_many(sup.addr, n))?;
+    let idle_supervised = idle_across_upgrade(rt, streams, || sup.upgrade_timed())?;
     replace.stop(STEP_TIMEOUT)?;
     let after_upgrades = Footprint::of(sup.pid);
     let idle = if cfg.quick {
@@ -263,5 +288,7 @@ pub(crate) fn supervisor(lab: &Lab, cfg: &Config) -> Result<SupervisorResult, Er
         idle_seconds: idle.as_secs_f64(),
         idle_cpu_ticks: after.0.saturating_sub(before.0),
         idle_context_switches: after.1.saturating_sub(before.1),
+        idle_replace,
+        idle_supervised,
     })
 }
