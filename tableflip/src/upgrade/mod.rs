@@ -270,12 +270,16 @@ impl Upgrader {
                 // the thread below starts: only a single-threaded process
                 // edits its environment.
                 sys::remove_env(&systemd::LISTEN_VARS);
-                // Room for the connections the previous generation may
-                // hand over, while this process has one thread (see
-                // `sys::reserve_fd_table`). A child of the previous
-                // generation (replace mode) inherits a table as large as
-                // its parent's; one of the supervisor's starts small.
-                sys::reserve_fd_table(h.parent_pipe.as_fd(), fd_table_reserve());
+                // Supervised mode: room for the connections the previous
+                // generation may hand over, while this process has one
+                // thread (see `sys::reserve_fd_table`): the supervisor,
+                // with few fds, passes on a small table. (A child of the
+                // previous generation, in replace mode, inherits a table
+                // as large as its parent's, which holds those
+                // connections: nothing to do on its way to readiness.)
+                if supervisor.is_some() {
+                    sys::reserve_fd_table(h.parent_pipe.as_fd(), fd_table_reserve());
+                }
                 watch_parent(h.parent_pipe, h.parent_pid, parent_exited.clone())?;
                 // The group of the process that really is this one's
                 // parent (`getppid`), when it is the one the metadata names.
@@ -1271,9 +1275,9 @@ fn raise_fd_limit() {
     }
 }
 
-/// How many fds a generation started by an upgrade makes room for at once:
-/// 16 384 (a 128 KiB table in the kernel), or the soft `RLIMIT_NOFILE` if
-/// lower.
+/// How many fds a generation started by the supervisor makes room for at
+/// once: 16 384 (a 128 KiB table in the kernel), or the soft
+/// `RLIMIT_NOFILE` if lower.
 fn fd_table_reserve() -> usize {
     const RESERVE: u64 = 16_384;
     let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
