@@ -312,6 +312,9 @@ impl Server {
         let mut accepted: u64 = 0;
         let mut taken_over: u64 = 0;
         let key = listener.handover_key().filter(|_| self.hand_over_idle);
+        if key.is_some() {
+            cx.upgrader().hand_http_conns_over();
+        }
         // Connections the previous generation hands over, for this
         // listener (until the route is dropped, at this server's drain).
         let mut route = match (key, cx.upgrader().http_predecessor()) {

@@ -181,6 +181,9 @@ pub(crate) struct Ends {
     pub(crate) successor: Slot<Successor>,
     /// From the generation this one replaced.
     pub(crate) predecessor: Slot<Predecessor>,
+    /// Whether a server of this process hands its idle connections over:
+    /// without one, an upgrade makes no channel.
+    pub(crate) hands_over: bool,
 }
 
 /// This generation's side of the channel to the generation that replaced

@@ -18,9 +18,13 @@ pub(super) struct Staged {
 }
 
 impl Upgrader {
-    /// At the start of an upgrade: makes the channel. Without it (no fd
-    /// left), the drain closes idle connections as before.
+    /// At the start of an upgrade: makes the channel, if a server of this
+    /// process hands idle connections over. Without it (none does, or no
+    /// fd left), the drain closes idle connections as before.
     pub(super) fn stage_http_conns(&self) -> Option<Staged> {
+        if !lock(&self.inner.http_conns).hands_over {
+            return None;
+        }
         let warn = |e: &dyn std::fmt::Display| {
             tracing::warn!(
                 error = %e,
@@ -114,6 +118,12 @@ impl Upgrader {
             Slot::Running(s) => s.handed_over(),
             _ => 0,
         }
+    }
+
+    /// A server of this process hands its idle connections over: the next
+    /// upgrade makes a channel for them.
+    pub(crate) fn hand_http_conns_over(&self) {
+        lock(&self.inner.http_conns).hands_over = true;
     }
 
     /// The channel to the generation that took over, if any (started on

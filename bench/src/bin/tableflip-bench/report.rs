@@ -375,12 +375,9 @@ impl Report {
             ("replace mode", &s.idle_replace),
             ("supervised mode", &s.idle_supervised),
         ] {
-            let window = (i.gone_ms - i.ready_ms) / 1e3;
-            let rate = if window > 0.0 {
-                format!("{:.0}", i.carried_over as f64 / window)
-            } else {
-                "–".to_owned()
-            };
+            let rate = i
+                .handed_over_per_s()
+                .map_or_else(|| "–".to_owned(), |r| format!("{r:.0}"));
             let _ = writeln!(
                 out,
                 "| {name} | {} | {} | {} | {} | {} | {} | {rate} |",
@@ -762,7 +759,7 @@ impl Report {
         let _ = writeln!(
             out,
             "### Scale: draining {} open connections\n",
-            self.drain[0].connections
+            self.drain[0].upgrade.connections
         );
         let _ = writeln!(
             out,
@@ -800,10 +797,10 @@ impl Report {
                 out,
                 "| {} | {} {} | {} | {} | {} | {} | {} | {} |",
                 d.kind.name(),
-                d.connections,
+                d.upgrade.connections,
                 d.load.name(),
-                f(d.ready_ms),
-                f(d.gone_ms),
+                f(d.upgrade.ready_ms),
+                f(d.upgrade.gone_ms),
                 requests,
                 failed,
                 lat,
@@ -946,6 +943,7 @@ impl Report {
 
 /// The idle drain's outcome: closes, and connections handed over.
 fn idle_ends(d: &crate::scenarios::DrainResult) -> String {
+    let d = &d.upgrade;
     let mut out = if d.closed_eof + d.closed_reset > 0 {
         format!(
             "closed {} / {}, last {} ms",
@@ -957,12 +955,9 @@ fn idle_ends(d: &crate::scenarios::DrainResult) -> String {
         "none closed".to_owned()
     };
     if d.carried_over + d.carried_failed > 0 {
-        let window_s = (d.gone_ms - d.ready_ms) / 1000.0;
-        let rate = if window_s > 0.0 {
-            format!(", {:.0}/s", d.carried_over as f64 / window_s)
-        } else {
-            String::new()
-        };
+        let rate = d
+            .handed_over_per_s()
+            .map_or_else(String::new, |r| format!(", {r:.0}/s"));
         out.push_str(&format!("; handed over {}{rate}", d.carried_over));
         if d.carried_failed > 0 {
             out.push_str(&format!(

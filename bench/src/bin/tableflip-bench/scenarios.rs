@@ -669,20 +669,10 @@ enum IdleEnd {
 pub(crate) struct DrainResult {
     pub(crate) kind: Kind,
     pub(crate) load: DrainLoad,
-    pub(crate) connections: usize,
-    pub(crate) ready_ms: f64,
-    pub(crate) gone_ms: f64,
-    /// Idle: how the old generation ended the connections.
-    pub(crate) closed_eof: usize,
-    pub(crate) closed_reset: usize,
-    /// Idle: the last close seen, ms after `SIGHUP`.
-    pub(crate) last_close_ms: f64,
-    /// Idle: connections still open after the upgrade, whose next request
-    /// the new generation answered on the same connection (handed over).
-    pub(crate) carried_over: usize,
-    /// Idle: connections still open after the upgrade whose next request
-    /// failed.
-    pub(crate) carried_failed: usize,
+    /// The connections and the upgrade's timings; with the idle load, also
+    /// what became of the connections.
+    #[serde(flatten)]
+    pub(crate) upgrade: IdleAcross,
     /// Active: the requests during the test.
     pub(crate) requests: usize,
     pub(crate) failed: usize,
@@ -753,14 +743,10 @@ pub(crate) fn drain(
     let mut result = DrainResult {
         kind,
         load,
-        connections: n,
-        ready_ms: 0.0,
-        gone_ms: 0.0,
-        closed_eof: 0,
-        closed_reset: 0,
-        last_close_ms: 0.0,
-        carried_over: 0,
-        carried_failed: 0,
+        upgrade: IdleAcross {
+            connections: n,
+            ..IdleAcross::default()
+        },
         requests: 0,
         failed: 0,
         failures: BTreeMap::new(),
@@ -804,25 +790,18 @@ pub(crate) fn drain(
             samples.extend(rt.block_on(t).unwrap_or_default());
         }
         let u = upgraded?;
-        result.ready_ms = ms(u.ready);
-        result.gone_ms = ms(u.gone);
+        result.upgrade.ready_ms = ms(u.ready);
+        result.upgrade.gone_ms = ms(u.gone);
         let stats = ModeStats::of(Mode::KeepAlive, &samples);
         result.requests = stats.requests;
         result.failed = stats.failed;
         result.failures = stats.failures;
         result.latency = stats.latency;
     } else {
-        let idle = idle_across_upgrade(rt, streams, || {
+        result.upgrade = idle_across_upgrade(rt, streams, || {
             let u = svc.upgrade()?;
             Ok((u.hup_at, u.ready, u.gone, svc.pid))
         })?;
-        result.ready_ms = idle.ready_ms;
-        result.gone_ms = idle.gone_ms;
-        result.closed_eof = idle.closed_eof;
-        result.closed_reset = idle.closed_reset;
-        result.last_close_ms = idle.last_close_ms;
-        result.carried_over = idle.carried_over;
-        result.carried_failed = idle.carried_failed;
     }
     svc.stop(Duration::from_secs(30))?;
     Ok(result)
@@ -843,6 +822,14 @@ pub(crate) struct IdleAcross {
     /// generation on the same connection (handed over), or not.
     pub(crate) carried_over: usize,
     pub(crate) carried_failed: usize,
+}
+
+impl IdleAcross {
+    /// Connections handed over per second of ready → old generation gone.
+    pub(crate) fn handed_over_per_s(&self) -> Option<f64> {
+        let window_s = (self.gone_ms - self.ready_ms) / 1e3;
+        (window_s > 0.0).then(|| self.carried_over as f64 / window_s)
+    }
 }
 
 /// Watches every stream of `streams` (idle keep-alive connections, each
