@@ -28,7 +28,7 @@ use crate::bind::{self, ListenSpec, SetupHook};
 use crate::error::{Error, Result};
 use crate::network::{Address, Network};
 use crate::protocol::{EntryMeta, Inherited};
-use crate::socket::{self, Conn, File, FromFd, Kind, Listener, PacketConn, SockId};
+use crate::socket::{self, Conn, CopyIs, File, FromFd, Kind, Listener, PacketConn, SockId};
 use crate::sys;
 use crate::unixfile::FileId;
 use crate::unixfile::SocketFile;
@@ -69,14 +69,8 @@ impl Lent {
     fn copy(&self) -> std::io::Result<Option<OwnedFd>> {
         // Looked at first without duplicating: closing a duplicate of a
         // file that took the number would drop this process's record locks
-        // on it (fcntl(2)). By its local address when known: that call
-        // also fails on anything but a socket; the inode is compared on
-        // the duplicate below.
-        let looks_alive = match self.id.local() {
-            Some(local) => sys::local_addr_of_number(self.raw).as_ref() == Some(local),
-            None => self.alive(),
-        };
-        if !looks_alive {
+        // on it (fcntl(2)).
+        if !self.id.looks_like(self.raw) {
             return Ok(None);
         }
         let dup = match sys::dup_number(self.raw) {
@@ -85,30 +79,23 @@ impl Lent {
             // EMFILE and the like say nothing about the socket.
             Err(e) => return Err(e),
         };
-        // The same socket (inodes are unique among live sockets; its
-        // address was checked above, against an inode number reused over
-        // the life of the process), unless the number changed between the
-        // look and the duplicate (another thread closed and reused it).
-        let ino = sys::socket_inode_of_number(dup.as_raw_fd());
-        let same = match self.id.local() {
-            Some(_) => ino == Some(self.id.ino()),
-            None => SockId::of(dup.as_fd()).ok() == Some(self.id.clone()),
-        };
-        if same {
-            return Ok(Some(dup));
+        // The same socket, unless the number changed between the look and
+        // the duplicate (another thread closed and reused it).
+        match self.id.check_copy(dup.as_fd()) {
+            CopyIs::Same => Ok(Some(dup)),
+            CopyIs::OtherSocket => Ok(None),
+            CopyIs::NotASocket => {
+                // Never close a duplicate of what may be a file (see above).
+                std::mem::forget(dup);
+                Ok(None)
+            }
         }
-        // Never close a duplicate of what may be a file (see above); a
-        // socket's is harmless to close.
-        if ino.is_none() {
-            std::mem::forget(dup);
-        }
-        Ok(None)
     }
 
-    /// Whether the number still refers to this socket (its inode), looked
-    /// at without duplicating it.
+    /// Whether the number still refers to this socket, looked at without
+    /// duplicating it.
     fn alive(&self) -> bool {
-        sys::socket_inode_of_number(self.raw) == Some(self.id.ino())
+        self.id.looks_like(self.raw)
     }
 }
 
@@ -176,6 +163,23 @@ impl Entry {
         match &self.slot {
             Slot::Owned(fd) | Slot::Shared { own: fd, .. } => Some(fd.as_raw_fd()),
             Slot::Lent(_) => None,
+        }
+    }
+
+    /// The socket cookie to send with the entry (see
+    /// [`EntryMeta::cookie`]): known already when the application holds
+    /// the socket or when it was inherited with one; read otherwise.
+    fn cookie(&self) -> Option<u64> {
+        if self.kind == Kind::File {
+            return None;
+        }
+        match &self.slot {
+            Slot::Shared { lent, .. } | Slot::Lent(lent) => lent.id.cookie(),
+            Slot::Owned(fd) => self
+                .owned_id
+                .as_ref()
+                .and_then(SockId::cookie)
+                .or_else(|| sys::socket_cookie_of_number(fd.as_raw_fd()).ok()),
         }
     }
 
@@ -1115,6 +1119,7 @@ impl Fds {
                 activated: e.activated,
                 file_dev: e.file.as_ref().and_then(|f| f.id).map(|id| id.dev),
                 file_ino: e.file.as_ref().and_then(|f| f.id).map(|id| id.ino),
+                cookie: e.cookie(),
             });
             fds.push(fd);
         }
@@ -1512,5 +1517,48 @@ mod tests {
             .collect();
         assert_eq!(handed, ["state"]);
         assert!(snapshot.sockets().is_empty());
+    }
+
+    /// The snapshot sends each socket's cookie (the next generation's one
+    /// check of it), read when the application took the socket; a file
+    /// has none. A socket the application closed is not handed on, and a
+    /// number reused by another socket is not mistaken for it.
+    #[test]
+    fn the_snapshot_sends_socket_cookies_and_drops_closed_sockets() {
+        let fds = fds();
+        let spec = crate::ListenSpec::new("web", "tcp", "127.0.0.1:0");
+        let listener = match fds.listen_with::<std::net::TcpListener>(&spec) {
+            Ok(l) => l,
+            Err(e) => panic!("cannot listen: {e}"),
+        };
+        let cookie = socket2::SockRef::from(&listener).cookie().ok();
+        assert!(cookie.is_some(), "this kernel reads socket cookies");
+        let kept = fds.add_file("state", dev_null());
+        assert!(kept.is_ok(), "{kept:?}");
+        {
+            let Ok(snapshot) = fds.snapshot() else {
+                panic!("no snapshot");
+            };
+            let mut sent: Vec<(&str, Option<u64>)> = snapshot
+                .entries
+                .iter()
+                .map(|m| (m.name.as_str(), m.cookie))
+                .collect();
+            sent.sort_unstable();
+            assert_eq!(sent, [("state", None), ("web", cookie)]);
+        }
+        fds.release_copies();
+        // Closed, and its number most likely taken by another socket (the
+        // lowest free number; another test thread may take it first).
+        drop(listener);
+        let _other = match std::net::TcpListener::bind("127.0.0.1:0") {
+            Ok(l) => l,
+            Err(e) => panic!("cannot bind: {e}"),
+        };
+        let Ok(snapshot) = fds.snapshot() else {
+            panic!("no snapshot");
+        };
+        let names: Vec<&str> = snapshot.entries.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["state"]);
     }
 }

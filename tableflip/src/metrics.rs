@@ -14,6 +14,7 @@
 //! | `tableflip_drains_total` | counter | drains | | a generation finished its drain |
 //! | `tableflip_drain_seconds` | histogram | seconds | | the drain's length |
 //! | `tableflip_drain_abandoned_tasks_total` | counter | tasks | | tasks still running at the drain timeout |
+//! | `tableflip_drain_connections_handed_over_total` | counter | connections | | a generation finished its drain: the idle HTTP/1 connections it handed to the next generation instead of closing them (`tableflip::http`, `Server::hand_over_idle`) |
 //! | `tableflip_generations_alive` | gauge | processes | | the service's generations (serving, starting, draining) change (supervised mode: sent by the supervisor; replace mode: 1 or 2, this generation and its parent) |
 //!
 //! Each process has its own recorder: counters start at zero in each
@@ -33,12 +34,26 @@ use crate::ctl::Failure;
 #[serde(tag = "metric", rename_all = "snake_case")]
 pub(crate) enum Metric {
     UpgradeStarted,
-    UpgradeSucceeded { ready_seconds: f64 },
-    UpgradeFailed { reason: Failure },
-    OldGenerationGone { seconds: f64 },
+    UpgradeSucceeded {
+        ready_seconds: f64,
+    },
+    UpgradeFailed {
+        reason: Failure,
+    },
+    OldGenerationGone {
+        seconds: f64,
+    },
     RolledBack,
-    Drained { seconds: f64, abandoned: u64 },
-    GenerationsAlive { count: u64 },
+    Drained {
+        seconds: f64,
+        abandoned: u64,
+        /// Absent from a generation of a build before it was added.
+        #[serde(default)]
+        handed_over: u64,
+    },
+    GenerationsAlive {
+        count: u64,
+    },
 }
 
 /// Logs `m` (target `tableflip::metrics`) and records it.
@@ -66,10 +81,15 @@ fn log(m: &Metric) {
         Metric::RolledBack => {
             tracing::info!(target: T, metric = "tableflip_rollbacks_total", value = 1u64);
         }
-        Metric::Drained { seconds, abandoned } => {
+        Metric::Drained {
+            seconds,
+            abandoned,
+            handed_over,
+        } => {
             tracing::info!(target: T, metric = "tableflip_drains_total", value = 1u64);
             tracing::info!(target: T, metric = "tableflip_drain_seconds", value = seconds);
             tracing::info!(target: T, metric = "tableflip_drain_abandoned_tasks_total", value = abandoned);
+            tracing::info!(target: T, metric = "tableflip_drain_connections_handed_over_total", value = handed_over);
         }
         Metric::GenerationsAlive { count } => {
             tracing::info!(target: T, metric = "tableflip_generations_alive", value = count);
@@ -97,10 +117,16 @@ pub(crate) fn record(m: &Metric) {
             ::metrics::histogram!("tableflip_upgrade_old_gone_seconds").record(*seconds);
         }
         Metric::RolledBack => ::metrics::counter!("tableflip_rollbacks_total").increment(1),
-        Metric::Drained { seconds, abandoned } => {
+        Metric::Drained {
+            seconds,
+            abandoned,
+            handed_over,
+        } => {
             ::metrics::counter!("tableflip_drains_total").increment(1);
             ::metrics::histogram!("tableflip_drain_seconds").record(*seconds);
             ::metrics::counter!("tableflip_drain_abandoned_tasks_total").increment(*abandoned);
+            ::metrics::counter!("tableflip_drain_connections_handed_over_total")
+                .increment(*handed_over);
         }
         Metric::GenerationsAlive { count } => {
             #[allow(clippy::cast_precision_loss)]

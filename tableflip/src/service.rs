@@ -584,14 +584,15 @@ async fn lifecycle(
     loop {
         tokio::select! {
             abandoned = &mut drain => {
-                crate::metrics::emit(&crate::metrics::Metric::Drained {
-                    seconds: crate::metrics::seconds(started.elapsed()),
-                    abandoned: abandoned as u64,
-                });
                 #[cfg(feature = "http")]
                 let handed_over = upgrader.http_conns_handed_over();
                 #[cfg(not(feature = "http"))]
                 let handed_over = 0_u64;
+                crate::metrics::emit(&crate::metrics::Metric::Drained {
+                    seconds: crate::metrics::seconds(started.elapsed()),
+                    abandoned: abandoned as u64,
+                    handed_over,
+                });
                 if abandoned == 0 {
                     tracing::info!(
                         elapsed_ms = started.elapsed().as_millis() as u64,

@@ -2,7 +2,7 @@
 //! what its name says.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::sys::stat::{SFlag, fstat};
 use serde::{Deserialize, Serialize};
@@ -186,6 +186,21 @@ pub(crate) fn check_fd(
     check_fd_id(fd, kind, network).map(|_| ())
 }
 
+/// Checks that an entry of socket `kind` on `network` makes sense on its
+/// own, before any socket is compared with it; returns the network.
+pub(crate) fn check_shape(kind: Kind, network: Option<Network>) -> Result<Network, String> {
+    let Some(network) = network else {
+        return Err("its entry names no network".to_owned());
+    };
+    if kind == Kind::Listener && !network.is_stream() {
+        return Err(format!("a {network} socket cannot be a listener"));
+    }
+    if kind == Kind::Packet && network.is_stream() {
+        return Err(format!("a {network} socket cannot be a packet socket"));
+    }
+    Ok(network)
+}
+
 /// As [`check_fd`]; returns the socket's identity (`None` for a file),
 /// read by the same system calls as the checks (a handover of thousands
 /// of listeners makes one pass over each fd).
@@ -209,17 +224,7 @@ pub(crate) fn check_fd_id(
             kind.describe()
         ));
     }
-    let Some(network) = network else {
-        return Err("its entry names no network".to_owned());
-    };
-    // The entry must make sense on its own before the socket is compared
-    // with it.
-    if kind == Kind::Listener && !network.is_stream() {
-        return Err(format!("a {network} socket cannot be a listener"));
-    }
-    if kind == Kind::Packet && network.is_stream() {
-        return Err(format!("a {network} socket cannot be a packet socket"));
-    }
+    let network = check_shape(kind, network)?;
     let sock = socket2::SockRef::from(&fd);
     let ty = sock
         .r#type()
@@ -264,7 +269,7 @@ pub(crate) fn check_fd_id(
             _ => {}
         }
     }
-    Ok(Some(SockId {
+    Ok(Some(SockId::Inode {
         ino: st.st_ino,
         local: Some(local),
     }))
@@ -373,29 +378,100 @@ pub(crate) fn unix_path(fd: BorrowedFd<'_>) -> Option<std::path::PathBuf> {
 }
 
 /// What a socket is, to tell whether an fd number still refers to the
-/// socket it referred to: the socket's inode (unique among live sockets)
-/// and its local address (against the rare reuse of an inode number).
+/// socket it referred to.
+///
+/// On Linux, its socket cookie (`SO_COOKIE`, socket(7)): unique among the
+/// sockets created since boot, never reused, and one system call to read.
+/// Elsewhere (or on a kernel without cookies), its inode (unique among
+/// live sockets) and its local address (against the rare reuse of an
+/// inode number).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct SockId {
-    ino: u64,
-    local: Option<socket2::SockAddr>,
+pub(crate) enum SockId {
+    Cookie(u64),
+    Inode {
+        ino: u64,
+        local: Option<socket2::SockAddr>,
+    },
+}
+
+/// What [`SockId::check_copy`] found behind a duplicated number.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum CopyIs {
+    /// The socket itself.
+    Same,
+    /// Another socket: the duplicate may be closed.
+    OtherSocket,
+    /// Not a socket, or unknown: the duplicate must not be closed (closing
+    /// a duplicate of a file drops this process's record locks on it,
+    /// fcntl(2)).
+    NotASocket,
 }
 
 impl SockId {
-    /// The socket's inode.
-    pub(crate) fn ino(&self) -> u64 {
-        self.ino
-    }
-
-    /// The socket's local address, when it could be read.
-    pub(crate) fn local(&self) -> Option<&socket2::SockAddr> {
-        self.local.as_ref()
-    }
-
+    /// Reads the identity of the socket `fd`: its cookie where the kernel
+    /// has them (one call), its inode and address otherwise.
     pub(crate) fn of(fd: BorrowedFd<'_>) -> io::Result<SockId> {
-        let ino = fstat(fd)?.st_ino;
-        let local = socket2::SockRef::from(&fd).local_addr().ok();
-        Ok(SockId { ino, local })
+        match sys::socket_cookie_of_number(fd.as_raw_fd()) {
+            Ok(cookie) => Ok(SockId::Cookie(cookie)),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOPROTOOPT) => {
+                let ino = fstat(fd)?.st_ino;
+                let local = socket2::SockRef::from(&fd).local_addr().ok();
+                Ok(SockId::Inode { ino, local })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The cookie, when the identity is one.
+    pub(crate) fn cookie(&self) -> Option<u64> {
+        match self {
+            SockId::Cookie(c) => Some(*c),
+            SockId::Inode { .. } => None,
+        }
+    }
+
+    /// Whether the fd number `raw` (not necessarily this process's own:
+    /// only read, never duplicated) looks like this socket now: a cheap
+    /// look before duplicating it, which [`check_copy`](Self::check_copy)
+    /// confirms.
+    pub(crate) fn looks_like(&self, raw: RawFd) -> bool {
+        match self {
+            SockId::Cookie(c) => sys::socket_cookie_of_number(raw).ok() == Some(*c),
+            SockId::Inode {
+                local: Some(local), ..
+            } => sys::local_addr_of_number(raw).as_ref() == Some(local),
+            SockId::Inode { ino, local: None } => sys::socket_inode_of_number(raw) == Some(*ino),
+        }
+    }
+
+    /// What the duplicate `dup` of a number that [`looks_like`](Self::looks_like)
+    /// this socket refers to (another thread may have closed and reused
+    /// the number in between).
+    pub(crate) fn check_copy(&self, dup: BorrowedFd<'_>) -> CopyIs {
+        match self {
+            SockId::Cookie(c) => match sys::socket_cookie_of_number(dup.as_raw_fd()) {
+                Ok(got) if got == *c => CopyIs::Same,
+                Ok(_) => CopyIs::OtherSocket,
+                Err(_) => CopyIs::NotASocket,
+            },
+            SockId::Inode { ino, local } => {
+                let Some(got) = sys::socket_inode_of_number(dup.as_raw_fd()) else {
+                    return CopyIs::NotASocket;
+                };
+                // With an address, it was compared by `looks_like`; the
+                // inode (unique among live sockets) says the number did
+                // not change since.
+                let same = match local {
+                    Some(_) => got == *ino,
+                    None => SockId::of(dup).ok().as_ref() == Some(self),
+                };
+                if same {
+                    CopyIs::Same
+                } else {
+                    CopyIs::OtherSocket
+                }
+            }
+        }
     }
 }
 

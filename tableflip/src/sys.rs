@@ -310,6 +310,42 @@ pub(crate) fn local_addr_of_number(fd: RawFd) -> Option<socket2::SockAddr> {
     got.ok().map(|((), addr)| addr)
 }
 
+/// The socket cookie of the socket the fd number `fd` refers to, now
+/// (`getsockopt(SO_COOKIE)`, Linux 4.12 and later, socket(7)): a 64-bit
+/// number the kernel gives each socket, unique among all the sockets
+/// created since boot and never reused. It reads only: the number need
+/// not be the caller's. `Err(ENOTSOCK)` when the number is a file,
+/// `Err(EBADF)` when it is not open, `Err(ENOPROTOOPT)` on a kernel
+/// without socket cookies.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn socket_cookie_of_number(fd: RawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap_or(8);
+    // SAFETY: `getsockopt` writes at most `len` bytes (the size of
+    // `cookie`) into `cookie` and the size it wrote into `len`, both valid
+    // for writes; on a closed number or a file it fails and writes nothing.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    })?;
+    if usize::try_from(len).ok() != Some(std::mem::size_of::<u64>()) {
+        return Err(io::Error::from_raw_os_error(libc::ENOPROTOOPT));
+    }
+    Ok(cookie)
+}
+
+/// No socket cookies outside Linux: the callers identify sockets by inode
+/// and address instead.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn socket_cookie_of_number(_fd: RawFd) -> io::Result<u64> {
+    Err(io::Error::from_raw_os_error(libc::ENOPROTOOPT))
+}
+
 /// Whether the fd number `fd` refers, now, to a socket, and its inode if
 /// so ([fstat(2)], which only reads: the number need not be the caller's).
 ///

@@ -578,6 +578,7 @@ pub(crate) fn listen_fds() -> Result<Vec<Inherited>> {
                 activated: !from_store,
                 file_dev: None,
                 file_ino: None,
+                cookie: None,
             },
             network: Some(network),
             fd: owned,

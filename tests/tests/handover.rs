@@ -4,6 +4,12 @@
 //! must return a clear error naming the problem: never a panic, never a
 //! socket used as the wrong kind, never an fd closed that was not proven to
 //! be its own).
+//!
+//! An entry that carries a socket cookie (`SO_COOKIE`) is checked by it
+//! alone: the cookie of the very socket behind the fd can only come from a
+//! process that holds that socket (the previous generation, which checked
+//! it), so its kind, network and address are taken from the entry. A
+//! cookie that does not match, or an fd that is no socket, is refused.
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -509,6 +515,51 @@ fn entry_connected_stream_as_a_listener() {
         "InheritMismatch",
         &["fd %c%: it is a TCP socket that is not listening"],
     );
+}
+
+/// A socket cookie proves which socket the previous generation handed on
+/// (the next generation then skips the checks of type, address and
+/// state): the cookie of another socket is refused, naming it.
+#[test]
+fn entry_with_the_cookie_of_another_socket() {
+    let r = reject(
+        Hand::new()
+            .make("a", "tcp-listener")
+            .make("b", "tcp-listener")
+            .entries(
+                r#"{"name":"web","kind":"listener","fd":%a%,"network":"tcp","address":"%a.addr%","cookie":%b.cookie%}"#,
+            ),
+    );
+    r.says(
+        "InheritMismatch",
+        &[
+            "fd %a%: it is not the socket the previous generation handed on",
+            "socket cookie %b.cookie% expected",
+        ],
+    );
+}
+
+/// A cookie on an entry whose fd is a file: not a socket, whatever the
+/// cookie says.
+#[test]
+fn entry_with_a_cookie_on_a_file() {
+    let r = reject(Hand::new().make("f", "file").entries(
+        r#"{"name":"web","kind":"listener","fd":%f%,"network":"tcp","address":"127.0.0.1:1","cookie":12345}"#,
+    ));
+    r.says(
+        "InheritMismatch",
+        &["fd %f%: it is not a socket, expected a listener"],
+    );
+}
+
+/// With its own cookie, an entry that makes no sense on its own (a UDP
+/// listener) is still refused.
+#[test]
+fn entry_with_a_cookie_and_an_impossible_kind() {
+    let r = reject(Hand::new().make("u", "udp").entries(
+        r#"{"name":"web","kind":"listener","fd":%u%,"network":"udp","address":"%u.addr%","cookie":%u.cookie%}"#,
+    ));
+    r.says("InheritMismatch", &["a udp socket cannot be a listener"]);
 }
 
 #[test]

@@ -28,12 +28,14 @@ fn start(
         .env("AX_ADDR", &addr)
         .env("AX_UNIX", &unix)
         .env("PID_FILE", &pid_file)
-        .env("RUST_LOG", "warn")
+        // The metrics' events too (`stderr.log` in `ctl`).
+        .env("RUST_LOG", "warn,tableflip::metrics=info")
         // Without handover, an idle connection would live on in the old
         // generation for a minute (or until the 20 s drain timeout).
         .env("AX_LINGER_MS", "60000")
         .envs(envs.iter().copied());
-    let svc = Service::spawn(cmd);
+    log_to_file(&mut cmd, ctl);
+    let svc = Service::spawn_keeping_stderr(cmd);
     let sup = svc.first_pid();
     wait_until("the service writes its PID file", || {
         pid_file_pid(&pid_file) == Some(sup)
@@ -148,6 +150,17 @@ fn idle_connection_is_carried_over(mode: &str) {
         e.kind == "served" && e.pid == new && e.get("listener") == "tcp"
     });
     assert_eq!(served.get("taken_over"), "1", "{}", served.line);
+    // The generations that handed it over counted it in their drain's
+    // metric (in supervised mode, relayed to the serving generation).
+    let log = std::fs::read_to_string(h.ctl.path().join("stderr.log")).unwrap_or_default();
+    let handed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("metric=\"tableflip_drain_connections_handed_over_total\""))
+        .collect();
+    assert!(
+        handed.iter().any(|l| !l.ends_with("value=0")),
+        "no drain counted a connection handed over: {handed:?}"
+    );
     // Handed over, then silent through the next upgrade: it goes on again
     // (the generation that took it does not wait for its next request).
     let target = if mode == "replace" { newer } else { target };

@@ -24,7 +24,7 @@
 //! nothing is handed on).
 //!
 //! In templates, `%NAME%` is the fd number of a resource, `%NAME.addr%` its
-//! address, `%parent%` / `%ready%` the protocol pipes' fds (read end of the
+//! address, `%NAME.cookie%` a socket's cookie (`SO_COOKIE`), `%parent%` / `%ready%` the protocol pipes' fds (read end of the
 //! metadata pipe, write end of the readiness pipe), `%pid%` this process and
 //! `%childfd%` the lowest fd number the target does not inherit: the first
 //! fd the target opens itself lands there.
@@ -304,6 +304,12 @@ fn main() {
         vars.insert(name.clone(), number.to_string());
         if let Some(addr) = addr {
             vars.insert(format!("{name}.addr"), addr);
+        }
+        if let Some(cookie) = fd
+            .as_ref()
+            .and_then(|fd| socket2::SockRef::from(fd).cookie().ok())
+        {
+            vars.insert(format!("{name}.cookie"), cookie.to_string());
         }
         passed.extend(fd);
     }
