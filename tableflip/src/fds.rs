@@ -69,7 +69,8 @@ impl Lent {
     fn copy(&self) -> std::io::Result<Option<OwnedFd>> {
         // Looked at first without duplicating: closing a duplicate of a
         // file that took the number would drop this process's record locks
-        // on it (fcntl(2)).
+        // on it (fcntl(2)), and keeping it open would keep, say, a pipe's
+        // end open.
         if !self.id.looks_like(self.raw) {
             return Ok(None);
         }

@@ -56,15 +56,15 @@ impl Upgrader {
             // The registry stays locked until the child is spawned, so no fd
             // named in the snapshot can be closed (and its number reused) in
             // between.
-            let snapshot = self.inner.fds.snapshot()?;
-            let mut inherit = snapshot.fds.clone();
+            let mut snapshot = self.inner.fds.snapshot()?;
+            let mut inherit = std::mem::take(&mut snapshot.fds);
             inherit.push(parent_r.as_raw_fd());
             inherit.push(ready_w.as_raw_fd());
             let meta = protocol::Metadata {
                 version: protocol::VERSION,
                 parent_pid: std::process::id(),
                 generation: self.inner.generation.saturating_add(1),
-                entries: snapshot.entries.clone(),
+                entries: std::mem::take(&mut snapshot.entries),
                 supervisor: None,
                 executable: rollback.as_ref().and_then(|_| launch.executable().ok()),
                 rollback,
