@@ -346,6 +346,22 @@ pub(crate) fn socket_cookie_of_number(_fd: RawFd) -> io::Result<u64> {
     Err(io::Error::from_raw_os_error(libc::ENOPROTOOPT))
 }
 
+/// Exchanges the files named `a` and `b` atomically (`renameat2` with
+/// `RENAME_EXCHANGE`, rename(2), Linux 3.15 and glibc 2.28): both must
+/// exist. Fails (`EINVAL`, `ENOSYS`) where the filesystem or the kernel
+/// cannot.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub(crate) fn rename_exchange(a: &std::path::Path, b: &std::path::Path) -> io::Result<()> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    renameat2(AT_FDCWD, a, AT_FDCWD, b, RenameFlags::RENAME_EXCHANGE).map_err(io::Error::from)
+}
+
+/// `rename_exchange` where it is not available: always fails.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn rename_exchange(_a: &std::path::Path, _b: &std::path::Path) -> io::Result<()> {
+    Err(io::Error::from_raw_os_error(libc::ENOSYS))
+}
+
 /// Whether the fd number `fd` refers, now, to a socket, and its inode if
 /// so ([fstat(2)], which only reads: the number need not be the caller's).
 ///
