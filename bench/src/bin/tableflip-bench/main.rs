@@ -16,6 +16,7 @@
 
 mod elf;
 mod load;
+mod pidfile;
 mod plot;
 mod procs;
 mod report;
@@ -58,7 +59,7 @@ usage: tableflip-bench [--quick] [--out DIR] [--run-dir DIR] [--only SECTIONS]
                   for --quick)
   --run-dir DIR   where the services' PID files and sockets go (default:
                   /dev/shm, tmpfs; a directory on a disk shows what fsync costs)
-  --only SECTIONS comma-separated subset of: latency, ballast, load, listeners,
+  --only SECTIONS comma-separated subset of: latency, pidfile, ballast, load, listeners,
                   drain, intermittent, generations, overhead, supervisor, state,
                   tls (default: all)
 
@@ -66,8 +67,9 @@ Go's tableflip is the third peer when `go` (on PATH) and the Debian package
 golang-github-cloudflare-tableflip-dev are installed; otherwise it is
 skipped with a message.";
 
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "latency",
+    "pidfile",
     "ballast",
     "load",
     "listeners",
@@ -381,6 +383,10 @@ fn run() -> Result<(), Error> {
         eprintln!("upgrade latency and exec floor");
         report.latency = scenarios::latency(&lab, &cfg)?;
         plot::latency_cdf(&report.latency, &out.join("upgrade_latency.svg"))?;
+    }
+    if on("pidfile") {
+        eprintln!("readiness and the PID file's filesystem");
+        report.pid_file = pidfile::pid_file(&lab, &cfg)?;
     }
     if on("ballast") {
         eprintln!(

@@ -194,7 +194,7 @@ pub(crate) struct Timings {
 }
 
 impl Timings {
-    fn push(&mut self, u: &Upgrade) {
+    pub(crate) fn push(&mut self, u: &Upgrade) {
         self.ready.push(ms(u.ready));
         if let Some(p) = u.pid_file {
             self.pid_file.push(ms(p));
