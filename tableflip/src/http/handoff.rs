@@ -229,6 +229,9 @@ impl Successor {
                 Ok(Some((len, _fds))) => &buf[..len],
                 Ok(None) => break,
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => continue,
+                // The other generation closed its end with packets of this
+                // one unread (it exited): the channel's normal end.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
                 Err(e) => {
                     tracing::debug!(error = %e, "connection handover channel failed");
                     break;
@@ -445,6 +448,9 @@ impl Predecessor {
                 Ok(Some(got)) => got,
                 Ok(None) => break,
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => continue,
+                // The other generation closed its end with packets of this
+                // one unread (it exited): the channel's normal end.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
                 Err(e) => {
                     tracing::debug!(error = %e, "connection handover channel failed");
                     break;
