@@ -566,57 +566,68 @@ pub(crate) struct ListenersResult {
     pub(crate) failure: Option<String>,
 }
 
-/// Upgrade latency with 1, 10, 100, 1000 listeners.
+/// Upgrade latency with 1, 10, 100, 1000 listeners. At each count the
+/// libraries take turns, upgrade by upgrade and then fresh start by fresh
+/// start (in the balanced order of [`round_order`]), so that a slower
+/// moment of the machine weighs on each alike.
 pub(crate) fn listeners(lab: &Lab, cfg: &Config) -> Result<Vec<ListenersResult>, Error> {
     let mut results = Vec::new();
     for &n in &cfg.listener_counts {
-        for kind in lab.peers() {
-            let (mut svc, _) = Service::start(lab, kind, local(free_port()?), n)?;
-            let mut upgrades = Timings::default();
-            let mut failure = None;
-            for _ in 0..cfg.listener_upgrades {
+        let kinds = lab.peers();
+        let mut services = Vec::new();
+        let mut round: Vec<ListenersResult> = Vec::new();
+        for &kind in &kinds {
+            let (svc, _) = Service::start(lab, kind, local(free_port()?), n)?;
+            services.push(Some(svc));
+            round.push(ListenersResult {
+                kind,
+                listeners: n,
+                upgrades: Timings::default(),
+                floor: Vec::new(),
+                fds: 0,
+                failure: None,
+            });
+        }
+        for r in 0..cfg.listener_upgrades {
+            for i in round_order(kinds.len(), r) {
+                let Some(svc) = services[i].as_mut() else {
+                    continue;
+                };
                 match svc.upgrade() {
-                    Ok(u) => upgrades.push(&u),
+                    Ok(u) => round[i].upgrades.push(&u),
                     // Back-to-back upgrades are where Go's tableflip was
                     // seen to fail (BENCHMARKS.md): a peer's failure is
-                    // recorded, tableflip's ends the run.
-                    Err(e) if kind != Kind::Tableflip => {
+                    // recorded (the rest of its upgrades at this count are
+                    // not run), tableflip's ends the run.
+                    Err(e) if kinds[i] != Kind::Tableflip => {
                         eprintln!(
                             "\n  {} failed an upgrade at {n} listeners: {e}",
-                            kind.name()
+                            kinds[i].name()
                         );
-                        failure = Some(e.to_string());
-                        break;
+                        round[i].failure = Some(e.to_string());
+                        // Dropped: every generation still alive is killed.
+                        services[i] = None;
                     }
                     Err(e) => return Err(e),
                 }
             }
-            let fds = if failure.is_none() {
+        }
+        for (i, svc) in services.into_iter().enumerate() {
+            if let Some(svc) = svc {
                 probe(svc.addr)?;
-                let fds = svc.usage().fds;
+                round[i].fds = svc.usage().fds;
                 svc.stop(Duration::from_secs(10))?;
-                fds
-            } else {
-                // Dropped: every generation still alive is killed.
-                drop(svc);
-                0
-            };
-            let mut floor = Vec::new();
-            for _ in 0..cfg.listener_upgrades {
-                let (fresh, start) = Service::start(lab, kind, local(free_port()?), n)?;
-                floor.push(ms(start.ready));
+            }
+        }
+        for r in 0..cfg.listener_upgrades {
+            for i in round_order(kinds.len(), r) {
+                let (fresh, start) = Service::start(lab, kinds[i], local(free_port()?), n)?;
+                round[i].floor.push(ms(start.ready));
                 fresh.stop(Duration::from_secs(10))?;
             }
-            results.push(ListenersResult {
-                kind,
-                listeners: n,
-                upgrades,
-                floor,
-                fds,
-                failure,
-            });
-            eprint!("\r  listeners: {n} ({})      ", kind.name());
         }
+        results.extend(round);
+        eprint!("\r  listeners: {n}      ");
     }
     eprintln!();
     Ok(results)
