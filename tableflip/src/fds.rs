@@ -71,7 +71,7 @@ impl Lent {
         // file that took the number would drop this process's record locks
         // on it (fcntl(2)), and keeping it open would keep, say, a pipe's
         // end open.
-        if !self.id.looks_like(self.raw) {
+        if !self.alive() {
             return Ok(None);
         }
         let dup = match sys::dup_number(self.raw) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::Error;
 use crate::procs::{Kind, Lab, Service, free_port};
-use crate::scenarios::{Config, Timings};
+use crate::scenarios::{Config, Timings, local};
 use crate::stats::Summary;
 
 /// Upgrades with the PID file on one filesystem.
@@ -35,7 +35,7 @@ fn disk_dir() -> Option<(PathBuf, String)> {
 }
 
 /// The filesystem type of `dir`, by name where known.
-pub(crate) fn fs_name(dir: &Path) -> Option<String> {
+fn fs_name(dir: &Path) -> Option<String> {
     use nix::sys::statfs::{
         BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC, statfs,
     };
@@ -108,10 +108,6 @@ fn run(lab: &Lab, cfg: &Config, disk: &Path, disk_fs: String) -> Result<Vec<PidF
         svc.stop(Duration::from_secs(10))?;
     }
     Ok(results.to_vec())
-}
-
-fn local(port: u16) -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// The difference of the medians of SIGHUP → ready, disk − tmpfs, in ms,

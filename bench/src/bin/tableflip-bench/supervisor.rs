@@ -116,7 +116,7 @@ struct Supervised {
 
 impl Supervised {
     fn start(lab: &Lab, dir: &Path) -> Result<Supervised, Error> {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let addr = crate::scenarios::local(free_port()?);
         let stop = Arc::new(AtomicBool::new(false));
         let notify_path = dir.join("notify.sock");
         let notify = crate::procs::listen_notify(&notify_path, Arc::clone(&stop))?;
@@ -244,7 +244,7 @@ pub(crate) fn supervisor(
     let mut replace = Service::start(
         lab,
         Kind::Tableflip,
-        std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        crate::scenarios::local(free_port()?),
         1,
     )?
     .0;

@@ -216,7 +216,7 @@ pub(crate) fn tls(lab: &Lab, cfg: &Config) -> Result<Vec<TlsResult>, Error> {
         for tickets in ["handover", "fresh"] {
             let dir = lab.next_dir(Kind::Tableflip)?;
             let pki = Pki::new(&dir, key_type)?;
-            let tls_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let tls_addr = crate::scenarios::local(free_port()?);
             let env = [
                 ("BENCH_TLS_ADDR", tls_addr.to_string()),
                 ("BENCH_TLS_CERT", pki.cert.display().to_string()),
@@ -227,7 +227,7 @@ pub(crate) fn tls(lab: &Lab, cfg: &Config) -> Result<Vec<TlsResult>, Error> {
                 lab,
                 Kind::Tableflip,
                 TLS_BINARY,
-                SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+                crate::scenarios::local(free_port()?),
                 1,
                 None,
                 &env,
