@@ -94,8 +94,10 @@ fn axum_on_a_unix_socket_fails_no_request_across_upgrades() {
     let (mut svc, _addr, pid_file) = start(ctl);
     let path = ctl.path().join("http.sock");
     let stop = Arc::new(AtomicBool::new(false));
+    // The last PID that answered, for the test to wait on.
+    let last = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let client = {
-        let (path, stop) = (path.clone(), Arc::clone(&stop));
+        let (path, stop, last) = (path.clone(), Arc::clone(&stop), Arc::clone(&last));
         std::thread::spawn(move || {
             let (mut ok, mut failures, mut pids) = (0u64, Vec::new(), Vec::new());
             while !stop.load(Ordering::Relaxed) {
@@ -112,6 +114,7 @@ fn axum_on_a_unix_socket_fails_no_request_across_upgrades() {
                     Ok(r) if r.status == 200 => {
                         ok += 1;
                         let pid = reply_pid(&r.body);
+                        last.store(pid, Ordering::Relaxed);
                         if !pids.contains(&pid) {
                             pids.push(pid);
                         }
@@ -127,6 +130,11 @@ fn axum_on_a_unix_socket_fails_no_request_across_upgrades() {
     for _ in 0..3 {
         current = upgrade_via_pid_file(&mut svc, &pid_file, current);
     }
+    // The old generation is gone; the client's request in flight may have
+    // been its last: stop once the newest generation has answered one.
+    wait_until("the newest generation answers the client", || {
+        last.load(Ordering::Relaxed) == current
+    });
     stop.store(true, Ordering::Relaxed);
     let (ok, failures, pids) = client.join().expect("client thread");
     eprintln!(
