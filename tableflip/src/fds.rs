@@ -269,6 +269,16 @@ impl Snapshot<'_> {
         self.of_kinds(&[Kind::Conn, Kind::File])
     }
 
+    /// The fds of `entries` (this snapshot's, taken out of it), in their
+    /// order, borrowed from the locked registry (what a version-2 handover
+    /// sends over its socket).
+    pub(crate) fn fds_of(&self, entries: &[EntryMeta]) -> Vec<BorrowedFd<'_>> {
+        entries
+            .iter()
+            .filter_map(|m| self._guard.entries.get(&m.name)?.borrowed_fd())
+            .collect()
+    }
+
     fn of_kinds(&self, kinds: &[Kind]) -> Vec<(&EntryMeta, BorrowedFd<'_>)> {
         self.entries
             .iter()

@@ -30,9 +30,10 @@
 //!
 //! # How the handover works
 //!
-//! Sockets pass by fd inheritance across `exec`: old and new generation
-//! share one kernel socket and one accept queue during the overlap, so
-//! nothing queued is lost, and nothing is ever re-bound. The names and kinds
+//! Sockets pass to the new generation as fds (over a Unix socket while it
+//! starts, or inherited across `exec` by a build that predates that): old
+//! and new generation share one kernel socket and one accept queue during
+//! the overlap, so nothing queued is lost, and nothing is ever re-bound. The names and kinds
 //! of the fds travel as versioned metadata (the contract between versions:
 //! [`handover_protocol`]); readiness travels back over a pipe.
 //!

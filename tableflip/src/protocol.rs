@@ -29,8 +29,26 @@ pub const ENV_HANDOVER: &str = "TABLEFLIP_HANDOVER";
 /// checks it.
 pub(crate) const ENV_HANDOVER_ID: &str = "TABLEFLIP_HANDOVER_ID";
 
+/// Protocol version 1: the fds handed on are inherited across `exec`, at
+/// the numbers the metadata names.
+pub(crate) const VERSION_INHERITED: u32 = 1;
+
+/// Protocol version 2: the child starts with the protocol's pipes and one
+/// Unix socket only, and the fds handed on come over that socket
+/// (`SCM_RIGHTS`) while it starts; the metadata names each by its
+/// position. A parent uses it only for an executable whose ELF note says
+/// it speaks it (see [`executable_speaks`]).
+pub(crate) const VERSION_STREAMED: u32 = 2;
+
 /// The newest protocol version this build speaks.
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = VERSION_STREAMED;
+
+/// The owner of this crate's ELF note (see [`sys::VERSION_NOTE`]),
+/// NUL-terminated as ELF notes are.
+pub(crate) const NOTE_NAME: &[u8; 10] = b"tableflip\0";
+
+/// The type of the version note within the owner's namespace.
+pub(crate) const NOTE_TYPE_VERSION: u32 = 1;
 
 /// The largest metadata a child accepts (a handover of 100 000 sockets fits).
 const MAX_METADATA: usize = 16 << 20;
@@ -148,31 +166,41 @@ pub(crate) struct Handover {
     pub(crate) ready_pipe: OwnedFd,
     pub(crate) entries: Vec<Inherited>,
     pub(crate) supervisor: Option<SupervisorLink>,
+    /// The protocol version of the handover (2: the fds came over a
+    /// socket, not across `exec`).
+    pub(crate) version: u32,
     /// See [`Metadata::rollback`].
     pub(crate) rollback: Option<String>,
     /// See [`Metadata::executable`].
     pub(crate) executable: Option<std::path::PathBuf>,
 }
 
-/// The value of [`ENV_HANDOVER`] for the given protocol fds.
+/// The value of [`ENV_HANDOVER`] for a version-1 handover (the fds
+/// inherited across `exec`).
 pub(crate) fn env_value(parent_fd: RawFd, ready_fd: RawFd) -> String {
-    format!("{VERSION}:{parent_fd}:{ready_fd}")
+    format!("{VERSION_INHERITED}:{parent_fd}:{ready_fd}")
 }
 
-/// The value of [`ENV_HANDOVER_ID`] for the two pipe ends.
-pub(crate) fn id_value(parent: BorrowedFd<'_>, ready: BorrowedFd<'_>) -> Result<String> {
-    let ino = |fd: BorrowedFd<'_>| {
-        fstat(fd)
-            .map(|st| st.st_ino)
-            .map_err(|e| Error::io("cannot fstat a handover pipe", e))
-    };
-    Ok(format!("{}:{}", ino(parent)?, ino(ready)?))
+/// The value of [`ENV_HANDOVER`] for a version-2 handover: the fds come
+/// over the Unix socket `stream_fd`.
+pub(crate) fn env_value_streamed(parent_fd: RawFd, ready_fd: RawFd, stream_fd: RawFd) -> String {
+    format!("{VERSION_STREAMED}:{parent_fd}:{ready_fd}:{stream_fd}")
 }
 
-/// Whether the fds `parent_fd` and `ready_fd` are the pipes that
-/// `ENV_HANDOVER_ID` names; `true` when the variable is absent (a parent
-/// built before it existed).
-fn meant_for_this_process(id: Option<&OsStr>, parent_fd: RawFd, ready_fd: RawFd) -> bool {
+/// The value of [`ENV_HANDOVER_ID`] for the protocol's fds (the two pipe
+/// ends, and in version 2 the socket): their inodes.
+pub(crate) fn id_value(fds: &[BorrowedFd<'_>]) -> Result<String> {
+    let mut inodes = Vec::with_capacity(fds.len());
+    for fd in fds {
+        let st = fstat(*fd).map_err(|e| Error::io("cannot fstat a handover pipe", e))?;
+        inodes.push(st.st_ino.to_string());
+    }
+    Ok(inodes.join(":"))
+}
+
+/// Whether the protocol's fds are those that `ENV_HANDOVER_ID` names;
+/// `true` when the variable is absent (a parent built before it existed).
+fn meant_for_this_process(id: Option<&OsStr>, fds: &[RawFd]) -> bool {
     let Some(id) = id else {
         return true;
     };
@@ -183,10 +211,148 @@ fn meant_for_this_process(id: Option<&OsStr>, parent_fd: RawFd, ready_fd: RawFd)
             .map(|st| st.st_ino.to_string())
     };
     let want: Vec<&str> = id.to_str().unwrap_or("").split(':').collect();
-    matches!(
-        (want.as_slice(), inode(parent_fd), inode(ready_fd)),
-        ([p, r], Some(have_p), Some(have_r)) if *p == have_p && *r == have_r
-    )
+    want.len() == fds.len()
+        && want
+            .iter()
+            .zip(fds)
+            .all(|(want, fd)| inode(*fd).is_some_and(|have| have == *want))
+}
+
+/// The newest handover protocol version the executable at `path`
+/// receives, by its ELF note (see [`sys::VERSION_NOTE`]): 1 for an
+/// executable without it (a build before version 2, a script that
+/// `exec`s the service, a file that cannot be read: version 1 is what
+/// every build receives).
+pub(crate) fn executable_speaks(path: &std::path::Path) -> u32 {
+    std::fs::File::open(path)
+        .ok()
+        .and_then(|file| elf::version_note(&file))
+        .filter(|v| *v >= VERSION_INHERITED)
+        .unwrap_or(VERSION_INHERITED)
+}
+
+/// Reading the version note of an ELF executable: its program headers and
+/// `PT_NOTE` segments only (ELF: System V ABI, "Program Header" and "Note
+/// Section"); both classes and byte orders.
+mod elf {
+    use std::os::unix::fs::FileExt;
+
+    const PT_NOTE: u64 = 4;
+    /// More program headers than any executable has.
+    const MAX_HEADERS: usize = 256;
+    /// A larger note segment is not read.
+    const MAX_NOTES: usize = 64 * 1024;
+
+    struct Reader {
+        wide: bool,
+        little: bool,
+    }
+
+    impl Reader {
+        fn u16(&self, b: &[u8], at: usize) -> Option<u64> {
+            let b: [u8; 2] = b.get(at..at + 2)?.try_into().ok()?;
+            Some(u64::from(if self.little {
+                u16::from_le_bytes(b)
+            } else {
+                u16::from_be_bytes(b)
+            }))
+        }
+        fn u32(&self, b: &[u8], at: usize) -> Option<u64> {
+            let b: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
+            Some(u64::from(if self.little {
+                u32::from_le_bytes(b)
+            } else {
+                u32::from_be_bytes(b)
+            }))
+        }
+        fn u64(&self, b: &[u8], at: usize) -> Option<u64> {
+            let b: [u8; 8] = b.get(at..at + 8)?.try_into().ok()?;
+            Some(if self.little {
+                u64::from_le_bytes(b)
+            } else {
+                u64::from_be_bytes(b)
+            })
+        }
+    }
+
+    fn read_at(file: &std::fs::File, len: usize, offset: u64) -> Option<Vec<u8>> {
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, offset).ok()?;
+        Some(buf)
+    }
+
+    /// The description of the `tableflip` version note, if the file is an
+    /// ELF file that has one.
+    pub(super) fn version_note(file: &std::fs::File) -> Option<u32> {
+        let header = read_at(file, 64, 0)?;
+        if header.get(..4)? != b"\x7fELF" {
+            return None;
+        }
+        let r = Reader {
+            wide: *header.get(4)? == 2,
+            little: *header.get(5)? == 1,
+        };
+        let (phoff, phentsize, phnum) = if r.wide {
+            (
+                r.u64(&header, 0x20)?,
+                r.u16(&header, 0x36)?,
+                r.u16(&header, 0x38)?,
+            )
+        } else {
+            (
+                r.u32(&header, 0x1c)?,
+                r.u16(&header, 0x2a)?,
+                r.u16(&header, 0x2c)?,
+            )
+        };
+        let (phentsize, phnum) = (
+            usize::try_from(phentsize).ok()?,
+            usize::try_from(phnum).ok()?,
+        );
+        if phnum > MAX_HEADERS || phentsize < if r.wide { 56 } else { 32 } {
+            return None;
+        }
+        let table = read_at(file, phentsize * phnum, phoff)?;
+        for ph in table.chunks_exact(phentsize) {
+            if r.u32(ph, 0)? != PT_NOTE {
+                continue;
+            }
+            let (offset, size, align) = if r.wide {
+                (r.u64(ph, 8)?, r.u64(ph, 32)?, r.u64(ph, 48)?)
+            } else {
+                (r.u32(ph, 4)?, r.u32(ph, 16)?, r.u32(ph, 28)?)
+            };
+            let size = usize::try_from(size).ok().filter(|s| *s <= MAX_NOTES)?;
+            let notes = read_at(file, size, offset)?;
+            if let Some(v) = find_note(&r, &notes, if align == 8 { 8 } else { 4 }) {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Walks the notes of one segment (entries padded to `align`).
+    fn find_note(r: &Reader, notes: &[u8], align: usize) -> Option<u32> {
+        let pad = |n: usize| n.checked_add(align - 1).map(|n| n & !(align - 1));
+        let mut at = 0;
+        while at + 12 <= notes.len() {
+            let namesz = usize::try_from(r.u32(notes, at)?).ok()?;
+            let descsz = usize::try_from(r.u32(notes, at + 4)?).ok()?;
+            let note_type = r.u32(notes, at + 8)?;
+            let name_at = at + 12;
+            let desc_at = name_at.checked_add(pad(namesz)?)?;
+            let next = desc_at.checked_add(pad(descsz)?)?;
+            let name = notes.get(name_at..name_at.checked_add(namesz)?)?;
+            if name == super::NOTE_NAME
+                && note_type == u64::from(super::NOTE_TYPE_VERSION)
+                && descsz == 4
+            {
+                return r.u32(notes, desc_at).and_then(|v| u32::try_from(v).ok());
+            }
+            at = next;
+        }
+        None
+    }
 }
 
 /// Encodes the metadata as the parent writes it.
@@ -199,12 +365,34 @@ pub(crate) fn encode(meta: &Metadata) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn parse_env(value: &str) -> Result<(RawFd, RawFd)> {
+/// The protocol's fds, as [`ENV_HANDOVER`] names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EnvFds {
+    version: u32,
+    parent: RawFd,
+    ready: RawFd,
+    /// Version 2: the Unix socket the fds come over.
+    stream: Option<RawFd>,
+}
+
+impl EnvFds {
+    fn all(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.parent, self.ready];
+        fds.extend(self.stream);
+        fds
+    }
+}
+
+fn parse_env(value: &str) -> Result<EnvFds> {
     let parts: Vec<&str> = value.split(':').collect();
-    let [version, parent, ready] = parts.as_slice() else {
-        return Err(Error::handover(format!(
-            "{ENV_HANDOVER}={value:?} is malformed; expected `<version>:<parent-fd>:<ready-fd>`"
-        )));
+    let malformed = || {
+        Error::handover(format!(
+            "{ENV_HANDOVER}={value:?} is malformed; expected `<version>:<parent-fd>:<ready-fd>` \
+             (version 1) or `<version>:<parent-fd>:<ready-fd>:<socket-fd>` (version 2)"
+        ))
+    };
+    let (3..=4, Some(version)) = (parts.len(), parts.first()) else {
+        return Err(malformed());
     };
     let version: u32 = version.parse().map_err(|_| {
         Error::handover(format!(
@@ -220,14 +408,36 @@ fn parse_env(value: &str) -> Result<(RawFd, RawFd)> {
             ))),
         }
     };
-    let parent = fd("parent", parent)?;
-    let ready = fd("ready", ready)?;
-    if parent == ready {
-        return Err(Error::handover(format!(
-            "{ENV_HANDOVER}={value:?}: the parent and ready fds are both {parent}"
-        )));
+    let env = match (version, parts.as_slice()) {
+        (VERSION_INHERITED, [_, parent, ready]) => EnvFds {
+            version,
+            parent: fd("parent", parent)?,
+            ready: fd("ready", ready)?,
+            stream: None,
+        },
+        (VERSION_STREAMED, [_, parent, ready, stream]) => EnvFds {
+            version,
+            parent: fd("parent", parent)?,
+            ready: fd("ready", ready)?,
+            stream: Some(fd("socket", stream)?),
+        },
+        _ => return Err(malformed()),
+    };
+    let named = [
+        ("parent", Some(env.parent)),
+        ("ready", Some(env.ready)),
+        ("socket", env.stream),
+    ];
+    for (i, (a, fd_a)) in named.iter().enumerate() {
+        for (b, fd_b) in &named[i + 1..] {
+            if let (Some(fd), true) = (fd_a, fd_a == fd_b) {
+                return Err(Error::handover(format!(
+                    "{ENV_HANDOVER}={value:?}: the {a} and {b} fds are both {fd}"
+                )));
+            }
+        }
     }
-    Ok((parent, ready))
+    Ok(env)
 }
 
 fn check_version(version: u32) -> Result<()> {
@@ -315,6 +525,9 @@ fn check_pipe(fd: RawFd, what: &str, readable: bool) -> Result<()> {
 /// hold was meant for another process (the application's parent, whose
 /// environment a subprocess inherited): it is ignored.
 pub(crate) fn receive() -> Result<Option<Handover>> {
+    // The note that tells a parent this build receives version 2 stays in
+    // the executable because it is read here.
+    std::hint::black_box(&sys::VERSION_NOTE);
     let value = std::env::var_os(ENV_HANDOVER);
     let id = std::env::var_os(ENV_HANDOVER_ID);
     sys::remove_env(&[ENV_HANDOVER, ENV_HANDOVER_ID]);
@@ -324,66 +537,78 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
     let value = value
         .into_string()
         .map_err(|v: OsString| Error::handover(format!("{ENV_HANDOVER}={v:?} is not UTF-8")))?;
-    let (parent_fd, ready_fd) = parse_env(&value)?;
-    if !meant_for_this_process(id.as_deref(), parent_fd, ready_fd) {
+    let env = parse_env(&value)?;
+    if !meant_for_this_process(id.as_deref(), &env.all()) {
         tracing::debug!(
-            "{ENV_HANDOVER} in the environment names pipes this process does not hold: it was meant for another process; ignored"
+            "{ENV_HANDOVER} in the environment names fds this process does not hold: it was meant for another process; ignored"
         );
         return Ok(None);
     }
+    let (parent_fd, ready_fd) = (env.parent, env.ready);
     check_pipe(parent_fd, "parent", true)?;
     check_pipe(ready_fd, "ready", false)?;
+    if let Some(stream) = env.stream {
+        inspect_handed_on(stream, |b| check_seqpacket(b, stream))
+            .map_err(|e| Error::handover(format!("the socket {e}")))?;
+    }
     let raw = sys::inspect_received(parent_fd, read_metadata)
         .map_err(|e| Error::handover(format!("the parent fd {parent_fd} {e}")))??;
-    let meta: Metadata = serde_json::from_slice(&raw)
+    let mut meta: Metadata = serde_json::from_slice(&raw)
         .map_err(|e| Error::handover(format!("the metadata is not valid: {e}")))?;
     check_version(meta.version)?;
-    // The entries' fds are inspected, then claimed, under one hold of the
-    // lock on received fds: each is checked once (a handover may carry
-    // thousands).
-    let mut received = sys::ReceivedFds::lock();
-    let mut protocol_fds = vec![parent_fd, ready_fd];
-    if let Some(sup) = &meta.supervisor {
-        check_control(&mut received, sup.control_fd, &protocol_fds)?;
-        protocol_fds.push(sup.control_fd);
+    if meta.version != env.version {
+        return Err(Error::handover(format!(
+            "the metadata is of version {}, but {ENV_HANDOVER} says version {}",
+            meta.version, env.version
+        )));
     }
-    let checked = check_entries(&mut received, &meta.entries, &protocol_fds)?;
-
-    // Everything is valid: take ownership.
-    let mut take = |fd: RawFd, what: &dyn Fn() -> String| {
+    let protocol_fds = env.all();
+    let mut received = sys::ReceivedFds::lock();
+    let (entries, supervisor) = match env.stream {
+        // Version 1: the entries' fds came across `exec`. They are
+        // inspected, then claimed, under one hold of the lock on received
+        // fds: each is checked once (a handover may carry thousands).
+        None => take_entries(&mut received, meta.entries, meta.supervisor, &protocol_fds)?,
+        // Version 2: they come over the socket, in the order the metadata
+        // gives by position.
+        Some(stream) => {
+            let count = meta.entries.len() + usize::from(meta.supervisor.is_some());
+            let fds = received
+                .inspect(stream, |sock| receive_fds(sock, count))
+                .map_err(|e| Error::handover(format!("the socket fd {stream} {e}")))??;
+            let position = |pos: RawFd, what: &dyn Fn() -> String| {
+                usize::try_from(pos)
+                    .ok()
+                    .and_then(|i| fds.get(i))
+                    .map(AsRawFd::as_raw_fd)
+                    .ok_or_else(|| {
+                        Error::handover(format!(
+                            "{} names fd position {pos}, but {count} fds came over the socket",
+                            what()
+                        ))
+                    })
+            };
+            for e in &mut meta.entries {
+                e.fd = position(e.fd, &|| format!("the entry {:?}", e.name))?;
+            }
+            if let Some(sup) = &mut meta.supervisor {
+                sup.control_fd = position(sup.control_fd, &|| "the control socket".to_owned())?;
+            }
+            let mut streamed = Streamed(fds.into_iter().map(|fd| (fd.as_raw_fd(), fd)).collect());
+            let taken = take_entries(&mut streamed, meta.entries, meta.supervisor, &protocol_fds)?;
+            // The socket has done its work (the fds not named by any
+            // entry, if any, close with `streamed`).
+            drop(received.claim(stream));
+            taken
+        }
+    };
+    let mut take = |fd: RawFd, what: &str| {
         received
             .claim(fd)
-            .map_err(|e| Error::handover(format!("cannot take the {}: fd {fd} {e}", what())))
+            .map_err(|e| Error::handover(format!("cannot take the {what}: fd {fd} {e}")))
     };
-    let parent_pipe = take(parent_fd, &|| "parent".to_owned())?;
-    let ready_pipe = take(ready_fd, &|| "ready".to_owned())?;
-    let supervisor = match &meta.supervisor {
-        Some(sup) => Some(SupervisorLink {
-            pid: sup.pid,
-            control: take(sup.control_fd, &|| "control socket".to_owned())?,
-            collects: sup.collects,
-        }),
-        None => None,
-    };
-    let mut entries = Vec::with_capacity(checked.len());
-    for (meta, (network, id)) in meta.entries.into_iter().zip(checked) {
-        let fd = take(meta.fd, &|| {
-            format!("{} {:?}", meta.kind.describe(), meta.name)
-        })?;
-        if meta.kind != Kind::File {
-            sys::set_nonblocking(fd.as_fd()).map_err(|e| {
-                Error::handover(format!("cannot make fd {} non-blocking: {e}", meta.fd))
-            })?;
-        }
-        entries.push(Inherited {
-            meta,
-            network,
-            fd,
-            unnamed: false,
-            from_store: false,
-            id,
-        });
-    }
+    let parent_pipe = take(parent_fd, "parent")?;
+    let ready_pipe = take(ready_fd, "ready")?;
     drop(received);
     Ok(Some(Handover {
         parent_pid: meta.parent_pid,
@@ -392,28 +617,204 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
         ready_pipe,
         entries,
         supervisor,
+        version: env.version,
         rollback: meta.rollback,
         executable: meta.executable,
     }))
 }
 
+/// Where a handover's fds are checked and taken from: the fds received
+/// across `exec` (version 1), or those that came over the socket
+/// (version 2).
+trait FdSource {
+    /// Runs `f` on `fd`, borrowed; the error starts with `fd <n>`.
+    fn inspect<R>(
+        &mut self,
+        fd: RawFd,
+        f: impl FnOnce(BorrowedFd<'_>) -> Result<R, String>,
+    ) -> Result<R, String>;
+    /// Takes ownership of `fd` (close-on-exec); the error says why not.
+    fn claim(&mut self, fd: RawFd) -> Result<OwnedFd, String>;
+}
+
+impl FdSource for sys::ReceivedFds {
+    fn inspect<R>(
+        &mut self,
+        fd: RawFd,
+        f: impl FnOnce(BorrowedFd<'_>) -> Result<R, String>,
+    ) -> Result<R, String> {
+        inspect_handed_on_locked(self, fd, f)
+    }
+
+    fn claim(&mut self, fd: RawFd) -> Result<OwnedFd, String> {
+        sys::ReceivedFds::claim(self, fd).map_err(|e| e.to_string())
+    }
+}
+
+/// The fds that came over a version-2 handover's socket, by number
+/// (owned, close-on-exec: `MSG_CMSG_CLOEXEC`).
+struct Streamed(std::collections::HashMap<RawFd, OwnedFd>);
+
+impl FdSource for Streamed {
+    fn inspect<R>(
+        &mut self,
+        fd: RawFd,
+        f: impl FnOnce(BorrowedFd<'_>) -> Result<R, String>,
+    ) -> Result<R, String> {
+        match self.0.get(&fd) {
+            Some(owned) => f(owned.as_fd()),
+            None => Err(format!("fd {fd} did not come over the socket")),
+        }
+    }
+
+    fn claim(&mut self, fd: RawFd) -> Result<OwnedFd, String> {
+        self.0
+            .remove(&fd)
+            .ok_or_else(|| "was taken already".to_owned())
+    }
+}
+
+/// Checks the entries and the supervisor's control socket with their fds
+/// only borrowed, then takes them all.
+fn take_entries<S: FdSource>(
+    source: &mut S,
+    entries: Vec<EntryMeta>,
+    supervisor: Option<SupervisorMeta>,
+    protocol_fds: &[RawFd],
+) -> Result<(Vec<Inherited>, Option<SupervisorLink>)> {
+    let mut protocol_fds = protocol_fds.to_vec();
+    if let Some(sup) = &supervisor {
+        check_control(source, sup.control_fd, &protocol_fds)?;
+        protocol_fds.push(sup.control_fd);
+    }
+    let checked = check_entries(source, &entries, &protocol_fds)?;
+    // Everything is valid: take ownership.
+    let mut take = |fd: RawFd, what: &dyn Fn() -> String| {
+        source
+            .claim(fd)
+            .map_err(|e| Error::handover(format!("cannot take the {}: fd {fd} {e}", what())))
+    };
+    let supervisor = match supervisor {
+        Some(sup) => Some(SupervisorLink {
+            pid: sup.pid,
+            control: take(sup.control_fd, &|| "control socket".to_owned())?,
+            collects: sup.collects,
+        }),
+        None => None,
+    };
+    let mut taken = Vec::with_capacity(checked.len());
+    for (meta, (network, id)) in entries.into_iter().zip(checked) {
+        let fd = take(meta.fd, &|| {
+            format!("{} {:?}", meta.kind.describe(), meta.name)
+        })?;
+        if meta.kind != Kind::File {
+            sys::set_nonblocking(fd.as_fd()).map_err(|e| {
+                Error::handover(format!("cannot make fd {} non-blocking: {e}", meta.fd))
+            })?;
+        }
+        taken.push(Inherited {
+            meta,
+            network,
+            fd,
+            unnamed: false,
+            from_store: false,
+            id,
+        });
+    }
+    Ok((taken, supervisor))
+}
+
+/// Whether `sock` (fd `fd`) is a Unix `SOCK_SEQPACKET` socket.
+fn check_seqpacket(sock: BorrowedFd<'_>, fd: RawFd) -> Result<(), String> {
+    let sock = socket2::SockRef::from(&sock);
+    match (sock.r#type(), sock.local_addr().map(|a| a.is_unix())) {
+        (Ok(socket2::Type::SEQPACKET), Ok(true)) => Ok(()),
+        _ => Err(format!("fd {fd} is not a Unix SOCK_SEQPACKET socket")),
+    }
+}
+
+/// Receives the `count` fds of a version-2 handover from its socket: each
+/// packet starts with the position of its first fd (32 bits, little
+/// endian), positions running on from 0 without a gap. Within the
+/// metadata's deadline; the error says how far it got.
+fn receive_fds(sock: BorrowedFd<'_>, count: usize) -> Result<Vec<OwnedFd>> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
+    let mut fds: Vec<OwnedFd> = Vec::with_capacity(count);
+    let mut buf = [0u8; 16];
+    let fail = |got: usize, why: String| {
+        Error::handover(format!(
+            "the fds over the socket fd {}: {why} ({got} of {count} received)",
+            sock.as_raw_fd()
+        ))
+    };
+    while fds.len() < count {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(fail(
+                fds.len(),
+                format!("not all came within {METADATA_TIMEOUT:?}"),
+            ));
+        }
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut pfd = [PollFd::new(sock, PollFlags::POLLIN)];
+        match poll(&mut pfd, PollTimeout::from(ms)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(fail(fds.len(), format!("cannot poll it: {e}"))),
+        }
+        let (len, got) = match sys::recv_packet(sock, &mut buf) {
+            Ok(Some(packet)) => packet,
+            Ok(None) => {
+                return Err(fail(
+                    fds.len(),
+                    "the parent closed it before sending them all".to_owned(),
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(fail(fds.len(), format!("cannot read it: {e}"))),
+        };
+        let first = buf
+            .get(..4)
+            .filter(|_| len == 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes);
+        if first.and_then(|f| usize::try_from(f).ok()) != Some(fds.len()) {
+            return Err(fail(
+                fds.len(),
+                format!(
+                    "a packet of {len} bytes does not start at position {}",
+                    fds.len()
+                ),
+            ));
+        }
+        if got.is_empty() || fds.len() + got.len() > count {
+            return Err(fail(
+                fds.len(),
+                format!(
+                    "a packet carries {} fds, {} were left to come",
+                    got.len(),
+                    count - fds.len()
+                ),
+            ));
+        }
+        fds.extend(got);
+    }
+    Ok(fds)
+}
+
 /// Checks that `fd` is an inherited Unix `SOCK_SEQPACKET` socket, other
 /// than the protocol's pipes: the control channel of a supervised
 /// generation.
-fn check_control(received: &mut sys::ReceivedFds, fd: RawFd, protocol_fds: &[RawFd]) -> Result<()> {
+fn check_control<S: FdSource>(source: &mut S, fd: RawFd, protocol_fds: &[RawFd]) -> Result<()> {
     if fd <= 2 || protocol_fds.contains(&fd) {
         return Err(Error::handover(format!(
             "the control fd {fd} is a standard stream or one of the protocol's pipes"
         )));
     }
-    inspect_handed_on_locked(received, fd, |borrowed| {
-        let sock = socket2::SockRef::from(&borrowed);
-        match (sock.r#type(), sock.local_addr().map(|a| a.is_unix())) {
-            (Ok(socket2::Type::SEQPACKET), Ok(true)) => Ok(()),
-            _ => Err(format!("fd {fd} is not a Unix SOCK_SEQPACKET socket")),
-        }
-    })
-    .map_err(|e| Error::handover(format!("the control {e}")))
+    source
+        .inspect(fd, |borrowed| check_seqpacket(borrowed, fd))
+        .map_err(|e| Error::handover(format!("the control {e}")))
 }
 
 fn read_metadata(pipe: BorrowedFd<'_>) -> Result<Vec<u8>> {
@@ -519,8 +920,8 @@ impl Read for PipeReader<'_> {
 
 /// Validates every entry with its fd only borrowed; returns, for each in
 /// order, its network and its socket's identity.
-fn check_entries(
-    received: &mut sys::ReceivedFds,
+fn check_entries<S: FdSource>(
+    source: &mut S,
     entries: &[EntryMeta],
     protocol_fds: &[RawFd],
 ) -> Result<Vec<(Option<Network>, Option<SockId>)>> {
@@ -576,10 +977,11 @@ fn check_entries(
         if matches!(e.kind, Kind::Listener | Kind::Packet) && e.address.is_none() {
             return Err(bad("the entry names no address".to_owned()));
         }
-        let id = inspect_handed_on_locked(received, e.fd, |fd| {
-            check_handed_on(fd, e, network).map_err(|r| format!("fd {}: {r}", e.fd))
-        })
-        .map_err(bad)?;
+        let id = source
+            .inspect(e.fd, |fd| {
+                check_handed_on(fd, e, network).map_err(|r| format!("fd {}: {r}", e.fd))
+            })
+            .map_err(bad)?;
         out.push((network, id));
     }
     Ok(out)
@@ -621,13 +1023,59 @@ mod tests {
 
     #[test]
     fn env_value_round_trips() {
-        assert_eq!(parse_env(&env_value(7, 8)).ok(), Some((7, 8)));
+        let parsed = parse_env(&env_value(7, 8)).ok();
+        assert_eq!(
+            parsed.map(|e| (e.version, e.parent, e.ready, e.stream)),
+            Some((1, 7, 8, None))
+        );
+        let parsed = parse_env(&env_value_streamed(7, 8, 9)).ok();
+        assert_eq!(
+            parsed.map(|e| (e.version, e.parent, e.ready, e.stream)),
+            Some((2, 7, 8, Some(9)))
+        );
+    }
+
+    /// This crate's own test binary carries the note (the library is linked
+    /// in, and `receive` refers to it), so a parent starts it with
+    /// version 2; a file that is no ELF executable, or none at all, gets
+    /// version 1.
+    #[test]
+    fn the_version_note_is_found_in_executables_that_have_it() {
+        let me = std::env::current_exe().unwrap_or_default();
+        assert_eq!(executable_speaks(&me), VERSION);
+        let dir = std::env::temp_dir().join(format!("tf-note-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let script = dir.join("wrapper.sh");
+        let _ = std::fs::write(&script, "#!/bin/sh\nexec true\n");
+        assert_eq!(executable_speaks(&script), VERSION_INHERITED);
+        assert_eq!(executable_speaks(&dir.join("absent")), VERSION_INHERITED);
+        // An ELF file without the note: the first 64 KiB of this one with
+        // its program headers pointing past the end.
+        let mut bytes = std::fs::read(&me).unwrap_or_default();
+        bytes.truncate(64);
+        let _ = std::fs::write(dir.join("cut"), &bytes);
+        assert_eq!(executable_speaks(&dir.join("cut")), VERSION_INHERITED);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn env_value_rejects_garbage() {
         for bad in [
-            "", "1", "1:2", "1:3:3", "1:x:4", "2:3:4", "0:3:4", "1:3:4:5", "1:-1:4", "1:1:4",
+            "",
+            "1",
+            "1:2",
+            "1:3:3",
+            "1:x:4",
+            "2:3:4",
+            "0:3:4",
+            "1:3:4:5",
+            "1:-1:4",
+            "1:1:4",
+            "2:3:4:4",
+            "2:3:4:3",
+            "2:3:4:x",
+            "2:3:4:2",
+            "2:3:4:5:6",
         ] {
             let err = parse_env(bad)
                 .err()

@@ -27,6 +27,9 @@ struct Hand {
     /// The resources handed on (not `closed` ones): their fds must still be
     /// open after a rejected handover.
     passed: Vec<String>,
+    /// Version 2: the target's end of the socket must still be open after
+    /// a rejected handover.
+    streamed: bool,
 }
 
 impl Hand {
@@ -46,6 +49,19 @@ impl Hand {
             self.passed.push(name.to_owned());
         }
         self.arg("--make", &format!("{name}={kind}"))
+    }
+
+    /// Creates a resource sent over version 2's socket, not inherited
+    /// (its number in `handcraft` means nothing to the target).
+    fn make_sent(self, name: &str, kind: &str) -> Hand {
+        self.arg("--make", &format!("{name}={kind}"))
+    }
+
+    /// Version 2: the socket, `%stream%`, and the packets sent over it
+    /// (`POS:NAME,NAME…`, `/`-separated; see `handcraft`).
+    fn stream(mut self, packets: &str) -> Hand {
+        self.streamed = true;
+        self.arg("--stream", packets)
     }
 
     /// The `TABLEFLIP_HANDOVER` value.
@@ -170,6 +186,7 @@ fn reject(hand: Hand) -> Rejected {
         .iter()
         .map(String::as_str)
         .chain(["parent", "ready"])
+        .chain(hand.streamed.then_some("stream"))
     {
         let fd = fds.get(name);
         assert!(
@@ -265,10 +282,10 @@ fn env_with_version_zero() {
 
 #[test]
 fn env_with_a_newer_version_names_both_versions() {
-    let r = reject(Hand::new().env("2:%parent%:%ready%"));
+    let r = reject(Hand::new().env("3:%parent%:%ready%"));
     r.says(
         "InvalidHandover",
-        &["protocol version 2", "this build speaks version 1"],
+        &["protocol version 3", "this build speaks versions 1 to 2"],
     );
 }
 
@@ -412,10 +429,22 @@ fn metadata_longer_than_announced() {
 
 #[test]
 fn metadata_of_a_newer_version() {
+    let r = reject(Hand::new().meta(r#"{"version":3,"parent_pid":1,"entries":[]}"#));
+    r.says(
+        "InvalidHandover",
+        &["protocol version 3", "this build speaks versions 1 to 2"],
+    );
+}
+
+/// The metadata's version is the environment's: version-2 metadata (fds
+/// named by position) read as version 1 would name fd numbers that mean
+/// something else.
+#[test]
+fn metadata_of_another_version_than_the_environment() {
     let r = reject(Hand::new().meta(r#"{"version":2,"parent_pid":1,"entries":[]}"#));
     r.says(
         "InvalidHandover",
-        &["protocol version 2", "this build speaks version 1"],
+        &["the metadata is of version 2, but TABLEFLIP_HANDOVER says version 1"],
     );
 }
 
@@ -817,19 +846,193 @@ fn a_bad_entry_after_a_good_one_closes_nothing() {
 }
 
 // ---------------------------------------------------------------------------
+// Version 2: the fds over a Unix socket, named by position.
+
+/// Version 2's environment: three fds after the version, a socket last.
+const V2_ENV: &str = "2:%parent%:%ready%:%stream%";
+
+/// Version-2 metadata around these entries.
+fn v2_entries(entries: &str) -> String {
+    format!(r#"{{"version":2,"entries":[{entries}]}}"#)
+}
+
+#[test]
+fn v2_env_without_the_socket_is_malformed() {
+    let r = reject(Hand::new().env("2:%parent%:%ready%"));
+    r.says(
+        "InvalidHandover",
+        &["\"2:%parent%:%ready%\" is malformed", "<socket-fd>"],
+    );
+}
+
+#[test]
+fn v2_env_naming_a_pipe_as_the_socket() {
+    let r = reject(
+        Hand::new()
+            .env("2:%parent%:%ready%:%p%")
+            .make("p", "pipe-r"),
+    );
+    r.says(
+        "InvalidHandover",
+        &["the socket fd %p% is not a Unix SOCK_SEQPACKET socket"],
+    );
+}
+
+#[test]
+fn v2_env_naming_the_ready_pipe_as_the_socket() {
+    let r = reject(Hand::new().env("2:%parent%:%ready%:%ready%"));
+    r.says(
+        "InvalidHandover",
+        &["the ready and socket fds are both %ready%"],
+    );
+}
+
+/// The parent closes the socket before all the fds came: the child says
+/// how many it got, and takes nothing.
+#[test]
+fn v2_parent_closes_the_socket_before_sending_the_fds() {
+    let r = reject(
+        Hand::new()
+            .env(V2_ENV)
+            .make_sent("a", "tcp-listener")
+            .stream("")
+            .meta(&v2_entries(
+                r#"{"name":"web","kind":"listener","fd":0,"network":"tcp","address":"%a.addr%"}"#,
+            )),
+    );
+    r.says(
+        "InvalidHandover",
+        &["the parent closed it before sending them all (0 of 1 received)"],
+    );
+}
+
+#[test]
+fn v2_packet_out_of_order() {
+    let r = reject(
+        Hand::new()
+            .env(V2_ENV)
+            .make_sent("a", "tcp-listener")
+            .stream("1:a")
+            .meta(&v2_entries(
+                r#"{"name":"web","kind":"listener","fd":0,"network":"tcp","address":"%a.addr%"}"#,
+            )),
+    );
+    r.says("InvalidHandover", &["does not start at position 0"]);
+}
+
+#[test]
+fn v2_more_fds_than_the_metadata_names() {
+    let r = reject(
+        Hand::new()
+            .env(V2_ENV)
+            .make_sent("a", "tcp-listener")
+            .make_sent("b", "tcp-listener")
+            .stream("0:a,b")
+            .meta(&v2_entries(
+                r#"{"name":"web","kind":"listener","fd":0,"network":"tcp","address":"%a.addr%"}"#,
+            )),
+    );
+    r.says(
+        "InvalidHandover",
+        &["a packet carries 2 fds, 1 were left to come"],
+    );
+}
+
+#[test]
+fn v2_entry_names_a_position_that_was_not_sent() {
+    let r = reject(
+        Hand::new()
+            .env(V2_ENV)
+            .make_sent("a", "tcp-listener")
+            .make_sent("b", "file")
+            .stream("0:a,b")
+            .meta(&v2_entries(
+                r#"{"name":"web","kind":"listener","fd":0,"network":"tcp","address":"%a.addr%"},
+                   {"name":"log","kind":"file","fd":7}"#,
+            )),
+    );
+    r.says(
+        "InvalidHandover",
+        &["the entry \"log\" names fd position 7, but 2 fds came over the socket"],
+    );
+}
+
+#[test]
+fn v2_two_entries_at_one_position() {
+    let r = reject(
+        Hand::new()
+            .env(V2_ENV)
+            .make_sent("a", "tcp-listener")
+            .make_sent("b", "tcp-listener")
+            .stream("0:a,b")
+            .meta(&v2_entries(
+                r#"{"name":"web","kind":"listener","fd":0,"network":"tcp","address":"%a.addr%"},
+                   {"name":"api","kind":"listener","fd":0,"network":"tcp","address":"%a.addr%"}"#,
+            )),
+    );
+    r.says("InvalidHandover", &["is named by more than one entry"]);
+}
+
+/// The fds that came over the socket get the same checks as inherited
+/// ones: a cookie that is not the socket's is refused, naming it.
+#[test]
+fn v2_sent_socket_with_the_cookie_of_another() {
+    let r = reject(
+        Hand::new()
+            .env(V2_ENV)
+            .make_sent("a", "tcp-listener")
+            .make("b", "tcp-listener")
+            .stream("0:a")
+            .meta(&v2_entries(
+                r#"{"name":"web","kind":"listener","fd":0,"network":"tcp","address":"%a.addr%","cookie":%b.cookie%}"#,
+            )),
+    );
+    r.says(
+        "InheritMismatch",
+        &[
+            "cannot inherit listener \"web\"",
+            "socket cookie %b.cookie% expected",
+        ],
+    );
+}
+
+/// Without a cookie, a sent fd is checked in full: a UDP socket is not a
+/// TCP listener.
+#[test]
+fn v2_sent_udp_socket_as_a_tcp_listener() {
+    let r = reject(
+        Hand::new()
+            .env(V2_ENV)
+            .make_sent("u", "udp")
+            .stream("0:u")
+            .meta(&v2_entries(
+                r#"{"name":"web","kind":"listener","fd":0,"network":"tcp","address":"%u.addr%"}"#,
+            )),
+    );
+    r.says("InheritMismatch", &["cannot inherit listener \"web\""]);
+}
+
+// ---------------------------------------------------------------------------
 // Valid hand-made handovers.
 
 /// Runs `svc` under a valid hand-made handover of the listener `web` (and
 /// an unclaimed file `log`) described by `meta`; checks that it inherits
 /// the very socket, becomes ready, serves on it, and stops cleanly.
 fn inherit_by_hand(meta: &str, generation: &str) {
+    inherit_by_hand_with(
+        Hand::new()
+            .make("web", "tcp-listener")
+            .make("log", "file")
+            .meta(meta),
+        generation,
+    );
+}
+
+/// As [`inherit_by_hand`], the handover built by `hand`.
+fn inherit_by_hand_with(hand: Hand, generation: &str) {
     let _serial = serial();
     let ctl = Scratch::new("v1");
     ctl.write("listen", "web tcp 127.0.0.1:0\n");
-    let hand = Hand::new()
-        .make("web", "tcp-listener")
-        .make("log", "file")
-        .meta(meta);
     let mut run = hand.start(&ctl, &[]);
     let fds = run.wait_kind("hc-fds", None);
     let addr = fds.get("web.addr").to_owned();
@@ -877,6 +1080,26 @@ fn version_one_handover_written_by_hand_is_inherited() {
             r#"{"name":"log","kind":"file","fd":%log%}]}"#,
         ),
         "2",
+    );
+}
+
+/// Version 2 written by hand: the listener and the file come over the
+/// socket in two packets, named by their positions; the child inherits the
+/// very socket.
+#[test]
+fn version_two_handover_written_by_hand_is_inherited() {
+    inherit_by_hand_with(
+        Hand::new()
+            .env(V2_ENV)
+            .make_sent("web", "tcp-listener")
+            .make_sent("log", "file")
+            .stream("0:web/1:log")
+            .meta(concat!(
+                r#"{"version":2,"parent_pid":%pid%,"generation":5,"entries":["#,
+                r#"{"name":"web","kind":"listener","fd":0,"network":"tcp","address":"%web.addr%","cookie":%web.cookie%},"#,
+                r#"{"name":"log","kind":"file","fd":1}]}"#,
+            )),
+        "5",
     );
 }
 

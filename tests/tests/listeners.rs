@@ -157,6 +157,49 @@ fn six_hundred_listeners_under_a_soft_limit_of_1024() {
     svc.stop(second);
 }
 
+/// 3000 listeners across two upgrades: with version 2 of the handover they
+/// go over a socket in 12 packets of at most 253 fds (the kernel's
+/// `SCM_MAX_FD`), sent while the new process starts; every listener is
+/// inherited, the very socket (its address). The second upgrade starts
+/// from a generation that received its fds that way (and sized its fd
+/// table for them while it had one thread). (What the socket cannot take
+/// at once is sent by a thread: `upgrade::spawn`'s unit test.)
+#[test]
+fn three_thousand_listeners_go_over_the_handover_socket() {
+    let h = Harness::new("3k");
+    let ctl = &h.ctl;
+    let listen: String = (0..3000)
+        .map(|i| format!("l{i} tcp 127.0.0.1:0\n"))
+        .collect();
+    let mut cmd = Service::command("prlimit", ctl, &[("RUST_LOG", "info")]);
+    cmd.args(["--nofile=8192:8192", "--", SVC]);
+    ctl.write("actions", "wait-parent\n");
+    let (mut svc, gen1) = start(ctl, &listen, Some(cmd));
+    let first = svc.first_pid();
+    assert_eq!(gen1.len(), 3000);
+    let mut addrs: Vec<String> = gen1.iter().map(|e| e.get("addr").to_owned()).collect();
+    addrs.sort();
+    let mut cur = first;
+    for _ in 0..2 {
+        let next = svc.upgrade(cur);
+        svc.wait_kind("ready", Some(next));
+        let mut inherited: Vec<String> = listening_of(&svc, next)
+            .iter()
+            .map(|e| e.get("addr").to_owned())
+            .collect();
+        inherited.sort();
+        assert_eq!(
+            inherited, addrs,
+            "generation {next} inherits every listener"
+        );
+        assert_eq!(serves(&addrs[0]), next);
+        assert_eq!(serves(&addrs[2999]), next);
+        svc.wait_kind("parent-exited", Some(next));
+        cur = next;
+    }
+    svc.stop(cur);
+}
+
 fn unix_serves(path: &Path) -> u32 {
     reply_pid(&unix_get(&path.display().to_string()).expect("unix request"))
 }

@@ -529,3 +529,71 @@ fn missing_executable_fails_with_spawn_and_the_path() {
     finish_upgrade(&mut svc, first, second, &addr);
     stop(&mut svc, second);
 }
+
+/// The handover protocol version a generation was started with, from the
+/// environment it was `exec`ed with (`/proc/<pid>/environ` keeps it after
+/// the process removed the variable).
+fn handover_version(pid: u32) -> String {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    environ
+        .split(|b| *b == 0)
+        .filter_map(|var| var.strip_prefix(b"TABLEFLIP_HANDOVER="))
+        .filter_map(|value| value.split(|b| *b == b':').next())
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .next()
+        .unwrap_or_default()
+}
+
+/// A parent hands over with version 2 (the fds over a socket while the
+/// child starts) only to an executable whose ELF note says it receives
+/// it; to anything else (here a script that `exec`s the service, as an
+/// older build would be treated) with version 1, which every build
+/// receives. Both ways, the same socket goes on serving.
+#[test]
+fn upgrade_speaks_version_2_only_to_an_executable_that_says_it_receives_it() {
+    let h = Harness::new("protover");
+    let ctl = &h.ctl;
+    let exe = ctl.path().join("svc-bin");
+    install_exe(SVC, &exe, 0);
+    ctl.write("listen", "web tcp 127.0.0.1:0\n");
+    ctl.write("actions", "wait-parent\n");
+    let mut svc = Service::start(exe.to_str().expect("utf-8 path"), ctl, &[]);
+    let first = svc.first_pid();
+    let addr = svc
+        .wait_kind("listening", Some(first))
+        .get("addr")
+        .to_owned();
+    svc.wait_kind("ready", Some(first));
+
+    let script = format!("#!/bin/sh\nexec {SVC} \"$@\"\n");
+    let mut cur = first;
+    // The binary, then the script; then the generation the script started
+    // upgrades from the path it was `exec`ed with, the test binary itself.
+    for (install, expected) in [(Some(true), "2"), (Some(false), "1"), (None, "2")] {
+        match install {
+            Some(true) => install_exe(SVC, &exe, 0),
+            Some(false) => install_script(&exe, &script),
+            None => {}
+        }
+        let next = svc.upgrade(cur);
+        let listening = svc.wait_kind("listening", Some(next));
+        assert_eq!(listening.get("addr"), addr, "the socket is inherited");
+        svc.wait_kind("ready", Some(next));
+        assert_eq!(
+            handover_version(next),
+            expected,
+            "generation {next}, started from {}",
+            match install {
+                Some(false) => "a script",
+                _ => "the binary",
+            }
+        );
+        assert_eq!(
+            reply_pid(&tcp_get(&addr).expect("the new generation serves")),
+            next
+        );
+        svc.wait_kind("parent-exited", Some(next));
+        cur = next;
+    }
+    stop(&mut svc, cur);
+}

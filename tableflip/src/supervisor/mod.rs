@@ -1396,7 +1396,8 @@ impl Supervisor {
         sys::set_nonblocking(mine.as_fd()).map_err(io("cannot set up the control socket"))?;
         let me = std::process::id();
         let meta = protocol::Metadata {
-            version: protocol::VERSION,
+            // Version 1: the generation inherits the fds across `exec`.
+            version: protocol::VERSION_INHERITED,
             parent_pid: me,
             generation: number,
             entries: self
@@ -1432,7 +1433,7 @@ impl Supervisor {
         ));
         env.push((
             protocol::ENV_HANDOVER_ID.into(),
-            protocol::id_value(parent_r.as_fd(), ready_w.as_fd())?.into(),
+            protocol::id_value(&[parent_r.as_fd(), ready_w.as_fd()])?.into(),
         ));
         let mut argv = self.launch.args.clone();
         if argv.is_empty() {

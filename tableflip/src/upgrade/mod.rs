@@ -247,6 +247,15 @@ impl Upgrader {
         let parent_exited = CancellationToken::new();
         let mut supervisor = None;
         let mut rollback_of = None;
+        // Room in the fd table, while this process has one thread (see
+        // `sys::reserve_fd_table`): for the listeners it binds, the
+        // connections it accepts or is handed, and the copies of its fds
+        // the next upgrade makes; a generation started by a supervisor or
+        // by a version-2 handover starts with a small table.
+        let handed = handover.as_ref().map_or(0, |h| h.entries.len());
+        sys::reserve_fd_table(fd_table_reserve(
+            handed.saturating_mul(2).saturating_add(1024),
+        ));
         let (parent, generation, inherited) = match handover {
             Some(mut h) => {
                 supervisor = h.supervisor.take();
@@ -262,6 +271,7 @@ impl Upgrader {
                     generation = h.generation,
                     parent_pid = h.parent_pid,
                     inherited = count,
+                    protocol = h.version,
                     "started by parent process {}; inherited {count} fds",
                     h.parent_pid
                 );
@@ -270,16 +280,6 @@ impl Upgrader {
                 // the thread below starts: only a single-threaded process
                 // edits its environment.
                 sys::remove_env(&systemd::LISTEN_VARS);
-                // Supervised mode: room for the connections the previous
-                // generation may hand over, while this process has one
-                // thread (see `sys::reserve_fd_table`): the supervisor,
-                // with few fds, passes on a small table. (A child of the
-                // previous generation, in replace mode, inherits a table
-                // as large as its parent's, which holds those
-                // connections: nothing to do on its way to readiness.)
-                if supervisor.is_some() {
-                    sys::reserve_fd_table(h.parent_pipe.as_fd(), fd_table_reserve());
-                }
                 watch_parent(h.parent_pipe, h.parent_pid, parent_exited.clone())?;
                 // The group of the process that really is this one's
                 // parent (`getppid`), when it is the one the metadata names.
@@ -1275,14 +1275,15 @@ fn raise_fd_limit() {
     }
 }
 
-/// How many fds a generation started by the supervisor makes room for at
-/// once: 16 384 (a 128 KiB table in the kernel), or the soft
-/// `RLIMIT_NOFILE` if lower.
-fn fd_table_reserve() -> usize {
+/// How many fds a generation makes room for at its start: 16 384 (a
+/// 128 KiB table in the kernel) or `at_least` if more, and never more than
+/// the soft `RLIMIT_NOFILE`.
+fn fd_table_reserve(at_least: usize) -> usize {
     const RESERVE: u64 = 16_384;
+    let want = RESERVE.max(u64::try_from(at_least).unwrap_or(u64::MAX));
     let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map_or(RESERVE, |(soft, _)| soft);
-    usize::try_from(soft.min(RESERVE)).unwrap_or(0)
+        .map_or(want, |(soft, _)| soft);
+    usize::try_from(soft.min(want)).unwrap_or(0)
 }
 
 /// Watches the parent pipe: EOF means the parent has exited.

@@ -31,11 +31,35 @@ impl Upgrader {
         if let Some(path) = self.pid_file() {
             pidfile::check(&path)?;
         }
+        // Version 2 (the fds over a socket while the child starts) for an
+        // executable that says it receives it; version 1 (the fds across
+        // `exec`) for any other (an older build, a script).
+        let streamed = protocol::executable_speaks(&exe) >= protocol::VERSION_STREAMED;
         let pipe = || sys::pipe_cloexec().map_err(|e| Error::io("cannot create a pipe", e));
         let (parent_r, parent_w) = pipe()?;
         let (ready_r, ready_w) = pipe()?;
-        let handover = protocol::env_value(parent_r.as_raw_fd(), ready_w.as_raw_fd());
-        let handover_id = protocol::id_value(parent_r.as_fd(), ready_w.as_fd())?;
+        let stream = if streamed {
+            Some(
+                sys::seqpacket_pair()
+                    .map_err(|e| Error::io("cannot create the handover socket pair", e))?,
+            )
+        } else {
+            None
+        };
+        let (handover, handover_id) = match &stream {
+            None => (
+                protocol::env_value(parent_r.as_raw_fd(), ready_w.as_raw_fd()),
+                protocol::id_value(&[parent_r.as_fd(), ready_w.as_fd()])?,
+            ),
+            Some((_, theirs)) => (
+                protocol::env_value_streamed(
+                    parent_r.as_raw_fd(),
+                    ready_w.as_raw_fd(),
+                    theirs.as_raw_fd(),
+                ),
+                protocol::id_value(&[parent_r.as_fd(), ready_w.as_fd(), theirs.as_fd()])?,
+            ),
+        };
         let mut argv = launch.args.clone();
         if argv.is_empty() {
             argv.push(exe.clone().into_os_string());
@@ -47,51 +71,42 @@ impl Upgrader {
 
         // The application's state, registered to be handed on with the
         // rest; the guards keep it registered until the child has its
-        // copies (spawned), and close this process's on return.
+        // copies (spawned, or sent them), and close this process's on
+        // return.
         let _state = self.stage_state()?;
         // The channel idle HTTP connections are handed over on.
         #[cfg(feature = "http")]
         let mut conns = self.stage_http_conns();
-        let (mut child, payload) = {
-            // The registry stays locked until the child is spawned, so no fd
-            // named in the snapshot can be closed (and its number reused) in
-            // between.
-            let mut snapshot = self.inner.fds.snapshot()?;
-            let mut inherit = std::mem::take(&mut snapshot.fds);
-            inherit.push(parent_r.as_raw_fd());
-            inherit.push(ready_w.as_raw_fd());
-            let meta = protocol::Metadata {
-                version: protocol::VERSION,
-                parent_pid: std::process::id(),
-                generation: self.inner.generation.saturating_add(1),
-                entries: std::mem::take(&mut snapshot.entries),
-                supervisor: None,
-                executable: rollback.as_ref().and_then(|_| launch.executable().ok()),
-                rollback,
-            };
-            let mut payload = protocol::encode(&meta)?;
-            // Put the metadata into the pipe before the child exists: it is
-            // then complete whatever happens to this process after the
-            // spawn (a SIGKILL included). What does not fit is written by
-            // a thread once the child reads.
-            let written = sys::prefill_pipe(parent_w.as_fd(), &payload);
-            payload.drain(..written);
+        let meta = |entries| protocol::Metadata {
+            version: if streamed {
+                protocol::VERSION_STREAMED
+            } else {
+                protocol::VERSION_INHERITED
+            },
+            parent_pid: std::process::id(),
+            generation: self.inner.generation.saturating_add(1),
+            entries,
+            supervisor: None,
+            executable: rollback.as_ref().and_then(|_| launch.executable().ok()),
+            rollback: rollback.clone(),
+        };
+        let spawn = |inherit: &[std::os::fd::RawFd]| -> Result<Child> {
             let spec = sys::SpawnSpec {
                 exe: &exe,
                 argv: &argv,
                 env: &env,
                 cwd: &launch.start_dir,
-                inherit: &inherit,
+                inherit,
             };
             let spawn_error = |source| Error::Spawn {
                 path: exe.clone(),
                 source,
             };
-            let child = match sys::spawn_inheriting(&spec) {
+            match sys::spawn_inheriting(&spec) {
                 Some(Ok(pid)) => {
-                    Child::spawned(pid).map_err(|e| Error::io("cannot watch the new process", e))?
+                    Child::spawned(pid).map_err(|e| Error::io("cannot watch the new process", e))
                 }
-                Some(Err(source)) => return Err(spawn_error(source)),
+                Some(Err(source)) => Err(spawn_error(source)),
                 None => {
                     // fork + exec, the fds made inheritable in the child.
                     let mut cmd = std::process::Command::new(&exe);
@@ -104,13 +119,64 @@ impl Upgrader {
                         .env_clear()
                         .envs(env.iter().map(|(k, v)| (k, v)))
                         .current_dir(&launch.start_dir);
-                    sys::inherit_across_exec(&mut cmd, inherit);
+                    sys::inherit_across_exec(&mut cmd, inherit.to_vec());
                     let mut cmd = tokio::process::Command::from(cmd);
                     cmd.kill_on_drop(false);
-                    Child::from_tokio(cmd.spawn().map_err(spawn_error)?)
+                    Ok(Child::from_tokio(cmd.spawn().map_err(spawn_error)?))
                 }
-            };
-            (ChildGuard(Some(child)), payload)
+            }
+        };
+        let (mut child, payload) = match stream {
+            None => {
+                // The registry stays locked until the child is spawned, so
+                // no fd named in the snapshot can be closed (and its
+                // number reused) in between.
+                let mut snapshot = self.inner.fds.snapshot()?;
+                let mut inherit = std::mem::take(&mut snapshot.fds);
+                inherit.push(parent_r.as_raw_fd());
+                inherit.push(ready_w.as_raw_fd());
+                let mut payload = protocol::encode(&meta(std::mem::take(&mut snapshot.entries)))?;
+                // Put the metadata into the pipe before the child exists:
+                // it is then complete whatever happens to this process
+                // after the spawn (a SIGKILL included). What does not fit
+                // is written by a thread once the child reads.
+                let written = sys::prefill_pipe(parent_w.as_fd(), &payload);
+                payload.drain(..written);
+                (ChildGuard(Some(spawn(&inherit)?)), payload)
+            }
+            Some((mine, theirs)) => {
+                // The child starts first, with the protocol's fds alone;
+                // the snapshot, the metadata and the fds follow while it
+                // loads (its `exec` and start take longer than all of
+                // them at a thousand listeners).
+                let child = ChildGuard(Some(spawn(&[
+                    parent_r.as_raw_fd(),
+                    ready_w.as_raw_fd(),
+                    theirs.as_raw_fd(),
+                ])?));
+                drop(theirs);
+                let mut snapshot = self.inner.fds.snapshot()?;
+                let mut entries = std::mem::take(&mut snapshot.entries);
+                let fds = snapshot.fds_of(&entries);
+                if fds.len() != entries.len() {
+                    return Err(Error::io(
+                        "cannot hand the fds on",
+                        std::io::Error::other("the snapshot lost an fd"),
+                    ));
+                }
+                for (position, e) in entries.iter_mut().enumerate() {
+                    e.fd =
+                        std::os::fd::RawFd::try_from(position).unwrap_or(std::os::fd::RawFd::MAX);
+                }
+                let mut payload = protocol::encode(&meta(entries))?;
+                let written = sys::prefill_pipe(parent_w.as_fd(), &payload);
+                payload.drain(..written);
+                // Sent while the registry is locked: once a packet is
+                // sent, the child's copies of its fds exist, whatever
+                // the application closes afterwards.
+                send_fds(mine, &fds, child.0.as_ref().map_or(0, Child::id));
+                (child, payload)
+            }
         };
         drop(parent_r);
         drop(ready_w);
@@ -253,6 +319,90 @@ async fn kill_and_reap(child: &mut Child, pid: u32) {
     }
 }
 
+/// The most fds one packet of a version-2 handover carries (the kernel's
+/// `SCM_MAX_FD`, unix(7)).
+const FDS_PER_PACKET: usize = 253;
+
+/// Sends the fds of a version-2 handover over `socket`, in packets of at
+/// most [`FDS_PER_PACKET`], each starting with the position of its first
+/// fd (`PROTOCOL.md`). What the socket cannot take at once (more packets
+/// than its queue holds before the child reads, or too many fds in flight
+/// for this user, `ETOOMANYREFS`) is duplicated and sent by a thread, so
+/// that the caller can release the fds' owner. A failure other than those
+/// ends the sending: the child then lacks fds, and says so as it exits.
+fn send_fds(socket: OwnedFd, fds: &[std::os::fd::BorrowedFd<'_>], pid: u32) {
+    let mut sent = 0;
+    for chunk in fds.chunks(FDS_PER_PACKET) {
+        match send_chunk(&socket, sent, chunk, true) {
+            Ok(()) => sent += chunk.len(),
+            Err(e) if later(&e) => break,
+            Err(e) => {
+                tracing::debug!(child_pid = pid, error = %e, "cannot send the handover's fds");
+                return;
+            }
+        }
+    }
+    if sent == fds.len() {
+        return;
+    }
+    tracing::debug!(
+        child_pid = pid,
+        sent,
+        left = fds.len() - sent,
+        "the handover socket is full until the new process reads: a thread sends the rest"
+    );
+    let rest: std::io::Result<Vec<OwnedFd>> = fds[sent..]
+        .iter()
+        .map(|fd| fd.try_clone_to_owned())
+        .collect();
+    let rest = match rest {
+        Ok(rest) => rest,
+        Err(e) => {
+            tracing::warn!(child_pid = pid, error = %e, "cannot duplicate the handover's fds");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("tableflip-handover-fds".into())
+        .spawn(move || {
+            let mut position = sent;
+            for chunk in rest.chunks(FDS_PER_PACKET) {
+                let borrowed: Vec<_> = chunk.iter().map(AsFd::as_fd).collect();
+                loop {
+                    match send_chunk(&socket, position, &borrowed, false) {
+                        Ok(()) => break,
+                        // Fds in flight count against this user's
+                        // `RLIMIT_NOFILE` until the child takes them.
+                        Err(e) if later(&e) => std::thread::sleep(std::time::Duration::from_millis(1)),
+                        Err(e) => {
+                            tracing::debug!(child_pid = pid, error = %e, "cannot send the handover's fds");
+                            return;
+                        }
+                    }
+                }
+                position += chunk.len();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(child_pid = pid, error = %e, "cannot start the thread that sends the handover's fds");
+    }
+}
+
+/// Whether a failed send may succeed later (the child has not read yet).
+fn later(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(nix::libc::ETOOMANYREFS)
+}
+
+fn send_chunk(
+    socket: &OwnedFd,
+    first: usize,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    dont_wait: bool,
+) -> std::io::Result<()> {
+    let first = u32::try_from(first).map_err(|_| std::io::Error::other("too many fds"))?;
+    sys::send_packet(socket.as_fd(), &first.to_le_bytes(), fds, dont_wait)
+}
+
 /// Writes the metadata from a thread: it may exceed the pipe's buffer, and
 /// the child reads it only once it runs.
 pub(crate) fn send_metadata(pipe: Arc<OwnedFd>, payload: Vec<u8>, pid: u32) {
@@ -277,5 +427,75 @@ pub(crate) fn send_metadata(pipe: Arc<OwnedFd>, payload: Vec<u8>, pid: u32) {
         });
     if let Err(e) = spawned {
         tracing::warn!(child_pid = pid, error = %e, "cannot start the thread that sends the handover");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a small send buffer cannot take at once goes from a thread,
+    /// from copies (the caller's fds are closed as soon as `send_fds`
+    /// returns): every fd arrives, in order, each packet starting at the
+    /// position that follows the last.
+    #[test]
+    fn fds_beyond_what_the_socket_holds_are_sent_by_a_thread() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        const COUNT: usize = 2000;
+        // Room for the fds and their copies.
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            if soft < hard {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            }
+        }
+        let Ok((mine, theirs)) = sys::seqpacket_pair() else {
+            panic!("socketpair");
+        };
+        // The smallest send buffer the kernel allows: a few packets.
+        socket2::SockRef::from(&mine)
+            .set_send_buffer_size(1)
+            .unwrap_or_else(|e| panic!("SO_SNDBUF: {e}"));
+        // A deadline for the test: a packet that never comes fails it.
+        socket2::SockRef::from(&theirs)
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap_or_else(|e| panic!("SO_RCVTIMEO: {e}"));
+        // Sockets: each has an inode of its own.
+        let files: Vec<OwnedFd> = (0..COUNT)
+            .map(|_| {
+                std::os::unix::net::UnixDatagram::unbound()
+                    .map(OwnedFd::from)
+                    .unwrap_or_else(|e| panic!("socket: {e}"))
+            })
+            .collect();
+        let inodes: Vec<u64> = files
+            .iter()
+            .map(|f| nix::sys::stat::fstat(f).map(|s| s.st_ino).unwrap_or(0))
+            .collect();
+        let borrowed: Vec<_> = files.iter().map(AsFd::as_fd).collect();
+        send_fds(mine, &borrowed, 0);
+        drop(borrowed);
+        drop(files);
+        let mut got = 0;
+        let mut packets = 0;
+        let mut buf = [0u8; 16];
+        while got < COUNT {
+            let (len, fds) = match sys::recv_packet(theirs.as_fd(), &mut buf) {
+                Ok(Some(packet)) => packet,
+                other => panic!("after {got} of {COUNT} fds: {other:?}"),
+            };
+            assert_eq!(len, 4);
+            let first = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            assert_eq!(
+                first as usize, got,
+                "packet {packets} starts where the last ended"
+            );
+            for fd in &fds {
+                let ino = nix::sys::stat::fstat(fd).map(|s| s.st_ino).unwrap_or(1);
+                assert_eq!(ino, inodes[got], "fd at position {got}");
+                got += 1;
+            }
+            packets += 1;
+        }
+        assert_eq!(packets, COUNT.div_ceil(FDS_PER_PACKET));
     }
 }

@@ -14,6 +14,13 @@
 //!   --raw-hex HEX        the same, as raw bytes
 //!   --eof                close the parent pipe after writing (default: keep
 //!                        it open until the target exits, like a live parent)
+//!   --stream PACKETS     protocol version 2: a Unix SOCK_SEQPACKET pair,
+//!                        `%stream%` the target's end; once the target runs,
+//!                        sends the packets, then closes this end. PACKETS:
+//!                        `/`-separated, each `POS:NAME,NAME…` (the position
+//!                        written as the packet's 4 bytes, then those
+//!                        resources' fds); the resources named there are
+//!                        sent, not inherited
 //! ```
 //!
 //! Kinds: `tcp-listener`, `tcp-bound` (bound, not listening), `tcp-stream`
@@ -237,6 +244,43 @@ fn expand(template: &str, vars: &BTreeMap<String, String>) -> String {
     out
 }
 
+/// A connected pair of Unix `SOCK_SEQPACKET` sockets, close-on-exec.
+struct UnixSeqpacket;
+
+impl UnixSeqpacket {
+    fn pair() -> (OwnedFd, OwnedFd) {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap_or_else(|e| fail(&format!("socketpair: {e}")))
+    }
+}
+
+/// Sends one packet with `fds` attached (`SCM_RIGHTS`); the target may
+/// have exited already (then the error is reported as an event).
+fn send_packet(socket: &OwnedFd, data: &[u8], fds: &[RawFd]) {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let iov = [std::io::IoSlice::new(data)];
+    let cmsgs = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(fds)]
+    };
+    if let Err(e) = sendmsg::<()>(
+        socket.as_raw_fd(),
+        &iov,
+        &cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    ) {
+        event("hc-send-failed", &format!("error={e:?}"));
+    }
+}
+
 enum Payload {
     Meta(String),
     Raw(String),
@@ -254,6 +298,7 @@ fn main() {
     let mut env_value = EnvValue::Template("1:%parent%:%ready%".to_owned());
     let mut payload: Option<Payload> = None;
     let mut eof = false;
+    let mut stream: Option<String> = None;
     let mut target: Vec<String> = Vec::new();
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -274,6 +319,7 @@ fn main() {
             "--raw" => payload = Some(Payload::Raw(value())),
             "--raw-hex" => payload = Some(Payload::RawHex(value())),
             "--eof" => eof = true,
+            "--stream" => stream = Some(value()),
             "--" => {
                 target = args.by_ref().collect();
                 break;
@@ -298,6 +344,21 @@ fn main() {
     vars.insert("parent".to_owned(), parent_r.as_raw_fd().to_string());
     vars.insert("ready".to_owned(), ready_w.as_raw_fd().to_string());
     vars.insert("pid".to_owned(), std::process::id().to_string());
+    // Version 2's socket, and the packets to send over it.
+    let streamed_names: Vec<String> = stream
+        .iter()
+        .flat_map(|spec| spec.split('/'))
+        .filter_map(|packet| packet.split_once(':'))
+        .flat_map(|(_, names)| names.split(','))
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let socket_pair = stream.as_ref().map(|_| {
+        let (a, b) = UnixSeqpacket::pair();
+        vars.insert("stream".to_owned(), b.as_raw_fd().to_string());
+        (a, b)
+    });
+    let mut sent: BTreeMap<String, OwnedFd> = BTreeMap::new();
     for (name, kind) in &makes {
         let (fd, addr) = make(kind, &mut keep);
         let number = fd.as_ref().map_or(CLOSED_FD, AsRawFd::as_raw_fd);
@@ -311,9 +372,22 @@ fn main() {
         {
             vars.insert(format!("{name}.cookie"), cookie.to_string());
         }
-        passed.extend(fd);
+        match fd {
+            Some(fd) if streamed_names.contains(name) => {
+                sent.insert(name.clone(), fd);
+            }
+            fd => passed.extend(fd),
+        }
     }
-    for fd in passed.iter().chain([&parent_r, &ready_w]) {
+    let (stream_mine, stream_theirs) = match socket_pair {
+        Some((a, b)) => (Some(a), Some(b)),
+        None => (None, None),
+    };
+    for fd in passed
+        .iter()
+        .chain([&parent_r, &ready_w])
+        .chain(stream_theirs.as_ref())
+    {
         set_inheritable(fd);
     }
     let childfd = (3..)
@@ -344,7 +418,28 @@ fn main() {
         .unwrap_or_else(|e| fail(&format!("cannot start {:?}: {e}", target[0])));
     event("hc-spawned", &format!("child={}", child.id()));
     // The target's ends and the resources now live in the target only.
-    drop((parent_r, ready_w, passed));
+    drop((parent_r, ready_w, passed, stream_theirs));
+    if let (Some(socket), Some(spec)) = (stream_mine, &stream) {
+        for packet in spec.split('/').filter(|p| !p.is_empty()) {
+            let (pos, names) = packet.split_once(':').unwrap_or_else(|| {
+                fail(&format!("--stream packet {packet:?}: expected POS:NAMES"))
+            });
+            let pos: u32 = pos
+                .parse()
+                .unwrap_or_else(|_| fail(&format!("--stream position {pos:?}")));
+            let fds: Vec<RawFd> = names
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(|n| {
+                    sent.get(n)
+                        .map(AsRawFd::as_raw_fd)
+                        .unwrap_or_else(|| fail(&format!("--stream names {n:?}, not made")))
+                })
+                .collect();
+            send_packet(&socket, &pos.to_le_bytes(), &fds);
+        }
+        drop((socket, sent));
+    }
 
     // Writes in a thread: a target that stops reading must not block us.
     let writer = std::thread::spawn(move || {

@@ -96,7 +96,7 @@ impl Config {
                 load_upgrades: 20,
                 load_clients: 4,
                 listener_counts: vec![1, 10, 100, 1000],
-                listener_upgrades: 10,
+                listener_upgrades: 20,
                 drain_conns: 10_000,
                 drain_loads: vec![DrainLoad::Idle, DrainLoad::Active, DrainLoad::Intermittent],
                 many_upgrades: 1000,
