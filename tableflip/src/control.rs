@@ -114,7 +114,7 @@ pub(crate) fn recv<M: for<'de> Deserialize<'de>>(
         // resident, where `resize` would touch all 256 KiB.
         *buf = vec![0; MAX_PACKET];
     }
-    let Some((len, fds)) = sys::recv_packet(socket.as_fd(), buf)? else {
+    let Some((len, fds)) = sys::recv_packet(socket.as_fd(), buf, false)? else {
         return Ok(None);
     };
     let bytes = &buf[..len];

@@ -1072,6 +1072,11 @@ impl Fds {
         e.file.clone()
     }
 
+    /// How many fds the registry holds: about what a handover would carry.
+    pub(crate) fn count(&self) -> usize {
+        lock(&self.registry).entries.len()
+    }
+
     /// Locks the registry and describes every entry for the next
     /// generation. The lock is held until the snapshot is dropped, so no fd
     /// named in it can be closed while the child is spawned.

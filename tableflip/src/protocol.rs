@@ -20,6 +20,14 @@ use crate::sys;
 /// The environment variable that carries the handover to the child.
 pub const ENV_HANDOVER: &str = "TABLEFLIP_HANDOVER";
 
+/// The environment variable that names the Unix socket the fds of a
+/// version-2 handover come over (`<socket-fd>`). Separate from
+/// [`ENV_HANDOVER`], which keeps the form every build parses: a build that
+/// predates version 2, started as a subprocess of the application with
+/// the environment inherited, then ignores the handover (it holds none of
+/// the fds [`ENV_HANDOVER_ID`] names) instead of rejecting its form.
+pub(crate) const ENV_HANDOVER_SOCKET: &str = "TABLEFLIP_HANDOVER_SOCKET";
+
 /// The environment variable that names the pipes of the handover by
 /// inode (`<parent-pipe-inode>:<ready-pipe-inode>`), so that only the
 /// process that holds them takes the handover: a subprocess of the
@@ -175,16 +183,10 @@ pub(crate) struct Handover {
     pub(crate) executable: Option<std::path::PathBuf>,
 }
 
-/// The value of [`ENV_HANDOVER`] for a version-1 handover (the fds
-/// inherited across `exec`).
+/// The value of [`ENV_HANDOVER`] for the given protocol pipes (both
+/// versions: version 2 adds [`ENV_HANDOVER_SOCKET`]).
 pub(crate) fn env_value(parent_fd: RawFd, ready_fd: RawFd) -> String {
     format!("{VERSION_INHERITED}:{parent_fd}:{ready_fd}")
-}
-
-/// The value of [`ENV_HANDOVER`] for a version-2 handover: the fds come
-/// over the Unix socket `stream_fd`.
-pub(crate) fn env_value_streamed(parent_fd: RawFd, ready_fd: RawFd, stream_fd: RawFd) -> String {
-    format!("{VERSION_STREAMED}:{parent_fd}:{ready_fd}:{stream_fd}")
 }
 
 /// The value of [`ENV_HANDOVER_ID`] for the protocol's fds (the two pipe
@@ -223,12 +225,19 @@ fn meant_for_this_process(id: Option<&OsStr>, fds: &[RawFd]) -> bool {
 /// executable without it (a build before version 2, a script that
 /// `exec`s the service, a file that cannot be read: version 1 is what
 /// every build receives).
+#[cfg(any(target_os = "linux", target_os = "android"))]
 pub(crate) fn executable_speaks(path: &std::path::Path) -> u32 {
     std::fs::File::open(path)
         .ok()
         .and_then(|file| elf::version_note(&file))
         .filter(|v| *v >= VERSION_INHERITED)
         .unwrap_or(VERSION_INHERITED)
+}
+
+/// Version 1 where version 2's socket is not available.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn executable_speaks(_path: &std::path::Path) -> u32 {
+    VERSION_INHERITED
 }
 
 /// Reading the version note of an ELF executable: its program headers and
@@ -334,8 +343,8 @@ mod elf {
     /// Walks the notes of one segment (entries padded to `align`).
     fn find_note(r: &Reader, notes: &[u8], align: usize) -> Option<u32> {
         let pad = |n: usize| n.checked_add(align - 1).map(|n| n & !(align - 1));
-        let mut at = 0;
-        while at + 12 <= notes.len() {
+        let mut at: usize = 0;
+        while at.checked_add(12).is_some_and(|end| end <= notes.len()) {
             let namesz = usize::try_from(r.u32(notes, at)?).ok()?;
             let descsz = usize::try_from(r.u32(notes, at + 4)?).ok()?;
             let note_type = r.u32(notes, at + 8)?;
@@ -347,7 +356,12 @@ mod elf {
                 && note_type == u64::from(super::NOTE_TYPE_VERSION)
                 && descsz == 4
             {
-                return r.u32(notes, desc_at).and_then(|v| u32::try_from(v).ok());
+                // Written little-endian whatever the file's byte order.
+                let desc: [u8; 4] = notes.get(desc_at..desc_at + 4)?.try_into().ok()?;
+                return Some(u32::from_le_bytes(desc));
+            }
+            if next > notes.len() {
+                return None;
             }
             at = next;
         }
@@ -365,10 +379,10 @@ pub(crate) fn encode(meta: &Metadata) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// The protocol's fds, as [`ENV_HANDOVER`] names them.
+/// The protocol's fds, as [`ENV_HANDOVER`] and [`ENV_HANDOVER_SOCKET`]
+/// name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct EnvFds {
-    version: u32,
     parent: RawFd,
     ready: RawFd,
     /// Version 2: the Unix socket the fds come over.
@@ -383,16 +397,12 @@ impl EnvFds {
     }
 }
 
-fn parse_env(value: &str) -> Result<EnvFds> {
+fn parse_env(value: &str, socket: Option<&str>) -> Result<EnvFds> {
     let parts: Vec<&str> = value.split(':').collect();
-    let malformed = || {
-        Error::handover(format!(
-            "{ENV_HANDOVER}={value:?} is malformed; expected `<version>:<parent-fd>:<ready-fd>` \
-             (version 1) or `<version>:<parent-fd>:<ready-fd>:<socket-fd>` (version 2)"
-        ))
-    };
-    let (3..=4, Some(version)) = (parts.len(), parts.first()) else {
-        return Err(malformed());
+    let [version, parent, ready] = parts.as_slice() else {
+        return Err(Error::handover(format!(
+            "{ENV_HANDOVER}={value:?} is malformed; expected `<version>:<parent-fd>:<ready-fd>`"
+        )));
     };
     let version: u32 = version.parse().map_err(|_| {
         Error::handover(format!(
@@ -400,44 +410,38 @@ fn parse_env(value: &str) -> Result<EnvFds> {
         ))
     })?;
     check_version(version)?;
-    let fd = |what: &str, s: &str| -> Result<RawFd> {
+    let fd = |var: &str, value: &str, what: &str, s: &str| -> Result<RawFd> {
         match s.parse::<RawFd>() {
             Ok(fd) if fd > 2 => Ok(fd),
             _ => Err(Error::handover(format!(
-                "{ENV_HANDOVER}={value:?}: the {what} fd {s:?} is not a valid fd number (3 or more)"
+                "{var}={value:?}: the {what} fd {s:?} is not a valid fd number (3 or more)"
             ))),
         }
     };
-    let env = match (version, parts.as_slice()) {
-        (VERSION_INHERITED, [_, parent, ready]) => EnvFds {
-            version,
-            parent: fd("parent", parent)?,
-            ready: fd("ready", ready)?,
-            stream: None,
-        },
-        (VERSION_STREAMED, [_, parent, ready, stream]) => EnvFds {
-            version,
-            parent: fd("parent", parent)?,
-            ready: fd("ready", ready)?,
-            stream: Some(fd("socket", stream)?),
-        },
-        _ => return Err(malformed()),
-    };
-    let named = [
-        ("parent", Some(env.parent)),
-        ("ready", Some(env.ready)),
-        ("socket", env.stream),
-    ];
-    for (i, (a, fd_a)) in named.iter().enumerate() {
-        for (b, fd_b) in &named[i + 1..] {
-            if let (Some(fd), true) = (fd_a, fd_a == fd_b) {
+    let parent = fd(ENV_HANDOVER, value, "parent", parent)?;
+    let ready = fd(ENV_HANDOVER, value, "ready", ready)?;
+    if parent == ready {
+        return Err(Error::handover(format!(
+            "{ENV_HANDOVER}={value:?}: the parent and ready fds are both {parent}"
+        )));
+    }
+    let stream = match socket {
+        None => None,
+        Some(s) => {
+            let stream = fd(ENV_HANDOVER_SOCKET, s, "socket", s)?;
+            if stream == parent || stream == ready {
                 return Err(Error::handover(format!(
-                    "{ENV_HANDOVER}={value:?}: the {a} and {b} fds are both {fd}"
+                    "{ENV_HANDOVER_SOCKET}={s:?} names fd {stream}, one of the protocol's pipes"
                 )));
             }
+            Some(stream)
         }
-    }
-    Ok(env)
+    };
+    Ok(EnvFds {
+        parent,
+        ready,
+        stream,
+    })
 }
 
 fn check_version(version: u32) -> Result<()> {
@@ -527,23 +531,47 @@ fn check_pipe(fd: RawFd, what: &str, readable: bool) -> Result<()> {
 pub(crate) fn receive() -> Result<Option<Handover>> {
     // The note that tells a parent this build receives version 2 stays in
     // the executable because it is read here.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
     std::hint::black_box(&sys::VERSION_NOTE);
     let value = std::env::var_os(ENV_HANDOVER);
     let id = std::env::var_os(ENV_HANDOVER_ID);
-    sys::remove_env(&[ENV_HANDOVER, ENV_HANDOVER_ID]);
+    let socket = std::env::var_os(ENV_HANDOVER_SOCKET);
+    sys::remove_env(&[ENV_HANDOVER, ENV_HANDOVER_ID, ENV_HANDOVER_SOCKET]);
     let Some(value) = value else {
         return Ok(None);
     };
     let value = value
         .into_string()
         .map_err(|v: OsString| Error::handover(format!("{ENV_HANDOVER}={v:?} is not UTF-8")))?;
-    let env = parse_env(&value)?;
+    // A socket variable beside an id of two pipes is a stale copy (passed
+    // on by a build that predates version 2 from an environment it could
+    // not clean): the handover is of version 1.
+    let pipes_only = id
+        .as_deref()
+        .and_then(OsStr::to_str)
+        .is_some_and(|id| id.split(':').count() == 2);
+    if pipes_only && socket.is_some() {
+        tracing::debug!(
+            "{ENV_HANDOVER_SOCKET} in the environment beside a version-1 {ENV_HANDOVER_ID}: stale, ignored"
+        );
+    }
+    let socket = socket
+        .filter(|_| !pipes_only)
+        .map(|v| {
+            v.into_string().map_err(|v: OsString| {
+                Error::handover(format!("{ENV_HANDOVER_SOCKET}={v:?} is not UTF-8"))
+            })
+        })
+        .transpose()?;
+    let env = parse_env(&value, socket.as_deref())?;
     if !meant_for_this_process(id.as_deref(), &env.all()) {
         tracing::debug!(
             "{ENV_HANDOVER} in the environment names fds this process does not hold: it was meant for another process; ignored"
         );
         return Ok(None);
     }
+    // One deadline for the metadata and the fds.
+    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
     let (parent_fd, ready_fd) = (env.parent, env.ready);
     check_pipe(parent_fd, "parent", true)?;
     check_pipe(ready_fd, "ready", false)?;
@@ -551,30 +579,46 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
         inspect_handed_on(stream, |b| check_seqpacket(b, stream))
             .map_err(|e| Error::handover(format!("the socket {e}")))?;
     }
-    let raw = sys::inspect_received(parent_fd, read_metadata)
+    let raw = sys::inspect_received(parent_fd, |pipe| read_metadata(pipe, deadline))
         .map_err(|e| Error::handover(format!("the parent fd {parent_fd} {e}")))??;
     let mut meta: Metadata = serde_json::from_slice(&raw)
         .map_err(|e| Error::handover(format!("the metadata is not valid: {e}")))?;
     check_version(meta.version)?;
-    if meta.version != env.version {
-        return Err(Error::handover(format!(
-            "the metadata is of version {}, but {ENV_HANDOVER} says version {}",
-            meta.version, env.version
-        )));
+    match (meta.version, env.stream) {
+        (VERSION_STREAMED, None) => {
+            return Err(Error::handover(format!(
+                "the metadata is of version 2, whose fds come over a socket, but {ENV_HANDOVER_SOCKET} names none"
+            )));
+        }
+        (VERSION_INHERITED, Some(_)) => {
+            return Err(Error::handover(format!(
+                "{ENV_HANDOVER_SOCKET} names a socket, but the metadata is of version 1 (fds inherited)"
+            )));
+        }
+        _ => {}
     }
     let protocol_fds = env.all();
     let mut received = sys::ReceivedFds::lock();
-    let (entries, supervisor) = match env.stream {
+    // Every fd is checked (borrowed) before any is taken.
+    let (mut source, checked) = match env.stream {
         // Version 1: the entries' fds came across `exec`. They are
         // inspected, then claimed, under one hold of the lock on received
         // fds: each is checked once (a handover may carry thousands).
-        None => take_entries(&mut received, meta.entries, meta.supervisor, &protocol_fds)?,
+        None => {
+            let checked = check_all(
+                &mut received,
+                &meta.entries,
+                meta.supervisor.as_ref(),
+                &protocol_fds,
+            )?;
+            (None, checked)
+        }
         // Version 2: they come over the socket, in the order the metadata
         // gives by position.
         Some(stream) => {
             let count = meta.entries.len() + usize::from(meta.supervisor.is_some());
             let fds = received
-                .inspect(stream, |sock| receive_fds(sock, count))
+                .inspect(stream, |sock| receive_fds(sock, count, deadline))
                 .map_err(|e| Error::handover(format!("the socket fd {stream} {e}")))??;
             let position = |pos: RawFd, what: &dyn Fn() -> String| {
                 usize::try_from(pos)
@@ -595,13 +639,17 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
                 sup.control_fd = position(sup.control_fd, &|| "the control socket".to_owned())?;
             }
             let mut streamed = Streamed(fds.into_iter().map(|fd| (fd.as_raw_fd(), fd)).collect());
-            let taken = take_entries(&mut streamed, meta.entries, meta.supervisor, &protocol_fds)?;
-            // The socket has done its work (the fds not named by any
-            // entry, if any, close with `streamed`).
-            drop(received.claim(stream));
-            taken
+            let checked = check_all(
+                &mut streamed,
+                &meta.entries,
+                meta.supervisor.as_ref(),
+                &protocol_fds,
+            )?;
+            (Some(streamed), checked)
         }
     };
+
+    // Everything is valid: take ownership, the protocol's fds first.
     let mut take = |fd: RawFd, what: &str| {
         received
             .claim(fd)
@@ -609,6 +657,15 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
     };
     let parent_pipe = take(parent_fd, "parent")?;
     let ready_pipe = take(ready_fd, "ready")?;
+    if let Some(stream) = env.stream {
+        // Its work is done (fds that came and that no entry names, if
+        // any, close with `source`).
+        drop(take(stream, "socket")?);
+    }
+    let (entries, supervisor) = match &mut source {
+        None => claim_all(&mut received, meta.entries, meta.supervisor, checked)?,
+        Some(streamed) => claim_all(streamed, meta.entries, meta.supervisor, checked)?,
+    };
     drop(received);
     Ok(Some(Handover {
         parent_pid: meta.parent_pid,
@@ -617,7 +674,7 @@ pub(crate) fn receive() -> Result<Option<Handover>> {
         ready_pipe,
         entries,
         supervisor,
-        version: env.version,
+        version: meta.version,
         rollback: meta.rollback,
         executable: meta.executable,
     }))
@@ -674,21 +731,33 @@ impl FdSource for Streamed {
     }
 }
 
+/// What [`check_all`] found of each entry: its network and its socket's
+/// identity.
+type Checked = Vec<(Option<Network>, Option<SockId>)>;
+
 /// Checks the entries and the supervisor's control socket with their fds
-/// only borrowed, then takes them all.
-fn take_entries<S: FdSource>(
+/// only borrowed.
+fn check_all<S: FdSource>(
     source: &mut S,
-    entries: Vec<EntryMeta>,
-    supervisor: Option<SupervisorMeta>,
+    entries: &[EntryMeta],
+    supervisor: Option<&SupervisorMeta>,
     protocol_fds: &[RawFd],
-) -> Result<(Vec<Inherited>, Option<SupervisorLink>)> {
+) -> Result<Checked> {
     let mut protocol_fds = protocol_fds.to_vec();
-    if let Some(sup) = &supervisor {
+    if let Some(sup) = supervisor {
         check_control(source, sup.control_fd, &protocol_fds)?;
         protocol_fds.push(sup.control_fd);
     }
-    let checked = check_entries(source, &entries, &protocol_fds)?;
-    // Everything is valid: take ownership.
+    check_entries(source, entries, &protocol_fds)
+}
+
+/// Takes the fds [`check_all`] checked.
+fn claim_all<S: FdSource>(
+    source: &mut S,
+    entries: Vec<EntryMeta>,
+    supervisor: Option<SupervisorMeta>,
+    checked: Checked,
+) -> Result<(Vec<Inherited>, Option<SupervisorLink>)> {
     let mut take = |fd: RawFd, what: &dyn Fn() -> String| {
         source
             .claim(fd)
@@ -737,9 +806,12 @@ fn check_seqpacket(sock: BorrowedFd<'_>, fd: RawFd) -> Result<(), String> {
 /// packet starts with the position of its first fd (32 bits, little
 /// endian), positions running on from 0 without a gap. Within the
 /// metadata's deadline; the error says how far it got.
-fn receive_fds(sock: BorrowedFd<'_>, count: usize) -> Result<Vec<OwnedFd>> {
+fn receive_fds(
+    sock: BorrowedFd<'_>,
+    count: usize,
+    deadline: std::time::Instant,
+) -> Result<Vec<OwnedFd>> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
     let mut fds: Vec<OwnedFd> = Vec::with_capacity(count);
     let mut buf = [0u8; 16];
     let fail = |got: usize, why: String| {
@@ -763,7 +835,9 @@ fn receive_fds(sock: BorrowedFd<'_>, count: usize) -> Result<Vec<OwnedFd>> {
             Ok(_) => {}
             Err(e) => return Err(fail(fds.len(), format!("cannot poll it: {e}"))),
         }
-        let (len, got) = match sys::recv_packet(sock, &mut buf) {
+        // Not waiting in `recvmsg` itself: another holder of this end
+        // could take the packet `poll` saw.
+        let (len, got) = match sys::recv_packet(sock, &mut buf, true) {
             Ok(Some(packet)) => packet,
             Ok(None) => {
                 return Err(fail(
@@ -817,9 +891,8 @@ fn check_control<S: FdSource>(source: &mut S, fd: RawFd, protocol_fds: &[RawFd])
         .map_err(|e| Error::handover(format!("the control {e}")))
 }
 
-fn read_metadata(pipe: BorrowedFd<'_>) -> Result<Vec<u8>> {
+fn read_metadata(pipe: BorrowedFd<'_>, deadline: std::time::Instant) -> Result<Vec<u8>> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
     let mut reader = PipeReader(pipe);
     let mut header = Vec::new();
     let mut body = Vec::new();
@@ -924,7 +997,7 @@ fn check_entries<S: FdSource>(
     source: &mut S,
     entries: &[EntryMeta],
     protocol_fds: &[RawFd],
-) -> Result<Vec<(Option<Network>, Option<SockId>)>> {
+) -> Result<Checked> {
     let mut names = std::collections::HashSet::new();
     let mut fds = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(entries.len());
@@ -1023,16 +1096,22 @@ mod tests {
 
     #[test]
     fn env_value_round_trips() {
-        let parsed = parse_env(&env_value(7, 8)).ok();
+        let parsed = parse_env(&env_value(7, 8), None).ok();
         assert_eq!(
-            parsed.map(|e| (e.version, e.parent, e.ready, e.stream)),
-            Some((1, 7, 8, None))
+            parsed.map(|e| (e.parent, e.ready, e.stream)),
+            Some((7, 8, None))
         );
-        let parsed = parse_env(&env_value_streamed(7, 8, 9)).ok();
+        let parsed = parse_env(&env_value(7, 8), Some("9")).ok();
         assert_eq!(
-            parsed.map(|e| (e.version, e.parent, e.ready, e.stream)),
-            Some((2, 7, 8, Some(9)))
+            parsed.map(|e| (e.parent, e.ready, e.stream)),
+            Some((7, 8, Some(9)))
         );
+        for bad in ["", "x", "2", "7", "8", "-1", "9:1"] {
+            assert!(
+                parse_env(&env_value(7, 8), Some(bad)).is_err(),
+                "socket {bad:?}"
+            );
+        }
     }
 
     /// This crate's own test binary carries the note (the library is linked
@@ -1061,29 +1140,16 @@ mod tests {
     #[test]
     fn env_value_rejects_garbage() {
         for bad in [
-            "",
-            "1",
-            "1:2",
-            "1:3:3",
-            "1:x:4",
-            "2:3:4",
-            "0:3:4",
-            "1:3:4:5",
-            "1:-1:4",
-            "1:1:4",
-            "2:3:4:4",
-            "2:3:4:3",
-            "2:3:4:x",
-            "2:3:4:2",
-            "2:3:4:5:6",
+            "", "1", "1:2", "1:3:3", "1:x:4", "0:3:4", "1:3:4:5", "1:-1:4", "1:1:4", "3:3:4",
+            "2:3:4:5",
         ] {
-            let err = parse_env(bad)
+            let err = parse_env(bad, None)
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
             assert!(err.contains("invalid handover"), "{bad:?} gave {err:?}");
         }
-        let err = parse_env("9:3:4")
+        let err = parse_env("9:3:4", None)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

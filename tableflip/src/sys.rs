@@ -260,8 +260,7 @@ pub(crate) fn dup_handed_on(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 }
 
 /// Grows this process's fd table to hold at least `count` fds, by placing
-/// a duplicate of an open fd (a standard stream, or a pipe made for the
-/// purpose) at number `count - 1` or above (`F_DUPFD_CLOEXEC`, [fcntl(2)])
+/// a duplicate of a pipe made for the purpose at number `count - 1` or above (`F_DUPFD_CLOEXEC`, [fcntl(2)])
 /// and closing it: the kernel never shrinks the table. Best effort:
 /// nothing happens past the soft `RLIMIT_NOFILE` (`EINVAL`) or without
 /// memory. Why: growing the table of a process with several threads
@@ -278,25 +277,15 @@ pub(crate) fn reserve_fd_table(count: usize) {
     let Ok(at) = libc::c_int::try_from(count.saturating_sub(1)) else {
         return;
     };
-    let dup_at = |fd: libc::c_int| {
-        // SAFETY: `fcntl(F_DUPFD_CLOEXEC)` only reads its arguments; on a
-        // number that is not open it fails with `EBADF` and touches
-        // nothing. The fd it returns was just created for this call and
-        // is known to nothing else; it is closed at once.
-        let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, at) };
-        if new >= 0 {
-            // SAFETY: see above: `new` is this call's own.
-            drop(unsafe { OwnedFd::from_raw_fd(new) });
-        }
-        new >= 0
-    };
-    if [2, 1, 0].into_iter().any(dup_at) {
+    // A pipe of its own (not a standard stream: closing a copy of an fd
+    // would release the process's POSIX record locks on that file).
+    let Ok((r, _w)) = pipe_cloexec() else {
         return;
-    }
-    // No standard stream open (a daemon that closed them): a pipe's end.
-    if let Ok((r, _w)) = pipe_cloexec() {
-        use std::os::fd::AsRawFd;
-        dup_at(r.as_raw_fd());
+    };
+    if let Ok(new) = fcntl(r.as_fd(), FcntlArg::F_DUPFD_CLOEXEC(at)) {
+        // SAFETY: the kernel just created `new` for this call; nothing
+        // else in the process knows the number. Dropping it closes it.
+        drop(unsafe { OwnedFd::from_raw_fd(new) });
     }
 }
 
@@ -1004,6 +993,7 @@ impl Drop for SpawnAttr {
 /// the parent uses"). The `.note` prefix makes its section `SHT_NOTE`,
 /// which linkers place in a `PT_NOTE` segment (read from the program
 /// headers, which `strip` keeps).
+#[cfg(any(target_os = "linux", target_os = "android"))]
 #[repr(C, align(4))]
 #[derive(Debug)]
 pub(crate) struct VersionNote {
@@ -1020,6 +1010,7 @@ pub(crate) struct VersionNote {
 /// SAFETY of `link_section`: the section holds this one read-only static
 /// and nothing else of this crate; its name is this crate's own, so no
 /// other item's layout or meaning depends on it.
+#[cfg(any(target_os = "linux", target_os = "android"))]
 #[used]
 #[unsafe(link_section = ".note.tableflip")]
 pub(crate) static VERSION_NOTE: VersionNote = VersionNote {
@@ -1086,7 +1077,8 @@ pub(crate) fn send_packet(
 
 /// Receives one packet into `buf`: its length and the fds attached (owned,
 /// close-on-exec). `Ok(None)` at EOF (the peer closed its end). On a
-/// non-blocking socket with nothing to read, fails with `WouldBlock`.
+/// non-blocking socket, or with `dont_wait` (`MSG_DONTWAIT`), with nothing
+/// to read, fails with `WouldBlock`.
 ///
 /// # Errors
 ///
@@ -1097,6 +1089,7 @@ pub(crate) fn send_packet(
 pub(crate) fn recv_packet(
     socket: BorrowedFd<'_>,
     buf: &mut [u8],
+    dont_wait: bool,
 ) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     use std::os::fd::AsRawFd;
@@ -1105,12 +1098,12 @@ pub(crate) fn recv_packet(
     let mut cmsg = nix::cmsg_space!([RawFd; 253]);
     let (len, raw_fds, truncated) = loop {
         let mut iov = [io::IoSliceMut::new(buf)];
-        match recvmsg::<()>(
-            socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        let flags = if dont_wait {
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT
+        } else {
+            MsgFlags::MSG_CMSG_CLOEXEC
+        };
+        match recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
             Ok(msg) => {
                 let mut fds = Vec::new();
                 if let Ok(cmsgs) = msg.cmsgs() {

@@ -680,7 +680,7 @@ mod tests {
 
         let mut buf = vec![0u8; 256];
         let Ok((len, fds)) =
-            sys::recv_packet(manager.as_fd(), &mut buf).map(|r| r.unwrap_or_default())
+            sys::recv_packet(manager.as_fd(), &mut buf, false).map(|r| r.unwrap_or_default())
         else {
             panic!("nothing received");
         };
@@ -693,7 +693,7 @@ mod tests {
             "the same socket"
         );
         let Ok((len, fds)) =
-            sys::recv_packet(manager.as_fd(), &mut buf).map(|r| r.unwrap_or_default())
+            sys::recv_packet(manager.as_fd(), &mut buf, false).map(|r| r.unwrap_or_default())
         else {
             panic!("nothing received");
         };
@@ -701,7 +701,7 @@ mod tests {
         assert!(fds.is_empty());
         assert!(manager.set_nonblocking(true).is_ok());
         assert!(
-            sys::recv_packet(manager.as_fd(), &mut buf).is_err(),
+            sys::recv_packet(manager.as_fd(), &mut buf, false).is_err(),
             "nothing more was sent"
         );
         let _ = std::fs::remove_dir_all(&dir);

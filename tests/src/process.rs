@@ -273,3 +273,14 @@ pub fn socket_count(pid: u32) -> usize {
         })
         .unwrap_or(0)
 }
+
+/// Whether the process `pid` was started with a version-2 handover (its
+/// fds over a socket): `TABLEFLIP_HANDOVER_SOCKET` in the environment it
+/// was `exec`ed with (`/proc/<pid>/environ` keeps it after the process
+/// removed the variable).
+pub fn handed_over_by_socket(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .any(|var| var.starts_with(b"TABLEFLIP_HANDOVER_SOCKET="))
+}

@@ -104,6 +104,7 @@ impl Hand {
             .env("TF_CTL", ctl.path())
             .env("RUST_LOG", "debug")
             .env_remove("TABLEFLIP_HANDOVER")
+            .env_remove("TABLEFLIP_HANDOVER_SOCKET")
             .stdin(Stdio::null())
             .stderr(Stdio::inherit());
         for (k, v) in envs {
@@ -433,18 +434,6 @@ fn metadata_of_a_newer_version() {
     r.says(
         "InvalidHandover",
         &["protocol version 3", "this build speaks versions 1 to 2"],
-    );
-}
-
-/// The metadata's version is the environment's: version-2 metadata (fds
-/// named by position) read as version 1 would name fd numbers that mean
-/// something else.
-#[test]
-fn metadata_of_another_version_than_the_environment() {
-    let r = reject(Hand::new().meta(r#"{"version":2,"parent_pid":1,"entries":[]}"#));
-    r.says(
-        "InvalidHandover",
-        &["the metadata is of version 2, but TABLEFLIP_HANDOVER says version 1"],
     );
 }
 
@@ -848,29 +837,43 @@ fn a_bad_entry_after_a_good_one_closes_nothing() {
 // ---------------------------------------------------------------------------
 // Version 2: the fds over a Unix socket, named by position.
 
-/// Version 2's environment: three fds after the version, a socket last.
-const V2_ENV: &str = "2:%parent%:%ready%:%stream%";
-
 /// Version-2 metadata around these entries.
 fn v2_entries(entries: &str) -> String {
     format!(r#"{{"version":2,"entries":[{entries}]}}"#)
 }
 
+/// Version-2 metadata names fds by position: without the socket they come
+/// over, it is refused (read as version 1, the positions would be fd
+/// numbers that mean something else).
 #[test]
-fn v2_env_without_the_socket_is_malformed() {
-    let r = reject(Hand::new().env("2:%parent%:%ready%"));
+fn v2_metadata_without_the_socket() {
+    let r = reject(Hand::new().meta(&v2_entries("")));
     r.says(
         "InvalidHandover",
-        &["\"2:%parent%:%ready%\" is malformed", "<socket-fd>"],
+        &[
+            "the metadata is of version 2",
+            "TABLEFLIP_HANDOVER_SOCKET names none",
+        ],
+    );
+}
+
+/// And a socket with version-1 metadata.
+#[test]
+fn v2_socket_with_version_1_metadata() {
+    let r = reject(Hand::new().stream("").entries(""));
+    r.says(
+        "InvalidHandover",
+        &["TABLEFLIP_HANDOVER_SOCKET names a socket, but the metadata is of version 1"],
     );
 }
 
 #[test]
-fn v2_env_naming_a_pipe_as_the_socket() {
+fn v2_socket_variable_naming_a_pipe() {
     let r = reject(
         Hand::new()
-            .env("2:%parent%:%ready%:%p%")
-            .make("p", "pipe-r"),
+            .make("p", "pipe-r")
+            .arg("--socket-env", "%p%")
+            .meta(&v2_entries("")),
     );
     r.says(
         "InvalidHandover",
@@ -879,11 +882,24 @@ fn v2_env_naming_a_pipe_as_the_socket() {
 }
 
 #[test]
-fn v2_env_naming_the_ready_pipe_as_the_socket() {
-    let r = reject(Hand::new().env("2:%parent%:%ready%:%ready%"));
+fn v2_socket_variable_naming_the_ready_pipe() {
+    let r = reject(
+        Hand::new()
+            .arg("--socket-env", "%ready%")
+            .meta(&v2_entries("")),
+    );
     r.says(
         "InvalidHandover",
-        &["the ready and socket fds are both %ready%"],
+        &["TABLEFLIP_HANDOVER_SOCKET=\"%ready%\" names fd %ready%, one of the protocol's pipes"],
+    );
+}
+
+#[test]
+fn v2_socket_variable_that_is_no_number() {
+    let r = reject(Hand::new().arg("--socket-env", "x5").meta(&v2_entries("")));
+    r.says(
+        "InvalidHandover",
+        &["TABLEFLIP_HANDOVER_SOCKET=\"x5\": the socket fd \"x5\" is not a valid fd number"],
     );
 }
 
@@ -893,7 +909,6 @@ fn v2_env_naming_the_ready_pipe_as_the_socket() {
 fn v2_parent_closes_the_socket_before_sending_the_fds() {
     let r = reject(
         Hand::new()
-            .env(V2_ENV)
             .make_sent("a", "tcp-listener")
             .stream("")
             .meta(&v2_entries(
@@ -910,7 +925,6 @@ fn v2_parent_closes_the_socket_before_sending_the_fds() {
 fn v2_packet_out_of_order() {
     let r = reject(
         Hand::new()
-            .env(V2_ENV)
             .make_sent("a", "tcp-listener")
             .stream("1:a")
             .meta(&v2_entries(
@@ -924,7 +938,6 @@ fn v2_packet_out_of_order() {
 fn v2_more_fds_than_the_metadata_names() {
     let r = reject(
         Hand::new()
-            .env(V2_ENV)
             .make_sent("a", "tcp-listener")
             .make_sent("b", "tcp-listener")
             .stream("0:a,b")
@@ -942,7 +955,6 @@ fn v2_more_fds_than_the_metadata_names() {
 fn v2_entry_names_a_position_that_was_not_sent() {
     let r = reject(
         Hand::new()
-            .env(V2_ENV)
             .make_sent("a", "tcp-listener")
             .make_sent("b", "file")
             .stream("0:a,b")
@@ -961,7 +973,6 @@ fn v2_entry_names_a_position_that_was_not_sent() {
 fn v2_two_entries_at_one_position() {
     let r = reject(
         Hand::new()
-            .env(V2_ENV)
             .make_sent("a", "tcp-listener")
             .make_sent("b", "tcp-listener")
             .stream("0:a,b")
@@ -979,7 +990,6 @@ fn v2_two_entries_at_one_position() {
 fn v2_sent_socket_with_the_cookie_of_another() {
     let r = reject(
         Hand::new()
-            .env(V2_ENV)
             .make_sent("a", "tcp-listener")
             .make("b", "tcp-listener")
             .stream("0:a")
@@ -1002,7 +1012,6 @@ fn v2_sent_socket_with_the_cookie_of_another() {
 fn v2_sent_udp_socket_as_a_tcp_listener() {
     let r = reject(
         Hand::new()
-            .env(V2_ENV)
             .make_sent("u", "udp")
             .stream("0:u")
             .meta(&v2_entries(
@@ -1090,7 +1099,6 @@ fn version_one_handover_written_by_hand_is_inherited() {
 fn version_two_handover_written_by_hand_is_inherited() {
     inherit_by_hand_with(
         Hand::new()
-            .env(V2_ENV)
             .make_sent("web", "tcp-listener")
             .make_sent("log", "file")
             .stream("0:web/1:log")

@@ -530,32 +530,22 @@ fn missing_executable_fails_with_spawn_and_the_path() {
     stop(&mut svc, second);
 }
 
-/// The handover protocol version a generation was started with, from the
-/// environment it was `exec`ed with (`/proc/<pid>/environ` keeps it after
-/// the process removed the variable).
-fn handover_version(pid: u32) -> String {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    environ
-        .split(|b| *b == 0)
-        .filter_map(|var| var.strip_prefix(b"TABLEFLIP_HANDOVER="))
-        .filter_map(|value| value.split(|b| *b == b':').next())
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .next()
-        .unwrap_or_default()
-}
-
-/// A parent hands over with version 2 (the fds over a socket while the
-/// child starts) only to an executable whose ELF note says it receives
-/// it; to anything else (here a script that `exec`s the service, as an
-/// older build would be treated) with version 1, which every build
-/// receives. Both ways, the same socket goes on serving.
+/// A parent hands a large handover (more than 256 fds) over with version 2
+/// (the fds over a socket while the child starts) only to an executable
+/// whose ELF note says it receives it; to anything else (here a script
+/// that `exec`s the service, as an older build would be treated) with
+/// version 1, which every build receives. Both ways, the same sockets go
+/// on serving.
 #[test]
 fn upgrade_speaks_version_2_only_to_an_executable_that_says_it_receives_it() {
     let h = Harness::new("protover");
     let ctl = &h.ctl;
     let exe = ctl.path().join("svc-bin");
     install_exe(SVC, &exe, 0);
-    ctl.write("listen", "web tcp 127.0.0.1:0\n");
+    let listen: String = (0..300)
+        .map(|i| format!("l{i} tcp 127.0.0.1:0\n"))
+        .collect();
+    ctl.write("listen", &listen);
     ctl.write("actions", "wait-parent\n");
     let mut svc = Service::start(exe.to_str().expect("utf-8 path"), ctl, &[]);
     let first = svc.first_pid();
@@ -576,11 +566,13 @@ fn upgrade_speaks_version_2_only_to_an_executable_that_says_it_receives_it() {
             None => {}
         }
         let next = svc.upgrade(cur);
-        let listening = svc.wait_kind("listening", Some(next));
-        assert_eq!(listening.get("addr"), addr, "the socket is inherited");
         svc.wait_kind("ready", Some(next));
         assert_eq!(
-            handover_version(next),
+            if handed_over_by_socket(next) {
+                "2"
+            } else {
+                "1"
+            },
             expected,
             "generation {next}, started from {}",
             match install {
@@ -588,12 +580,25 @@ fn upgrade_speaks_version_2_only_to_an_executable_that_says_it_receives_it() {
                 _ => "the binary",
             }
         );
-        assert_eq!(
-            reply_pid(&tcp_get(&addr).expect("the new generation serves")),
-            next
-        );
+        assert_eq!(serves(&addr), next, "the socket is inherited and served");
         svc.wait_kind("parent-exited", Some(next));
         cur = next;
     }
     stop(&mut svc, cur);
+}
+
+/// A small handover goes with version 1 even to a build that receives
+/// version 2: queued whole before the child exists, it has nothing to gain.
+#[test]
+fn a_small_handover_uses_version_1() {
+    let h = Harness::new("protosmall");
+    let ctl = &h.ctl;
+    ctl.write("actions", "wait-parent\n");
+    let (mut svc, first, addr) = start_web(ctl, &[]);
+    let second = svc.upgrade(first);
+    svc.wait_kind("ready", Some(second));
+    assert!(!handed_over_by_socket(second), "version 1 for one listener");
+    assert_eq!(serves(&addr), second);
+    svc.wait_kind("parent-exited", Some(second));
+    stop(&mut svc, second);
 }

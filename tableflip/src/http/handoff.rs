@@ -104,7 +104,7 @@ impl Channel {
     async fn recv(&self, buf: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
         loop {
             let mut ready = self.fd.readable().await?;
-            match ready.try_io(|fd| sys::recv_packet(fd.get_ref().as_fd(), buf)) {
+            match ready.try_io(|fd| sys::recv_packet(fd.get_ref().as_fd(), buf, false)) {
                 Ok(result) => return result,
                 Err(_would_block) => {}
             }

@@ -155,6 +155,7 @@ impl Launch {
 fn is_protocol_var(key: &OsStr) -> bool {
     key == OsStr::new(protocol::ENV_HANDOVER)
         || key == OsStr::new(protocol::ENV_HANDOVER_ID)
+        || key == OsStr::new(protocol::ENV_HANDOVER_SOCKET)
         || systemd::LISTEN_VARS.iter().any(|v| key == OsStr::new(v))
 }
 

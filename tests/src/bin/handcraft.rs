@@ -15,12 +15,16 @@
 //!   --eof                close the parent pipe after writing (default: keep
 //!                        it open until the target exits, like a live parent)
 //!   --stream PACKETS     protocol version 2: a Unix SOCK_SEQPACKET pair,
-//!                        `%stream%` the target's end; once the target runs,
+//!                        `%stream%` the target's end (named by
+//!                        TABLEFLIP_HANDOVER_SOCKET); once the target runs,
 //!                        sends the packets, then closes this end. PACKETS:
 //!                        `/`-separated, each `POS:NAME,NAME…` (the position
 //!                        written as the packet's 4 bytes, then those
 //!                        resources' fds); the resources named there are
 //!                        sent, not inherited
+//!   --socket-env TEMPLATE
+//!                        the value of TABLEFLIP_HANDOVER_SOCKET (default
+//!                        with --stream: `%stream%`; without, unset)
 //! ```
 //!
 //! Kinds: `tcp-listener`, `tcp-bound` (bound, not listening), `tcp-stream`
@@ -299,6 +303,7 @@ fn main() {
     let mut payload: Option<Payload> = None;
     let mut eof = false;
     let mut stream: Option<String> = None;
+    let mut socket_env: Option<String> = None;
     let mut target: Vec<String> = Vec::new();
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -320,6 +325,7 @@ fn main() {
             "--raw-hex" => payload = Some(Payload::RawHex(value())),
             "--eof" => eof = true,
             "--stream" => stream = Some(value()),
+            "--socket-env" => socket_env = Some(value()),
             "--" => {
                 target = args.by_ref().collect();
                 break;
@@ -411,9 +417,14 @@ fn main() {
         Some(Payload::RawHex(h)) => hex(h),
     };
 
-    let mut child = Command::new(&target[0])
-        .args(&target[1..])
-        .env("TABLEFLIP_HANDOVER", env)
+    let mut cmd = Command::new(&target[0]);
+    cmd.args(&target[1..]).env("TABLEFLIP_HANDOVER", env);
+    let socket_env = socket_env.or_else(|| stream.as_ref().map(|_| "%stream%".to_owned()));
+    match &socket_env {
+        Some(t) => cmd.env("TABLEFLIP_HANDOVER_SOCKET", expand(t, &vars)),
+        None => cmd.env_remove("TABLEFLIP_HANDOVER_SOCKET"),
+    };
+    let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| fail(&format!("cannot start {:?}: {e}", target[0])));
     event("hc-spawned", &format!("child={}", child.id()));
