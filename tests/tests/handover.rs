@@ -1111,6 +1111,46 @@ fn version_two_handover_written_by_hand_is_inherited() {
     );
 }
 
+/// A `TABLEFLIP_HANDOVER_SOCKET` beside a `TABLEFLIP_HANDOVER_ID` that names
+/// two pipes is a stale copy (a build before version 2 passes on the
+/// environment it inherited): the handover is version 1 and is taken,
+/// not ignored as meant for another process.
+#[test]
+fn a_stale_socket_variable_beside_a_version_1_id_is_ignored() {
+    inherit_by_hand_with(
+        Hand::new()
+            .make("web", "tcp-listener")
+            .make("log", "file")
+            .arg("--socket-env", "999")
+            .arg("--id", "%parent.ino%:%ready.ino%")
+            .meta(concat!(
+                r#"{"version":1,"parent_pid":%pid%,"generation":3,"entries":["#,
+                r#"{"name":"web","kind":"listener","fd":%web%,"network":"tcp","address":"%web.addr%"},"#,
+                r#"{"name":"log","kind":"file","fd":%log%}]}"#,
+            )),
+        "3",
+    );
+}
+
+/// A version-2 handover with its `TABLEFLIP_HANDOVER_ID` (the two pipes'
+/// inodes and the socket's) is taken.
+#[test]
+fn version_two_handover_with_its_id_is_inherited() {
+    inherit_by_hand_with(
+        Hand::new()
+            .make_sent("web", "tcp-listener")
+            .make_sent("log", "file")
+            .stream("0:web,log")
+            .arg("--id", "%parent.ino%:%ready.ino%:%stream.ino%")
+            .meta(concat!(
+                r#"{"version":2,"parent_pid":%pid%,"generation":4,"entries":["#,
+                r#"{"name":"web","kind":"listener","fd":0,"network":"tcp","address":"%web.addr%"},"#,
+                r#"{"name":"log","kind":"file","fd":1}]}"#,
+            )),
+        "4",
+    );
+}
+
 /// Fields a later version-1 build might add are ignored; fields the first
 /// release always writes but that are optional may be missing.
 #[test]

@@ -25,6 +25,9 @@
 //!   --socket-env TEMPLATE
 //!                        the value of TABLEFLIP_HANDOVER_SOCKET (default
 //!                        with --stream: `%stream%`; without, unset)
+//!   --id TEMPLATE        the value of TABLEFLIP_HANDOVER_ID (default unset;
+//!                        `%parent.ino%`, `%ready.ino%`, `%stream.ino%` are
+//!                        the protocol fds' inodes)
 //! ```
 //!
 //! Kinds: `tcp-listener`, `tcp-bound` (bound, not listening), `tcp-stream`
@@ -304,6 +307,7 @@ fn main() {
     let mut eof = false;
     let mut stream: Option<String> = None;
     let mut socket_env: Option<String> = None;
+    let mut id_env: Option<String> = None;
     let mut target: Vec<String> = Vec::new();
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -326,6 +330,7 @@ fn main() {
             "--eof" => eof = true,
             "--stream" => stream = Some(value()),
             "--socket-env" => socket_env = Some(value()),
+            "--id" => id_env = Some(value()),
             "--" => {
                 target = args.by_ref().collect();
                 break;
@@ -350,6 +355,13 @@ fn main() {
     vars.insert("parent".to_owned(), parent_r.as_raw_fd().to_string());
     vars.insert("ready".to_owned(), ready_w.as_raw_fd().to_string());
     vars.insert("pid".to_owned(), std::process::id().to_string());
+    let ino = |fd: &OwnedFd| {
+        nix::sys::stat::fstat(fd)
+            .map(|st| st.st_ino.to_string())
+            .unwrap_or_else(|e| fail(&format!("fstat: {e}")))
+    };
+    vars.insert("parent.ino".to_owned(), ino(&parent_r));
+    vars.insert("ready.ino".to_owned(), ino(&ready_w));
     // Version 2's socket, and the packets to send over it.
     let streamed_names: Vec<String> = stream
         .iter()
@@ -362,6 +374,7 @@ fn main() {
     let socket_pair = stream.as_ref().map(|_| {
         let (a, b) = UnixSeqpacket::pair();
         vars.insert("stream".to_owned(), b.as_raw_fd().to_string());
+        vars.insert("stream.ino".to_owned(), ino(&b));
         (a, b)
     });
     let mut sent: BTreeMap<String, OwnedFd> = BTreeMap::new();
@@ -423,6 +436,10 @@ fn main() {
     match &socket_env {
         Some(t) => cmd.env("TABLEFLIP_HANDOVER_SOCKET", expand(t, &vars)),
         None => cmd.env_remove("TABLEFLIP_HANDOVER_SOCKET"),
+    };
+    match &id_env {
+        Some(t) => cmd.env("TABLEFLIP_HANDOVER_ID", expand(t, &vars)),
+        None => cmd.env_remove("TABLEFLIP_HANDOVER_ID"),
     };
     let mut child = cmd
         .spawn()
