@@ -305,6 +305,21 @@ impl Service {
         }
     }
 
+    /// As [`poll_events`](Self::poll_events); `true` once every process
+    /// that shares the events pipe has closed it (they have all exited).
+    pub fn poll_all_exited(&mut self) -> bool {
+        loop {
+            match self.events.try_recv() {
+                Ok(ev) => {
+                    self.history.push(ev);
+                    self.consumed.push(false);
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => return false,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return true,
+            }
+        }
+    }
+
     /// The event lines seen so far.
     pub fn lines(&self) -> Vec<&str> {
         self.history.iter().map(|e| e.line.as_str()).collect()
