@@ -284,3 +284,11 @@ pub fn handed_over_by_socket(pid: u32) -> bool {
         .split(|b| *b == 0)
         .any(|var| var.starts_with(b"TABLEFLIP_HANDOVER_SOCKET="))
 }
+
+/// The `listen` control file of the test service for `count` TCP
+/// listeners `l0`, `l1`, … on 127.0.0.1, each on a port of its own.
+pub fn many_tcp_listeners(count: usize) -> String {
+    (0..count)
+        .map(|i| format!("l{i} tcp 127.0.0.1:0\n"))
+        .collect()
+}

@@ -123,9 +123,7 @@ fn a_wider_address_on_the_same_port_names_both() {
 fn six_hundred_listeners_under_a_soft_limit_of_1024() {
     let h = Harness::new("many");
     let ctl = &h.ctl;
-    let listen: String = (0..600)
-        .map(|i| format!("l{i} tcp 127.0.0.1:0\n"))
-        .collect();
+    let listen = many_tcp_listeners(600);
     let mut cmd = Service::command("prlimit", ctl, &[("RUST_LOG", "info")]);
     cmd.args(["--nofile=1024:4096", "--", SVC]);
     let (mut svc, gen1) = start(ctl, &listen, Some(cmd));
@@ -168,9 +166,7 @@ fn six_hundred_listeners_under_a_soft_limit_of_1024() {
 fn three_thousand_listeners_go_over_the_handover_socket() {
     let h = Harness::new("3k");
     let ctl = &h.ctl;
-    let listen: String = (0..3000)
-        .map(|i| format!("l{i} tcp 127.0.0.1:0\n"))
-        .collect();
+    let listen = many_tcp_listeners(3000);
     let mut cmd = Service::command("prlimit", ctl, &[("RUST_LOG", "info")]);
     cmd.args(["--nofile=8192:8192", "--", SVC]);
     ctl.write("actions", "wait-parent\n");

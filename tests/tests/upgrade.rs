@@ -542,9 +542,7 @@ fn upgrade_speaks_version_2_only_to_an_executable_that_says_it_receives_it() {
     let ctl = &h.ctl;
     let exe = ctl.path().join("svc-bin");
     install_exe(SVC, &exe, 0);
-    let listen: String = (0..300)
-        .map(|i| format!("l{i} tcp 127.0.0.1:0\n"))
-        .collect();
+    let listen = many_tcp_listeners(300);
     ctl.write("listen", &listen);
     ctl.write("actions", "wait-parent\n");
     let mut svc = Service::start(exe.to_str().expect("utf-8 path"), ctl, &[]);
